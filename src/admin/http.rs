@@ -1,0 +1,53 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz`
+//! (process alive) and `/readyz` (spool reachable, domain snapshot loaded,
+//! not draining) for load balancers and Kubernetes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::domains::Domains;
+use crate::metrics::METRICS;
+use crate::spool::Spool;
+
+#[derive(Clone)]
+pub struct Health {
+    pub spool: Arc<dyn Spool>,
+    pub domains: Arc<Domains>,
+    pub draining: Arc<AtomicBool>,
+}
+
+pub async fn serve(listener: TcpListener, health: Health) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(health);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+async fn metrics(State(h): State<Health>) -> String {
+    let age = h.domains.snapshot().map_or(-1, |s| s.loaded_at.elapsed().as_secs() as i64);
+    METRICS.domains_snapshot_age_seconds.set(age);
+    METRICS.render()
+}
+
+async fn ready(State(h): State<Health>) -> (StatusCode, String) {
+    if h.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    if h.domains.snapshot().is_none() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no domain snapshot yet\n".into());
+    }
+    match h.spool.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}

@@ -1,0 +1,540 @@
+//! One typed configuration: defaults, then the TOML file, then `MXRELAY_*`
+//! environment variables (key path upper-cased, `.` → `_`:
+//! `smtp.listen` → `MXRELAY_SMTP_LISTEN`). Validation names the key and the
+//! fix; nothing deeper in the code looks a key up by string.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "MXRELAY_";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Stable name of this node: consumer name in the queue, `Received:` and
+    /// logs. Default: the host name.
+    pub node_id: String,
+    /// Name in the greeting and `Received:` (Postfix `myhostname`).
+    /// Default: the host name.
+    pub myhostname: String,
+    /// Clients that may relay anywhere (Postfix `mynetworks`, CIDR list).
+    pub mynetworks: Vec<String>,
+    /// Largest message accepted, in bytes (Postfix `message_size_limit`).
+    pub message_size_limit: u64,
+    /// Client IPs, CIDRs or host names whose SMTP transcript is logged
+    /// (Postfix `debug_peer_list`).
+    pub debug_peer_list: Vec<String>,
+    /// Refuse mail already carrying more `Received:` headers than this
+    /// (Postfix `hop_count_limit`).
+    pub hop_count_limit: usize,
+    /// Recipients per message (Postfix `smtpd_recipient_limit`).
+    pub smtpd_recipient_limit: usize,
+    /// Postfix `disable_vrfy_command`: VRFY answers 502 5.5.1.
+    pub disable_vrfy_command: bool,
+    /// Postfix `smtpd_helo_required`.
+    pub smtpd_helo_required: bool,
+    /// Postfix `strict_rfc821_envelopes`: addresses need angle brackets.
+    pub strict_rfc821_envelopes: bool,
+    /// Postfix `smtpd_forbid_bare_newline`: `true` refuses a message with a
+    /// bare LF (554 5.6.0); `false` normalises it to CRLF.
+    pub smtpd_forbid_bare_newline: bool,
+    /// Postfix `reject_unknown_sender_domain` (450 4.1.8).
+    pub reject_unknown_sender_domain: bool,
+    /// Postfix `reject_unknown_recipient_domain` (450 4.1.2).
+    pub reject_unknown_recipient_domain: bool,
+    /// Run database migrations when `serve` starts.
+    pub migrate_on_start: bool,
+    pub smtp: SmtpConfig,
+    pub admin: AdminConfig,
+    pub domains: DomainsConfig,
+    pub queue: QueueConfig,
+    pub dns: DnsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// Address of the SMTP listener.
+    pub listen: String,
+    /// Concurrent SMTP sessions on this node (421 4.7.0 beyond).
+    pub max_connections: usize,
+    /// Concurrent sessions per client IP (Postfix
+    /// `smtpd_client_connection_count_limit`); `mynetworks` is exempt.
+    pub max_connections_per_ip: usize,
+    /// Idle time allowed between commands (Postfix `smtpd_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Idle time allowed while reading message content.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Errors in one session before it is closed (Postfix
+    /// `smtpd_hard_error_limit`).
+    pub error_limit: u32,
+    /// Wait this long before the greeting; a client that talks first is
+    /// refused (Postfix `reject_unauth_pipelining` / postscreen pregreet).
+    #[serde(with = "humantime_serde")]
+    pub greet_pause: Duration,
+    /// Reverse-resolve the client address for `Received:` and logs
+    /// (Postfix `smtpd_peername_lookup`).
+    pub peername_lookup: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the HTTP listener for `/metrics`, `/healthz`, `/readyz`.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DomainsConfig {
+    /// `mysql://user:password@host:port/database` holding table `domains`.
+    pub url: String,
+    /// How often every node reloads its domain snapshot.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// `redis://host:port/db` of the shared queue.
+    pub url: String,
+    /// Key prefix; every node of one cluster must use the same.
+    pub prefix: String,
+    /// Queue shards (hash-tagged key groups), chosen per message at enqueue.
+    pub shards: u32,
+    /// With a Redis replica: replicas that must acknowledge a message (WAIT)
+    /// before it is answered 250. 0 = do not wait.
+    pub min_replicas_ack: u32,
+    /// How long WAIT may take before the message is refused with 451.
+    #[serde(with = "humantime_serde")]
+    pub replicas_ack_timeout: Duration,
+    /// Longest time one Redis command may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Bodies larger than this are streamed to Redis in chunks of this size.
+    pub chunk_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Nameservers as `ip:port`; empty = the system's `/etc/resolv.conf`.
+    pub nameservers: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `info,mxrelay::smtp=debug`.
+    pub level: String,
+    /// `text` (reads like Postfix's mail log) or `json`.
+    pub format: String,
+}
+
+fn host_name() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: host_name(),
+            myhostname: host_name(),
+            mynetworks: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            message_size_limit: 50 * 1024 * 1024,
+            debug_peer_list: vec![],
+            hop_count_limit: 50,
+            smtpd_recipient_limit: 1000,
+            disable_vrfy_command: true,
+            smtpd_helo_required: true,
+            strict_rfc821_envelopes: true,
+            smtpd_forbid_bare_newline: true,
+            reject_unknown_sender_domain: true,
+            reject_unknown_recipient_domain: true,
+            migrate_on_start: true,
+            smtp: SmtpConfig::default(),
+            admin: AdminConfig::default(),
+            domains: DomainsConfig::default(),
+            queue: QueueConfig::default(),
+            dns: DnsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: "127.0.0.1:2525".into(),
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(300),
+            error_limit: 20,
+            greet_pause: Duration::ZERO,
+            peername_lookup: true,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: "127.0.0.1:9425".into() }
+    }
+}
+
+impl Default for DomainsConfig {
+    fn default() -> Self {
+        DomainsConfig {
+            url: "mysql://mail:mailpw@127.0.0.1:3306/mail".into(),
+            refresh: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            prefix: "mxr".into(),
+            shards: 4,
+            min_replicas_ack: 0,
+            replicas_ack_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            chunk_size: 256 * 1024,
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig { nameservers: vec![], timeout: Duration::from_secs(5) }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: "text".into() }
+    }
+}
+
+/// A configuration problem: the key, what is wrong, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem} (fix: {fix})")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        ConfigError { key: key.to_string(), problem: problem.into(), fix: fix.into() }
+    }
+}
+
+/// Settings derived from [`Config`] once it is validated.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub smtp_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub mynetworks: Vec<IpNet>,
+    pub nameservers: Vec<SocketAddr>,
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigError>> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, Vec<ConfigError>> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    vec![ConfigError::new(
+                        "--config",
+                        format!("cannot read {}: {e}", path.display()),
+                        "pass the path of a readable TOML file",
+                    )]
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    vec![ConfigError::new(
+                        &path.display().to_string(),
+                        format!("not valid TOML: {e}"),
+                        "correct the syntax at the position shown",
+                    )]
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut errors = Vec::new();
+        apply_env(&mut table, env, &mut errors);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            vec![ConfigError::new(
+                "config",
+                e.message().to_string(),
+                "see the configuration reference in README.md",
+            )]
+        })?;
+        config.resolve().map(|_| config)
+    }
+
+    /// Checks every key and returns the derived settings, or every problem.
+    pub fn resolve(&self) -> Result<Resolved, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let addr = |key: &str, value: &str, errors: &mut Vec<ConfigError>| {
+            value.parse::<SocketAddr>().map_err(|_| {
+                errors.push(ConfigError::new(
+                    key,
+                    format!("{value:?} is not an address with a port"),
+                    "write it as ip:port, e.g. 127.0.0.1:2525 or [::1]:2525",
+                ))
+            })
+        };
+        let smtp_listen = addr("smtp.listen", &self.smtp.listen, &mut errors);
+        let admin_listen = addr("admin.listen", &self.admin.listen, &mut errors);
+        let mut mynetworks = Vec::new();
+        for net in &self.mynetworks {
+            match parse_network(net) {
+                Some(n) => mynetworks.push(n),
+                None => errors.push(ConfigError::new(
+                    "mynetworks",
+                    format!("{net:?} is not an IP address or CIDR"),
+                    "use entries like 127.0.0.1/32, 192.0.2.0/24 or [::1]/128",
+                )),
+            }
+        }
+        let mut nameservers = Vec::new();
+        for ns in &self.dns.nameservers {
+            match ns.parse::<SocketAddr>().or_else(|_| ns.parse::<IpAddr>().map(|ip| (ip, 53).into())) {
+                Ok(a) => nameservers.push(a),
+                Err(_) => errors.push(ConfigError::new(
+                    "dns.nameservers",
+                    format!("{ns:?} is not an IP address"),
+                    "use entries like 127.0.0.1 or 127.0.0.1:5353",
+                )),
+            }
+        }
+        if self.node_id.trim().is_empty() || self.node_id.contains(char::is_whitespace) {
+            errors.push(ConfigError::new("node_id", "must be one non-empty word", "set a stable name such as relay-1"));
+        }
+        if !self.domains.url.starts_with("mysql://") && !self.domains.url.starts_with("mariadb://") {
+            errors.push(ConfigError::new(
+                "domains.url",
+                format!("unsupported scheme in {:?}", mask_url(&self.domains.url)),
+                "use mysql://user:password@host:port/database",
+            ));
+        }
+        if !self.queue.url.starts_with("redis://") && !self.queue.url.starts_with("rediss://") {
+            errors.push(ConfigError::new(
+                "queue.url",
+                format!("unsupported scheme in {:?}", mask_url(&self.queue.url)),
+                "use redis://host:port/db",
+            ));
+        }
+        if self.domains.refresh < Duration::from_secs(1) {
+            errors.push(ConfigError::new("domains.refresh", "shorter than 1s", "use e.g. \"30s\""));
+        }
+        if self.queue.shards == 0 || self.queue.shards > 1024 {
+            errors.push(ConfigError::new("queue.shards", "must be 1..=1024", "use a small number such as 4"));
+        }
+        if self.queue.chunk_size < 4096 {
+            errors.push(ConfigError::new("queue.chunk_size", "below 4096 bytes", "use e.g. 262144"));
+        }
+        if self.queue.prefix.is_empty() || self.queue.prefix.contains(['{', '}', ' ']) {
+            errors.push(ConfigError::new("queue.prefix", "empty or contains braces/spaces", "use a plain word such as mxr"));
+        }
+        if self.message_size_limit < 1024 || self.message_size_limit > 1 << 30 {
+            errors.push(ConfigError::new(
+                "message_size_limit",
+                format!("{} is outside 1024..=1073741824", self.message_size_limit),
+                "use bytes, e.g. 52428800 (50 MiB) or the seed's 524288000",
+            ));
+        }
+        if self.smtpd_recipient_limit == 0 {
+            errors.push(ConfigError::new("smtpd_recipient_limit", "must be at least 1", "use e.g. 1000"));
+        }
+        if self.smtp.max_connections == 0 || self.smtp.max_connections_per_ip == 0 {
+            errors.push(ConfigError::new(
+                "smtp.max_connections",
+                "connection limits must be at least 1",
+                "set smtp.max_connections and smtp.max_connections_per_ip to positive numbers",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            errors.push(ConfigError::new("log.format", format!("{:?} is unknown", self.log.format), "use \"text\" or \"json\""));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            errors.push(ConfigError::new("log.level", format!("{:?} is not a filter", self.log.level), "use e.g. \"info\" or \"info,mxrelay=debug\""));
+        }
+        match (smtp_listen, admin_listen, errors.is_empty()) {
+            (Ok(smtp_listen), Ok(admin_listen), true) => {
+                Ok(Resolved { smtp_listen, admin_listen, mynetworks, nameservers })
+            }
+            _ => Err(errors),
+        }
+    }
+
+    /// The effective configuration as TOML, with passwords in URLs masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.domains.url = mask_url(&shown.domains.url);
+        shown.queue.url = mask_url(&shown.queue.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `user:secret@host` → `user:***@host`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// `192.0.2.0/24`, `[::1]/128`, or a bare address (a /32 or /128).
+pub fn parse_network(s: &str) -> Option<IpNet> {
+    let s = s.trim().replace(['[', ']'], "");
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Overlays `MXRELAY_*` variables on `table`. Every known key path (taken
+/// from the defaults) has one variable name; an unknown `MXRELAY_*` name is
+/// an error, so a typo never passes silently.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<ConfigError>) {
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    let mut keys = Vec::new();
+    collect_keys(&defaults, &mut Vec::new(), &mut keys);
+    for (name, value) in env {
+        let Some(suffix) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some((path, default)) = keys.iter().find(|(path, _)| env_name(path) == suffix) else {
+            errors.push(ConfigError::new(
+                name,
+                "no configuration key has this environment name",
+                "check the spelling against the configuration reference (key path upper-cased, '.' → '_')",
+            ));
+            continue;
+        };
+        let parsed = match default {
+            toml::Value::String(_) => toml::Value::String(value.clone()),
+            toml::Value::Array(_) => toml::Value::Array(
+                value
+                    .split([',', ' '])
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            _ => match format!("v = {value}").parse::<toml::Table>() {
+                Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(value.clone())),
+                Err(_) => toml::Value::String(value.clone()),
+            },
+        };
+        insert_path(table, path, parsed);
+    }
+}
+
+fn collect_keys(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+    for (k, v) in t {
+        prefix.push(k.clone());
+        match v {
+            toml::Value::Table(inner) => collect_keys(inner, prefix, out),
+            other => out.push((prefix.clone(), other.clone())),
+        }
+        prefix.pop();
+    }
+}
+
+fn env_name(path: &[String]) -> String {
+    path.join("_").to_ascii_uppercase()
+}
+
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("key paths are never empty");
+    let mut t = table;
+    for p in parents {
+        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        t = entry.as_table_mut().expect("just made a table");
+    }
+    t.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn env_overrides_nested_and_top_level_keys() {
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("MXRELAY_SMTP_LISTEN", "127.0.0.1:2600"),
+                ("MXRELAY_MESSAGE_SIZE_LIMIT", "1048576"),
+                ("MXRELAY_DOMAINS_REFRESH", "5s"),
+                ("MXRELAY_MYNETWORKS", "10.0.0.0/8,127.0.0.1"),
+                ("MXRELAY_SMTPD_FORBID_BARE_NEWLINE", "false"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.smtp.listen, "127.0.0.1:2600");
+        assert_eq!(c.message_size_limit, 1048576);
+        assert_eq!(c.domains.refresh, Duration::from_secs(5));
+        assert_eq!(c.mynetworks, vec!["10.0.0.0/8", "127.0.0.1"]);
+        assert!(!c.smtpd_forbid_bare_newline);
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let e = Config::load_from(None, &env(&[("MXRELAY_SMTP_LISTN", "x")])).unwrap_err();
+        assert_eq!(e[0].key, "MXRELAY_SMTP_LISTN");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Config::load_from(
+            None,
+            &env(&[("MXRELAY_SMTP_LISTEN", "nowhere"), ("MXRELAY_MYNETWORKS", "10.0.0.0/33")]),
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["smtp.listen", "mynetworks"]);
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(mask_url("mysql://mail:pw@127.0.0.1/mail"), "mysql://mail:***@127.0.0.1/mail");
+        assert_eq!(mask_url("redis://127.0.0.1/"), "redis://127.0.0.1/");
+    }
+}

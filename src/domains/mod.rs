@@ -1,0 +1,198 @@
+//! The listed domains and where their mail goes.
+//!
+//! A [`DomainStore`] loads the whole `domains` table; [`Domains`] keeps the
+//! last good load as an in-memory snapshot that every RCPT is checked
+//! against. Invariant: no database query on the SMTP path; a failed refresh
+//! keeps the previous snapshot, and a node that never loaded one says so
+//! ([`Lookup::NoSnapshot`] → 451 4.3.0, never 250 and never 5xx).
+
+pub mod mysql;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::metrics::METRICS;
+use crate::policy::address::normalise_domain;
+
+/// One row of the `domains` table: the seed's `smtp:[relay_host]:relay_port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRoute {
+    /// Lower-case A-labels.
+    pub domain: String,
+    pub relay_host: String,
+    pub relay_port: u16,
+    /// `enable_virus_spam_scan = '1'`.
+    pub scan: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("domain database unavailable: {0}")]
+    Unavailable(String),
+    #[error("domain database migration failed: {0}")]
+    Migration(String),
+}
+
+/// Where the domains live. One file per back end.
+#[async_trait::async_trait]
+pub trait DomainStore: Send + Sync {
+    /// Creates the tables mxrelay needs when absent; never alters existing ones.
+    async fn migrate(&self) -> Result<(), DomainError>;
+    /// Every row, as stored (normalised by the snapshot).
+    async fn load(&self) -> Result<Vec<RawDomain>, DomainError>;
+}
+
+/// A row as the database holds it.
+#[derive(Debug, Clone)]
+pub struct RawDomain {
+    pub domain: String,
+    pub relay_host: String,
+    pub relay_port: u32,
+    pub scan: String,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    routes: HashMap<String, Arc<DomainRoute>>,
+    pub loaded_at: Instant,
+}
+
+impl Snapshot {
+    /// Normalises rows; rows that cannot be used are logged and left out.
+    pub fn build(rows: Vec<RawDomain>) -> Snapshot {
+        let mut routes = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let Some(domain) = normalise_domain(row.domain.trim()) else {
+                tracing::warn!(domain = %row.domain, "domains: ignoring row with an invalid domain name");
+                continue;
+            };
+            let Ok(relay_port) = u16::try_from(row.relay_port) else {
+                tracing::warn!(domain = %row.domain, port = row.relay_port, "domains: ignoring row with an invalid relay_port");
+                continue;
+            };
+            let relay_host = row.relay_host.trim().trim_start_matches('[').trim_end_matches(']').to_string();
+            let scan = row.scan.trim() == "1";
+            routes.insert(domain.clone(), Arc::new(DomainRoute { domain, relay_host, relay_port, scan }));
+        }
+        Snapshot { routes, loaded_at: Instant::now() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Listed(Arc<DomainRoute>),
+    Unlisted,
+    /// No snapshot was ever loaded: the answer is unknown.
+    NoSnapshot,
+}
+
+/// The cached view of the domains every node keeps.
+pub struct Domains {
+    store: Arc<dyn DomainStore>,
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
+    migrated: std::sync::atomic::AtomicBool,
+    reload: Notify,
+}
+
+impl Domains {
+    pub fn new(store: Arc<dyn DomainStore>) -> Domains {
+        Domains {
+            store,
+            snapshot: RwLock::new(None),
+            migrated: std::sync::atomic::AtomicBool::new(false),
+            reload: Notify::new(),
+        }
+    }
+
+    /// `domain` must already be normalised (lower-case A-labels).
+    pub fn lookup(&self, domain: &str) -> Lookup {
+        let guard = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            None => Lookup::NoSnapshot,
+            Some(s) => s.routes.get(domain).map_or(Lookup::Unlisted, |r| Lookup::Listed(r.clone())),
+        }
+    }
+
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs migrations (once, when asked) and loads a new snapshot. On
+    /// failure the previous snapshot stays.
+    pub async fn refresh(&self, migrate: bool) -> Result<usize, DomainError> {
+        use std::sync::atomic::Ordering;
+        if migrate && !self.migrated.load(Ordering::Relaxed) {
+            self.store.migrate().await.inspect_err(|_| METRICS.database_errors.inc())?;
+            self.migrated.store(true, Ordering::Relaxed);
+            tracing::info!("domains: database migrations applied");
+        }
+        let rows = self.store.load().await.inspect_err(|_| METRICS.database_errors.inc())?;
+        let snapshot = Arc::new(Snapshot::build(rows));
+        let n = snapshot.len();
+        METRICS.domains_snapshot_size.set(n as i64);
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
+        Ok(n)
+    }
+
+    /// Asks the refresher to reload now (SIGHUP).
+    pub fn request_reload(&self) {
+        self.reload.notify_one();
+    }
+
+    /// Reloads every `interval` and whenever [`Domains::request_reload`] is called.
+    pub async fn run_refresher(self: Arc<Self>, interval: Duration, migrate: bool) {
+        let mut failing = false;
+        loop {
+            match self.refresh(migrate).await {
+                Ok(n) => {
+                    if failing {
+                        tracing::info!(domains = n, "domains: database reachable again, snapshot reloaded");
+                    } else {
+                        tracing::debug!(domains = n, "domains: snapshot reloaded");
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    let kept = self.snapshot().map(|s| s.len());
+                    tracing::error!(error = %e, kept_snapshot = ?kept, "domains: refresh failed, keeping the last snapshot");
+                    failing = true;
+                }
+            }
+            // Retry sooner while no snapshot has ever loaded.
+            let wait = if self.snapshot().is_none() { interval.min(Duration::from_secs(2)) } else { interval };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.reload.notified() => tracing::info!("domains: reload requested"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(domain: &str, port: u32) -> RawDomain {
+        RawDomain { domain: domain.into(), relay_host: "[192.0.2.1]".into(), relay_port: port, scan: "1".into() }
+    }
+
+    #[test]
+    fn snapshot_normalises_and_skips_bad_rows() {
+        let s = Snapshot::build(vec![raw("Friet.PAN", 25), raw("bücher.example", 2525), raw("bad..name", 25), raw("ok.example", 70000)]);
+        assert_eq!(s.len(), 2);
+        let r = &s.routes["friet.pan"];
+        assert_eq!((r.relay_host.as_str(), r.relay_port, r.scan), ("192.0.2.1", 25, true));
+        assert!(s.routes.contains_key("xn--bcher-kva.example"));
+    }
+}

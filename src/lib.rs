@@ -1,0 +1,13 @@
+//! mxrelay: a clustered, closed SMTP relay. One message's path through the
+//! code: `smtp` (session) → `policy` (relay decision, checks; `domains`
+//! snapshot, `dns`) → `spool` (durable shared queue) → delivery.
+
+pub mod admin;
+pub mod config;
+pub mod dns;
+pub mod domains;
+pub mod metrics;
+pub mod policy;
+pub mod server;
+pub mod smtp;
+pub mod spool;

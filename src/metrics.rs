@@ -1,0 +1,87 @@
+//! Prometheus metrics of one node, registered once in [`METRICS`].
+//! Names follow `mxrelay_<subsystem>_<what>_<unit>`; labels are low-cardinality
+//! (never a domain or an address).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub smtp_connections: IntCounter,
+    pub smtp_connections_active: IntGauge,
+    pub smtp_connections_refused: IntCounterVec,
+    pub smtp_sessions: IntCounterVec,
+    pub smtp_rcpt: IntCounterVec,
+    pub smtp_messages: IntCounterVec,
+    pub smtp_received_bytes: IntCounter,
+    pub queue_enqueue_seconds: Histogram,
+    pub redis_errors: IntCounterVec,
+    pub database_errors: IntCounter,
+    pub dns_errors: IntCounter,
+    pub domains_snapshot_size: IntGauge,
+    pub domains_snapshot_age_seconds: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    let queue_enqueue_seconds = Histogram::with_opts(
+        HistogramOpts::new("mxrelay_queue_enqueue_duration_seconds", "Time to write one message durably to the queue")
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(queue_enqueue_seconds.clone())).expect("unique metric");
+    Metrics {
+        smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),
+        smtp_connections_active: gauge(&r, "mxrelay_smtp_connections_active", "SMTP sessions open now"),
+        smtp_connections_refused: counter_vec(
+            &r,
+            "mxrelay_smtp_connections_refused_total",
+            "SMTP connections refused at connect",
+            &["reason"],
+        ),
+        smtp_sessions: counter_vec(&r, "mxrelay_smtp_sessions_total", "SMTP sessions ended, by outcome", &["outcome"]),
+        smtp_rcpt: counter_vec(&r, "mxrelay_smtp_rcpt_total", "RCPT commands by result", &["result"]),
+        smtp_messages: counter_vec(&r, "mxrelay_smtp_messages_total", "Messages at end of DATA/BDAT, by result", &["result"]),
+        smtp_received_bytes: counter(&r, "mxrelay_smtp_received_bytes_total", "Bytes of accepted messages"),
+        queue_enqueue_seconds,
+        redis_errors: counter_vec(&r, "mxrelay_redis_errors_total", "Failed Redis operations", &["op"]),
+        database_errors: counter(&r, "mxrelay_database_errors_total", "Failed domain database operations"),
+        dns_errors: counter(&r, "mxrelay_dns_errors_total", "DNS lookups that failed temporarily"),
+        domains_snapshot_size: gauge(&r, "mxrelay_domains_snapshot_size", "Domains in this node's snapshot"),
+        domains_snapshot_age_seconds: gauge(
+            &r,
+            "mxrelay_domains_snapshot_age_seconds",
+            "Age of this node's domain snapshot (-1 when none is loaded)",
+        ),
+        registry: r,
+    }
+});
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,169 @@
+//! Who may send what to whom: the seed's `smtpd_relay_restrictions` and
+//! `smtpd_recipient_restrictions`, evaluated at RCPT (Postfix's
+//! `smtpd_delay_reject = yes`), in the seed's order:
+//!
+//! `permit_mynetworks` → relay check (listed domain, else `454 4.7.1 Relay
+//! access denied`; `permit_sasl_authenticated` is a hook for AUTH) →
+//! `reject_invalid_hostname` → `reject_non_fqdn_sender` →
+//! `reject_unknown_sender_domain` → `reject_non_fqdn_recipient` →
+//! `reject_unknown_recipient_domain`.
+//!
+//! Invariant: an unlisted domain is never accepted from an untrusted client,
+//! and a lookup that could not be made (no domain snapshot, DNS failure)
+//! gives a 4xx, never a 5xx and never a 250.
+
+pub mod address;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::dns::Dns;
+use crate::domains::{Domains, Lookup};
+use crate::smtp::reply::Reply;
+use address::{Mailbox, Path};
+
+/// The restriction switches, from the config.
+#[derive(Debug, Clone)]
+pub struct Restrictions {
+    pub mynetworks: Vec<IpNet>,
+    pub reject_unknown_sender_domain: bool,
+    pub reject_unknown_recipient_domain: bool,
+}
+
+/// What the session knows about the client when policy is asked.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub ip: IpAddr,
+    pub helo: Option<String>,
+    /// SMTP AUTH succeeded (`permit_sasl_authenticated`; AUTH comes later).
+    pub authenticated: bool,
+}
+
+/// The metric label of a RCPT outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RcptResult {
+    Accepted,
+    RelayDenied,
+    NoSnapshot,
+    InvalidHelo,
+    NonFqdn,
+    UnknownDomain,
+    Tempfail,
+}
+
+impl RcptResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            RcptResult::Accepted => "accepted",
+            RcptResult::RelayDenied => "relay_denied",
+            RcptResult::NoSnapshot => "no_snapshot",
+            RcptResult::InvalidHelo => "invalid_helo",
+            RcptResult::NonFqdn => "non_fqdn",
+            RcptResult::UnknownDomain => "unknown_domain",
+            RcptResult::Tempfail => "tempfail",
+        }
+    }
+}
+
+pub type Verdict = Result<(), (Reply, RcptResult)>;
+
+pub struct Policy {
+    pub restrictions: Restrictions,
+    pub domains: Arc<Domains>,
+    pub dns: Dns,
+}
+
+impl Policy {
+    pub fn is_mynetworks(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.restrictions.mynetworks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Sender checks; their result is cached per transaction by the session.
+    pub async fn check_sender(&self, sender: &Path) -> Verdict {
+        let Path::Mailbox(m) = sender else { return Ok(()) };
+        if !m.is_fqdn() {
+            return Err((
+                Reply::new(504, "5.5.2", format!("<{}>: Sender address rejected: need fully-qualified address", m.raw)),
+                RcptResult::NonFqdn,
+            ));
+        }
+        if self.restrictions.reject_unknown_sender_domain {
+            self.domain_exists(m, "Sender", "4.1.8").await?;
+        }
+        Ok(())
+    }
+
+    /// The RCPT decision. `sender_verdict` is [`Policy::check_sender`]'s
+    /// result for this transaction, computed at most once.
+    pub async fn check_recipient(
+        &self,
+        client: &Client,
+        rcpt: &Mailbox,
+        sender_verdict: impl AsyncFnOnce() -> Verdict,
+    ) -> Verdict {
+        // permit_mynetworks, permit_sasl_authenticated
+        if self.is_mynetworks(client.ip) || client.authenticated {
+            return Ok(());
+        }
+        // defer_unauth_destination: only listed domains, no routing tricks.
+        let denied = || {
+            (Reply::new(454, "4.7.1", format!("<{}>: Relay access denied", rcpt.raw)), RcptResult::RelayDenied)
+        };
+        if rcpt.has_routing() {
+            return Err(denied());
+        }
+        let Some(domain) = rcpt.domain_name() else { return Err(denied()) };
+        match self.domains.lookup(domain) {
+            Lookup::Listed(_) => {}
+            Lookup::Unlisted => return Err(denied()),
+            Lookup::NoSnapshot => {
+                return Err((Reply::temp_lookup_failure(&format!("<{}>", rcpt.raw)), RcptResult::NoSnapshot));
+            }
+        }
+        // reject_invalid_hostname
+        let helo = client.helo.as_deref().unwrap_or("");
+        if !address::valid_helo(helo) {
+            return Err((
+                Reply::new(501, "5.5.2", format!("<{helo}>: Helo command rejected: Invalid name")),
+                RcptResult::InvalidHelo,
+            ));
+        }
+        sender_verdict().await?;
+        if !rcpt.is_fqdn() {
+            return Err((
+                Reply::new(504, "5.5.2", format!("<{}>: Recipient address rejected: need fully-qualified address", rcpt.raw)),
+                RcptResult::NonFqdn,
+            ));
+        }
+        if self.restrictions.reject_unknown_recipient_domain {
+            self.domain_exists(rcpt, "Recipient", "4.1.2").await?;
+        }
+        Ok(())
+    }
+
+    /// Postfix's `450 4.1.x Domain not found`, or `451 4.4.3` when DNS
+    /// could not answer.
+    async fn domain_exists(&self, m: &Mailbox, role: &str, enhanced: &'static str) -> Verdict {
+        let Some(name) = m.domain_name() else { return Ok(()) };
+        match self.dns.domain_exists(name).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err((
+                Reply::new(450, enhanced, format!("<{}>: {role} address rejected: Domain not found", m.raw)),
+                RcptResult::UnknownDomain,
+            )),
+            Err(e) => {
+                tracing::warn!(domain = name, error = %e, "DNS lookup failed; deferring");
+                Err((
+                    Reply::new(451, "4.4.3", format!("<{}>: {role} address rejected: Temporary DNS lookup failure", m.raw)),
+                    RcptResult::Tempfail,
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `mxrelay serve`: wires config, domains, spool, policy, the SMTP and admin
+//! listeners and signals together. SIGHUP reloads the domain snapshot;
+//! SIGTERM/SIGINT stop accepting, let open sessions finish (bounded), exit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::Config;
+use crate::dns::Dns;
+use crate::domains::Domains;
+use crate::domains::mysql::MySqlDomains;
+use crate::policy::{Policy, Restrictions};
+use crate::smtp::session::Shared;
+use crate::spool::Spool;
+use crate::spool::redis::RedisSpool;
+
+/// How long open sessions may run on after SIGTERM.
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let resolved = config.resolve().map_err(|errors| {
+        anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+    })?;
+    let store = MySqlDomains::connect(&config.domains.url, Duration::from_secs(5))?;
+    let domains = Arc::new(Domains::new(Arc::new(store)));
+    let spool: Arc<dyn Spool> = Arc::new(RedisSpool::connect(&config.queue)?);
+    if let Err(e) = spool.prepare().await {
+        // Not fatal: the node answers 451 until Redis is back.
+        tracing::error!(error = %e, "queue not reachable at start");
+    }
+    let dns = Dns::new(&resolved.nameservers, config.dns.timeout)?;
+    let policy = Policy {
+        restrictions: Restrictions {
+            mynetworks: resolved.mynetworks.clone(),
+            reject_unknown_sender_domain: config.reject_unknown_sender_domain,
+            reject_unknown_recipient_domain: config.reject_unknown_recipient_domain,
+        },
+        domains: domains.clone(),
+        dns,
+    };
+    // First snapshot before listening, so a healthy node never answers 451
+    // for want of one; a failure is not fatal (the refresher retries).
+    match domains.refresh(config.migrate_on_start).await {
+        Ok(n) => tracing::info!(domains = n, "domain snapshot loaded"),
+        Err(e) => tracing::error!(error = %e, "domain database not reachable at start; answering 451 until it is"),
+    }
+    tokio::spawn(domains.clone().run_refresher(config.domains.refresh, config.migrate_on_start));
+
+    let smtp = TcpListener::bind(resolved.smtp_listen)
+        .await
+        .with_context(|| format!("smtp.listen: cannot listen on {}", resolved.smtp_listen))?;
+    let admin = TcpListener::bind(resolved.admin_listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {}", resolved.admin_listen))?;
+    let draining = Arc::new(AtomicBool::new(false));
+    tokio::spawn(crate::admin::http::serve(
+        admin,
+        crate::admin::http::Health { spool: spool.clone(), domains: domains.clone(), draining: draining.clone() },
+    ));
+    tracing::info!(
+        node = %config.node_id,
+        smtp = %resolved.smtp_listen,
+        admin = %resolved.admin_listen,
+        domains = %crate::config::mask_url(&config.domains.url),
+        queue = %crate::config::mask_url(&config.queue.url),
+        "mxrelay listening"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let reloader = domains.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => reloader.request_reload(),
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!("stopping: no new connections, draining open sessions");
+        let _ = stop_tx.send(true);
+    });
+    let shared = Arc::new(Shared { config, policy, spool });
+    let drain = draining.clone();
+    crate::smtp::serve(smtp, shared, stop_rx, DRAIN_GRACE).await;
+    drain.store(true, Ordering::Relaxed);
+    tracing::info!("stopped");
+    Ok(())
+}

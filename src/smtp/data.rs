@@ -1,0 +1,244 @@
+//! Message content decoding, pure and streaming.
+//!
+//! [`DataDecoder`] undoes DATA's dot-stuffing and finds the end of data.
+//! Invariant: only `CRLF.CRLF` ends DATA (RFC 5321 §4.1.1.4). A bare LF or
+//! bare CR never starts a line for this purpose, so `\n.\n`, `\n.\r\n`,
+//! `\r.\r` and `\r\n.\r` cannot end a message early or smuggle a second one
+//! (the CVE-2023-51764 class). A bare LF is recorded so that the session can
+//! refuse the message (Postfix `smtpd_forbid_bare_newline`) or, when asked,
+//! is rewritten to CRLF. BDAT content goes through the same decoder without
+//! the dot rules.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line (after CRLF; the DATA command's CRLF counts).
+    LineStart,
+    /// Saw `.` at the start of a line.
+    Dot,
+    /// Saw `.` CR at the start of a line.
+    DotCr,
+    /// Inside a line.
+    Text,
+    /// Saw CR inside a line.
+    Cr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// DATA: dot-stuffed, ends at CRLF.CRLF.
+    Dot,
+    /// BDAT: length-framed, no dot rules.
+    Chunked,
+}
+
+#[derive(Debug)]
+pub struct DataDecoder {
+    state: State,
+    framing: Framing,
+    normalise_bare_lf: bool,
+    /// A bare LF was seen in the content.
+    pub bare_lf: bool,
+}
+
+impl DataDecoder {
+    pub fn new(framing: Framing, normalise_bare_lf: bool) -> DataDecoder {
+        DataDecoder { state: State::LineStart, framing, normalise_bare_lf, bare_lf: false }
+    }
+
+    /// Decodes `input`, appending content to `out`. Returns `Some(n)` when
+    /// the end-of-data mark ends at `input[n - 1]` (bytes after it are the
+    /// next commands), `None` when all of `input` was content.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        for (i, &b) in input.iter().enumerate() {
+            match (self.state, b) {
+                (State::LineStart, b'.') if self.framing == Framing::Dot => self.state = State::Dot,
+                (State::LineStart | State::Text, _) => self.text(b, out),
+                (State::Dot, b'\r') => self.state = State::DotCr,
+                // The leading dot of any other line is stuffing: drop it.
+                (State::Dot, _) => self.text(b, out),
+                (State::DotCr, b'\n') => {
+                    self.state = State::LineStart;
+                    return Some(i + 1);
+                }
+                (State::DotCr, _) => {
+                    out.push(b'\r');
+                    self.state = State::Text;
+                    self.text(b, out);
+                }
+                (State::Cr, b'\n') => {
+                    out.extend_from_slice(b"\r\n");
+                    self.state = State::LineStart;
+                }
+                (State::Cr, b'\r') => out.push(b'\r'),
+                (State::Cr, _) => {
+                    out.push(b'\r');
+                    self.state = State::Text;
+                    self.text(b, out);
+                }
+            }
+        }
+        None
+    }
+
+    fn text(&mut self, b: u8, out: &mut Vec<u8>) {
+        match b {
+            b'\r' => self.state = State::Cr,
+            b'\n' => {
+                // A bare LF: never a line start for the end-of-data rule.
+                self.bare_lf = true;
+                if self.normalise_bare_lf {
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    out.push(b'\n');
+                }
+                self.state = State::Text;
+            }
+            _ => {
+                out.push(b);
+                self.state = State::Text;
+            }
+        }
+    }
+
+    /// For BDAT: content that ended with a CR whose LF has not come yet.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.state == State::Cr {
+            out.push(b'\r');
+            self.state = State::Text;
+        }
+    }
+}
+
+/// Counts `Received:` headers in the header section of decoded content,
+/// fed in pieces, in constant memory.
+#[derive(Debug, Default)]
+pub struct HeaderScan {
+    done: bool,
+    mid_line: bool,
+    prefix: Vec<u8>,
+    pub received: usize,
+}
+
+const RECEIVED: &[u8] = b"received:";
+
+impl HeaderScan {
+    pub fn feed(&mut self, content: &[u8]) {
+        for &b in content {
+            if self.done {
+                return;
+            }
+            if b == b'\n' {
+                if !self.mid_line || self.prefix.as_slice() == b"\r" {
+                    // An empty line ends the header section.
+                    self.done = true;
+                }
+                self.mid_line = false;
+                self.prefix.clear();
+                continue;
+            }
+            self.mid_line = true;
+            if self.prefix.len() < RECEIVED.len() {
+                self.prefix.push(b.to_ascii_lowercase());
+                if self.prefix.as_slice() == RECEIVED {
+                    self.received += 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode(input: &[u8]) -> (Vec<u8>, Option<usize>, bool) {
+        let mut d = DataDecoder::new(Framing::Dot, false);
+        let mut out = Vec::new();
+        let end = d.feed(input, &mut out);
+        (out, end, d.bare_lf)
+    }
+
+    #[test]
+    fn ends_only_at_crlf_dot_crlf() {
+        let (out, end, _) = decode(b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM:<>\r\n");
+        assert_eq!(out, b"Subject: x\r\n\r\nbody\r\n");
+        assert_eq!(end, Some(23));
+        // The DATA command's own CRLF starts the first line.
+        assert_eq!(decode(b".\r\n").1, Some(3));
+    }
+
+    #[test]
+    fn unstuffs_leading_dots() {
+        let (out, end, _) = decode(b"..hidden\r\n...\r\n.\r\n");
+        assert_eq!(out, b".hidden\r\n..\r\n");
+        assert!(end.is_some());
+    }
+
+    #[test]
+    fn smuggling_sequences_never_end_data() {
+        for body in [&b"a\n.\nb"[..], b"a\n.\r\nb", b"a\r.\rb", b"a\r\n.\rb", b"a\r.\r\nb"] {
+            let (_, end, _) = decode(body);
+            assert_eq!(end, None, "{body:?} ended DATA");
+        }
+        let (_, _, bare) = decode(b"a\n.\nb");
+        assert!(bare);
+        let (_, _, bare) = decode(b"a\r.\rb");
+        assert!(!bare, "a bare CR is not a bare LF");
+    }
+
+    #[test]
+    fn normalises_bare_lf_when_asked() {
+        let mut d = DataDecoder::new(Framing::Dot, true);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b"a\nb\r\n.\r\n", &mut out), Some(8));
+        assert_eq!(out, b"a\r\nb\r\n");
+    }
+
+    #[test]
+    fn chunked_has_no_dot_rules() {
+        let mut d = DataDecoder::new(Framing::Chunked, false);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b"..x\r\n.\r\n", &mut out), None);
+        assert_eq!(out, b"..x\r\n.\r\n");
+    }
+
+    #[test]
+    fn counts_received_headers() {
+        let mut h = HeaderScan::default();
+        h.feed(b"Received: a\r\n\tcont\r\nRECEIVED: b\r\nSubj");
+        h.feed(b"ect: x\r\n\r\nReceived: in body\r\n");
+        assert_eq!(h.received, 2);
+    }
+
+    proptest! {
+        /// Split anywhere, the decoder gives the same answer as in one piece.
+        #[test]
+        fn split_invariant(body in proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..64), cut in 0usize..64) {
+            let cut = cut.min(body.len());
+            let (whole, end_whole, bare_whole) = decode(&body);
+            let mut d = DataDecoder::new(Framing::Dot, false);
+            let mut out = Vec::new();
+            let end = match d.feed(&body[..cut], &mut out) {
+                Some(n) => Some(n),
+                None => d.feed(&body[cut..], &mut out).map(|n| n + cut),
+            };
+            prop_assert_eq!(end, end_whole);
+            prop_assert_eq!(out, whole);
+            prop_assert_eq!(d.bare_lf, bare_whole);
+        }
+
+        /// Whatever the content, an end found is always a real CRLF.CRLF.
+        #[test]
+        fn end_is_always_crlf_dot_crlf(body in proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..64)) {
+            let mut input = b"\r\n".to_vec();
+            input.extend_from_slice(&body);
+            let mut d = DataDecoder::new(Framing::Dot, false);
+            d.state = State::Text;
+            if let Some(n) = d.feed(&input, &mut Vec::new()) {
+                prop_assert!(n >= 5);
+                prop_assert_eq!(&input[n - 5..n], b"\r\n.\r\n");
+            }
+        }
+    }
+}

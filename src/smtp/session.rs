@@ -1,0 +1,763 @@
+//! One inbound SMTP session: owns the stream, reads commands and content
+//! with bounded buffers and timeouts, asks `policy` at RCPT, streams the
+//! body into the spool and answers.
+//!
+//! Invariants: `250 … queued as` is sent only after the spool confirmed the
+//! commit; a temporary fault is answered with a 4xx; replies to pipelined
+//! commands are flushed only when the client's input is drained (RFC 2920);
+//! memory per session is bounded by the command-line limit, one read buffer
+//! and one spool chunk, whatever the message size.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::command::{self, COMMAND_LINE_LIMIT, Command};
+use super::data::{DataDecoder, Framing, HeaderScan};
+use super::reply::Reply;
+use crate::config::Config;
+use crate::metrics::METRICS;
+use crate::policy::address::{self, AddressError, Path};
+use crate::policy::{Client, Policy, RcptResult, Verdict};
+use crate::spool::{Envelope, QueueId, Recipient, RecipientState, Spool, SpoolBody};
+
+const READ_CHUNK: usize = 64 * 1024;
+/// Pending replies are written out once they reach this size even if more
+/// pipelined commands wait.
+const OUTPUT_FLUSH_AT: usize = 16 * 1024;
+
+/// What every session of a node shares.
+pub struct Shared {
+    pub config: Config,
+    pub policy: Policy,
+    pub spool: Arc<dyn Spool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub ip: IpAddr,
+    /// From the PTR record, or `unknown`.
+    pub name: String,
+    /// Log the transcript (`debug_peer_list`).
+    pub debug: bool,
+}
+
+/// How a session ended, for `mxrelay_smtp_sessions_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Quit,
+    Disconnected,
+    Timeout,
+    TooManyErrors,
+    EarlyTalker,
+    IoError,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Quit => "quit",
+            Outcome::Disconnected => "disconnected",
+            Outcome::Timeout => "timeout",
+            Outcome::TooManyErrors => "too_many_errors",
+            Outcome::EarlyTalker => "early_talker",
+            Outcome::IoError => "io_error",
+        }
+    }
+}
+
+enum ReadError {
+    Eof,
+    Timeout,
+    Io,
+}
+
+enum Line {
+    Command(BytesMut),
+    TooLong,
+}
+
+/// The socket with its bounded input buffer and pending replies.
+struct Conn<S> {
+    stream: S,
+    inbuf: BytesMut,
+    out: Vec<u8>,
+    debug: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    async fn flush(&mut self) -> Result<(), ReadError> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await.map_err(|_| ReadError::Io)?;
+            self.stream.flush().await.map_err(|_| ReadError::Io)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, reply: &Reply) {
+        let text = reply.render();
+        if self.debug {
+            tracing::debug!(target: "mxrelay::transcript", "> {}", text.trim_end());
+        }
+        self.out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Reads more input; pending replies go out first, since the client
+    /// may be waiting for them before it sends more.
+    async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
+        self.flush().await?;
+        self.inbuf.reserve(READ_CHUNK);
+        match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.inbuf)).await {
+            Err(_) => Err(ReadError::Timeout),
+            Ok(Err(_)) => Err(ReadError::Io),
+            Ok(Ok(0)) => Err(ReadError::Eof),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// One command line without its line ending. An overlong line is read
+    /// to its end and discarded, never buffered whole.
+    async fn read_line(&mut self, timeout: Duration) -> Result<Line, ReadError> {
+        let mut discarding = false;
+        loop {
+            if let Some(pos) = memchr::memchr(b'\n', &self.inbuf) {
+                let mut line = self.inbuf.split_to(pos + 1);
+                if discarding || line.len() > COMMAND_LINE_LIMIT + 2 {
+                    return Ok(Line::TooLong);
+                }
+                line.truncate(pos);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(pos - 1);
+                }
+                if self.debug {
+                    tracing::debug!(target: "mxrelay::transcript", "< {}", String::from_utf8_lossy(&line));
+                }
+                return Ok(Line::Command(line));
+            }
+            if self.inbuf.len() > COMMAND_LINE_LIMIT + 2 {
+                discarding = true;
+                self.inbuf.clear();
+            }
+            self.fill(timeout).await?;
+        }
+    }
+}
+
+/// The envelope being built between MAIL and the end of the message.
+struct Transaction {
+    sender: Path,
+    smtputf8: bool,
+    eight_bit: bool,
+    recipients: Vec<Recipient>,
+    /// Sender checks run once, at the first RCPT that needs them.
+    sender_verdict: Option<Verdict>,
+}
+
+/// A message body on its way into the spool: enforces the size limit,
+/// counts `Received:` headers and remembers the first failure. After a
+/// failure, content is still read (to resynchronise) but not stored.
+struct Incoming {
+    id: QueueId,
+    body: Option<Box<dyn SpoolBody>>,
+    decoder: DataDecoder,
+    headers: HeaderScan,
+    received_header_len: u64,
+    size: u64,
+    limit: u64,
+    forbid_bare_lf: bool,
+    failure: Option<(Reply, &'static str)>,
+    decoded: Vec<u8>,
+}
+
+impl Incoming {
+    /// Decodes `input`; returns the end-of-data position, if found.
+    async fn feed(&mut self, input: &[u8]) -> Option<usize> {
+        let end = self.decoder.feed(input, &mut self.decoded);
+        self.store().await;
+        end
+    }
+
+    async fn store(&mut self) {
+        if self.decoded.is_empty() {
+            return;
+        }
+        self.headers.feed(&self.decoded);
+        self.size += self.decoded.len() as u64;
+        if self.failure.is_none() {
+            if self.size > self.limit {
+                self.fail(Reply::too_big(), "too_big").await;
+            } else if self.forbid_bare_lf && self.decoder.bare_lf {
+                self.fail(Reply::bare_newline(), "bare_newline").await;
+            } else if let Some(body) = self.body.as_mut()
+                && let Err(e) = body.write(&self.decoded).await
+            {
+                tracing::error!(queue_id = %self.id, error = %e, "queue write failed while receiving");
+                self.fail(Reply::queue_unavailable(), "queue_error").await;
+            }
+        }
+        self.decoded.clear();
+    }
+
+    async fn fail(&mut self, reply: Reply, label: &'static str) {
+        self.failure = Some((reply, label));
+        if let Some(body) = self.body.take() {
+            body.abort().await;
+        }
+    }
+}
+
+pub struct Session<S> {
+    conn: Conn<S>,
+    shared: Arc<Shared>,
+    client: ClientInfo,
+    helo: Option<String>,
+    esmtp: bool,
+    tx: Option<Transaction>,
+    /// A BDAT transfer in progress (between the first chunk and LAST).
+    bdat: Option<Incoming>,
+    errors: u32,
+}
+
+enum Flow {
+    Continue,
+    Close(Outcome),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(stream: S, client: ClientInfo, shared: Arc<Shared>) -> Session<S> {
+        let debug = client.debug;
+        Session {
+            conn: Conn { stream, inbuf: BytesMut::with_capacity(4096), out: Vec::new(), debug },
+            shared,
+            client,
+            helo: None,
+            esmtp: false,
+            tx: None,
+            bdat: None,
+            errors: 0,
+        }
+    }
+
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub async fn run(mut self) -> Outcome {
+        let outcome = self.serve().await;
+        self.reset_transaction().await;
+        let _ = self.conn.flush().await;
+        let _ = self.conn.stream.shutdown().await;
+        outcome
+    }
+
+    async fn serve(&mut self) -> Outcome {
+        if self.early_talker().await {
+            METRICS.smtp_connections_refused.with_label_values(&["early_talker"]).inc();
+            tracing::info!(client = %self.peer(), "reject: early talker (sent before the greeting)");
+            self.conn.queue(&Reply::new(554, "5.5.1", "Error: SMTP protocol synchronization"));
+            return Outcome::EarlyTalker;
+        }
+        let greeting = Reply::new(220, "", format!("{} ESMTP mxrelay", self.config().myhostname));
+        self.conn.queue(&greeting);
+        loop {
+            let timeout = self.config().smtp.command_timeout;
+            let line = match self.conn.read_line(timeout).await {
+                Ok(line) => line,
+                Err(e) => return self.read_failed(e, "command"),
+            };
+            let reply_flow = match line {
+                Line::TooLong => {
+                    self.reply(Reply::new(500, "5.5.2", "Error: line too long"));
+                    Flow::Continue
+                }
+                Line::Command(bytes) => match command::parse(&bytes) {
+                    Ok(cmd) => self.command(cmd).await,
+                    Err(e) => {
+                        self.reply(e.reply());
+                        Flow::Continue
+                    }
+                },
+            };
+            if let Flow::Close(outcome) = reply_flow {
+                return outcome;
+            }
+            if self.errors >= self.config().smtp.error_limit {
+                tracing::info!(client = %self.peer(), errors = self.errors, "too many errors, disconnecting");
+                self.conn.queue(&Reply::new(421, "4.7.0", format!("{} Error: too many errors", self.config().myhostname)));
+                return Outcome::TooManyErrors;
+            }
+            if self.conn.out.len() >= OUTPUT_FLUSH_AT && self.conn.flush().await.is_err() {
+                return Outcome::IoError;
+            }
+        }
+    }
+
+    /// Postfix `reject_unauth_pipelining` before the greeting: a client that
+    /// talks first is not a real MTA.
+    async fn early_talker(&mut self) -> bool {
+        let pause = self.config().smtp.greet_pause;
+        let mut probe = [0u8; 1];
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        // Timeout polls the read once before the zero-length timer fires.
+        match tokio::time::timeout(Duration::ZERO, self.conn.stream.read(&mut probe)).await {
+            Ok(Ok(n)) => n > 0,
+            _ => false,
+        }
+    }
+
+    fn read_failed(&mut self, e: ReadError, during: &str) -> Outcome {
+        match e {
+            ReadError::Timeout => {
+                tracing::info!(client = %self.peer(), "timeout after {during}");
+                self.conn.queue(&Reply::timeout(&self.shared.config.myhostname));
+                Outcome::Timeout
+            }
+            ReadError::Eof => {
+                if during != "command" {
+                    tracing::info!(client = %self.peer(), "lost connection during {during}");
+                }
+                Outcome::Disconnected
+            }
+            ReadError::Io => Outcome::IoError,
+        }
+    }
+
+    fn peer(&self) -> String {
+        format!("{}[{}]", self.client.name, self.client.ip)
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        if reply.is_error() {
+            self.errors += 1;
+        }
+        self.conn.queue(&reply);
+    }
+
+    fn proto(&self) -> &'static str {
+        if self.esmtp { "ESMTP" } else { "SMTP" }
+    }
+
+    fn log_reject(&self, stage: &str, reply: &Reply, to: Option<&str>) {
+        let from = self.tx.as_ref().map(|t| t.sender.to_string()).unwrap_or_default();
+        tracing::info!(
+            "NOQUEUE: reject: {stage} from {}: {}; from=<{from}> to=<{}> proto={} helo=<{}>",
+            self.peer(),
+            reply,
+            to.unwrap_or(""),
+            self.proto(),
+            self.helo.as_deref().unwrap_or("")
+        );
+    }
+
+    /// RFC 2920 does not allow pipelining to a client that was not offered
+    /// it: input already waiting behind this command means it did not wait.
+    fn unauth_pipelining(&mut self) -> bool {
+        if !self.esmtp && !self.conn.inbuf.is_empty() {
+            let reply = Reply::new(503, "5.5.0", "Error: improper use of SMTP command pipelining");
+            self.log_reject("pipelining", &reply, None);
+            self.reply(reply);
+            return true;
+        }
+        false
+    }
+
+    async fn command(&mut self, cmd: Command) -> Flow {
+        if self.bdat.is_some() && !matches!(cmd, Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop) {
+            // RFC 3030 §2: only BDAT may follow BDAT until LAST.
+            self.reply(Reply::bad_sequence("only BDAT, RSET, NOOP or QUIT may follow a non-LAST BDAT"));
+            return Flow::Continue;
+        }
+        match cmd {
+            Command::Ehlo(name) | Command::Helo(name) if name.is_empty() => {
+                self.reply(Reply::syntax("EHLO hostname"));
+            }
+            Command::Ehlo(name) => {
+                self.reset_transaction().await;
+                self.helo = Some(name);
+                self.esmtp = true;
+                let c = self.config();
+                let lines = vec![
+                    c.myhostname.clone(),
+                    "PIPELINING".into(),
+                    format!("SIZE {}", c.message_size_limit),
+                    "8BITMIME".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                    "SMTPUTF8".into(),
+                    "CHUNKING".into(),
+                ];
+                self.reply(Reply::multi(250, "", lines));
+            }
+            Command::Helo(name) => {
+                self.reset_transaction().await;
+                self.helo = Some(name);
+                self.esmtp = false;
+                let host = self.config().myhostname.clone();
+                self.reply(Reply::new(250, "", host));
+            }
+            Command::Mail { path, params } => self.mail(&path, &params).await,
+            Command::Rcpt { path, params } => self.rcpt(&path, &params).await,
+            Command::Data => return self.data().await,
+            Command::Bdat { size, last } => return self.bdat(size, last).await,
+            Command::Rset => {
+                self.reset_transaction().await;
+                self.reply(Reply::ok());
+            }
+            Command::Noop => self.reply(Reply::ok()),
+            Command::Quit => {
+                self.conn.queue(&Reply::new(221, "2.0.0", "Bye"));
+                return Flow::Close(Outcome::Quit);
+            }
+            Command::Help => self.reply(Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP (see RFC 5321)",
+            )),
+            Command::Vrfy => {
+                // disable_vrfy_command: nothing about addresses is revealed.
+                if self.config().disable_vrfy_command {
+                    self.reply(Reply::new(502, "5.5.1", "VRFY command is disabled"));
+                } else {
+                    self.reply(Reply::new(252, "2.0.0", "Send mail, I will try my best"));
+                }
+            }
+            Command::Expn => self.reply(Reply::new(502, "5.5.1", "EXPN command is disabled")),
+            Command::StartTls => self.reply(Reply::new(502, "5.5.1", "Error: STARTTLS is not offered")),
+            Command::Auth => self.reply(Reply::new(503, "5.5.1", "Error: authentication not enabled")),
+            Command::Unknown(_) => self.reply(Reply::new(502, "5.5.2", "Error: command not recognized")),
+        }
+        Flow::Continue
+    }
+
+    async fn reset_transaction(&mut self) {
+        self.tx = None;
+        if let Some(body) = self.bdat.take().and_then(|incoming| incoming.body) {
+            body.abort().await;
+        }
+    }
+
+    async fn mail(&mut self, path: &str, params: &[(String, Option<String>)]) {
+        if self.helo.is_none() && self.config().smtpd_helo_required {
+            let reply = Reply::bad_sequence("send HELO/EHLO first");
+            self.log_reject("MAIL", &reply, None);
+            return self.reply(reply);
+        }
+        if self.tx.is_some() {
+            return self.reply(Reply::bad_sequence("nested MAIL command"));
+        }
+        if self.unauth_pipelining() {
+            return;
+        }
+        let mut smtputf8 = false;
+        let mut eight_bit = false;
+        for (key, value) in params {
+            match (key.as_str(), value.as_deref()) {
+                ("SIZE", Some(v)) if self.esmtp => match v.parse::<u64>() {
+                    Ok(n) if n > self.config().message_size_limit => {
+                        let reply = Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
+                        self.log_reject("MAIL", &reply, None);
+                        return self.reply(reply);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return self.reply(Reply::new(501, "5.5.4", "Bad message size syntax")),
+                },
+                ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("8BITMIME") => eight_bit = true,
+                ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("7BIT") => {}
+                ("SMTPUTF8", None) if self.esmtp => smtputf8 = true,
+                _ => return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}"))),
+            }
+        }
+        let sender = match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
+            Ok(p) => p,
+            Err(e) => {
+                let reply = address_reply(e, path, "5.1.7", "sender");
+                self.log_reject("MAIL", &reply, None);
+                return self.reply(reply);
+            }
+        };
+        self.tx = Some(Transaction { sender, smtputf8, eight_bit, recipients: Vec::new(), sender_verdict: None });
+        self.reply(Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    async fn rcpt(&mut self, path: &str, params: &[(String, Option<String>)]) {
+        let Some((count, smtputf8)) = self.tx.as_ref().map(|t| (t.recipients.len(), t.smtputf8)) else {
+            return self.reply(Reply::bad_sequence("need MAIL command"));
+        };
+        if self.unauth_pipelining() {
+            return;
+        }
+        if let Some((key, _)) = params.first() {
+            return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}")));
+        }
+        if count >= self.config().smtpd_recipient_limit {
+            METRICS.smtp_rcpt.with_label_values(&["too_many"]).inc();
+            return self.reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
+        }
+        let mailbox = match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
+            Ok(Path::Mailbox(m)) => m,
+            Ok(Path::Null) => return self.reply(Reply::new(501, "5.1.3", "Bad recipient address syntax")),
+            Err(e) => {
+                let reply = if e == AddressError::SourceRoute {
+                    METRICS.smtp_rcpt.with_label_values(&[RcptResult::RelayDenied.label()]).inc();
+                    Reply::new(454, "4.7.1", format!("{path}: Relay access denied"))
+                } else {
+                    METRICS.smtp_rcpt.with_label_values(&["syntax"]).inc();
+                    address_reply(e, path, "5.1.3", "recipient")
+                };
+                self.log_reject("RCPT", &reply, Some(path));
+                return self.reply(reply);
+            }
+        };
+        let client = Client { ip: self.client.ip, helo: self.helo.clone(), authenticated: false };
+        let shared = self.shared.clone();
+        let tx = self.tx.as_mut().expect("checked above");
+        let cached = tx.sender_verdict.clone();
+        let sender = tx.sender.clone();
+        let mut computed = None;
+        let verdict = shared
+            .policy
+            .check_recipient(&client, &mailbox, async || match cached {
+                Some(v) => v,
+                None => {
+                    let v = shared.policy.check_sender(&sender).await;
+                    computed = Some(v.clone());
+                    v
+                }
+            })
+            .await;
+        if let Some(v) = computed {
+            tx.sender_verdict = Some(v);
+        }
+        match verdict {
+            Ok(()) => {
+                METRICS.smtp_rcpt.with_label_values(&[RcptResult::Accepted.label()]).inc();
+                let domain = match &mailbox.domain {
+                    Some(address::Domain::Name(n)) => n.clone(),
+                    Some(address::Domain::Literal(l)) => l.clone(),
+                    None => String::new(),
+                };
+                if !tx.recipients.iter().any(|r| r.address == mailbox.raw) {
+                    tx.recipients.push(Recipient {
+                        address: mailbox.raw.clone(),
+                        domain,
+                        state: RecipientState::Pending,
+                        last_reply: None,
+                    });
+                }
+                self.reply(Reply::new(250, "2.1.5", "Ok"));
+            }
+            Err((reply, result)) => {
+                METRICS.smtp_rcpt.with_label_values(&[result.label()]).inc();
+                self.log_reject("RCPT", &reply, Some(&mailbox.raw));
+                self.reply(reply);
+            }
+        }
+    }
+
+    /// Checks that a transaction can take content; `Err` is the reply.
+    fn ready_for_content(&self) -> Result<(), Reply> {
+        match &self.tx {
+            None => Err(Reply::bad_sequence("need MAIL command")),
+            Some(tx) if tx.recipients.is_empty() => Err(Reply::new(554, "5.5.1", "Error: no valid recipients")),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn begin_incoming(&self, framing: Framing) -> Incoming {
+        let id = QueueId::new();
+        let mut incoming = Incoming {
+            body: Some(self.shared.spool.open_body(&id)),
+            decoder: DataDecoder::new(framing, !self.config().smtpd_forbid_bare_newline),
+            headers: HeaderScan::default(),
+            received_header_len: 0,
+            size: 0,
+            limit: self.config().message_size_limit,
+            forbid_bare_lf: self.config().smtpd_forbid_bare_newline,
+            failure: None,
+            decoded: Vec::new(),
+            id,
+        };
+        let header = self.received_header(&incoming.id);
+        incoming.received_header_len = header.len() as u64;
+        incoming.decoded = header.into_bytes();
+        incoming
+    }
+
+    /// RFC 5321 §4.4 trace header, Postfix's layout, naming this node.
+    fn received_header(&self, id: &QueueId) -> String {
+        let c = self.config();
+        let tx = self.tx.as_ref();
+        let with = match (tx.is_some_and(|t| t.smtputf8), self.esmtp) {
+            (true, _) => "UTF8SMTP",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        let for_clause = match tx.map(|t| t.recipients.as_slice()) {
+            Some([only]) => format!("\r\n\tfor <{}>", only.address),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {} ({} [{}])\r\n\tby {} (mxrelay node {}) with {} id {}{}; {}\r\n",
+            self.helo.as_deref().unwrap_or("unknown"),
+            self.client.name,
+            self.client.ip,
+            c.myhostname,
+            c.node_id,
+            with,
+            id,
+            for_clause,
+            chrono::Local::now().to_rfc2822(),
+        )
+    }
+
+    async fn data(&mut self) -> Flow {
+        if let Err(reply) = self.ready_for_content() {
+            self.log_reject("DATA", &reply, None);
+            self.reply(reply);
+            return Flow::Continue;
+        }
+        if self.unauth_pipelining() {
+            return Flow::Continue;
+        }
+        self.conn.queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+        let mut incoming = self.begin_incoming(Framing::Dot);
+        incoming.store().await;
+        let timeout = self.config().smtp.data_timeout;
+        loop {
+            if self.conn.inbuf.is_empty()
+                && let Err(e) = self.conn.fill(timeout).await
+            {
+                if let Some(body) = incoming.body.take() {
+                    body.abort().await;
+                }
+                return Flow::Close(self.read_failed(e, "DATA"));
+            }
+            let input = std::mem::take(&mut self.conn.inbuf);
+            let end = incoming.feed(&input).await;
+            self.conn.inbuf = input;
+            match end {
+                Some(n) => {
+                    self.conn.inbuf.advance(n);
+                    break;
+                }
+                None => self.conn.inbuf.clear(),
+            }
+        }
+        self.finish(incoming).await;
+        Flow::Continue
+    }
+
+    async fn bdat(&mut self, size: u64, last: bool) -> Flow {
+        let refusal = if self.bdat.is_none() { self.ready_for_content().err() } else { None };
+        if refusal.is_none() && self.bdat.is_none() {
+            let mut incoming = self.begin_incoming(Framing::Chunked);
+            incoming.store().await;
+            self.bdat = Some(incoming);
+        }
+        // The chunk is read in full even when refused (RFC 3030 §2).
+        let timeout = self.config().smtp.data_timeout;
+        let mut remaining = size;
+        while remaining > 0 {
+            if self.conn.inbuf.is_empty()
+                && let Err(e) = self.conn.fill(timeout).await
+            {
+                return Flow::Close(self.read_failed(e, "BDAT"));
+            }
+            let take = remaining.min(self.conn.inbuf.len() as u64) as usize;
+            let chunk = self.conn.inbuf.split_to(take);
+            remaining -= take as u64;
+            if let Some(incoming) = self.bdat.as_mut() {
+                incoming.feed(&chunk).await;
+            }
+        }
+        if let Some(reply) = refusal {
+            self.log_reject("BDAT", &reply, None);
+            self.reply(reply);
+            return Flow::Continue;
+        }
+        if last {
+            let mut incoming = self.bdat.take().expect("set above");
+            let mut tail = Vec::new();
+            incoming.decoder.finish(&mut tail);
+            incoming.decoded.extend_from_slice(&tail);
+            incoming.store().await;
+            self.finish(incoming).await;
+        } else {
+            let n = self.bdat.as_ref().map_or(0, |i| i.size);
+            self.reply(Reply::new(250, "2.0.0", format!("Ok: {n} octets received")));
+        }
+        Flow::Continue
+    }
+
+    /// End of content: check what could only be checked at the end, then
+    /// commit, and only then say 250.
+    async fn finish(&mut self, mut incoming: Incoming) {
+        let client_bytes = incoming.size - incoming.received_header_len;
+        if incoming.failure.is_none() && incoming.headers.received > self.config().hop_count_limit {
+            incoming.fail(Reply::new(554, "5.4.6", "Error: too many hops"), "too_many_hops").await;
+        }
+        let tx = self.tx.take().expect("content only follows a transaction");
+        if let Some((reply, label)) = incoming.failure.take() {
+            METRICS.smtp_messages.with_label_values(&[label]).inc();
+            self.log_reject("END-OF-MESSAGE", &reply, None);
+            tracing::info!(queue_id = %incoming.id, size = client_bytes, "message refused: {reply}");
+            return self.reply(reply);
+        }
+        let Some(body) = incoming.body.take() else {
+            return self.reply(Reply::queue_unavailable());
+        };
+        let envelope = Envelope {
+            id: incoming.id.clone(),
+            sender: tx.sender.to_string(),
+            recipients: tx.recipients,
+            client_ip: self.client.ip.to_string(),
+            client_name: self.client.name.clone(),
+            helo: self.helo.clone().unwrap_or_default(),
+            received_at: chrono::Utc::now().timestamp_millis(),
+            size: incoming.size,
+            node: self.config().node_id.clone(),
+            smtputf8: tx.smtputf8,
+            eight_bit: tx.eight_bit,
+            attempts: 0,
+        };
+        match body.commit(&envelope).await {
+            Ok(()) => {
+                METRICS.smtp_messages.with_label_values(&["accepted"]).inc();
+                METRICS.smtp_received_bytes.inc_by(envelope.size);
+                tracing::info!(
+                    queue_id = %envelope.id,
+                    "{}: client={}, from=<{}>, size={}, nrcpt={} (queue active)",
+                    envelope.id,
+                    self.peer(),
+                    envelope.sender,
+                    envelope.size,
+                    envelope.recipients.len()
+                );
+                self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {}", envelope.id)));
+            }
+            Err(e) => {
+                METRICS.smtp_messages.with_label_values(&["queue_error"]).inc();
+                tracing::error!(queue_id = %envelope.id, error = %e, client = %self.peer(), "message not queued: 451");
+                self.reply(Reply::queue_unavailable());
+            }
+        }
+    }
+}
+
+/// The reply for an address that does not parse.
+fn address_reply(e: AddressError, path: &str, enhanced: &'static str, role: &str) -> Reply {
+    match e {
+        AddressError::NeedsSmtputf8 => {
+            Reply::new(553, "5.6.7", format!("{path}: Must declare SMTPUTF8 to send Unicode address"))
+        }
+        AddressError::SourceRoute => Reply::new(501, enhanced, format!("{path}: source routes are not accepted")),
+        AddressError::Brackets | AddressError::Syntax => {
+            Reply::new(501, enhanced, format!("Bad {role} address syntax"))
+        }
+    }
+}

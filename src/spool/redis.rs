@@ -1,0 +1,275 @@
+//! The queue in Redis Streams (see the data model in the design): per shard
+//! `{prefix}:{qN}:ready` (stream, group `delivery`), `…:deferred` (sorted
+//! set), `…:msg:<id>` (envelope hash), `…:body:<id>` (body string). All keys
+//! of a message share the shard's hash tag, so every step is one atomic
+//! Lua call on one Redis Cluster slot.
+//!
+//! Receiving costs one round trip for a body up to `queue.chunk_size`
+//! (plus one WAIT when `queue.min_replicas_ack` is set). Larger bodies are
+//! appended to an expiring temporary key chunk by chunk, so memory stays
+//! bounded, and renamed into place by the same commit script.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::{Envelope, QueueId, Spool, SpoolBody, SpoolError};
+use crate::config::QueueConfig;
+use crate::metrics::METRICS;
+
+/// Consumer group every node reads the ready streams through.
+pub const GROUP: &str = "delivery";
+/// A half-received body's temporary key outlives any idle client.
+const TMP_BODY_TTL_SECS: i64 = 3600;
+
+/// Stores body, envelope and ready entry atomically; refuses to commit a
+/// spilled body whose chunks are gone, so no envelope ever lacks its body.
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: tmp, body, msg, ready   ARGV: spilled, tail, id, field, value, ...
+if ARGV[1] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return redis.error_reply('ERR body chunks expired before commit')
+  end
+  if #ARGV[2] > 0 then redis.call('APPEND', KEYS[1], ARGV[2]) end
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  redis.call('PERSIST', KEYS[2])
+else
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+return redis.call('XADD', KEYS[4], '*', 'id', ARGV[3])
+"#,
+    )
+});
+
+/// Undoes a commit that replicas did not acknowledge.
+static ROLLBACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: body, msg, ready   ARGV: stream entry id
+redis.call('XDEL', KEYS[3], ARGV[1])
+return redis.call('DEL', KEYS[1], KEYS[2])
+"#,
+    )
+});
+
+/// Key names of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardKeys {
+    base: String,
+}
+
+impl ShardKeys {
+    pub fn new(prefix: &str, shard: u32) -> ShardKeys {
+        ShardKeys { base: format!("{prefix}:{{q{shard}}}") }
+    }
+    pub fn ready(&self) -> String {
+        format!("{}:ready", self.base)
+    }
+    pub fn deferred(&self) -> String {
+        format!("{}:deferred", self.base)
+    }
+    pub fn msg(&self, id: &QueueId) -> String {
+        format!("{}:msg:{id}", self.base)
+    }
+    pub fn body(&self, id: &QueueId) -> String {
+        format!("{}:body:{id}", self.base)
+    }
+    fn tmp(&self, id: &QueueId) -> String {
+        format!("{}:tmp:{id}", self.base)
+    }
+}
+
+pub struct RedisSpool {
+    conn: ConnectionManager,
+    config: QueueConfig,
+}
+
+fn unavailable(op: &'static str, e: impl std::fmt::Display) -> SpoolError {
+    METRICS.redis_errors.with_label_values(&[op]).inc();
+    SpoolError::Unavailable(format!("{op}: {e}"))
+}
+
+/// Bounds one Redis operation by `queue.timeout`.
+async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    f: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, SpoolError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(op, e)),
+        Err(_) => Err(unavailable(op, "timed out")),
+    }
+}
+
+impl RedisSpool {
+    /// Connects lazily: a node starts (and answers 451) while Redis is down,
+    /// and reconnects by itself when it is back.
+    pub fn connect(config: &QueueConfig) -> Result<RedisSpool, SpoolError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| unavailable("connect", e))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout.min(Duration::from_secs(2))))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| unavailable("connect", e))?;
+        Ok(RedisSpool { conn, config: config.clone() })
+    }
+
+    pub fn shard_keys(&self, shard: u32) -> ShardKeys {
+        ShardKeys::new(&self.config.prefix, shard)
+    }
+}
+
+#[async_trait::async_trait]
+impl Spool for RedisSpool {
+    async fn prepare(&self) -> Result<(), SpoolError> {
+        let mut conn = self.conn.clone();
+        for shard in 0..self.config.shards {
+            let ready = self.shard_keys(shard).ready();
+            let created: redis::RedisResult<()> =
+                match tokio::time::timeout(self.config.timeout, conn.xgroup_create_mkstream(&ready, GROUP, "0")).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(unavailable("prepare", "timed out")),
+                };
+            match created {
+                Ok(()) => {}
+                Err(e) if e.to_string().contains("BUSYGROUP") => {}
+                Err(e) => return Err(unavailable("prepare", e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody> {
+        let shard = rand::random_range(0..self.config.shards);
+        Box::new(RedisBody {
+            conn: self.conn.clone(),
+            keys: self.shard_keys(shard),
+            id: id.clone(),
+            buf: Vec::new(),
+            spilled: false,
+            config: self.config.clone(),
+        })
+    }
+
+    async fn ping(&self) -> Result<(), SpoolError> {
+        let mut conn = self.conn.clone();
+        bounded("ping", self.config.timeout, async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+}
+
+struct RedisBody {
+    conn: ConnectionManager,
+    keys: ShardKeys,
+    id: QueueId,
+    buf: Vec<u8>,
+    spilled: bool,
+    config: QueueConfig,
+}
+
+impl RedisBody {
+    async fn spill(&mut self) -> Result<(), SpoolError> {
+        let tmp = self.keys.tmp(&self.id);
+        let mut pipe = redis::pipe();
+        pipe.append(&tmp, self.buf.as_slice()).ignore().expire(&tmp, TMP_BODY_TTL_SECS).ignore();
+        let mut conn = self.conn.clone();
+        bounded("append", self.config.timeout, pipe.query_async::<()>(&mut conn)).await?;
+        self.spilled = true;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl SpoolBody for RedisBody {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= self.config.chunk_size {
+            self.spill().await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>, env: &Envelope) -> Result<(), SpoolError> {
+        let started = Instant::now();
+        let recipients = serde_json::to_string(&env.recipients).map_err(|e| SpoolError::Unavailable(e.to_string()))?;
+        let fields: [(&str, String); 13] = [
+            ("id", env.id.to_string()),
+            ("sender", env.sender.clone()),
+            ("recipients", recipients),
+            ("client_ip", env.client_ip.clone()),
+            ("client_name", env.client_name.clone()),
+            ("helo", env.helo.clone()),
+            ("received_at", env.received_at.to_string()),
+            ("size", env.size.to_string()),
+            ("node", env.node.clone()),
+            ("smtputf8", u8::from(env.smtputf8).to_string()),
+            ("eight_bit", u8::from(env.eight_bit).to_string()),
+            ("attempts", env.attempts.to_string()),
+            ("body", self.keys.body(&self.id)),
+        ];
+        let (body_key, msg_key, ready_key) = (self.keys.body(&self.id), self.keys.msg(&self.id), self.keys.ready());
+        let mut invocation = COMMIT.prepare_invoke();
+        invocation
+            .key(self.keys.tmp(&self.id))
+            .key(&body_key)
+            .key(&msg_key)
+            .key(&ready_key)
+            .arg(if self.spilled { "1" } else { "0" })
+            .arg(self.buf.as_slice())
+            .arg(self.id.as_str());
+        for (k, v) in &fields {
+            invocation.arg(*k).arg(v.as_str());
+        }
+        let mut conn = self.conn.clone();
+        let committed: Result<String, SpoolError> =
+            bounded("enqueue", self.config.timeout, invocation.invoke_async(&mut conn)).await;
+        let entry = match committed {
+            Ok(entry) => entry,
+            Err(e) => {
+                // Atomic: nothing of the message is visible; drop the chunks.
+                let tmp = self.keys.tmp(&self.id);
+                let _ = tokio::time::timeout(self.config.timeout, conn.del::<_, ()>(&tmp)).await;
+                return Err(e);
+            }
+        };
+        self.buf = Vec::new();
+        if self.config.min_replicas_ack > 0 {
+            let wanted = self.config.min_replicas_ack;
+            let wait_ms = self.config.replicas_ack_timeout.as_millis() as u64;
+            let got: u32 = bounded(
+                "wait",
+                self.config.timeout + self.config.replicas_ack_timeout,
+                redis::cmd("WAIT").arg(wanted).arg(wait_ms).query_async(&mut conn),
+            )
+            .await
+            .unwrap_or(0);
+            if got < wanted {
+                let mut rollback = ROLLBACK.prepare_invoke();
+                rollback.key(&body_key).key(&msg_key).key(&ready_key).arg(&entry);
+                let _ = bounded("rollback", self.config.timeout, rollback.invoke_async::<i64>(&mut conn)).await;
+                METRICS.redis_errors.with_label_values(&["wait"]).inc();
+                return Err(SpoolError::NotReplicated { wanted, got });
+            }
+        }
+        METRICS.queue_enqueue_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn abort(self: Box<Self>) {
+        if self.spilled {
+            let mut conn = self.conn.clone();
+            let tmp = self.keys.tmp(&self.id);
+            let _ = tokio::time::timeout(self.config.timeout, conn.del::<_, ()>(&tmp)).await;
+        }
+    }
+}
