@@ -9,6 +9,7 @@
 pub mod mysql;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -93,6 +94,9 @@ impl Snapshot {
 pub enum Lookup {
     Listed(Arc<DomainRoute>),
     Unlisted,
+    /// Not in the snapshot, but the last refresh failed: the domain may have
+    /// been added since. Answered like Postfix's failed map lookup (451).
+    UnlistedStale,
     /// No snapshot was ever loaded: the answer is unknown.
     NoSnapshot,
 }
@@ -101,7 +105,9 @@ pub enum Lookup {
 pub struct Domains {
     store: Arc<dyn DomainStore>,
     snapshot: RwLock<Option<Arc<Snapshot>>>,
-    migrated: std::sync::atomic::AtomicBool,
+    migrated: AtomicBool,
+    /// The last refresh succeeded.
+    fresh: AtomicBool,
     reload: Notify,
 }
 
@@ -110,7 +116,8 @@ impl Domains {
         Domains {
             store,
             snapshot: RwLock::new(None),
-            migrated: std::sync::atomic::AtomicBool::new(false),
+            migrated: AtomicBool::new(false),
+            fresh: AtomicBool::new(false),
             reload: Notify::new(),
         }
     }
@@ -120,7 +127,11 @@ impl Domains {
         let guard = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
         match guard.as_ref() {
             None => Lookup::NoSnapshot,
-            Some(s) => s.routes.get(domain).map_or(Lookup::Unlisted, |r| Lookup::Listed(r.clone())),
+            Some(s) => match s.routes.get(domain) {
+                Some(route) => Lookup::Listed(route.clone()),
+                None if self.fresh.load(Ordering::Relaxed) => Lookup::Unlisted,
+                None => Lookup::UnlistedStale,
+            },
         }
     }
 
@@ -131,7 +142,12 @@ impl Domains {
     /// Runs migrations (once, when asked) and loads a new snapshot. On
     /// failure the previous snapshot stays.
     pub async fn refresh(&self, migrate: bool) -> Result<usize, DomainError> {
-        use std::sync::atomic::Ordering;
+        let result = self.load(migrate).await;
+        self.fresh.store(result.is_ok(), Ordering::Relaxed);
+        result
+    }
+
+    async fn load(&self, migrate: bool) -> Result<usize, DomainError> {
         if migrate && !self.migrated.load(Ordering::Relaxed) {
             self.store.migrate().await.inspect_err(|_| METRICS.database_errors.inc())?;
             self.migrated.store(true, Ordering::Relaxed);

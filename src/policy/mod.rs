@@ -122,7 +122,7 @@ impl Policy {
         match self.domains.lookup(domain) {
             Lookup::Listed(_) => {}
             Lookup::Unlisted => return Err(denied()),
-            Lookup::NoSnapshot => {
+            Lookup::NoSnapshot | Lookup::UnlistedStale => {
                 return Err((Reply::temp_lookup_failure(&format!("<{}>", rcpt.raw)), RcptResult::NoSnapshot));
             }
         }

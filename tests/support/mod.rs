@@ -1,0 +1,580 @@
+//! Test helpers: real processes on loopback, each named for what it starts
+//! and cleaned up on drop. The test command (`scripts/test.sh`) installs and
+//! starts the shared MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379);
+//! helpers that must stop a service start a private one.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const SHARED_MYSQL: &str = "mysql://root@127.0.0.1:3306";
+pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379/";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+fn wait_port(port: u16, timeout: Duration) {
+    wait_until(&format!("port {port}"), timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
+
+/// A MySQL/MariaDB server to run SQL against with the real `mysql` client.
+#[derive(Clone)]
+pub struct MysqlServer {
+    pub port: u16,
+}
+
+impl MysqlServer {
+    pub fn shared() -> MysqlServer {
+        MysqlServer { port: 3306 }
+    }
+
+    /// Runs SQL; panics with the client's message on failure.
+    pub fn exec(&self, db: &str, sql: &str) -> String {
+        self.try_exec(db, sql).unwrap_or_else(|e| panic!("mysql failed: {e}\nSQL: {sql}"))
+    }
+
+    pub fn try_exec(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new("mysql")
+            .args(["-h", "127.0.0.1", "-P", &self.port.to_string(), "-u", "root", "-N", "-B"])
+            .args((!db.is_empty()).then_some(db))
+            .args(["-e", sql])
+            .output()
+            .expect("mysql client (scripts/test.sh installs it)");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+/// A database of its own for one test, dropped at the end.
+pub struct TestDb {
+    pub server: MysqlServer,
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn create(server: &MysqlServer) -> TestDb {
+        let name = unique("mxrt");
+        server.exec("", &format!("CREATE DATABASE `{name}`"));
+        TestDb { server: server.clone(), name }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url(&self.name)
+    }
+
+    pub fn exec(&self, sql: &str) -> String {
+        self.server.exec(&self.name, sql)
+    }
+
+    pub fn add_domain(&self, domain: &str, host: &str, port: u16) {
+        self.exec(&format!(
+            "INSERT INTO domains (domain, relay_host, relay_port, enable_virus_spam_scan) VALUES ('{domain}', '{host}', {port}, '0')"
+        ));
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = self.server.try_exec("", &format!("DROP DATABASE IF EXISTS `{}`", self.name));
+    }
+}
+
+/// A private MariaDB on an ephemeral port, for tests that stop it.
+pub struct MariaDb {
+    pub server: MysqlServer,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl MariaDb {
+    pub fn start() -> MariaDb {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let status = Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"])
+            .arg(format!("--datadir={}", data.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("mariadb-install-db (scripts/test.sh installs it)");
+        assert!(status.success(), "mariadb-install-db failed");
+        let mut db = MariaDb { server: MysqlServer { port: free_port() }, dir, child: None };
+        db.resume();
+        db
+    }
+
+    /// Starts the server again on the same port and data.
+    pub fn resume(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::File::create(d.join("mariadb.log")).unwrap();
+        let child = Command::new("/usr/sbin/mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--socket={}", d.join("sock").display()))
+            .arg(format!("--pid-file={}", d.join("pid").display()))
+            .arg(format!("--port={}", self.server.port))
+            .args(["--bind-address=127.0.0.1", "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=16M"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mariadbd");
+        self.child = Some(child);
+        wait_until("private mariadb", Duration::from_secs(60), || self.server.try_exec("", "SELECT 1").is_ok());
+    }
+
+    /// Kills the server (SIGKILL): an outage, not a shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A private Redis on an ephemeral port, for tests that stop it.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+        r.resume();
+        r
+    }
+
+    pub fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A DNS server on loopback (dnsmasq) serving the tests' own names.
+/// Everything not configured is answered NXDOMAIN.
+pub struct Dns {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Dns {
+    /// `hosts`: names with an A record (127.0.0.1); `mx`: names with an MX.
+    pub fn start(hosts: &[&str], mx: &[&str]) -> Dns {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new("/usr/sbin/dnsmasq");
+        cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args(["--listen-address=127.0.0.1", "--interface=lo", "--user=root"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!("--log-facility={}", dir.path().join("log").display()));
+        for h in hosts {
+            cmd.arg(format!("--host-record={h},127.0.0.1"));
+        }
+        for m in mx {
+            cmd.arg(format!("--mx-host={m},mx.{m},10"));
+            cmd.arg(format!("--host-record=mx.{m},127.0.0.1"));
+        }
+        // Everything else: authoritative "no such domain".
+        cmd.arg("--address=/#/");
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (scripts/test.sh installs it)");
+        wait_until("dnsmasq", Duration::from_secs(10), || {
+            std::net::UdpSocket::bind("127.0.0.1:0").is_ok() && dir.path().join("pid").exists()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        Dns { port, _dir: dir, child }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `mxrelay serve`, killed on drop.
+pub struct Relay {
+    pub port: u16,
+    pub admin_port: u16,
+    pub prefix: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    config: String,
+    env: Vec<(String, String)>,
+}
+
+/// Test defaults: 127.0.0.1 is NOT in mynetworks (so the relay rules apply
+/// to test clients); 127.0.0.9 is.
+pub fn base_config(domains_url: &str, queue_url: &str, dns: &Dns) -> String {
+    format!(
+        r#"node_id = "test-node"
+myhostname = "relay.test"
+mynetworks = ["127.0.0.9/32"]
+[smtp]
+peername_lookup = false
+command_timeout = "20s"
+data_timeout = "60s"
+[domains]
+url = "{domains_url}"
+refresh = "1s"
+[queue]
+url = "{queue_url}"
+timeout = "2s"
+[dns]
+nameservers = ["{}"]
+timeout = "1s"
+"#,
+        dns.addr()
+    )
+}
+
+impl Relay {
+    /// Starts with `config` (TOML); ports and the queue prefix are added.
+    pub fn spawn(config: &str) -> Relay {
+        Self::spawn_with_env(config, &[])
+    }
+
+    pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Relay {
+        let mut r = Relay {
+            port: free_port(),
+            admin_port: free_port(),
+            prefix: unique("mxrq"),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            config: config.to_string(),
+            env: env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        };
+        r.start();
+        r
+    }
+
+    pub fn start(&mut self) {
+        let path = self.dir.path().join("mxrelay.toml");
+        std::fs::write(&path, &self.config).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env("MXRELAY_SMTP_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("MXRELAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.admin_port))
+            .env("MXRELAY_QUEUE_PREFIX", &self.prefix)
+            .envs(self.env.iter().map(|(a, b)| (a, b)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mxrelay binary");
+        self.child = Some(child);
+        let port = self.port;
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mxrelay exited with {status}:\n{}", self.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "mxrelay did not listen:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mxrelay.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn http_get(&self, path: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    pub fn queue(&self, redis_url: &str) -> Queue {
+        Queue { conn: redis::Client::open(redis_url).unwrap().get_connection().unwrap(), prefix: self.prefix.clone() }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- mxrelay log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Read access to one relay's queue keys in Redis.
+pub struct Queue {
+    conn: redis::Connection,
+    pub prefix: String,
+}
+
+impl Queue {
+    /// Every message id in the ready streams of all shards.
+    pub fn ready_ids(&mut self) -> Vec<String> {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*:ready", self.prefix)).query(&mut self.conn).unwrap();
+        let mut ids = Vec::new();
+        for k in keys {
+            let entries: redis::streams::StreamRangeReply =
+                redis::cmd("XRANGE").arg(&k).arg("-").arg("+").query(&mut self.conn).unwrap();
+            for e in entries.ids {
+                ids.push(e.get::<String>("id").unwrap());
+            }
+        }
+        ids
+    }
+
+    fn key_of(&mut self, kind: &str, id: &str) -> String {
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:{kind}:{id}", self.prefix)).query(&mut self.conn).unwrap();
+        assert_eq!(keys.len(), 1, "{kind} of {id}: {keys:?}");
+        keys.into_iter().next().unwrap()
+    }
+
+    pub fn body(&mut self, id: &str) -> Vec<u8> {
+        let k = self.key_of("body", id);
+        redis::cmd("GET").arg(k).query(&mut self.conn).unwrap()
+    }
+
+    pub fn envelope(&mut self, id: &str) -> std::collections::HashMap<String, String> {
+        let k = self.key_of("msg", id);
+        redis::cmd("HGETALL").arg(k).query(&mut self.conn).unwrap()
+    }
+
+    pub fn recipients(&mut self, id: &str) -> Vec<String> {
+        let env = self.envelope(id);
+        let rcpts: Vec<serde_json::Value> = serde_json::from_str(&env["recipients"]).unwrap();
+        rcpts.iter().map(|r| r["address"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Keys of this relay that are not part of a committed message.
+    pub fn stray_keys(&mut self) -> Vec<String> {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.prefix)).query(&mut self.conn).unwrap();
+        keys.into_iter().filter(|k| k.contains(":tmp:")).collect()
+    }
+}
+
+/// `swaks` with the given arguments; returns (exit status, transcript).
+pub fn swaks(server: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new("swaks")
+        .args(["--server", server, "--timeout", "20"])
+        .args(args)
+        .output()
+        .expect("swaks (scripts/test.sh installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The queue id from a `250 … queued as <id>` in a transcript.
+pub fn queued_id(transcript: &str) -> Option<String> {
+    transcript.lines().find_map(|l| l.split("queued as ").nth(1).map(|s| s.trim().to_string()))
+}
+
+/// A raw SMTP client over a socket, for what swaks cannot send.
+pub struct Raw {
+    reader: BufReader<TcpStream>,
+    stream: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Raw { reader: BufReader::new(stream.try_clone().unwrap()), stream }
+    }
+
+    /// Connects and reads the greeting; says EHLO.
+    pub fn ehlo(addr: &str) -> Raw {
+        let mut c = Raw::connect(addr);
+        assert_eq!(c.code(), 220);
+        c.send("EHLO client.example\r\n");
+        assert_eq!(c.code(), 250);
+        c
+    }
+
+    pub fn send(&mut self, data: &str) {
+        self.send_bytes(data.as_bytes());
+    }
+
+    pub fn send_bytes(&mut self, data: &[u8]) {
+        self.stream.write_all(data).unwrap();
+    }
+
+    /// One whole (possibly multi-line) reply; empty at EOF.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+        }
+    }
+
+    pub fn code(&mut self) -> u16 {
+        let r = self.reply();
+        r.get(..3).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no reply code in {r:?}"))
+    }
+
+    /// Sends a command and returns the reply code.
+    pub fn code_after(&mut self, line: &str) -> u16 {
+        self.send(&format!("{line}\r\n"));
+        self.code()
+    }
+
+    /// Sends a command and returns the whole reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(&format!("{line}\r\n"));
+        self.reply()
+    }
+
+    /// True when the server has closed the connection.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+}
+
+/// The standard test world: DNS, a fresh database with one listed domain,
+/// and a relay on the shared Redis.
+pub struct World {
+    pub dns: Dns,
+    pub db: TestDb,
+    pub relay: Relay,
+}
+
+pub const LISTED: &str = "friet.pan";
+pub const SENDER: &str = "sender@sender.example";
+
+impl World {
+    pub fn start() -> World {
+        Self::start_with("")
+    }
+
+    /// `extra`: TOML lines added at the top level (before any table).
+    pub fn start_with(extra: &str) -> World {
+        let dns = Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"]);
+        let db = TestDb::create(&MysqlServer::shared());
+        let config = format!("{extra}\n{}", base_config(&db.url(), SHARED_REDIS, &dns));
+        let relay = Relay::spawn(&config);
+        db.add_domain(LISTED, "127.0.0.1", 2526);
+        relay.signal("HUP");
+        let world = World { dns, db, relay };
+        world.wait_rcpt(&format!("probe@{LISTED}"), 250);
+        world
+    }
+
+    /// Waits until RCPT TO:<rcpt> from an untrusted client gets `code`.
+    pub fn wait_rcpt(&self, rcpt: &str, code: u16) {
+        wait_until(&format!("RCPT {rcpt} → {code}"), Duration::from_secs(15), || {
+            let mut c = Raw::ehlo(&self.relay.addr());
+            c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+            let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+            r.starts_with(&code.to_string())
+        });
+    }
+
+    pub fn queue(&self) -> Queue {
+        self.relay.queue(SHARED_REDIS)
+    }
+}
+
+pub fn read_file(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
