@@ -106,7 +106,7 @@ fn sender_checks() {
 
 #[test]
 fn size_declared_too_big_is_552_at_mail() {
-    let w = World::start_with("message_size_limit = 100000");
+    let w = World::start_with(&[("MXRELAY_MESSAGE_SIZE_LIMIT", "100000")]);
     let mut c = Raw::ehlo(&w.relay.addr());
     let ehlo = c.cmd("EHLO client.example");
     for kw in ["PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"] {
@@ -118,7 +118,7 @@ fn size_declared_too_big_is_552_at_mail() {
 
 #[test]
 fn oversize_body_is_read_to_its_end_and_refused() {
-    let w = World::start_with("message_size_limit = 100000");
+    let w = World::start_with(&[("MXRELAY_MESSAGE_SIZE_LIMIT", "100000")]);
     let mut c = Raw::ehlo(&w.relay.addr());
     c.cmd(&format!("MAIL FROM:<{SENDER}>"));
     c.cmd("RCPT TO:<t@friet.pan>");

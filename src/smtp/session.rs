@@ -188,7 +188,7 @@ impl Incoming {
         self.headers.feed(&self.decoded);
         self.size += self.decoded.len() as u64;
         if self.failure.is_none() {
-            if self.size > self.limit {
+            if self.size - self.received_header_len > self.limit {
                 self.fail(Reply::too_big(), "too_big").await;
             } else if self.forbid_bare_lf && self.decoder.bare_lf {
                 self.fail(Reply::bare_newline(), "bare_newline").await;
@@ -568,7 +568,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    fn begin_incoming(&self, framing: Framing) -> Incoming {
+    /// Opens the spool body and writes our `Received:` header first (it
+    /// counts toward the stored size, not toward the hop count).
+    async fn begin_incoming(&self, framing: Framing) -> Incoming {
         let id = QueueId::new();
         let mut incoming = Incoming {
             body: Some(self.shared.spool.open_body(&id)),
@@ -584,7 +586,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let header = self.received_header(&incoming.id);
         incoming.received_header_len = header.len() as u64;
-        incoming.decoded = header.into_bytes();
+        incoming.size = incoming.received_header_len;
+        if let Some(body) = incoming.body.as_mut()
+            && let Err(e) = body.write(header.as_bytes()).await
+        {
+            tracing::error!(queue_id = %incoming.id, error = %e, "queue write failed while receiving");
+            incoming.fail(Reply::queue_unavailable(), "queue_error").await;
+        }
         incoming
     }
 
@@ -625,8 +633,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Flow::Continue;
         }
         self.conn.queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
-        let mut incoming = self.begin_incoming(Framing::Dot);
-        incoming.store().await;
+        let mut incoming = self.begin_incoming(Framing::Dot).await;
         let timeout = self.config().smtp.data_timeout;
         loop {
             if self.conn.inbuf.is_empty()
@@ -655,9 +662,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn bdat(&mut self, size: u64, last: bool) -> Flow {
         let refusal = if self.bdat.is_none() { self.ready_for_content().err() } else { None };
         if refusal.is_none() && self.bdat.is_none() {
-            let mut incoming = self.begin_incoming(Framing::Chunked);
-            incoming.store().await;
-            self.bdat = Some(incoming);
+            self.bdat = Some(self.begin_incoming(Framing::Chunked).await);
         }
         // The chunk is read in full even when refused (RFC 3030 §2).
         let timeout = self.config().smtp.data_timeout;

@@ -106,7 +106,7 @@ pub trait Spool: Send + Sync {
 
 /// A message body being received, written in bounded pieces.
 #[async_trait::async_trait]
-pub trait SpoolBody: Send {
+pub trait SpoolBody: Send + Sync {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError>;
     /// Stores the envelope, the body and the ready entry in one atomic step.
     async fn commit(self: Box<Self>, envelope: &Envelope) -> Result<(), SpoolError>;

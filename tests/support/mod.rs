@@ -469,7 +469,20 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(addr: &str) -> Raw {
-        let stream = TcpStream::connect(addr).unwrap();
+        Self::wrap(TcpStream::connect(addr).unwrap())
+    }
+
+    /// Connects from a chosen loopback address (e.g. one in mynetworks).
+    pub fn connect_from(local: &str, addr: &str) -> Raw {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let local: std::net::SocketAddr = format!("{local}:0").parse().unwrap();
+        socket.bind(&local.into()).unwrap();
+        let remote: std::net::SocketAddr = addr.parse().unwrap();
+        socket.connect(&remote.into()).unwrap();
+        Self::wrap(socket.into())
+    }
+
+    fn wrap(stream: TcpStream) -> Raw {
         stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Raw { reader: BufReader::new(stream.try_clone().unwrap()), stream }
     }
@@ -544,15 +557,14 @@ pub const SENDER: &str = "sender@sender.example";
 
 impl World {
     pub fn start() -> World {
-        Self::start_with("")
+        Self::start_with(&[])
     }
 
-    /// `extra`: TOML lines added at the top level (before any table).
-    pub fn start_with(extra: &str) -> World {
+    /// `env`: `MXRELAY_*` overrides on top of the test configuration.
+    pub fn start_with(env: &[(&str, &str)]) -> World {
         let dns = Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"]);
         let db = TestDb::create(&MysqlServer::shared());
-        let config = format!("{extra}\n{}", base_config(&db.url(), SHARED_REDIS, &dns));
-        let relay = Relay::spawn(&config);
+        let relay = Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), env);
         db.add_domain(LISTED, "127.0.0.1", 2526);
         relay.signal("HUP");
         let world = World { dns, db, relay };
