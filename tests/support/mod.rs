@@ -104,6 +104,17 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// After a restart of a private server: the table may not exist yet
+    /// (the relay migrates it); waits for it, then lists friet.pan.
+    pub fn add_domain_when_ready(&self) {
+        wait_until("domains table", Duration::from_secs(30), || {
+            self.server.try_exec(&self.name, "SELECT 1 FROM domains LIMIT 1").is_ok()
+        });
+        self.add_domain(LISTED, "127.0.0.1", 2526);
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let _ = self.server.try_exec("", &format!("DROP DATABASE IF EXISTS `{}`", self.name));
