@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -598,6 +598,15 @@ impl World {
     }
 }
 
-pub fn read_file(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap()
+impl Drop for World {
+    /// Leaves the shared Redis as it found it.
+    fn drop(&mut self) {
+        if let Ok(mut conn) = redis::Client::open(SHARED_REDIS).and_then(|c| c.get_connection()) {
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}:*", self.relay.prefix)).query(&mut conn).unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+            }
+        }
+    }
 }
