@@ -76,6 +76,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let reloader = domains.clone();
+    let drain = draining.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -85,12 +86,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
         tracing::info!("stopping: no new connections, draining open sessions");
+        drain.store(true, Ordering::Relaxed);
         let _ = stop_tx.send(true);
     });
     let shared = Arc::new(Shared { config, policy, spool });
-    let drain = draining.clone();
     crate::smtp::serve(smtp, shared, stop_rx, DRAIN_GRACE).await;
-    drain.store(true, Ordering::Relaxed);
     tracing::info!("stopped");
     Ok(())
 }

@@ -85,3 +85,25 @@ fn redis_outage_gives_451_never_250_and_recovers_without_restart() {
     assert!(!q.ready_ids().is_empty());
     assert!(q.stray_keys().is_empty());
 }
+
+#[test]
+fn min_replicas_ack_waits_for_a_replica_and_refuses_without_one() {
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let primary = RedisServer::start();
+    let mut replica = RedisServer::replica_of(&primary);
+    let db = TestDb::create(&MysqlServer::shared());
+    let relay = Relay::spawn_with_env(
+        &base_config(&db.url(), &primary.url(), &dns),
+        &[("MXRELAY_QUEUE_MIN_REPLICAS_ACK", "1"), ("MXRELAY_QUEUE_REPLICAS_ACK_TIMEOUT", "300ms")],
+    );
+    db.add_domain(LISTED, "127.0.0.1", 2526);
+    wait_until("listed", Duration::from_secs(15), || rcpt_reply(&relay, "t@friet.pan").starts_with("250"));
+    wait_until("replica in sync", Duration::from_secs(20), || send(&relay).starts_with("250 2.0.0"));
+    let mut q = relay.queue(&primary.url());
+    let before = q.ready_ids().len();
+
+    replica.stop();
+    let r = send(&relay);
+    assert!(r.starts_with("451 4.3.0"), "{r}");
+    assert_eq!(q.ready_ids().len(), before, "an unreplicated message is rolled back");
+}

@@ -204,3 +204,29 @@ fn idle_client_is_cut_off_with_421() {
     assert!(c.reply().starts_with("421 4.4.2"));
     assert!(c.closed());
 }
+
+#[test]
+fn node_connection_limit_gives_421() {
+    let w = World::start_with(&[("MXRELAY_SMTP_MAX_CONNECTIONS", "1")]);
+    let _held = Raw::ehlo(&w.relay.addr());
+    let mut c = Raw::connect_from("127.0.0.9", &w.relay.addr());
+    assert!(c.reply().starts_with("421 4.7.0"), "even mynetworks is refused when the node is full");
+}
+
+#[test]
+fn dns_failure_defers_never_rejects() {
+    // A nameserver that does not answer: sender and recipient checks cannot be made.
+    let dns = Dns::start(&[], &[]);
+    let db = TestDb::create(&MysqlServer::shared());
+    let mut migrate = Relay::spawn(&base_config(&db.url(), SHARED_REDIS, &dns));
+    migrate.kill();
+    db.add_domain(LISTED, "127.0.0.1", 2526);
+    let relay = Relay::spawn_with_env(
+        &base_config(&db.url(), SHARED_REDIS, &dns),
+        &[("MXRELAY_DNS_NAMESERVERS", "127.0.0.1:9"), ("MXRELAY_DNS_TIMEOUT", "200ms")],
+    );
+    let mut c = Raw::ehlo(&relay.addr());
+    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+    let r = c.cmd("RCPT TO:<t@friet.pan>");
+    assert!(r.starts_with("451 4.4.3"), "{r}");
+}

@@ -201,3 +201,14 @@ fn metrics_and_health_endpoints() {
     assert!(w.relay.http_get("/healthz").starts_with("HTTP/1.1 200"));
     assert!(w.relay.http_get("/readyz").starts_with("HTTP/1.1 200"));
 }
+
+#[test]
+fn debug_peer_list_logs_the_transcript_of_listed_clients_only() {
+    let w = World::start_with(&[("MXRELAY_DEBUG_PEER_LIST", "127.0.0.1")]);
+    swaks(&w.relay.addr(), &["--from", SENDER, "--to", "t@friet.pan", "--helo", "client.example"]);
+    let log = w.relay.log();
+    assert!(log.contains("< EHLO client.example") && log.contains("> 250 2.1.5 Ok"), "{log}");
+    let other = World::start_with(&[("MXRELAY_DEBUG_PEER_LIST", "192.0.2.0/24,peer.example")]);
+    swaks(&other.relay.addr(), &["--from", SENDER, "--to", "t@friet.pan", "--helo", "client.example"]);
+    assert!(!other.relay.log().contains("< EHLO"));
+}

@@ -184,11 +184,26 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let mut r = RedisServer { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+        Self::start_with(&[])
+    }
+
+    /// A replica of `primary`.
+    pub fn replica_of(primary: &RedisServer) -> RedisServer {
+        Self::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()])
+    }
+
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
         r.resume();
         r
     }
@@ -198,6 +213,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
