@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod delivery;
 pub mod dns;
 pub mod domains;
 pub mod metrics;

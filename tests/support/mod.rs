@@ -4,6 +4,9 @@
 //! helpers that must stop a service start a private one.
 #![allow(dead_code)]
 
+pub mod destination;
+pub mod sink;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

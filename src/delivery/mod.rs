@@ -1,0 +1,3 @@
+//! Delivery from the shared queue (being written).
+
+pub mod dsn;
