@@ -54,7 +54,69 @@ pub struct Config {
     pub domains: DomainsConfig,
     pub queue: QueueConfig,
     pub dns: DnsConfig,
+    pub delivery: DeliveryConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Deliver from the queue on this node (`false`: receive only).
+    pub enabled: bool,
+    /// Concurrent deliveries on this node.
+    pub concurrency: usize,
+    /// Concurrent connections to one destination from this node, so a
+    /// recovering primary is not flooded
+    /// (Postfix `default_destination_concurrency_limit`).
+    pub destination_concurrency: usize,
+    /// First retry delay, doubled per attempt (Postfix `minimal_backoff_time`).
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest retry delay (Postfix `maximal_backoff_time`).
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Undeliverable after this long: bounced (Postfix `maximal_queue_lifetime`).
+    #[serde(with = "humantime_serde")]
+    pub max_queue_lifetime: Duration,
+    /// Postfix `smtp_connect_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Postfix `smtp_helo_timeout` (greeting and EHLO).
+    #[serde(with = "humantime_serde")]
+    pub greeting_timeout: Duration,
+    /// Postfix `smtp_mail_timeout`/`smtp_rcpt_timeout`/`smtp_quit_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Postfix `smtp_data_xfer_timeout` / `smtp_data_done_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Each destination with deferred mail gets one attempt this often, so a
+    /// recovered primary is noticed (and drained) quickly.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// On SIGTERM, how long in-flight deliveries may finish before they are
+    /// handed back to the cluster.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            enabled: true,
+            concurrency: 50,
+            destination_concurrency: 20,
+            retry_min: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            max_queue_lifetime: Duration::from_secs(5 * 86400),
+            connect_timeout: Duration::from_secs(30),
+            greeting_timeout: Duration::from_secs(300),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            probe_interval: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +184,9 @@ pub struct QueueConfig {
     pub timeout: Duration,
     /// Bodies larger than this are streamed to Redis in chunks of this size.
     pub chunk_size: usize,
+    /// A delivery not renewed for this long is taken over by another node.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +237,7 @@ impl Default for Config {
             domains: DomainsConfig::default(),
             queue: QueueConfig::default(),
             dns: DnsConfig::default(),
+            delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -217,6 +283,7 @@ impl Default for QueueConfig {
             replicas_ack_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(5),
             chunk_size: 256 * 1024,
+            lease: Duration::from_secs(60),
         }
     }
 }
@@ -382,6 +449,23 @@ impl Config {
                 "smtp.max_connections",
                 "connection limits must be at least 1",
                 "set smtp.max_connections and smtp.max_connections_per_ip to positive numbers",
+            ));
+        }
+        if self.queue.lease < Duration::from_secs(1) {
+            errors.push(ConfigError::new("queue.lease", "shorter than 1s", "use e.g. \"60s\""));
+        }
+        if self.delivery.concurrency == 0 || self.delivery.destination_concurrency == 0 {
+            errors.push(ConfigError::new(
+                "delivery.concurrency",
+                "delivery concurrency limits must be at least 1",
+                "set delivery.concurrency and delivery.destination_concurrency to positive numbers",
+            ));
+        }
+        if self.delivery.retry_min.is_zero() || self.delivery.retry_min > self.delivery.retry_max {
+            errors.push(ConfigError::new(
+                "delivery.retry_min",
+                "must be positive and not above delivery.retry_max",
+                "use e.g. retry_min = \"60s\", retry_max = \"1h\"",
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

@@ -18,6 +18,19 @@ use crate::metrics::METRICS;
 #[error("DNS lookup failed: {0}")]
 pub struct DnsError(String);
 
+/// What the MX lookup of a domain found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mx {
+    /// Exchanges in the order to try.
+    Hosts(Vec<String>),
+    /// No MX records: fall back to the domain's own A/AAAA (RFC 5321 §5.1).
+    None,
+    /// RFC 7505 null MX: the domain accepts no mail.
+    Null,
+    /// The domain does not exist.
+    NoDomain,
+}
+
 #[derive(Clone)]
 pub struct Dns {
     resolver: TokioResolver,
@@ -68,6 +81,52 @@ impl Dns {
         match self.guard(self.resolver.lookup_ip(fqdn.as_str())).await {
             Ok(l) => Ok(l.iter().next().is_some()),
             Err(e) if e.is_nx_domain() || e.is_no_records_found() => Ok(false),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// MX records of `domain`, by preference (equal preferences shuffled).
+    pub async fn mx(&self, domain: &str) -> Result<Mx, DnsError> {
+        let fqdn = format!("{domain}.");
+        match self.guard(self.resolver.mx_lookup(fqdn.as_str())).await {
+            Ok(l) => {
+                let mut hosts: Vec<(u16, String)> = l
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => {
+                            Some((mx.preference, mx.exchange.to_utf8().trim_end_matches('.').to_string()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if hosts.is_empty() {
+                    return Ok(Mx::None);
+                }
+                // RFC 7505: a single MX with the root as exchange.
+                if hosts.len() == 1 && hosts[0].1.is_empty() {
+                    return Ok(Mx::Null);
+                }
+                use rand::seq::SliceRandom;
+                hosts.shuffle(&mut rand::rng());
+                hosts.sort_by_key(|(pref, _)| *pref);
+                Ok(Mx::Hosts(hosts.into_iter().map(|(_, h)| h).filter(|h| !h.is_empty()).collect()))
+            }
+            Err(e) if e.is_nx_domain() => Ok(Mx::NoDomain),
+            Err(e) if e.is_no_records_found() => Ok(Mx::None),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// A and AAAA addresses of `host`; `Ok(empty)` when it has none.
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        match self.guard(self.resolver.lookup_ip(fqdn.as_str())).await {
+            Ok(l) => Ok(l.iter().collect()),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Ok(vec![]),
             Err(e) => Err(self.failed(e)),
         }
     }

@@ -23,6 +23,12 @@ pub struct Metrics {
     pub dns_errors: IntCounter,
     pub domains_snapshot_size: IntGauge,
     pub domains_snapshot_age_seconds: IntGauge,
+    pub queue_lease_takeovers: IntCounter,
+    pub delivery_attempts: IntCounterVec,
+    pub delivery_recipients: IntCounterVec,
+    pub delivery_duration_seconds: Histogram,
+    pub delivery_destination_connections: IntGauge,
+    pub delivery_dsn: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -51,7 +57,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("valid metric");
     r.register(Box::new(queue_enqueue_seconds.clone())).expect("unique metric");
+    let delivery_duration_seconds = Histogram::with_opts(
+        HistogramOpts::new("mxrelay_delivery_duration_seconds", "Time for one delivery attempt of one message")
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(delivery_duration_seconds.clone())).expect("unique metric");
     Metrics {
+        queue_lease_takeovers: counter(&r, "mxrelay_queue_lease_takeovers_total", "Queue entries taken over from a node that stopped renewing"),
+        delivery_attempts: counter_vec(&r, "mxrelay_delivery_attempts_total", "Delivery attempts per recipient or connection, by result", &["result"]),
+        delivery_recipients: counter_vec(&r, "mxrelay_delivery_recipients_total", "Recipients delivered, deferred or bounced", &["result"]),
+        delivery_duration_seconds,
+        delivery_destination_connections: gauge(&r, "mxrelay_delivery_destination_connections", "Destination connection slots in use on this node"),
+        delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
         smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),
         smtp_connections_active: gauge(&r, "mxrelay_smtp_connections_active", "SMTP sessions open now"),
         smtp_connections_refused: counter_vec(

@@ -89,8 +89,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         drain.store(true, Ordering::Relaxed);
         let _ = stop_tx.send(true);
     });
+    let delivery = config.delivery.enabled.then(|| {
+        let d = crate::delivery::Delivery::new(config.clone(), spool.clone(), domains.clone(), policy.dns.clone());
+        tokio::spawn(d.run(stop_rx.clone()))
+    });
     let shared = Arc::new(Shared { config, policy, spool });
     crate::smtp::serve(smtp, shared, stop_rx, DRAIN_GRACE).await;
+    if let Some(d) = delivery {
+        let _ = d.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

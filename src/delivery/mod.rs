@@ -1,3 +1,528 @@
-//! Delivery from the shared queue (being written).
+//! Delivery from the shared queue, on every node.
+//!
+//! A reader leases entries from the ready streams (consumer group
+//! `delivery`, one consumer per node) and runs up to `delivery.concurrency`
+//! deliveries; each renews its lease while it runs. Entries whose node
+//! stopped renewing are taken over after `queue.lease`. A scheduler moves
+//! due deferred messages back into the streams, and a prober gives each
+//! destination with deferred mail one attempt every
+//! `delivery.probe_interval`; the first success to a destination that had
+//! deferred mail releases the rest at once (fast drain), bounded by
+//! `delivery.destination_concurrency` per success.
+//!
+//! Invariants: a message leaves the queue only when every recipient is
+//! final (delivered or bounced, the bounce queued first); delivery is
+//! at-least-once (a crash between the destination's 250 and the ack may
+//! duplicate, never lose); a null-sender message is never bounced.
 
+pub mod client;
 pub mod dsn;
+pub mod route;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::config::Config;
+use crate::dns::Dns;
+use crate::domains::Domains;
+use crate::metrics::METRICS;
+use crate::spool::{Envelope, Lease, QueueId, Recipient, RecipientState, Spool, SpoolError};
+use client::{BodySource, Connection, Outcome, RemoteReply, Timeouts};
+use route::{Route, RouteError};
+
+/// Entries read from the queue per XREADGROUP, at most.
+const LEASE_BATCH: usize = 100;
+/// How long the reader blocks waiting for new entries.
+const LEASE_BLOCK: Duration = Duration::from_secs(1);
+/// Due deferred messages moved per shard per scheduler tick.
+const SCHEDULE_BATCH: usize = 500;
+
+/// What happened to one recipient in one attempt.
+#[derive(Debug, Clone)]
+enum Fate {
+    Sent { reply: String, relay: String },
+    Deferred { reason: String, relay: Option<String> },
+    Bounced { status: String, reason: String, relay: Option<String> },
+}
+
+impl Fate {
+    fn from_reply(reply: &RemoteReply, relay: &str) -> Fate {
+        let relay = relay.to_string();
+        if reply.is_success() {
+            Fate::Sent { reply: reply.to_string(), relay }
+        } else if reply.is_permanent() {
+            Fate::Bounced { status: reply.enhanced(), reason: reply.to_string(), relay: Some(relay) }
+        } else {
+            Fate::Deferred { reason: reply.to_string(), relay: Some(relay) }
+        }
+    }
+}
+
+pub struct Delivery {
+    config: Config,
+    spool: Arc<dyn Spool>,
+    domains: Arc<Domains>,
+    dns: Dns,
+    /// Per-destination connection limits of this node.
+    destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Leases being worked on, to hand back on stop.
+    in_flight: Mutex<HashMap<String, Lease>>,
+    /// Destinations known to have deferred mail (from the prober's scan and
+    /// this node's own deferrals): a success there triggers the fast drain.
+    deferred_at: Mutex<HashSet<String>>,
+}
+
+impl Delivery {
+    pub fn new(config: Config, spool: Arc<dyn Spool>, domains: Arc<Domains>, dns: Dns) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            config,
+            spool,
+            domains,
+            dns,
+            destinations: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            deferred_at: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn node(&self) -> &str {
+        &self.config.node_id
+    }
+
+    /// Runs until `stop` turns true; then lets deliveries finish for a
+    /// grace period and hands back the rest.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.config.delivery.concurrency));
+        let (taken_tx, mut taken_rx) = mpsc::channel::<Lease>(LEASE_BATCH);
+        let background = [
+            tokio::spawn(self.clone().schedule_loop()),
+            tokio::spawn(self.clone().takeover_loop(taken_tx)),
+            tokio::spawn(self.clone().probe_loop()),
+        ];
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut failing = false;
+        while !*stop.borrow() {
+            while tasks.try_join_next().is_some() {}
+            let mut leases = Vec::new();
+            while let Ok(l) = taken_rx.try_recv() {
+                leases.push(l);
+            }
+            let free = slots.available_permits().saturating_sub(leases.len());
+            if free > 0 {
+                match self.spool.lease(self.node(), free.min(LEASE_BATCH), LEASE_BLOCK).await {
+                    Ok(l) => {
+                        if failing {
+                            tracing::info!("delivery: queue reachable again");
+                            failing = false;
+                        }
+                        leases.extend(l);
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::error!(error = %e, "delivery: cannot read the queue; retrying");
+                            failing = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            for lease in leases {
+                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(lease.entry.clone(), lease.clone());
+                let me = self.clone();
+                tasks.spawn(async move {
+                    me.deliver(&lease).await;
+                    me.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&lease.entry);
+                    drop(permit);
+                });
+            }
+        }
+        background.iter().for_each(|t| t.abort());
+        tracing::info!(in_flight = tasks.len(), "delivery: stopping, letting deliveries finish");
+        let _ = tokio::time::timeout(self.config.delivery.stop_grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+        let left: Vec<Lease> = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, l)| l).collect();
+        for lease in left {
+            match self.spool.hand_back(&lease).await {
+                Ok(()) => tracing::info!(queue_id = %lease.id, "{}: handed back to the cluster", lease.id),
+                Err(e) => tracing::warn!(queue_id = %lease.id, error = %e, "hand back failed; another node takes it over after queue.lease"),
+            }
+        }
+    }
+
+    async fn schedule_loop(self: Arc<Self>) {
+        loop {
+            let now = chrono::Utc::now().timestamp_millis();
+            match self.spool.schedule_due(now, SCHEDULE_BATCH).await {
+                Ok(n) if n > 0 => tracing::debug!(moved = n, "delivery: deferred messages due"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "delivery: scheduler could not reach the queue"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn takeover_loop(self: Arc<Self>, to_reader: mpsc::Sender<Lease>) {
+        let lease = self.config.queue.lease;
+        loop {
+            tokio::time::sleep((lease / 2).max(Duration::from_millis(500))).await;
+            match self.spool.take_over(self.node(), lease, LEASE_BATCH).await {
+                Ok(taken) => {
+                    for l in taken {
+                        METRICS.queue_lease_takeovers.inc();
+                        tracing::info!(queue_id = %l.id, "{}: lease expired on another node, taken over by {}", l.id, self.node());
+                        if to_reader.send(l).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "delivery: takeover could not reach the queue"),
+            }
+        }
+    }
+
+    /// One attempt per destination with deferred mail per interval: the
+    /// first message tells whether the destination is back.
+    async fn probe_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.config.delivery.probe_interval).await;
+            match self.spool.deferred_destinations().await {
+                Ok(dests) => {
+                    for d in &dests {
+                        let _ = self.spool.release(d, 1).await;
+                    }
+                    *self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()) = dests.into_iter().collect();
+                }
+                Err(e) => tracing::debug!(error = %e, "delivery: prober could not reach the queue"),
+            }
+        }
+    }
+
+    fn destination_slots(&self, key: &str) -> Arc<Semaphore> {
+        let mut map = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.delivery.destination_concurrency)))
+            .clone()
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        let d = &self.config.delivery;
+        Timeouts { connect: d.connect_timeout, greeting: d.greeting_timeout, command: d.command_timeout, data: d.data_timeout }
+    }
+
+    /// One delivery attempt of one message, start to finish.
+    async fn deliver(self: &Arc<Self>, lease: &Lease) {
+        let renewer = {
+            let me = self.clone();
+            let lease = lease.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(me.config.queue.lease / 3).await;
+                    if let Err(e) = me.spool.renew(me.node(), &lease).await {
+                        tracing::warn!(queue_id = %lease.id, error = %e, "lease renewal failed");
+                    }
+                }
+            })
+        };
+        let result = self.attempt(lease).await;
+        renewer.abort();
+        if let Err(e) = result {
+            // Left leased: retried here or taken over by another node.
+            tracing::error!(queue_id = %lease.id, error = %e, "{}: delivery bookkeeping failed; will be retried", lease.id);
+        }
+    }
+
+    async fn attempt(self: &Arc<Self>, lease: &Lease) -> Result<(), SpoolError> {
+        let Some(mut env) = self.spool.envelope(lease).await? else {
+            tracing::info!(queue_id = %lease.id, "{}: removed from the queue", lease.id);
+            return self.spool.complete(lease, &[]).await;
+        };
+        let started = Instant::now();
+        let had_deferred = env.attempts > 0;
+        let mut groups: BTreeMap<String, (Route, Vec<usize>)> = BTreeMap::new();
+        for (i, r) in env.recipients.iter().enumerate() {
+            if r.state == RecipientState::Pending {
+                let route = Route::for_domain(&r.domain, &self.domains);
+                groups.entry(route.key()).or_insert_with(|| (route, Vec::new())).1.push(i);
+            }
+        }
+        let all_destinations: Vec<String> = groups.keys().cloned().collect();
+        let mut fates: Vec<(usize, Fate)> = Vec::new();
+        let mut recovered = Vec::new();
+        for (key, (route, idxs)) in &groups {
+            let slots = self.destination_slots(key);
+            let Ok(_slot) = slots.acquire_owned().await else { continue };
+            METRICS.delivery_destination_connections.inc();
+            let group_fates = self.attempt_route(route, &env, lease, idxs).await;
+            METRICS.delivery_destination_connections.dec();
+            if group_fates.iter().any(|f| matches!(f, Fate::Sent { .. })) {
+                recovered.push(key.clone());
+            }
+            fates.extend(idxs.iter().copied().zip(group_fates));
+        }
+        METRICS.delivery_duration_seconds.observe(started.elapsed().as_secs_f64());
+        env.attempts += 1;
+        let age = Duration::from_millis((chrono::Utc::now().timestamp_millis() - env.received_at).max(0) as u64);
+        let expired = age > self.config.delivery.max_queue_lifetime;
+        let mut bounced = Vec::new();
+        let mut pending_destinations = HashSet::new();
+        for (i, fate) in fates {
+            let fate = match fate {
+                Fate::Deferred { reason, relay } if expired => {
+                    Fate::Bounced { status: "4.4.7".into(), reason: format!("message expired after {}s in the queue: {reason}", age.as_secs()), relay }
+                }
+                f => f,
+            };
+            let r = &mut env.recipients[i];
+            self.log_fate(&env.id, r, &fate, age);
+            match &fate {
+                Fate::Sent { reply, .. } => {
+                    r.state = RecipientState::Delivered;
+                    r.last_reply = Some(reply.clone());
+                }
+                Fate::Deferred { reason, .. } => {
+                    r.last_reply = Some(reason.clone());
+                    pending_destinations.insert(Route::for_domain(&r.domain, &self.domains).key());
+                }
+                Fate::Bounced { reason, .. } => {
+                    r.last_reply = Some(reason.clone());
+                    bounced.push((i, fate.clone()));
+                }
+            }
+        }
+        if !bounced.is_empty() {
+            match self.bounce(lease, &env, &bounced, expired).await {
+                Ok(()) => bounced.iter().for_each(|(i, _)| env.recipients[*i].state = RecipientState::Bounced),
+                Err(e) => {
+                    // Keep them pending: the DSN is written on the next attempt.
+                    tracing::error!(queue_id = %env.id, error = %e, "{}: bounce not queued; keeping the recipients for a retry", env.id);
+                    for (i, _) in &bounced {
+                        pending_destinations.insert(Route::for_domain(&env.recipients[*i].domain, &self.domains).key());
+                    }
+                }
+            }
+        }
+        // Fast drain: a destination that had deferred mail and now accepts.
+        // (Before this message is deferred again, so it cannot release itself.)
+        for key in recovered {
+            let known = self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            if had_deferred || known {
+                match self.spool.release(&key, self.config.delivery.destination_concurrency).await {
+                    Ok(n) if n > 0 => tracing::info!(destination = %key, released = n, "destination accepts mail again: releasing its deferred messages"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(destination = %key, error = %e, "fast drain release failed"),
+                }
+            }
+        }
+        if env.recipients.iter().any(|r| r.state == RecipientState::Pending) {
+            let due = chrono::Utc::now().timestamp_millis() + self.backoff(env.attempts).as_millis() as i64;
+            let dests: Vec<String> = pending_destinations.into_iter().collect();
+            self.spool.defer(lease, &env, due, &dests).await?;
+            self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).extend(dests);
+        } else {
+            self.spool.complete(lease, &all_destinations).await?;
+        }
+        Ok(())
+    }
+
+    /// `retry_min` doubled per attempt up to `retry_max`, ±10 % jitter so a
+    /// cluster's retries do not arrive in lockstep.
+    fn backoff(&self, attempts: u32) -> Duration {
+        let d = &self.config.delivery;
+        let exp = attempts.saturating_sub(1).min(20);
+        let base = d.retry_min.saturating_mul(1 << exp).min(d.retry_max);
+        let jitter = rand::random_range(0.9..1.1);
+        base.mul_f64(jitter)
+    }
+
+    /// Delivers to one destination; one fate per recipient index.
+    async fn attempt_route(&self, route: &Route, env: &Envelope, lease: &Lease, idxs: &[usize]) -> Vec<Fate> {
+        let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();
+        let targets = match route.resolve(&self.dns).await {
+            Ok(t) => t,
+            Err(RouteError::Temporary(e)) => {
+                METRICS.delivery_attempts.with_label_values(&["dns_error"]).inc();
+                return all(Fate::Deferred { reason: format!("4.4.3 DNS lookup failed: {e}"), relay: None });
+            }
+            Err(RouteError::Permanent(status, text)) => {
+                METRICS.delivery_attempts.with_label_values(&["bounced"]).inc();
+                return all(Fate::Bounced { status: status.into(), reason: text, relay: None });
+            }
+        };
+        let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
+        let mut last_error = String::from("no address to try");
+        for target in &targets {
+            let relay = format!("{}[{}]:{}", target.host, target.addr.ip(), target.addr.port());
+            let mut conn = match Connection::open(target, &self.config.myhostname, &self.timeouts()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
+                    last_error = format!("4.4.1 {e}");
+                    continue;
+                }
+            };
+            if env.smtputf8 && !conn.ext.smtputf8 {
+                conn.quit().await;
+                return all(Fate::Bounced {
+                    status: "5.6.7".into(),
+                    reason: format!("{} does not support SMTPUTF8", target.host),
+                    relay: Some(relay),
+                });
+            }
+            if let Some(limit) = conn.ext.size.filter(|l| *l > 0 && env.size > *l) {
+                conn.quit().await;
+                return all(Fate::Bounced {
+                    status: "5.3.4".into(),
+                    reason: format!("message size {} exceeds the limit {limit} of {}", env.size, target.host),
+                    relay: Some(relay),
+                });
+            }
+            let mut body = SpoolReader {
+                spool: self.spool.clone(),
+                lease: lease.clone(),
+                offset: 0,
+                size: env.size,
+                chunk: self.config.queue.chunk_size,
+            };
+            let outcome = conn.send(env, &rcpts, &mut body).await;
+            let fates = match outcome {
+                Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay)),
+                Ok(Outcome::Replies(replies)) => replies.iter().map(|r| Fate::from_reply(r, &relay)).collect(),
+                Err(e) => {
+                    METRICS.delivery_attempts.with_label_values(&["session_error"]).inc();
+                    return all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) });
+                }
+            };
+            conn.quit().await;
+            for f in &fates {
+                let label = match f {
+                    Fate::Sent { .. } => "sent",
+                    Fate::Deferred { .. } => "deferred",
+                    Fate::Bounced { .. } => "bounced",
+                };
+                METRICS.delivery_attempts.with_label_values(&[label]).inc();
+            }
+            return fates;
+        }
+        all(Fate::Deferred { reason: last_error, relay: None })
+    }
+
+    fn log_fate(&self, id: &QueueId, r: &Recipient, fate: &Fate, age: Duration) {
+        let delay = age.as_secs_f64();
+        match fate {
+            Fate::Sent { reply, relay } => {
+                METRICS.delivery_recipients.with_label_values(&["delivered"]).inc();
+                tracing::info!(queue_id = %id, "{id}: to=<{}>, relay={relay}, delay={delay:.1}, status=sent ({reply})", r.address);
+            }
+            Fate::Deferred { reason, relay } => {
+                METRICS.delivery_recipients.with_label_values(&["deferred"]).inc();
+                let relay = relay.as_deref().unwrap_or("none");
+                tracing::info!(queue_id = %id, "{id}: to=<{}>, relay={relay}, delay={delay:.1}, status=deferred ({reason})", r.address);
+            }
+            Fate::Bounced { status, reason, relay } => {
+                METRICS.delivery_recipients.with_label_values(&["bounced"]).inc();
+                let relay = relay.as_deref().unwrap_or("none");
+                tracing::info!(queue_id = %id, "{id}: to=<{}>, relay={relay}, delay={delay:.1}, dsn={status}, status=bounced ({reason})", r.address);
+            }
+        }
+    }
+
+    /// Queues one DSN to the sender for the bounced recipients. Never for
+    /// the null sender.
+    async fn bounce(&self, lease: &Lease, env: &Envelope, bounced: &[(usize, Fate)], expired: bool) -> Result<(), SpoolError> {
+        if env.sender.is_empty() {
+            tracing::info!(queue_id = %env.id, "{}: not bouncing a message from the null sender", env.id);
+            return Ok(());
+        }
+        let headers = self.original_headers(lease).await?;
+        let failed: Vec<dsn::FailedRecipient<'_>> = bounced
+            .iter()
+            .filter_map(|(i, f)| match f {
+                Fate::Bounced { status, reason, relay } => Some(dsn::FailedRecipient {
+                    address: &env.recipients[*i].address,
+                    status,
+                    remote_mta: relay.as_deref().map(|r| r.split('[').next().unwrap_or(r)),
+                    diagnostic: reason,
+                }),
+                _ => None,
+            })
+            .collect();
+        let arrival = chrono::DateTime::from_timestamp_millis(env.received_at).unwrap_or_else(chrono::Utc::now);
+        let message = dsn::build(&dsn::DsnInput {
+            reporting_mta: &self.config.myhostname,
+            queue_id: env.id.as_str(),
+            original_sender: &env.sender,
+            arrival_date: arrival,
+            failed: &failed,
+            original_headers: &headers,
+            expired,
+            now: chrono::Utc::now(),
+        });
+        let id = QueueId::new();
+        let sender_domain = env.sender.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+        let dsn_env = Envelope {
+            id: id.clone(),
+            sender: String::new(),
+            recipients: vec![Recipient {
+                address: env.sender.clone(),
+                domain: crate::policy::address::normalise_domain(&sender_domain).unwrap_or(sender_domain),
+                state: RecipientState::Pending,
+                last_reply: None,
+            }],
+            client_ip: String::new(),
+            client_name: "localhost".into(),
+            helo: self.config.myhostname.clone(),
+            received_at: chrono::Utc::now().timestamp_millis(),
+            size: message.len() as u64,
+            node: self.config.node_id.clone(),
+            smtputf8: false,
+            eight_bit: false,
+            attempts: 0,
+        };
+        let mut body = self.spool.open_body(&id);
+        body.write(&message).await?;
+        body.commit(&dsn_env).await?;
+        METRICS.delivery_dsn.inc();
+        tracing::info!(queue_id = %id, "{id}: sender non-delivery notification: {} (to=<{}>, from=<>)", env.id, env.sender);
+        Ok(())
+    }
+
+    /// The failed message's header section (bounded), for the DSN.
+    async fn original_headers(&self, lease: &Lease) -> Result<Vec<u8>, SpoolError> {
+        let head = self.spool.read_body(lease, 0, 64 * 1024).await?;
+        let end = memchr::memmem::find(&head, b"\r\n\r\n").map_or(head.len(), |p| p + 2);
+        Ok(head[..end].to_vec())
+    }
+}
+
+/// The body of a leased message, read from the spool chunk by chunk.
+struct SpoolReader {
+    spool: Arc<dyn Spool>,
+    lease: Lease,
+    offset: u64,
+    size: u64,
+    chunk: usize,
+}
+
+#[async_trait::async_trait]
+impl BodySource for SpoolReader {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SpoolError> {
+        if self.offset >= self.size {
+            return Ok(None);
+        }
+        let piece = self.spool.read_body(&self.lease, self.offset, self.chunk).await?;
+        if piece.is_empty() {
+            return Ok(None);
+        }
+        self.offset += piece.len() as u64;
+        Ok(Some(piece))
+    }
+}

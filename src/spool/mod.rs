@@ -16,6 +16,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct QueueId(String);
 
+impl From<String> for QueueId {
+    fn from(s: String) -> Self {
+        QueueId(s)
+    }
+}
+
 impl QueueId {
     /// Time-ordered (UUIDv7), so ids sort by arrival.
     pub fn new() -> QueueId {
@@ -82,6 +88,28 @@ pub struct Envelope {
     pub attempts: u32,
 }
 
+impl Envelope {
+    /// Reads the envelope from the string fields the spool stores.
+    pub fn from_fields(f: &std::collections::HashMap<String, String>) -> Option<Envelope> {
+        let get = |k: &str| f.get(k).cloned().unwrap_or_default();
+        let num = |k: &str| f.get(k).and_then(|v| v.parse::<i64>().ok());
+        Some(Envelope {
+            id: QueueId(f.get("id")?.clone()),
+            sender: get("sender"),
+            recipients: serde_json::from_str(f.get("recipients")?).ok()?,
+            client_ip: get("client_ip"),
+            client_name: get("client_name"),
+            helo: get("helo"),
+            received_at: num("received_at")?,
+            size: num("size")? as u64,
+            node: get("node"),
+            smtputf8: get("smtputf8") == "1",
+            eight_bit: get("eight_bit") == "1",
+            attempts: num("attempts").unwrap_or(0) as u32,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// The queue could not be reached or refused the write: a temporary
@@ -93,7 +121,18 @@ pub enum SpoolError {
     NotReplicated { wanted: u32, got: u32 },
 }
 
-/// The queue as the receiving side needs it.
+/// A queue entry leased to this node: while it holds the lease, no other
+/// node delivers the message; a lease not renewed within `queue.lease` is
+/// taken over by another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: QueueId,
+    pub shard: u32,
+    /// The stream entry id.
+    pub entry: String,
+}
+
+/// The queue: receiving (`open_body`) and delivering (the rest).
 #[async_trait::async_trait]
 pub trait Spool: Send + Sync {
     /// Prepares the queue (consumer groups); safe on every node at once.
@@ -102,6 +141,33 @@ pub trait Spool: Send + Sync {
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody>;
     /// Whether the queue answers now (for `/readyz`).
     async fn ping(&self) -> Result<(), SpoolError>;
+
+    /// Up to `count` new entries for `consumer`, waiting up to `block`.
+    async fn lease(&self, consumer: &str, count: usize, block: std::time::Duration) -> Result<Vec<Lease>, SpoolError>;
+    /// Entries whose holder has not renewed them for `idle`, now leased to `consumer`.
+    async fn take_over(&self, consumer: &str, idle: std::time::Duration, count: usize) -> Result<Vec<Lease>, SpoolError>;
+    /// Keeps a long delivery's lease alive.
+    async fn renew(&self, consumer: &str, lease: &Lease) -> Result<(), SpoolError>;
+    /// The envelope, or `None` when the message is gone (deleted meanwhile).
+    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError>;
+    /// Up to `len` bytes of the body from `offset` (fewer at its end).
+    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError>;
+    /// Every recipient is final: the message leaves the queue. `destinations`
+    /// are the destination indexes it may still sit in.
+    async fn complete(&self, lease: &Lease, destinations: &[String]) -> Result<(), SpoolError>;
+    /// Some recipients wait: store their state and schedule the next attempt
+    /// at `due` (unix ms), indexed under each waiting destination.
+    async fn defer(&self, lease: &Lease, envelope: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError>;
+    /// Gives an unfinished entry back at once, for any node to take.
+    async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError>;
+    /// Moves deferred messages that are due into the ready streams; safe on
+    /// every node at once. Returns how many moved.
+    async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError>;
+    /// Makes up to `limit` deferred messages of `destination` due now (fast
+    /// drain when a destination recovers, `queue flush`). Returns how many.
+    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError>;
+    /// Destinations that have deferred messages now.
+    async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError>;
 }
 
 /// A message body being received, written in bounded pieces.

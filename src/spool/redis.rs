@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Envelope, QueueId, Spool, SpoolBody, SpoolError};
+use super::{Envelope, Lease, QueueId, Spool, SpoolBody, SpoolError};
 use crate::config::QueueConfig;
 use crate::metrics::METRICS;
 
@@ -57,6 +57,88 @@ return redis.call('DEL', KEYS[1], KEYS[2])
     )
 });
 
+/// Moves due ids from the deferred set into the ready stream; the ZREM
+/// guard makes it safe to run on every node at once.
+static SCHEDULE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: deferred, ready   ARGV: now (ms), batch
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved = 0
+for _, id in ipairs(ids) do
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'id', id)
+    moved = moved + 1
+  end
+end
+return moved
+"#,
+    )
+});
+
+/// Makes a destination's deferred messages due now (fast drain).
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: dest index, deferred, ready   ARGV: limit
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local moved = 0
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  if redis.call('ZREM', KEYS[2], id) == 1 then
+    redis.call('XADD', KEYS[3], '*', 'id', id)
+    moved = moved + 1
+  end
+end
+return moved
+"#,
+    )
+});
+
+/// The message is done: ack, remove the entry, the message and its index entries.
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: ready, msg, body, dest indexes...   ARGV: entry, id, group
+redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+/// Stores recipient states and schedules the next attempt.
+static DEFER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: ready, msg, deferred, dest indexes...   ARGV: entry, id, group, due, recipients, attempts
+redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'recipients', ARGV[5], 'attempts', ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+for i = 4, #KEYS do redis.call('ZADD', KEYS[i], ARGV[4], ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+/// Gives an entry back: a fresh entry any node can read at once.
+static HAND_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: ready   ARGV: entry, id, group
+redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[1], '*', 'id', ARGV[2])
+end
+return 1
+"#,
+    )
+});
+
 /// Key names of one shard.
 #[derive(Debug, Clone)]
 pub struct ShardKeys {
@@ -82,10 +164,17 @@ impl ShardKeys {
     fn tmp(&self, id: &QueueId) -> String {
         format!("{}:tmp:{id}", self.base)
     }
+    /// Deferred messages of one destination (for the fast drain).
+    pub fn destination(&self, destination: &str) -> String {
+        format!("{}:dest:{destination}", self.base)
+    }
 }
 
 pub struct RedisSpool {
     conn: ConnectionManager,
+    client: redis::Client,
+    /// The blocking XREADGROUP runs on a connection of its own.
+    reader: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     config: QueueConfig,
 }
 
@@ -117,13 +206,38 @@ impl RedisSpool {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|e| unavailable("connect", e))?;
-        Ok(RedisSpool { conn, config: config.clone() })
+        Ok(RedisSpool { conn, client, reader: tokio::sync::Mutex::new(None), config: config.clone() })
     }
 
     pub fn shard_keys(&self, shard: u32) -> ShardKeys {
         ShardKeys::new(&self.config.prefix, shard)
+    }
+
+    fn shard_of(&self, stream_key: &str) -> Option<u32> {
+        let start = stream_key.find("{q")? + 2;
+        let end = start + stream_key[start..].find('}')?;
+        stream_key[start..end].parse().ok()
+    }
+
+    fn leases(&self, entries: Vec<(String, redis::streams::StreamId)>) -> Vec<Lease> {
+        entries
+            .into_iter()
+            .filter_map(|(key, e)| {
+                let id: String = e.get("id")?;
+                Some(Lease { id: QueueId::from(id), shard: self.shard_of(&key)?, entry: e.id })
+            })
+            .collect()
+    }
+
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, SpoolError> {
+        let mut conn = self.conn.clone();
+        bounded(op, self.config.timeout, invocation.invoke_async(&mut conn)).await
     }
 }
 
@@ -164,6 +278,186 @@ impl Spool for RedisSpool {
         bounded("ping", self.config.timeout, async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
             .await
             .map(|_| ())
+    }
+
+    async fn lease(&self, consumer: &str, count: usize, block: Duration) -> Result<Vec<Lease>, SpoolError> {
+        let mut guard = self.reader.lock().await;
+        if guard.is_none() {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.config.timeout))
+                .set_response_timeout(Some(block + self.config.timeout));
+            let conn = bounded(
+                "lease",
+                self.config.timeout,
+                self.client.get_multiplexed_async_connection_with_config(&config),
+            )
+            .await?;
+            *guard = Some(conn);
+        }
+        let conn = guard.as_mut().expect("just connected");
+        let keys: Vec<String> = (0..self.config.shards).map(|s| self.shard_keys(s).ready()).collect();
+        let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
+        let options = redis::streams::StreamReadOptions::default()
+            .group(GROUP, consumer)
+            .count(count)
+            .block(block.as_millis() as usize);
+        let read: Result<Option<redis::streams::StreamReadReply>, SpoolError> =
+            bounded("lease", block + self.config.timeout, conn.xread_options(&keys, &ids, &options)).await;
+        let reply = match read {
+            Ok(r) => r,
+            Err(e) => {
+                // A broken blocking connection is replaced on the next call.
+                *guard = None;
+                return Err(e);
+            }
+        };
+        let entries = reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids.into_iter().map(move |e| (k.key.clone(), e))).collect())
+            .unwrap_or_default();
+        Ok(self.leases(entries))
+    }
+
+    async fn take_over(&self, consumer: &str, idle: Duration, count: usize) -> Result<Vec<Lease>, SpoolError> {
+        let mut conn = self.conn.clone();
+        let mut all = Vec::new();
+        for shard in 0..self.config.shards {
+            let key = self.shard_keys(shard).ready();
+            let reply: redis::streams::StreamAutoClaimReply = bounded(
+                "takeover",
+                self.config.timeout,
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&key)
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg(idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            all.extend(reply.claimed.into_iter().map(|e| (key.clone(), e)));
+        }
+        Ok(self.leases(all))
+    }
+
+    async fn renew(&self, consumer: &str, lease: &Lease) -> Result<(), SpoolError> {
+        let mut conn = self.conn.clone();
+        let key = self.shard_keys(lease.shard).ready();
+        bounded(
+            "renew",
+            self.config.timeout,
+            redis::cmd("XCLAIM")
+                .arg(key)
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(0)
+                .arg(&lease.entry)
+                .arg("JUSTID")
+                .query_async::<redis::Value>(&mut conn),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
+        let mut conn = self.conn.clone();
+        let key = self.shard_keys(lease.shard).msg(&lease.id);
+        let fields: std::collections::HashMap<String, String> =
+            bounded("load", self.config.timeout, conn.hgetall(key)).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Envelope::from_fields(&fields)
+            .map(Some)
+            .ok_or_else(|| SpoolError::Unavailable(format!("envelope of {} is unreadable", lease.id)))
+    }
+
+    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
+        let mut conn = self.conn.clone();
+        let key = self.shard_keys(lease.shard).body(&lease.id);
+        let end = offset + len as u64 - 1;
+        bounded("body", self.config.timeout, conn.getrange(key, offset as isize, end as isize)).await
+    }
+
+    async fn complete(&self, lease: &Lease, destinations: &[String]) -> Result<(), SpoolError> {
+        let keys = self.shard_keys(lease.shard);
+        let mut inv = COMPLETE.prepare_invoke();
+        inv.key(keys.ready()).key(keys.msg(&lease.id)).key(keys.body(&lease.id));
+        for d in destinations {
+            inv.key(keys.destination(d));
+        }
+        inv.arg(&lease.entry).arg(lease.id.as_str()).arg(GROUP);
+        self.run_script::<i64>("complete", &inv).await.map(|_| ())
+    }
+
+    async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
+        let keys = self.shard_keys(lease.shard);
+        let recipients = serde_json::to_string(&env.recipients).map_err(|e| SpoolError::Unavailable(e.to_string()))?;
+        let mut inv = DEFER.prepare_invoke();
+        inv.key(keys.ready()).key(keys.msg(&lease.id)).key(keys.deferred());
+        for d in destinations {
+            inv.key(keys.destination(d));
+        }
+        inv.arg(&lease.entry).arg(lease.id.as_str()).arg(GROUP).arg(due).arg(recipients).arg(env.attempts);
+        self.run_script::<i64>("defer", &inv).await.map(|_| ())
+    }
+
+    async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let mut inv = HAND_BACK.prepare_invoke();
+        inv.key(self.shard_keys(lease.shard).ready()).arg(&lease.entry).arg(lease.id.as_str()).arg(GROUP);
+        self.run_script::<i64>("hand_back", &inv).await.map(|_| ())
+    }
+
+    async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError> {
+        let mut moved = 0;
+        for shard in 0..self.config.shards {
+            let keys = self.shard_keys(shard);
+            let mut inv = SCHEDULE.prepare_invoke();
+            inv.key(keys.deferred()).key(keys.ready()).arg(now).arg(batch);
+            moved += self.run_script::<usize>("schedule", &inv).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
+        let mut moved = 0;
+        for shard in 0..self.config.shards {
+            let keys = self.shard_keys(shard);
+            let mut inv = RELEASE.prepare_invoke();
+            inv.key(keys.destination(destination)).key(keys.deferred()).key(keys.ready()).arg(limit);
+            moved += self.run_script::<usize>("release", &inv).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError> {
+        let mut conn = self.conn.clone();
+        let mut found = std::collections::BTreeSet::new();
+        for shard in 0..self.config.shards {
+            let prefix = self.shard_keys(shard).destination("");
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = bounded(
+                    "scan",
+                    self.config.timeout,
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{prefix}*"))
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+                found.extend(keys.iter().filter_map(|k| k.strip_prefix(&prefix)).map(str::to_string));
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(found.into_iter().collect())
     }
 }
 

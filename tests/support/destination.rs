@@ -1,0 +1,404 @@
+//! `Destination`: a small scripted SMTP server on 127.0.0.1 that the relay
+//! delivers to, for the replies smtp-sink cannot give. The local part of the
+//! RCPT address picks the reply (`temp…` → 451, `perm…` → 550, else 250);
+//! `set_fail_all_temp(true)` makes every RCPT a 451. A message is recorded
+//! only after its `250 … queued` reply is decided, with at least one accepted
+//! recipient. After `stop()` (or drop) the port refuses connections and open
+//! sessions are cut, as when a real destination goes down.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often the accept loop looks at the stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+/// How long `start_on` keeps retrying a busy port.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+/// An idle session is dropped after this (RFC 5321 §4.5.3.2 asks for 5 min;
+/// tests never wait that long).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest command line read; RFC 5321 §4.5.3.1.4 says 512, clients with
+/// ESMTP parameters send more.
+const MAX_COMMAND_LINE: u64 = 64 * 1024;
+/// DATA is read in pieces of at most this, so a long line needs no long buffer.
+const MAX_DATA_CHUNK: u64 = 64 * 1024;
+
+const HOSTNAME: &str = "dest.test";
+
+/// One message as the destination accepted it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Argument of the last EHLO/HELO ("" if none).
+    pub helo: String,
+    /// The reverse path, inside `<>` ("" for the null sender).
+    pub mail_from: String,
+    /// Accepted recipients only, inside `<>`, in RCPT order.
+    pub rcpts: Vec<String>,
+    /// Content after dot-unstuffing, byte for byte (CRLF line endings as
+    /// sent), without the final `.CRLF` but with the CRLF ending the last line.
+    pub data: Vec<u8>,
+}
+
+/// A scripted SMTP destination on 127.0.0.1, stopped on drop.
+pub struct Destination {
+    pub port: u16,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    received: Mutex<Vec<Received>>,
+    connections: AtomicUsize,
+    fail_all_temp: AtomicBool,
+    stopping: AtomicBool,
+    /// Open sessions, so `stop` can cut them.
+    sessions: Mutex<HashMap<u64, TcpStream>>,
+    next_session: AtomicU64,
+}
+
+/// A poisoned lock only means a session thread panicked; the data is fine.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Destination {
+    /// Listens on an ephemeral port.
+    pub fn start() -> Destination {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 for the destination");
+        Self::serve(listener)
+    }
+
+    /// Listens on `port` (one a relay already points to), retrying for a few
+    /// seconds while the port is still busy.
+    pub fn start_on(port: u16) -> Destination {
+        let started = Instant::now();
+        loop {
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(listener) => return Self::serve(listener),
+                Err(_) if started.elapsed() < BIND_RETRY => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => panic!("destination: cannot bind 127.0.0.1:{port} within {BIND_RETRY:?}: {e}"),
+            }
+        }
+    }
+
+    fn serve(listener: TcpListener) -> Destination {
+        let port = listener.local_addr().expect("listener address").port();
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let shared = Arc::new(Shared {
+            received: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
+            fail_all_temp: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(0),
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("destination-{port}"))
+                .spawn(move || accept_loop(listener, shared))
+                .expect("spawn destination accept thread")
+        };
+        Destination { port, shared, acceptor: Some(acceptor) }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// While on, every RCPT gets `451 4.2.0 <addr>: temporarily unavailable`.
+    pub fn set_fail_all_temp(&self, on: bool) {
+        self.shared.fail_all_temp.store(on, Ordering::SeqCst);
+    }
+
+    /// Every message received so far, in the order their DATA ended.
+    pub fn messages(&self) -> Vec<Received> {
+        lock(&self.shared.received).clone()
+    }
+
+    /// Waits until at least `n` messages arrived; panics after `timeout`.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let started = Instant::now();
+        loop {
+            let got = self.messages();
+            if got.len() >= n {
+                return got;
+            }
+            if started.elapsed() >= timeout {
+                panic!(
+                    "destination on port {}: expected at least {n} message(s) within {timeout:?}, got {} \
+                     over {} connection(s): {:#?}",
+                    self.port,
+                    got.len(),
+                    self.connections(),
+                    got.iter().map(|m| (&m.mail_from, &m.rcpts)).collect::<Vec<_>>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener (the port then refuses connections) and cuts
+    /// every open session. Idempotent.
+    pub fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for (_, stream) in lock(&self.shared.sessions).drain() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Owns the listener: returning drops it, which closes the port.
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    while !shared.stopping.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+                let id = shared.next_session.fetch_add(1, Ordering::SeqCst);
+                if let Ok(clone) = stream.try_clone() {
+                    lock(&shared.sessions).insert(id, clone);
+                }
+                let session_shared = Arc::clone(&shared);
+                let spawned = std::thread::Builder::new().name(format!("destination-session-{id}")).spawn(move || {
+                    // Any I/O error means the client went away: end quietly.
+                    let _ = Session::new(&session_shared).run(stream);
+                    lock(&session_shared.sessions).remove(&id);
+                });
+                if spawned.is_err() {
+                    lock(&shared.sessions).remove(&id);
+                }
+            }
+            // WouldBlock: nobody waiting. Other errors (EMFILE, aborted
+            // handshakes) are transient for a test server: poll again.
+            Err(_) => std::thread::sleep(ACCEPT_POLL),
+        }
+    }
+}
+
+/// One client command, parsed from a line without its line ending.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Ehlo(String),
+    Helo(String),
+    /// The address inside `<>`; `None` when the argument has no `FROM:`.
+    Mail(Option<String>),
+    /// The address inside `<>`; `None` when the argument has no `TO:`.
+    Rcpt(Option<String>),
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Unknown,
+}
+
+impl Command {
+    fn parse(line: &str) -> Command {
+        let (verb, arg) = match line.split_once(' ') {
+            Some((verb, arg)) => (verb, arg.trim()),
+            None => (line.trim(), ""),
+        };
+        match verb.to_ascii_uppercase().as_str() {
+            "EHLO" => Command::Ehlo(arg.to_string()),
+            "HELO" => Command::Helo(arg.to_string()),
+            "MAIL" => Command::Mail(path_after(arg, "FROM:")),
+            "RCPT" => Command::Rcpt(path_after(arg, "TO:")),
+            "DATA" => Command::Data,
+            "RSET" => Command::Rset,
+            "NOOP" => Command::Noop,
+            "QUIT" => Command::Quit,
+            _ => Command::Unknown,
+        }
+    }
+}
+
+/// `FROM:<a@b> SIZE=1` → `a@b`. ESMTP parameters after the path are ignored;
+/// a space after the colon and a path without `<>` are tolerated.
+fn path_after(arg: &str, keyword: &str) -> Option<String> {
+    let head = arg.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let rest = arg[keyword.len()..].trim_start();
+    let path = match rest.strip_prefix('<') {
+        Some(inner) => inner.split('>').next().unwrap_or(""),
+        None => rest.split_whitespace().next().unwrap_or(""),
+    };
+    Some(path.to_string())
+}
+
+/// The RCPT reply for `addr`, by its local part (see the module docs).
+fn rcpt_reply(addr: &str, fail_all_temp: bool) -> (bool, String) {
+    let local = addr.rsplit_once('@').map_or(addr, |(local, _)| local).to_ascii_lowercase();
+    if fail_all_temp || local.starts_with("temp") {
+        (false, format!("451 4.2.0 <{addr}>: temporarily unavailable"))
+    } else if local.starts_with("perm") {
+        (false, format!("550 5.1.1 <{addr}>: user unknown"))
+    } else {
+        (true, "250 2.1.5 Ok".to_string())
+    }
+}
+
+/// One SMTP session's transaction state.
+struct Session<'a> {
+    shared: &'a Shared,
+    helo: String,
+    mail_from: Option<String>,
+    rcpts: Vec<String>,
+}
+
+impl<'a> Session<'a> {
+    fn new(shared: &'a Shared) -> Session<'a> {
+        Session { shared, helo: String::new(), mail_from: None, rcpts: Vec::new() }
+    }
+
+    fn reset(&mut self) {
+        self.mail_from = None;
+        self.rcpts.clear();
+    }
+
+    fn run(&mut self, stream: TcpStream) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(SESSION_TIMEOUT))?;
+        stream.set_write_timeout(Some(SESSION_TIMEOUT))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut writer = BufWriter::new(stream);
+        writer.write_all(format!("220 {HOSTNAME} ESMTP\r\n").as_bytes())?;
+        writer.flush()?;
+        loop {
+            let mut line = Vec::new();
+            (&mut reader).take(MAX_COMMAND_LINE).read_until(b'\n', &mut line)?;
+            if line.is_empty() {
+                return Ok(());
+            }
+            if !line.ends_with(b"\n") {
+                reply(&mut writer, "500 5.5.2 Error: line too long")?;
+                writer.flush()?;
+                return Ok(());
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\r', '\n']);
+            let quit = self.command(Command::parse(text), &mut reader, &mut writer)?;
+            // Replies to pipelined commands go out together once the client's
+            // batch is consumed (RFC 2920 §3.2), as Postfix does.
+            if quit || reader.buffer().is_empty() {
+                writer.flush()?;
+            }
+            if quit {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answers one command; true when the session ends.
+    fn command(
+        &mut self,
+        command: Command,
+        reader: &mut BufReader<TcpStream>,
+        writer: &mut BufWriter<TcpStream>,
+    ) -> io::Result<bool> {
+        match command {
+            Command::Ehlo(arg) => {
+                self.reset();
+                self.helo = arg;
+                let extensions = ["PIPELINING", "SIZE 1000000000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"];
+                let mut text = format!("250-{HOSTNAME}\r\n");
+                for (i, ext) in extensions.iter().enumerate() {
+                    let sep = if i + 1 == extensions.len() { ' ' } else { '-' };
+                    text.push_str(&format!("250{sep}{ext}\r\n"));
+                }
+                writer.write_all(text.as_bytes())?;
+            }
+            Command::Helo(arg) => {
+                self.reset();
+                self.helo = arg;
+                reply(writer, &format!("250 {HOSTNAME}"))?;
+            }
+            Command::Mail(None) | Command::Rcpt(None) => reply(writer, "501 5.5.4 Syntax error in parameters")?,
+            Command::Mail(Some(_)) if self.mail_from.is_some() => {
+                reply(writer, "503 5.5.1 Error: nested MAIL command")?
+            }
+            Command::Mail(Some(from)) => {
+                self.mail_from = Some(from);
+                reply(writer, "250 2.1.0 Ok")?;
+            }
+            Command::Rcpt(Some(_)) if self.mail_from.is_none() => reply(writer, "503 5.5.1 Error: need MAIL command")?,
+            Command::Rcpt(Some(to)) => {
+                let (accepted, text) = rcpt_reply(&to, self.shared.fail_all_temp.load(Ordering::SeqCst));
+                if accepted {
+                    self.rcpts.push(to);
+                }
+                reply(writer, &text)?;
+            }
+            Command::Data if self.mail_from.is_none() => reply(writer, "503 5.5.1 Error: need MAIL command")?,
+            // A pipelining client sends DATA even when every RCPT failed.
+            Command::Data if self.rcpts.is_empty() => reply(writer, "554 5.5.1 Error: no valid recipients")?,
+            Command::Data => {
+                reply(writer, "354 End data with <CR><LF>.<CR><LF>")?;
+                writer.flush()?;
+                let data = read_data(reader)?;
+                let message = Received {
+                    helo: self.helo.clone(),
+                    mail_from: self.mail_from.take().unwrap_or_default(),
+                    rcpts: std::mem::take(&mut self.rcpts),
+                    data,
+                };
+                lock(&self.shared.received).push(message);
+                reply(writer, "250 2.0.0 Ok: queued")?;
+            }
+            Command::Rset => {
+                self.reset();
+                reply(writer, "250 2.0.0 Ok")?;
+            }
+            Command::Noop => reply(writer, "250 2.0.0 Ok")?,
+            Command::Quit => {
+                reply(writer, "221 2.0.0 Bye")?;
+                return Ok(true);
+            }
+            Command::Unknown => reply(writer, "502 5.5.2 Error: command not recognized")?,
+        }
+        Ok(false)
+    }
+}
+
+fn reply(writer: &mut impl Write, line: &str) -> io::Result<()> {
+    writer.write_all(line.as_bytes())?;
+    writer.write_all(b"\r\n")
+}
+
+/// Reads DATA content up to the `CRLF.CRLF` terminator (RFC 5321 §4.1.1.4)
+/// and undoes dot-stuffing (§4.5.2). Only CRLF ends a line: a bare LF is
+/// content, so `LF.CRLF` does not end the message.
+fn read_data(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    loop {
+        let at_line_start = data.is_empty() || data.ends_with(b"\r\n");
+        let mut chunk = Vec::new();
+        reader.take(MAX_DATA_CHUNK).read_until(b'\n', &mut chunk)?;
+        if chunk.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA"));
+        }
+        if at_line_start && chunk == b".\r\n" {
+            return Ok(data);
+        }
+        let unstuffed = if at_line_start && chunk.starts_with(b".") { &chunk[1..] } else { &chunk[..] };
+        data.extend_from_slice(unstuffed);
+    }
+}

@@ -303,7 +303,8 @@ pub struct Relay {
 }
 
 /// Test defaults: 127.0.0.1 is NOT in mynetworks (so the relay rules apply
-/// to test clients); 127.0.0.9 is.
+/// to test clients); 127.0.0.9 is. Delivery is off (receive tests inspect
+/// the queue); delivery tests switch it on with `MXRELAY_DELIVERY_ENABLED`.
 pub fn base_config(domains_url: &str, queue_url: &str, dns: &Dns) -> String {
     format!(
         r#"node_id = "test-node"
@@ -322,6 +323,12 @@ timeout = "2s"
 [dns]
 nameservers = ["{}"]
 timeout = "1s"
+[delivery]
+enabled = false
+retry_min = "1s"
+retry_max = "4s"
+probe_interval = "1s"
+connect_timeout = "2s"
 "#,
         dns.addr()
     )
@@ -334,10 +341,15 @@ impl Relay {
     }
 
     pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Relay {
+        Self::spawn_in_queue(config, env, &unique("mxrq"))
+    }
+
+    /// A node of the cluster whose queue prefix is `prefix`.
+    pub fn spawn_in_queue(config: &str, env: &[(&str, &str)], prefix: &str) -> Relay {
         let mut r = Relay {
             port: free_port(),
             admin_port: free_port(),
-            prefix: unique("mxrq"),
+            prefix: prefix.to_string(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
             config: config.to_string(),
@@ -469,6 +481,24 @@ impl Queue {
     }
 
     /// Keys of this relay that are not part of a committed message.
+    /// Messages (envelopes) still in the queue.
+    pub fn message_count(&mut self) -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*:msg:*", self.prefix)).query(&mut self.conn).unwrap();
+        keys.len()
+    }
+
+    pub fn deferred_count(&mut self) -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*:deferred", self.prefix)).query(&mut self.conn).unwrap();
+        keys.iter().map(|k| redis::cmd("ZCARD").arg(k).query::<usize>(&mut self.conn).unwrap()).sum()
+    }
+
+    pub fn try_envelope(&mut self, id: &str) -> Option<std::collections::HashMap<String, String>> {
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:msg:{id}", self.prefix)).query(&mut self.conn).unwrap();
+        let k = keys.into_iter().next()?;
+        redis::cmd("HGETALL").arg(k).query(&mut self.conn).ok()
+    }
+
     pub fn stray_keys(&mut self) -> Vec<String> {
         let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.prefix)).query(&mut self.conn).unwrap();
         keys.into_iter().filter(|k| k.contains(":tmp:")).collect()
