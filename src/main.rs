@@ -24,6 +24,21 @@ enum Cmd {
     Migrate,
     /// Print the effective configuration (secrets masked) and every problem.
     CheckConfig,
+    /// Work on the shared queue (from any node).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Make deferred messages due now (all, or one domain's).
+    Flush {
+        /// Only this domain's destination.
+        #[arg(long)]
+        domain: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +61,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Serve => run(config, |c| async move { mxrelay::server::serve(c).await }),
+        Cmd::Queue { command: QueueCmd::Flush { domain } } => run(config, |c| async move {
+            let n = mxrelay::admin::queue::flush(&c, domain.as_deref()).await?;
+            println!("released {n} deferred message(s)");
+            Ok(())
+        }),
         Cmd::Migrate => run(config, |c| async move {
             let store = mxrelay::domains::mysql::MySqlDomains::connect(&c.domains.url, std::time::Duration::from_secs(10))?;
             mxrelay::domains::DomainStore::migrate(&store).await?;

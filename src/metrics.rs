@@ -29,6 +29,7 @@ pub struct Metrics {
     pub delivery_duration_seconds: Histogram,
     pub delivery_destination_connections: IntGauge,
     pub delivery_dsn: IntCounter,
+    pub delivery_connections_reused: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -69,6 +70,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         delivery_recipients: counter_vec(&r, "mxrelay_delivery_recipients_total", "Recipients delivered, deferred or bounced", &["result"]),
         delivery_duration_seconds,
         delivery_destination_connections: gauge(&r, "mxrelay_delivery_destination_connections", "Destination connection slots in use on this node"),
+        delivery_connections_reused: counter(&r, "mxrelay_delivery_connections_reused_total", "Deliveries over a cached session (after RSET)"),
         delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
         smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),
         smtp_connections_active: gauge(&r, "mxrelay_smtp_connections_active", "SMTP sessions open now"),

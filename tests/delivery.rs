@@ -119,7 +119,9 @@ fn partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
     let state = |a: &str| rcpts.iter().find(|r| r["address"] == a).unwrap()["state"].as_str().unwrap().to_string();
     assert_eq!((state("ok@friet.pan").as_str(), state("temp1@friet.pan").as_str(), state("perm1@friet.pan").as_str()), ("delivered", "pending", "bounced"));
     assert_eq!(dest.messages().len(), 2, "only the pending recipient is retried");
-    assert!(dest.connections() >= 4, "retries happened");
+    let retries = c.relays[0].log().matches("to=<temp1@friet.pan>").count();
+    assert!(retries >= 3, "temp1 was retried ({retries} attempts logged)");
+    assert_eq!(c.relays[0].log().matches("to=<ok@friet.pan>").count(), 1, "ok is never sent again");
 }
 
 #[test]
@@ -181,4 +183,56 @@ fn sigterm_hands_in_flight_deliveries_back_to_the_cluster() {
     assert!(secs < 30.0, "handed-back mail must not wait for the 60 s lease ({secs:.1}s)");
     assert!(c.relays[0].log().contains("handed back to the cluster"), "{}", c.relays[0].log());
     eprintln!("SIGTERM hand back: 3 in-flight messages delivered by the other node in {secs:.1}s ({} copies at the sink)", got.len());
+}
+
+#[test]
+fn sessions_are_reused_for_the_next_message_to_the_same_destination() {
+    let dest = Destination::start();
+    let c = Cluster::start(1, &[(LISTED, "127.0.0.1", dest.port)], &[]);
+    for i in 0..5 {
+        let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", &format!("r{i}@friet.pan"), "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+        dest.wait_for(i + 1, Duration::from_secs(20));
+    }
+    assert!(dest.connections() < 5, "{} connections for 5 messages", dest.connections());
+    let metrics = c.relays[0].http_get("/metrics");
+    assert!(metrics.contains("mxrelay_delivery_connections_reused_total"), "{metrics}");
+}
+
+#[test]
+fn etrn_and_queue_flush_release_deferred_mail() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", port_a), ("named.example", "127.0.0.1", port_b)],
+        &[("MXRELAY_DELIVERY_RETRY_MIN", "120s"), ("MXRELAY_DELIVERY_RETRY_MAX", "1h"), ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h")],
+    );
+    for to in ["a@friet.pan", "b@named.example"] {
+        let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", to, "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+    }
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("both deferred", Duration::from_secs(20), || q.deferred_count() == 2);
+    let a = Destination::start_on(port_a);
+    let b = Destination::start_on(port_b);
+
+    let mut untrusted = Raw::ehlo(&c.addr());
+    assert!(untrusted.cmd("ETRN friet.pan").starts_with("459 4.7.1"));
+    let mut trusted = Raw::connect_from("127.0.0.9", &c.addr());
+    assert_eq!(trusted.code(), 220);
+    assert_eq!(trusted.code_after("EHLO client.example"), 250);
+    let r = trusted.cmd("ETRN friet.pan");
+    assert!(r.starts_with("253 2.0.0"), "{r}");
+    a.wait_for(1, Duration::from_secs(10));
+    assert!(b.messages().is_empty(), "ETRN released only its domain");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+        .args(["queue", "flush"])
+        .env("MXRELAY_QUEUE_PREFIX", &c.relays[0].prefix)
+        .env("MXRELAY_DOMAINS_URL", c._db.url())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("released 1"), "{}", String::from_utf8_lossy(&out.stdout));
+    b.wait_for(1, Duration::from_secs(10));
 }

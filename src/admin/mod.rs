@@ -3,3 +3,4 @@
 //! the CLI will live here too.
 
 pub mod http;
+pub mod queue;

@@ -33,12 +33,17 @@ use crate::spool::{Envelope, Lease, QueueId, Recipient, RecipientState, Spool, S
 use client::{BodySource, Connection, Outcome, RemoteReply, Timeouts};
 use route::{Route, RouteError};
 
+/// Most messages one flush (ETRN, `queue flush`) releases per destination.
+pub const FLUSH_LIMIT: usize = 1_000_000;
 /// Entries read from the queue per XREADGROUP, at most.
 const LEASE_BATCH: usize = 100;
 /// How long the reader blocks waiting for new entries.
 const LEASE_BLOCK: Duration = Duration::from_secs(1);
 /// Due deferred messages moved per shard per scheduler tick.
 const SCHEDULE_BATCH: usize = 500;
+/// How long an idle session is kept for the next message to the same
+/// destination (Postfix `smtp_connection_cache_time_limit`).
+const CONNECTION_CACHE_TIME: Duration = Duration::from_secs(2);
 
 /// What happened to one recipient in one attempt.
 #[derive(Debug, Clone)]
@@ -73,6 +78,8 @@ pub struct Delivery {
     /// Destinations known to have deferred mail (from the prober's scan and
     /// this node's own deferrals): a success there triggers the fast drain.
     deferred_at: Mutex<HashSet<String>>,
+    /// Open sessions waiting for the next message to their destination.
+    idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
 }
 
 impl Delivery {
@@ -85,6 +92,7 @@ impl Delivery {
             destinations: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             deferred_at: Mutex::new(HashSet::new()),
+            idle: Mutex::new(HashMap::new()),
         })
     }
 
@@ -149,6 +157,10 @@ impl Delivery {
         tracing::info!(in_flight = tasks.len(), "delivery: stopping, letting deliveries finish");
         let _ = tokio::time::timeout(self.config.delivery.stop_grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
+        let cached: Vec<Connection> = self.idle.lock().unwrap_or_else(|e| e.into_inner()).drain().flat_map(|(_, l)| l.into_iter().map(|(c, _)| c)).collect();
+        for conn in cached {
+            conn.quit().await;
+        }
         let left: Vec<Lease> = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, l)| l).collect();
         for lease in left {
             match self.spool.hand_back(&lease).await {
@@ -166,6 +178,7 @@ impl Delivery {
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "delivery: scheduler could not reach the queue"),
             }
+            self.prune_cache();
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -346,6 +359,11 @@ impl Delivery {
     /// Delivers to one destination; one fate per recipient index.
     async fn attempt_route(&self, route: &Route, env: &Envelope, lease: &Lease, idxs: &[usize]) -> Vec<Fate> {
         let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();
+        let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
+        let key = route.key();
+        if let Some(conn) = self.checkout(&key).await {
+            return self.transact(conn, &key, env, lease, &rcpts).await;
+        }
         let targets = match route.resolve(&self.dns).await {
             Ok(t) => t,
             Err(RouteError::Temporary(e)) => {
@@ -357,62 +375,116 @@ impl Delivery {
                 return all(Fate::Bounced { status: status.into(), reason: text, relay: None });
             }
         };
-        let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
         let mut last_error = String::from("no address to try");
         for target in &targets {
-            let relay = format!("{}[{}]:{}", target.host, target.addr.ip(), target.addr.port());
-            let mut conn = match Connection::open(target, &self.config.myhostname, &self.timeouts()).await {
-                Ok(c) => c,
+            match Connection::open(target, &self.config.myhostname, &self.timeouts()).await {
+                Ok(conn) => return self.transact(conn, &key, env, lease, &rcpts).await,
                 Err(e) => {
                     METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
                     last_error = format!("4.4.1 {e}");
-                    continue;
                 }
-            };
-            if env.smtputf8 && !conn.ext.smtputf8 {
-                conn.quit().await;
-                return all(Fate::Bounced {
-                    status: "5.6.7".into(),
-                    reason: format!("{} does not support SMTPUTF8", target.host),
-                    relay: Some(relay),
-                });
             }
-            if let Some(limit) = conn.ext.size.filter(|l| *l > 0 && env.size > *l) {
-                conn.quit().await;
-                return all(Fate::Bounced {
-                    status: "5.3.4".into(),
-                    reason: format!("message size {} exceeds the limit {limit} of {}", env.size, target.host),
-                    relay: Some(relay),
-                });
-            }
-            let mut body = SpoolReader {
-                spool: self.spool.clone(),
-                lease: lease.clone(),
-                offset: 0,
-                size: env.size,
-                chunk: self.config.queue.chunk_size,
-            };
-            let outcome = conn.send(env, &rcpts, &mut body).await;
-            let fates = match outcome {
-                Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay)),
-                Ok(Outcome::Replies(replies)) => replies.iter().map(|r| Fate::from_reply(r, &relay)).collect(),
-                Err(e) => {
-                    METRICS.delivery_attempts.with_label_values(&["session_error"]).inc();
-                    return all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) });
-                }
-            };
-            conn.quit().await;
-            for f in &fates {
-                let label = match f {
-                    Fate::Sent { .. } => "sent",
-                    Fate::Deferred { .. } => "deferred",
-                    Fate::Bounced { .. } => "bounced",
-                };
-                METRICS.delivery_attempts.with_label_values(&[label]).inc();
-            }
-            return fates;
         }
         all(Fate::Deferred { reason: last_error, relay: None })
+    }
+
+    /// One transaction on an open session; the session goes back to the
+    /// cache when it ended cleanly.
+    async fn transact(&self, mut conn: Connection, key: &str, env: &Envelope, lease: &Lease, rcpts: &[String]) -> Vec<Fate> {
+        let target = conn.target.clone();
+        let relay = format!("{}[{}]:{}", target.host, target.addr.ip(), target.addr.port());
+        let all = |f: Fate| rcpts.iter().map(|_| f.clone()).collect::<Vec<_>>();
+        if env.smtputf8 && !conn.ext.smtputf8 {
+            self.park(key, conn).await;
+            return all(Fate::Bounced {
+                status: "5.6.7".into(),
+                reason: format!("{} does not support SMTPUTF8", target.host),
+                relay: Some(relay),
+            });
+        }
+        if let Some(limit) = conn.ext.size.filter(|l| *l > 0 && env.size > *l) {
+            self.park(key, conn).await;
+            return all(Fate::Bounced {
+                status: "5.3.4".into(),
+                reason: format!("message size {} exceeds the limit {limit} of {}", env.size, target.host),
+                relay: Some(relay),
+            });
+        }
+        let mut body = SpoolReader {
+            spool: self.spool.clone(),
+            lease: lease.clone(),
+            offset: 0,
+            size: env.size,
+            chunk: self.config.queue.chunk_size,
+        };
+        let fates = match conn.send(env, rcpts, &mut body).await {
+            Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay)),
+            Ok(Outcome::Replies(replies)) => replies.iter().map(|r| Fate::from_reply(r, &relay)).collect(),
+            Err(e) => {
+                METRICS.delivery_attempts.with_label_values(&["session_error"]).inc();
+                return all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) });
+            }
+        };
+        self.park(key, conn).await;
+        for f in &fates {
+            let label = match f {
+                Fate::Sent { .. } => "sent",
+                Fate::Deferred { .. } => "deferred",
+                Fate::Bounced { .. } => "bounced",
+            };
+            METRICS.delivery_attempts.with_label_values(&[label]).inc();
+        }
+        fates
+    }
+
+    /// A cached session to `key` that still answers RSET, if any.
+    async fn checkout(&self, key: &str) -> Option<Connection> {
+        loop {
+            let (conn, parked) = {
+                let mut cache = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                cache.get_mut(key)?.pop()?
+            };
+            if parked.elapsed() > CONNECTION_CACHE_TIME {
+                tokio::spawn(conn.quit());
+                continue;
+            }
+            let mut conn = conn;
+            if conn.reset().await.is_ok() {
+                METRICS.delivery_connections_reused.inc();
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Keeps a session for the next message to the same destination.
+    async fn park(&self, key: &str, conn: Connection) {
+        let full = {
+            let mut cache = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let list = cache.entry(key.to_string()).or_default();
+            if list.len() < self.config.delivery.destination_concurrency {
+                list.push((conn, Instant::now()));
+                None
+            } else {
+                Some(conn)
+            }
+        };
+        if let Some(conn) = full {
+            conn.quit().await;
+        }
+    }
+
+    /// Closes cached sessions idle for longer than the cache time.
+    fn prune_cache(&self) {
+        let mut cache = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        for list in cache.values_mut() {
+            let (stale, keep): (Vec<_>, Vec<_>) =
+                std::mem::take(list).into_iter().partition(|(_, t)| t.elapsed() > CONNECTION_CACHE_TIME);
+            *list = keep;
+            for (conn, _) in stale {
+                tokio::spawn(conn.quit());
+            }
+        }
+        cache.retain(|_, l| !l.is_empty());
     }
 
     fn log_fate(&self, id: &QueueId, r: &Recipient, fate: &Fate, age: Duration) {

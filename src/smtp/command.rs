@@ -28,6 +28,8 @@ pub enum Command {
     Expn,
     StartTls,
     Auth,
+    /// RFC 1985: start the queue for a domain (`example.org` or `@example.org`).
+    Etrn(String),
     Unknown(String),
 }
 
@@ -109,6 +111,8 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "EXPN" => Ok(Command::Expn),
         "STARTTLS" => no_args(Command::StartTls, "STARTTLS"),
         "AUTH" => Ok(Command::Auth),
+        "ETRN" if !rest.is_empty() && !rest.contains(char::is_whitespace) => Ok(Command::Etrn(rest.to_string())),
+        "ETRN" => Err(CommandError::Syntax("ETRN domain")),
         _ => Ok(Command::Unknown(verb)),
     }
 }

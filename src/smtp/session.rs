@@ -390,6 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     "ENHANCEDSTATUSCODES".into(),
                     "SMTPUTF8".into(),
                     "CHUNKING".into(),
+                    "ETRN".into(),
                 ];
                 self.reply(Reply::multi(250, "", lines));
             }
@@ -429,9 +430,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Expn => self.reply(Reply::new(502, "5.5.1", "EXPN command is disabled")),
             Command::StartTls => self.reply(Reply::new(502, "5.5.1", "Error: STARTTLS is not offered")),
             Command::Auth => self.reply(Reply::new(503, "5.5.1", "Error: authentication not enabled")),
+            Command::Etrn(node) => self.etrn(&node).await,
             Command::Unknown(_) => self.reply(Reply::new(502, "5.5.2", "Error: command not recognized")),
         }
         Flow::Continue
+    }
+
+    /// RFC 1985 ETRN from a `mynetworks` client: releases the domain's
+    /// deferred messages now, like `mxrelay queue flush --domain`.
+    async fn etrn(&mut self, node: &str) {
+        if self.helo.is_none() {
+            return self.reply(Reply::bad_sequence("send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.reply(Reply::bad_sequence("MAIL transaction in progress"));
+        }
+        if !self.shared.policy.is_mynetworks(self.client.ip) {
+            return self.reply(Reply::new(459, "4.7.1", format!("<{node}>: ETRN is only accepted from mynetworks")));
+        }
+        let Some(domain) = address::normalise_domain(node.trim_start_matches(['@', '#'])) else {
+            return self.reply(Reply::new(458, "4.5.1", format!("Unable to queue messages for node <{node}>")));
+        };
+        let key = crate::delivery::route::Route::for_domain(&domain, &self.shared.policy.domains).key();
+        match self.shared.spool.release(&key, crate::delivery::FLUSH_LIMIT).await {
+            Ok(0) => self.reply(Reply::new(251, "2.0.0", format!("OK, no messages waiting for node <{domain}>"))),
+            Ok(n) => {
+                tracing::info!(client = %self.peer(), domain = %domain, released = n, "ETRN: queue flushed");
+                self.reply(Reply::new(253, "2.0.0", format!("OK, {n} pending messages for node <{domain}> started")))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ETRN: queue unavailable");
+                self.reply(Reply::new(458, "4.3.0", format!("Unable to queue messages for node <{domain}>")))
+            }
+        }
     }
 
     async fn reset_transaction(&mut self) {
