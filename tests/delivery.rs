@@ -236,3 +236,22 @@ fn etrn_and_queue_flush_release_deferred_mail() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("released 1"), "{}", String::from_utf8_lossy(&out.stdout));
     b.wait_for(1, Duration::from_secs(10));
 }
+
+#[test]
+fn mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
+    let home = Destination::start();
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", home.port), ("named.example", "127.0.0.1", free_port())],
+        &[("MXRELAY_DELIVERY_MAX_QUEUE_LIFETIME", "2s")],
+    );
+    let (code, out) = swaks(&c.addr(), &["--from", "bob@friet.pan", "--to", "x@named.example", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    let got = home.wait_for(1, Duration::from_secs(30));
+    assert_eq!(got[0].mail_from, "");
+    assert_eq!(got[0].rcpts, vec!["bob@friet.pan"]);
+    let dsn = String::from_utf8_lossy(&got[0].data);
+    assert!(dsn.contains("Final-Recipient: rfc822; x@named.example") && dsn.contains("Status: 4.4.7"), "{dsn}");
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("expired message removed", Duration::from_secs(10), || q.message_count() == 0);
+}
