@@ -187,8 +187,8 @@ fn error_limit_disconnects() {
 #[test]
 fn per_ip_connection_limit_gives_421_and_others_are_served() {
     let w = World::start_with(&[("MXRELAY_SMTP_MAX_CONNECTIONS_PER_IP", "2")]);
-    let _a = Raw::ehlo(&w.relay.addr());
-    let _b = Raw::ehlo(&w.relay.addr());
+    let _a = Raw::connect_greeted(&w.relay.addr());
+    let _b = Raw::connect_greeted(&w.relay.addr());
     let mut c = Raw::connect(&w.relay.addr());
     assert!(c.reply().starts_with("421 4.7.0"));
     // mynetworks is exempt.
@@ -209,13 +209,7 @@ fn idle_client_is_cut_off_with_421() {
 fn node_connection_limit_gives_421() {
     let w = World::start_with(&[("MXRELAY_SMTP_MAX_CONNECTIONS", "1")]);
     // The start-up probes' sessions may still be closing: take the one slot.
-    let _held = loop {
-        let mut c = Raw::connect(&w.relay.addr());
-        if c.code() == 220 {
-            break c;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let _held = Raw::connect_greeted(&w.relay.addr());
     let mut c = Raw::connect_from("127.0.0.9", &w.relay.addr());
     assert!(c.reply().starts_with("421 4.7.0"), "even mynetworks is refused when the node is full");
 }

@@ -40,6 +40,17 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+pub fn wait_until_value<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
 fn wait_port(port: u16, timeout: Duration) {
     wait_until(&format!("port {port}"), timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
@@ -530,6 +541,15 @@ pub struct Raw {
 impl Raw {
     pub fn connect(addr: &str) -> Raw {
         Self::wrap(TcpStream::connect(addr).unwrap())
+    }
+
+    /// Connects until the greeting is 220 (earlier sessions may still hold
+    /// a connection slot while they close).
+    pub fn connect_greeted(addr: &str) -> Raw {
+        wait_until_value("a 220 greeting", Duration::from_secs(10), || {
+            let mut c = Raw::connect(addr);
+            (c.code() == 220).then_some(c)
+        })
     }
 
     /// Connects from a chosen loopback address (e.g. one in mynetworks).
