@@ -265,6 +265,11 @@ pub struct Dns {
 impl Dns {
     /// `hosts`: names with an A record (127.0.0.1); `mx`: names with an MX.
     pub fn start(hosts: &[&str], mx: &[&str]) -> Dns {
+        Self::start_with(hosts, mx, &[])
+    }
+
+    /// As [`Dns::start`], plus raw dnsmasq options (e.g. `--mx-host=…`).
+    pub fn start_with(hosts: &[&str], mx: &[&str], extra: &[&str]) -> Dns {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new("/usr/sbin/dnsmasq");
@@ -280,6 +285,7 @@ impl Dns {
             cmd.arg(format!("--mx-host={m},mx.{m},10"));
             cmd.arg(format!("--host-record=mx.{m},127.0.0.1"));
         }
+        cmd.args(extra);
         // Everything else: authoritative "no such domain".
         cmd.arg("--address=/#/");
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (scripts/test.sh installs it)");
