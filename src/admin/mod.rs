@@ -2,5 +2,6 @@
 //! (`/metrics`, `/healthz`, `/readyz`). The queue and domain commands of
 //! the CLI will live here too.
 
+pub mod domains;
 pub mod http;
 pub mod queue;

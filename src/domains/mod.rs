@@ -35,6 +35,8 @@ pub enum DomainError {
     Unavailable(String),
     #[error("domain database migration failed: {0}")]
     Migration(String),
+    #[error("{0} is already listed")]
+    Duplicate(String),
 }
 
 /// Where the domains live. One file per back end.
@@ -44,6 +46,11 @@ pub trait DomainStore: Send + Sync {
     async fn migrate(&self) -> Result<(), DomainError>;
     /// Every row, as stored (normalised by the snapshot).
     async fn load(&self) -> Result<Vec<RawDomain>, DomainError>;
+    /// Adds rows in one transaction; a domain already listed fails them all
+    /// with [`DomainError::Duplicate`].
+    async fn add(&self, rows: &[RawDomain]) -> Result<(), DomainError>;
+    /// Removes a domain; `false` when it was not listed.
+    async fn remove(&self, domain: &str) -> Result<bool, DomainError>;
 }
 
 /// A row as the database holds it.
@@ -83,6 +90,10 @@ impl Snapshot {
 
     pub fn len(&self) -> usize {
         self.routes.len()
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &DomainRoute> {
+        self.routes.values().map(|r| r.as_ref())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -58,4 +58,39 @@ impl DomainStore for MySqlDomains {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(|e| DomainError::Unavailable(e.to_string()))
     }
+
+    async fn add(&self, rows: &[RawDomain]) -> Result<(), DomainError> {
+        let unavailable = |e: sqlx::Error| DomainError::Unavailable(e.to_string());
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for row in rows {
+            let inserted = sqlx::query(
+                "INSERT INTO domains (domain, relay_host, relay_port, enable_virus_spam_scan) VALUES (?, ?, ?, ?)",
+            )
+            .bind(&row.domain)
+            .bind(&row.relay_host)
+            .bind(row.relay_port)
+            .bind(&row.scan)
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Err(DomainError::Duplicate(row.domain.clone()));
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        // MyISAM (the seed's table) ignores the transaction; rows are checked
+        // for duplicates before any is written (see admin::domains).
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn remove(&self, domain: &str) -> Result<bool, DomainError> {
+        let done = sqlx::query("DELETE FROM domains WHERE domain = ?")
+            .bind(domain)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| DomainError::Unavailable(e.to_string()))?;
+        Ok(done.rows_affected() > 0)
+    }
 }
