@@ -73,12 +73,45 @@ enum DomainsCmd {
 
 #[derive(Subcommand)]
 enum QueueCmd {
-    /// Make deferred messages due now (all, or one domain's).
+    /// Counts by state and destination, oldest message age.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The messages in the queue (like `mailq`).
+    List {
+        /// Only messages with a recipient in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// active, deferred or held.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message: envelope, per-recipient state, attempts, last reply.
+    Show {
+        id: String,
+        /// Print the message itself too.
+        #[arg(long)]
+        body: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make deferred messages due now (all, or one domain's; like `postqueue -f`).
     Flush {
         /// Only this domain's destination.
         #[arg(long)]
         domain: Option<String>,
     },
+    /// Remove messages from the queue (like `postsuper -d`).
+    Delete { ids: Vec<String> },
+    /// Keep messages from being delivered (like `postsuper -h`).
+    Hold { ids: Vec<String> },
+    /// Let held messages be delivered again (like `postsuper -H`).
+    Release { ids: Vec<String> },
+    /// Bounce what is still pending of messages, with a DSN to the sender.
+    Bounce { ids: Vec<String> },
 }
 
 fn main() -> ExitCode {
@@ -102,11 +135,7 @@ fn main() -> ExitCode {
         }
         Cmd::Serve => run(config, |c| async move { mxrelay::server::serve(c).await }),
         Cmd::Domains { command } => run(config, |c| async move { domains(&c, command).await }),
-        Cmd::Queue { command: QueueCmd::Flush { domain } } => run(config, |c| async move {
-            let n = mxrelay::admin::queue::flush(&c, domain.as_deref()).await?;
-            println!("released {n} deferred message(s)");
-            Ok(())
-        }),
+        Cmd::Queue { command } => run(config, |c| async move { queue(&c, command).await }),
         Cmd::Migrate => run(config, |c| async move {
             let store = mxrelay::domains::mysql::MySqlDomains::connect(&c.domains.url, std::time::Duration::from_secs(10))?;
             mxrelay::domains::DomainStore::migrate(&store).await?;
@@ -188,6 +217,64 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
             cmd::add(&store, &rows).await?;
             println!("imported {} domain(s); {refresh}", rows.len());
         }
+    }
+    Ok(())
+}
+
+async fn queue(config: &Config, command: QueueCmd) -> anyhow::Result<()> {
+    use mxrelay::admin::queue as cmd;
+    use mxrelay::spool::AdminAction;
+    let act = |action: AdminAction, ids: Vec<String>| async move {
+        if ids.is_empty() {
+            anyhow::bail!("name at least one queue id (see `mxrelay queue list`)");
+        }
+        let done = cmd::act(config, action, &ids).await?;
+        let mut missed = 0;
+        for (id, ok) in &done {
+            if *ok {
+                println!("{id}: {}", action.as_str());
+            } else {
+                missed += 1;
+                eprintln!("{id}: not in the queue (or not held, for release)");
+            }
+        }
+        if missed > 0 { anyhow::bail!("{missed} of {} id(s) not found", done.len()) } else { Ok(()) }
+    };
+    match command {
+        QueueCmd::Stats { json } => {
+            let s = cmd::stats(config).await?;
+            if json { println!("{}", serde_json::to_string_pretty(&s)?) } else { print!("{}", cmd::stats_table(&s)) }
+        }
+        QueueCmd::List { domain, state, json } => {
+            let rows = cmd::list(config, domain.as_deref(), state.as_deref()).await?;
+            if json {
+                let v: Vec<_> = rows.iter().map(|(e, s)| serde_json::json!({"envelope": e, "state": s})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", cmd::list_table(&rows));
+            }
+        }
+        QueueCmd::Show { id, body, json } => {
+            let (env, state, content) = cmd::show(config, &id, body).await?;
+            if json {
+                let body = content.as_ref().map(|c| String::from_utf8_lossy(c).into_owned());
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"envelope": env, "state": state, "body": body}))?);
+            } else {
+                print!("{}", cmd::show_text(&env, &state));
+                if let Some(c) = content {
+                    println!("--- message ---");
+                    std::io::Write::write_all(&mut std::io::stdout(), &c)?;
+                }
+            }
+        }
+        QueueCmd::Flush { domain } => {
+            let n = cmd::flush(config, domain.as_deref()).await?;
+            println!("released {n} deferred message(s)");
+        }
+        QueueCmd::Delete { ids } => act(AdminAction::Delete, ids).await?,
+        QueueCmd::Hold { ids } => act(AdminAction::Hold, ids).await?,
+        QueueCmd::Release { ids } => act(AdminAction::Release, ids).await?,
+        QueueCmd::Bounce { ids } => act(AdminAction::Bounce, ids).await?,
     }
     Ok(())
 }

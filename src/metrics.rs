@@ -30,6 +30,8 @@ pub struct Metrics {
     pub delivery_destination_connections: IntGauge,
     pub delivery_dsn: IntCounter,
     pub delivery_connections_reused: IntCounter,
+    pub queue_messages: prometheus::IntGaugeVec,
+    pub queue_oldest_age_seconds: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -70,6 +72,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         delivery_recipients: counter_vec(&r, "mxrelay_delivery_recipients_total", "Recipients delivered, deferred or bounced", &["result"]),
         delivery_duration_seconds,
         delivery_destination_connections: gauge(&r, "mxrelay_delivery_destination_connections", "Destination connection slots in use on this node"),
+        queue_messages: {
+            let g = prometheus::IntGaugeVec::new(
+                Opts::new("mxrelay_queue_messages", "Messages in the shared queue (whole cluster), by state"),
+                &["state"],
+            )
+            .expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
+        },
+        queue_oldest_age_seconds: gauge(
+            &r,
+            "mxrelay_queue_oldest_message_age_seconds",
+            "Age of the oldest message in the shared queue (0 when empty)",
+        ),
         delivery_connections_reused: counter(&r, "mxrelay_delivery_connections_reused_total", "Deliveries over a cached session (after RSET)"),
         delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
         smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),

@@ -67,3 +67,108 @@ fn domains_add_list_show_remove_import() {
     assert!(!ok && out.contains("a.example is already listed"), "{out}");
     assert_eq!(db.exec("SELECT COUNT(*) FROM domains"), "3\n");
 }
+
+fn queue_cmd(relay: &Relay, db: &TestDb, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+        .arg("queue")
+        .args(args)
+        .env("MXRELAY_DOMAINS_URL", db.url())
+        .env("MXRELAY_QUEUE_PREFIX", &relay.prefix)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn queue_commands_on_mail_deferred_to_a_down_destination() {
+    use support::destination::Destination;
+    use std::time::Duration;
+    let home = Destination::start();
+    let down = free_port();
+    let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.add_domain(LISTED, "127.0.0.1", home.port);
+    db.add_domain("named.example", "127.0.0.1", down);
+    let relay = Relay::spawn_with_env(
+        &base_config(&db.url(), SHARED_REDIS, &dns),
+        &[
+            ("MXRELAY_DELIVERY_ENABLED", "true"),
+            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
+    );
+    let ids: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|l| {
+            let (_, out) = swaks(&relay.addr(), &["--from", "bob@friet.pan", "--to", &format!("{l}@named.example"), "--helo", "client.example"]);
+            queued_id(&out).unwrap_or_else(|| panic!("{out}"))
+        })
+        .collect();
+    let mut q = relay.queue(SHARED_REDIS);
+    wait_until("3 deferred", Duration::from_secs(20), || q.deferred_count() == 3);
+    let dest_key = format!("[127.0.0.1]:{down}");
+
+    let (ok, out) = queue_cmd(&relay, &db, &["stats", "--json"]);
+    let s = json(&out);
+    assert!(ok && s["messages"] == 3 && s["deferred"] == 3 && s["held"] == 0, "{out}");
+    assert_eq!(s["deferred_by_destination"][0], serde_json::json!([dest_key, 3]), "{out}");
+    assert!(s["oldest_received_at"].is_i64(), "{out}");
+    let (ok, out) = queue_cmd(&relay, &db, &["stats"]);
+    assert!(ok && out.contains("deferred 3") && out.contains(&dest_key), "{out}");
+    let metrics = relay.http_get("/metrics");
+    assert!(metrics.contains("mxrelay_queue_messages{state=\"deferred\"} 3"), "{metrics}");
+    assert!(metrics.contains("mxrelay_queue_oldest_message_age_seconds"), "{metrics}");
+
+    let (_, out) = queue_cmd(&relay, &db, &["list", "--state", "deferred", "--json"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 3, "{out}");
+    let (_, out) = queue_cmd(&relay, &db, &["list", "--domain", "friet.pan", "--json"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 0, "{out}");
+    let (ok, out) = queue_cmd(&relay, &db, &["list"]);
+    assert!(ok && out.contains(&ids[0]) && out.contains("3 message(s)"), "{out}");
+    let (ok, out) = queue_cmd(&relay, &db, &["list", "--state", "bogus"]);
+    assert!(!ok && out.contains("--state"), "{out}");
+
+    let (ok, out) = queue_cmd(&relay, &db, &["show", &ids[0], "--body"]);
+    assert!(ok && out.contains("state     deferred") && out.contains("<a@named.example> pending (4.4.1 connect to"), "{out}");
+    assert!(out.contains("attempts  1") && out.contains("next try") && out.contains("--- message ---\nReceived: from client.example"), "{out}");
+
+    // hold: not retried by a flush; release: delivered once the destination is up.
+    let (ok, out) = queue_cmd(&relay, &db, &["hold", &ids[0]]);
+    assert!(ok, "{out}");
+    let (_, out) = queue_cmd(&relay, &db, &["stats", "--json"]);
+    assert!(json(&out)["held"] == 1 && json(&out)["deferred"] == 2, "{out}");
+    let (ok, out) = queue_cmd(&relay, &db, &["flush"]);
+    assert!(ok && out.contains("released 2"), "{out}");
+    wait_until("flushed mail deferred again", Duration::from_secs(20), || q.deferred_count() == 2);
+    let (_, out) = queue_cmd(&relay, &db, &["show", &ids[0], "--json"]);
+    assert_eq!(json(&out)["envelope"]["attempts"], 1, "a held message is not retried: {out}");
+
+    // bounce: a DSN to the sender instead of a delivery.
+    let (ok, out) = queue_cmd(&relay, &db, &["bounce", &ids[1]]);
+    assert!(ok, "{out}");
+    let dsn = home.wait_for(1, Duration::from_secs(20));
+    assert_eq!(dsn[0].rcpts, vec!["bob@friet.pan"]);
+    assert!(String::from_utf8_lossy(&dsn[0].data).contains("bounced by the administrator"));
+
+    // delete: gone, never delivered.
+    let (ok, out) = queue_cmd(&relay, &db, &["delete", &ids[2]]);
+    assert!(ok, "{out}");
+    let (ok, out) = queue_cmd(&relay, &db, &["show", &ids[2]]);
+    assert!(!ok && out.contains("is not in the queue"), "{out}");
+    let (ok, out) = queue_cmd(&relay, &db, &["delete", "no-such-id"]);
+    assert!(!ok && out.contains("not found"), "{out}");
+    let up = Destination::start_on(down);
+    let (ok, out) = queue_cmd(&relay, &db, &["release", &ids[0]]);
+    assert!(ok, "{out}");
+    let got = up.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got[0].rcpts, vec!["a@named.example"]);
+
+    wait_until("queue empty", Duration::from_secs(20), || q.message_count() == 0);
+    assert_eq!(up.messages().len(), 1, "the deleted and the bounced message were never delivered");
+}

@@ -36,6 +36,14 @@ pub async fn serve(listener: TcpListener, health: Health) {
 async fn metrics(State(h): State<Health>) -> String {
     let age = h.domains.snapshot().map_or(-1, |s| s.loaded_at.elapsed().as_secs() as i64);
     METRICS.domains_snapshot_age_seconds.set(age);
+    // Cluster queue gauges: a few cheap commands per shard, at scrape time.
+    if let Ok(s) = h.spool.stats(false).await {
+        for (state, n) in [("ready", s.ready), ("leased", s.leased), ("deferred", s.deferred), ("held", s.held)] {
+            METRICS.queue_messages.with_label_values(&[state]).set(n as i64);
+        }
+        let oldest = s.oldest_received_at.map_or(0, |t| ((chrono::Utc::now().timestamp_millis() - t) / 1000).max(0));
+        METRICS.queue_oldest_age_seconds.set(oldest);
+    }
     METRICS.render()
 }
 

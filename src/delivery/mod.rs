@@ -258,6 +258,10 @@ impl Delivery {
             tracing::info!(queue_id = %lease.id, "{}: removed from the queue", lease.id);
             return self.spool.complete(lease, &[]).await;
         };
+        if env.held {
+            tracing::info!(queue_id = %lease.id, "{}: on hold, not delivered", lease.id);
+            return self.spool.skip(lease).await;
+        }
         let started = Instant::now();
         let had_deferred = env.attempts > 0;
         let mut groups: BTreeMap<String, (Route, Vec<usize>)> = BTreeMap::new();
@@ -271,6 +275,11 @@ impl Delivery {
         let mut fates: Vec<(usize, Fate)> = Vec::new();
         let mut recovered = Vec::new();
         for (key, (route, idxs)) in &groups {
+            if env.bounce_requested {
+                let reason = "bounced by the administrator (mxrelay queue bounce)".to_string();
+                fates.extend(idxs.iter().map(|i| (*i, Fate::Bounced { status: "5.0.0".into(), reason: reason.clone(), relay: None })));
+                continue;
+            }
             let slots = self.destination_slots(key);
             let Ok(_slot) = slots.acquire_owned().await else { continue };
             METRICS.delivery_destination_connections.inc();
@@ -558,6 +567,8 @@ impl Delivery {
             smtputf8: false,
             eight_bit: false,
             attempts: 0,
+            held: false,
+            bounce_requested: false,
         };
         let mut body = self.spool.open_body(&id);
         body.write(&message).await?;

@@ -760,6 +760,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             smtputf8: tx.smtputf8,
             eight_bit: tx.eight_bit,
             attempts: 0,
+            held: false,
+            bounce_requested: false,
         };
         match body.commit(&envelope).await {
             Ok(()) => {

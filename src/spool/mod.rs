@@ -86,6 +86,12 @@ pub struct Envelope {
     /// `BODY=8BITMIME` was declared.
     pub eight_bit: bool,
     pub attempts: u32,
+    /// Put on hold by an operator: not delivered until released.
+    #[serde(default)]
+    pub held: bool,
+    /// An operator asked to bounce what is still pending.
+    #[serde(default)]
+    pub bounce_requested: bool,
 }
 
 impl Envelope {
@@ -106,6 +112,8 @@ impl Envelope {
             smtputf8: get("smtputf8") == "1",
             eight_bit: get("eight_bit") == "1",
             attempts: num("attempts").unwrap_or(0) as u32,
+            held: get("held") == "1",
+            bounce_requested: get("bounce") == "1",
         })
     }
 }
@@ -168,6 +176,76 @@ pub trait Spool: Send + Sync {
     async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError>;
     /// Destinations that have deferred messages now.
     async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError>;
+    /// Acknowledges an entry whose message is held or gone.
+    async fn skip(&self, lease: &Lease) -> Result<(), SpoolError>;
+
+    // Operator commands (`mxrelay queue …`), from any node.
+    /// Finds a message by id (the returned lease has no stream entry).
+    async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError>;
+    /// Holds, releases, bounces or deletes one message; `false` if it is not
+    /// in a state where that applies (or does not exist).
+    async fn admin(&self, id: &QueueId, action: AdminAction) -> Result<bool, SpoolError>;
+    /// Counts by state, the oldest arrival, and (when asked, costlier)
+    /// deferred counts per destination.
+    async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError>;
+    /// Every message with its state, oldest first.
+    async fn list(&self) -> Result<Vec<(Envelope, MessageState)>, SpoolError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    Hold,
+    Release,
+    Bounce,
+    Delete,
+}
+
+impl AdminAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminAction::Hold => "hold",
+            AdminAction::Release => "release",
+            AdminAction::Bounce => "bounce",
+            AdminAction::Delete => "delete",
+        }
+    }
+}
+
+/// Where a message is, for `queue list/show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum MessageState {
+    /// In the ready stream or being delivered.
+    Active,
+    /// Waiting for its next attempt at `due` (unix ms).
+    Deferred { due: i64 },
+    Held,
+}
+
+impl MessageState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            MessageState::Active => "active",
+            MessageState::Deferred { .. } => "deferred",
+            MessageState::Held => "held",
+        }
+    }
+}
+
+/// Cluster-wide queue counts (cheap: a few commands per shard).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    pub messages: u64,
+    /// Entries waiting in the ready streams, not yet leased.
+    pub ready: u64,
+    /// Entries leased to a node (being delivered).
+    pub leased: u64,
+    pub deferred: u64,
+    pub held: u64,
+    /// Arrival (unix ms) of the oldest message in the queue.
+    pub oldest_received_at: Option<i64>,
+    /// Deferred messages per destination.
+    pub deferred_by_destination: Vec<(String, u64)>,
 }
 
 /// A message body being received, written in bounded pieces.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Envelope, Lease, QueueId, Spool, SpoolBody, SpoolError};
+use super::{AdminAction, Envelope, Lease, MessageState, QueueId, QueueStats, Spool, SpoolBody, SpoolError};
 use crate::config::QueueConfig;
 use crate::metrics::METRICS;
 
@@ -29,7 +29,7 @@ const TMP_BODY_TTL_SECS: i64 = 3600;
 static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: tmp, body, msg, ready   ARGV: spilled, tail, id, field, value, ...
+-- KEYS: tmp, body, msg, ready, arrivals   ARGV: spilled, tail, id, received_at, field, value, ...
 if ARGV[1] == '1' then
   if redis.call('EXISTS', KEYS[1]) == 0 then
     return redis.error_reply('ERR body chunks expired before commit')
@@ -40,7 +40,8 @@ if ARGV[1] == '1' then
 else
   redis.call('SET', KEYS[2], ARGV[2])
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
 return redis.call('XADD', KEYS[4], '*', 'id', ARGV[3])
 "#,
     )
@@ -50,8 +51,9 @@ return redis.call('XADD', KEYS[4], '*', 'id', ARGV[3])
 static ROLLBACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: body, msg, ready   ARGV: stream entry id
+-- KEYS: body, msg, ready, arrivals   ARGV: stream entry id, id
 redis.call('XDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[2])
 return redis.call('DEL', KEYS[1], KEYS[2])
 "#,
     )
@@ -99,11 +101,13 @@ return moved
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: ready, msg, body, dest indexes...   ARGV: entry, id, group
+-- KEYS: ready, msg, body, arrivals, hold, dest indexes...   ARGV: entry, id, group
 redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3])
-for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('SREM', KEYS[5], ARGV[2])
+for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
 return 1
 "#,
     )
@@ -118,6 +122,8 @@ redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], 'recipients', ARGV[5], 'attempts', ARGV[6])
+-- A message put on hold meanwhile stays in the hold set until released.
+if redis.call('HGET', KEYS[2], 'held') == '1' then return 2 end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 for i = 4, #KEYS do redis.call('ZADD', KEYS[i], ARGV[4], ARGV[2]) end
 return 1
@@ -133,6 +139,48 @@ static HAND_BACK: LazyLock<Script> = LazyLock::new(|| {
 redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
   redis.call('XADD', KEYS[1], '*', 'id', ARGV[2])
+end
+return 1
+"#,
+    )
+});
+
+/// Acknowledges an entry without touching its message (held, or gone).
+static SKIP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: ready   ARGV: entry, group
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+return redis.call('XDEL', KEYS[1], ARGV[1])
+"#,
+    )
+});
+
+/// Administrative moves of one message (`mxrelay queue hold|release|bounce|delete`).
+static ADMIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: msg, body, deferred, hold, ready, arrivals   ARGV: action, id
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local action, id = ARGV[1], ARGV[2]
+if action == 'hold' then
+  redis.call('HSET', KEYS[1], 'held', '1')
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('SADD', KEYS[4], id)
+elseif action == 'release' then
+  if redis.call('SREM', KEYS[4], id) == 0 then return 0 end
+  redis.call('HDEL', KEYS[1], 'held')
+  redis.call('XADD', KEYS[5], '*', 'id', id)
+elseif action == 'bounce' then
+  redis.call('HSET', KEYS[1], 'bounce', '1')
+  redis.call('HDEL', KEYS[1], 'held')
+  local was_waiting = redis.call('ZREM', KEYS[3], id) + redis.call('SREM', KEYS[4], id)
+  if was_waiting > 0 then redis.call('XADD', KEYS[5], '*', 'id', id) end
+elseif action == 'delete' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('SREM', KEYS[4], id)
+  redis.call('ZREM', KEYS[6], id)
 end
 return 1
 "#,
@@ -163,6 +211,14 @@ impl ShardKeys {
     }
     fn tmp(&self, id: &QueueId) -> String {
         format!("{}:tmp:{id}", self.base)
+    }
+    /// Messages on hold (`queue hold`), never delivered until released.
+    pub fn hold(&self) -> String {
+        format!("{}:hold", self.base)
+    }
+    /// Every message of the shard by arrival time (ms): counts and oldest age.
+    pub fn arrivals(&self) -> String {
+        format!("{}:arrivals", self.base)
     }
     /// Deferred messages of one destination (for the fast drain).
     pub fn destination(&self, destination: &str) -> String {
@@ -383,7 +439,7 @@ impl Spool for RedisSpool {
     async fn complete(&self, lease: &Lease, destinations: &[String]) -> Result<(), SpoolError> {
         let keys = self.shard_keys(lease.shard);
         let mut inv = COMPLETE.prepare_invoke();
-        inv.key(keys.ready()).key(keys.msg(&lease.id)).key(keys.body(&lease.id));
+        inv.key(keys.ready()).key(keys.msg(&lease.id)).key(keys.body(&lease.id)).key(keys.arrivals()).key(keys.hold());
         for d in destinations {
             inv.key(keys.destination(d));
         }
@@ -459,6 +515,114 @@ impl Spool for RedisSpool {
         }
         Ok(found.into_iter().collect())
     }
+
+    async fn skip(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let mut inv = SKIP.prepare_invoke();
+        inv.key(self.shard_keys(lease.shard).ready()).arg(&lease.entry).arg(GROUP);
+        self.run_script::<i64>("skip", &inv).await.map(|_| ())
+    }
+
+    async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
+        let mut conn = self.conn.clone();
+        for shard in 0..self.config.shards {
+            let exists: bool = bounded("locate", self.config.timeout, conn.exists(self.shard_keys(shard).msg(id))).await?;
+            if exists {
+                return Ok(Some(Lease { id: id.clone(), shard, entry: String::new() }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn admin(&self, id: &QueueId, action: AdminAction) -> Result<bool, SpoolError> {
+        let Some(lease) = self.locate(id).await? else { return Ok(false) };
+        let k = self.shard_keys(lease.shard);
+        let mut inv = ADMIN.prepare_invoke();
+        inv.key(k.msg(id)).key(k.body(id)).key(k.deferred()).key(k.hold()).key(k.ready()).key(k.arrivals());
+        inv.arg(action.as_str()).arg(id.as_str());
+        Ok(self.run_script::<i64>("admin", &inv).await? == 1)
+    }
+
+    async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError> {
+        let mut conn = self.conn.clone();
+        let mut stats = QueueStats::default();
+        let mut oldest: Option<i64> = None;
+        for shard in 0..self.config.shards {
+            let k = self.shard_keys(shard);
+            let mut pipe = redis::pipe();
+            pipe.zcard(k.arrivals())
+                .xlen(k.ready())
+                .cmd("XPENDING")
+                .arg(k.ready())
+                .arg(GROUP)
+                .zcard(k.deferred())
+                .scard(k.hold())
+                .zrange_withscores(k.arrivals(), 0, 0);
+            type Row = (u64, u64, redis::Value, u64, u64, Vec<(String, f64)>);
+            let (messages, xlen, pending, deferred, held, first): Row =
+                bounded("stats", self.config.timeout, pipe.query_async(&mut conn)).await?;
+            // XPENDING summary: [count, first, last, consumers]; NOGROUP before prepare.
+            let leased = match pending {
+                redis::Value::Array(ref items) => match items.first() {
+                    Some(redis::Value::Int(n)) => *n as u64,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            stats.messages += messages;
+            stats.leased += leased;
+            stats.ready += xlen.saturating_sub(leased);
+            stats.deferred += deferred;
+            stats.held += held;
+            if let Some((_, t)) = first.first() {
+                let t = *t as i64;
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
+        stats.oldest_received_at = oldest;
+        if !by_destination {
+            return Ok(stats);
+        }
+        let mut by_dest = std::collections::BTreeMap::new();
+        for d in self.deferred_destinations().await? {
+            let mut n = 0;
+            for shard in 0..self.config.shards {
+                let c: u64 = bounded("stats", self.config.timeout, conn.zcard(self.shard_keys(shard).destination(&d))).await?;
+                n += c;
+            }
+            by_dest.insert(d, n);
+        }
+        stats.deferred_by_destination = by_dest.into_iter().collect();
+        Ok(stats)
+    }
+
+    async fn list(&self) -> Result<Vec<(Envelope, MessageState)>, SpoolError> {
+        let mut conn = self.conn.clone();
+        let mut all = Vec::new();
+        for shard in 0..self.config.shards {
+            let k = self.shard_keys(shard);
+            let ids: Vec<String> = bounded("list", self.config.timeout, conn.zrange(k.arrivals(), 0, -1)).await?;
+            for chunk in ids.chunks(500) {
+                let mut pipe = redis::pipe();
+                for id in chunk {
+                    let id = QueueId::from(id.clone());
+                    pipe.hgetall(k.msg(&id)).zscore(k.deferred(), id.as_str());
+                }
+                let replies: Vec<(std::collections::HashMap<String, String>, Option<f64>)> =
+                    bounded("list", self.config.timeout, pipe.query_async(&mut conn)).await?;
+                for (fields, due) in replies {
+                    let Some(env) = Envelope::from_fields(&fields) else { continue };
+                    let state = match (env.held, due) {
+                        (true, _) => MessageState::Held,
+                        (false, Some(due)) => MessageState::Deferred { due: due as i64 },
+                        (false, None) => MessageState::Active,
+                    };
+                    all.push((env, state));
+                }
+            }
+        }
+        all.sort_by_key(|(e, _)| e.received_at);
+        Ok(all)
+    }
 }
 
 struct RedisBody {
@@ -518,9 +682,11 @@ impl SpoolBody for RedisBody {
             .key(&body_key)
             .key(&msg_key)
             .key(&ready_key)
+            .key(self.keys.arrivals())
             .arg(if self.spilled { "1" } else { "0" })
             .arg(self.buf.as_slice())
-            .arg(self.id.as_str());
+            .arg(self.id.as_str())
+            .arg(env.received_at);
         for (k, v) in &fields {
             invocation.arg(*k).arg(v.as_str());
         }
@@ -549,7 +715,7 @@ impl SpoolBody for RedisBody {
             .unwrap_or(0);
             if got < wanted {
                 let mut rollback = ROLLBACK.prepare_invoke();
-                rollback.key(&body_key).key(&msg_key).key(&ready_key).arg(&entry);
+                rollback.key(&body_key).key(&msg_key).key(&ready_key).key(self.keys.arrivals()).arg(&entry).arg(self.id.as_str());
                 let _ = bounded("rollback", self.config.timeout, rollback.invoke_async::<i64>(&mut conn)).await;
                 METRICS.redis_errors.with_label_values(&["wait"]).inc();
                 return Err(SpoolError::NotReplicated { wanted, got });
