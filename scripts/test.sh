@@ -15,10 +15,12 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v swaks >/dev/null || need+=(swaks)
 [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+[ -x /usr/bin/prometheus ] || need+=(prometheus)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # Package scripts must not start daemons (above all Postfix on port 25).
+  # Package scripts must not start daemons (above all Postfix on port 25,
+  # Prometheus on 9090): the tests start their own on ephemeral ports.
   created_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null

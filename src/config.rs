@@ -491,6 +491,61 @@ impl Config {
     }
 }
 
+/// Keys a running node takes over on SIGHUP; every other key needs a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "myhostname",
+    "mynetworks",
+    "message_size_limit",
+    "debug_peer_list",
+    "hop_count_limit",
+    "smtpd_recipient_limit",
+    "disable_vrfy_command",
+    "smtpd_helo_required",
+    "strict_rfc821_envelopes",
+    "smtpd_forbid_bare_newline",
+    "reject_unknown_sender_domain",
+    "reject_unknown_recipient_domain",
+    "smtp.max_connections",
+    "smtp.max_connections_per_ip",
+    "smtp.command_timeout",
+    "smtp.data_timeout",
+    "smtp.error_limit",
+    "smtp.greet_pause",
+    "smtp.peername_lookup",
+];
+
+impl Config {
+    /// Key paths whose values differ between `self` and `other`.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let flat = |c: &Config| {
+            let mut keys = Vec::new();
+            collect_keys(&toml::Table::try_from(c).unwrap_or_default(), &mut Vec::new(), &mut keys);
+            keys.into_iter().map(|(p, v)| (p.join("."), v)).collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let (a, b) = (flat(self), flat(other));
+        a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+    }
+
+    /// This configuration with the values of `keys` (dotted paths) taken from `other`.
+    pub fn with_keys_from(&self, other: &Config, keys: &[String]) -> Config {
+        let (Ok(mut mine), Ok(theirs)) = (toml::Table::try_from(self), toml::Table::try_from(other)) else {
+            return self.clone();
+        };
+        for key in keys {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            let value = path.iter().try_fold(&theirs, |t, p| match t.get(p) {
+                Some(toml::Value::Table(inner)) => Ok(inner),
+                Some(v) => Err(Some(v.clone())),
+                None => Err(None),
+            });
+            if let Err(Some(v)) = value {
+                insert_path(&mut mine, &path, v);
+            }
+        }
+        toml::Value::Table(mine).try_into().unwrap_or_else(|_| self.clone())
+    }
+}
+
 /// `user:secret@host` → `user:***@host`.
 pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
@@ -516,6 +571,9 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)], errors: &mut Vec
     collect_keys(&defaults, &mut Vec::new(), &mut keys);
     for (name, value) in env {
         let Some(suffix) = name.strip_prefix(ENV_PREFIX) else { continue };
+        if suffix == "CONFIG" {
+            continue; // MXRELAY_CONFIG names the file, it is not a key
+        }
         let Some((path, default)) = keys.iter().find(|(path, _)| env_name(path) == suffix) else {
             errors.push(ConfigError::new(
                 name,
@@ -614,6 +672,22 @@ mod tests {
         .unwrap_err();
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["smtp.listen", "mynetworks"]);
+    }
+
+    #[test]
+    fn live_keys_are_copied_and_others_kept() {
+        let old = Config::default();
+        let new = Config {
+            message_size_limit: 1234567,
+            smtp: SmtpConfig { error_limit: 3, listen: "127.0.0.1:1".into(), ..SmtpConfig::default() },
+            ..Config::default()
+        };
+        let changed = old.changed_keys(&new);
+        assert_eq!(changed, ["message_size_limit", "smtp.error_limit", "smtp.listen"]);
+        let live: Vec<String> = changed.into_iter().filter(|k| LIVE_KEYS.contains(&k.as_str())).collect();
+        let applied = old.with_keys_from(&new, &live);
+        assert_eq!((applied.message_size_limit, applied.smtp.error_limit), (1234567, 3));
+        assert_eq!(applied.smtp.listen, old.smtp.listen);
     }
 
     #[test]

@@ -116,9 +116,7 @@ enum QueueCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // MXRELAY_CONFIG names the file; it is not a config key.
-    let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k != "MXRELAY_CONFIG").collect();
-    let config = match Config::load_from(cli.config.as_deref(), &env) {
+    let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors {
@@ -133,7 +131,10 @@ fn main() -> ExitCode {
             eprintln!("configuration OK");
             ExitCode::SUCCESS
         }
-        Cmd::Serve => run(config, |c| async move { mxrelay::server::serve(c).await }),
+        Cmd::Serve => {
+            let path = cli.config.clone();
+            run(config, |c| async move { mxrelay::server::serve(c, path).await })
+        }
         Cmd::Domains { command } => run(config, |c| async move { domains(&c, command).await }),
         Cmd::Queue { command } => run(config, |c| async move { queue(&c, command).await }),
         Cmd::Migrate => run(config, |c| async move {

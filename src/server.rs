@@ -22,7 +22,7 @@ use crate::spool::redis::RedisSpool;
 /// How long open sessions may run on after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let resolved = config.resolve().map_err(|errors| {
         anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
     })?;
@@ -34,15 +34,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::error!(error = %e, "queue not reachable at start");
     }
     let dns = Dns::new(&resolved.nameservers, config.dns.timeout)?;
-    let policy = Policy {
-        restrictions: Restrictions {
-            mynetworks: resolved.mynetworks.clone(),
-            reject_unknown_sender_domain: config.reject_unknown_sender_domain,
-            reject_unknown_recipient_domain: config.reject_unknown_recipient_domain,
-        },
-        domains: domains.clone(),
-        dns,
-    };
+    let policy = Policy::new(restrictions(&config, &resolved), domains.clone(), dns);
     // First snapshot before listening, so a healthy node never answers 451
     // for want of one; a failure is not fatal (the refresher retries).
     match domains.refresh(config.migrate_on_start).await {
@@ -77,10 +69,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let reloader = domains.clone();
     let drain = draining.clone();
+    let shared = Arc::new(Shared::new(config.clone(), policy, spool.clone()));
+    let live = shared.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = hup.recv() => reloader.request_reload(),
+                _ = hup.recv() => {
+                    reloader.request_reload();
+                    reload(&live, path.as_deref());
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -90,14 +87,47 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     let delivery = config.delivery.enabled.then(|| {
-        let d = crate::delivery::Delivery::new(config.clone(), spool.clone(), domains.clone(), policy.dns.clone());
+        let d = crate::delivery::Delivery::new(config.clone(), spool.clone(), domains.clone(), shared.policy.dns.clone());
         tokio::spawn(d.run(stop_rx.clone()))
     });
-    let shared = Arc::new(Shared { config, policy, spool });
     crate::smtp::serve(smtp, shared, stop_rx, DRAIN_GRACE).await;
     if let Some(d) = delivery {
         let _ = d.await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn restrictions(config: &Config, resolved: &crate::config::Resolved) -> Restrictions {
+    Restrictions {
+        mynetworks: resolved.mynetworks.clone(),
+        reject_unknown_sender_domain: config.reject_unknown_sender_domain,
+        reject_unknown_recipient_domain: config.reject_unknown_recipient_domain,
+    }
+}
+
+/// SIGHUP: re-reads the configuration; live keys apply to new sessions,
+/// changed keys that need a restart are named in the log.
+fn reload(shared: &Shared, path: Option<&std::path::Path>) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            tracing::error!("config reload failed, keeping the running configuration: {}", all.join("; "));
+            return;
+        }
+    };
+    let Ok(resolved) = new.resolve() else { return };
+    let old = shared.config();
+    let changed = old.changed_keys(&new);
+    let (live, restart): (Vec<String>, Vec<String>) =
+        changed.into_iter().partition(|k| crate::config::LIVE_KEYS.contains(&k.as_str()));
+    if !restart.is_empty() {
+        tracing::warn!("config reload: changed keys that need a restart (still running with the old values): {}", restart.join(", "));
+    }
+    // Keep the old values of the keys that cannot change live.
+    let applied = old.with_keys_from(&new, &live);
+    shared.policy.set_restrictions(restrictions(&applied, &resolved));
+    shared.set_config(applied);
+    tracing::info!("config reloaded; applied: {}", if live.is_empty() { "nothing changed".into() } else { live.join(", ") });
 }

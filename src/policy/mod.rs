@@ -70,18 +70,31 @@ impl RcptResult {
 pub type Verdict = Result<(), (Reply, RcptResult)>;
 
 pub struct Policy {
-    pub restrictions: Restrictions,
+    restrictions: std::sync::RwLock<Arc<Restrictions>>,
     pub domains: Arc<Domains>,
     pub dns: Dns,
 }
 
 impl Policy {
+    pub fn new(restrictions: Restrictions, domains: Arc<Domains>, dns: Dns) -> Policy {
+        Policy { restrictions: std::sync::RwLock::new(Arc::new(restrictions)), domains, dns }
+    }
+
+    fn restrictions(&self) -> Arc<Restrictions> {
+        self.restrictions.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps the restrictions (SIGHUP reload).
+    pub fn set_restrictions(&self, restrictions: Restrictions) {
+        *self.restrictions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(restrictions);
+    }
+
     pub fn is_mynetworks(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.restrictions.mynetworks.iter().any(|n| n.contains(&ip))
+        self.restrictions().mynetworks.iter().any(|n| n.contains(&ip))
     }
 
     /// Sender checks; their result is cached per transaction by the session.
@@ -93,7 +106,7 @@ impl Policy {
                 RcptResult::NonFqdn,
             ));
         }
-        if self.restrictions.reject_unknown_sender_domain {
+        if self.restrictions().reject_unknown_sender_domain {
             self.domain_exists(m, "Sender", "4.1.8").await?;
         }
         Ok(())
@@ -141,7 +154,7 @@ impl Policy {
                 RcptResult::NonFqdn,
             ));
         }
-        if self.restrictions.reject_unknown_recipient_domain {
+        if self.restrictions().reject_unknown_recipient_domain {
             self.domain_exists(rcpt, "Recipient", "4.1.2").await?;
         }
         Ok(())

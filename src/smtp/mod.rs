@@ -90,8 +90,9 @@ pub async fn serve(
     grace: std::time::Duration,
 ) {
     let per_ip = Arc::new(PerIp::default());
-    let debug_peers = Arc::new(DebugPeers::new(&shared.config.debug_peer_list));
-    let sessions = Arc::new(tokio::sync::Semaphore::new(shared.config.smtp.max_connections));
+    let mut config = shared.config();
+    let mut debug_peers = Arc::new(DebugPeers::new(&config.debug_peer_list));
+    let sessions = Arc::new(tokio::sync::Semaphore::new(config.smtp.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -106,9 +107,22 @@ pub async fn serve(
             },
         };
         while tasks.try_join_next().is_some() {}
+        // A reloaded configuration applies from the next connection on.
+        let current = shared.config();
+        if !Arc::ptr_eq(&current, &config) {
+            let (old, new) = (config.smtp.max_connections, current.smtp.max_connections);
+            if new > old {
+                sessions.add_permits(new - old);
+            } else if new < old {
+                sessions.forget_permits(old - new);
+            }
+            debug_peers = Arc::new(DebugPeers::new(&current.debug_peer_list));
+            config = current;
+        }
         let _ = stream.set_nodelay(true);
         METRICS.smtp_connections.inc();
         let shared = shared.clone();
+        let config = config.clone();
         let per_ip = per_ip.clone();
         let debug_peers = debug_peers.clone();
         let permit = sessions.clone().try_acquire_owned();
@@ -118,11 +132,11 @@ pub async fn serve(
             };
             let ip = canonical(peer.ip());
             let trusted = shared.policy.is_mynetworks(ip);
-            let limit = (!trusted).then_some(shared.config.smtp.max_connections_per_ip);
+            let limit = (!trusted).then_some(config.smtp.max_connections_per_ip);
             let Some(_slot) = per_ip.try_take(ip, limit) else {
                 return refuse(stream, peer, "ip_limit", &format!("Error: too many connections from {ip}")).await;
             };
-            let name = if shared.config.smtp.peername_lookup {
+            let name = if config.smtp.peername_lookup {
                 shared.policy.dns.reverse_name(ip).await.unwrap_or_else(|| "unknown".into())
             } else {
                 "unknown".into()

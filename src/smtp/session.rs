@@ -29,11 +29,27 @@ const READ_CHUNK: usize = 64 * 1024;
 /// pipelined commands wait.
 const OUTPUT_FLUSH_AT: usize = 16 * 1024;
 
-/// What every session of a node shares.
+/// What every session of a node shares. The configuration can be swapped
+/// on SIGHUP; a session keeps the one it started with.
 pub struct Shared {
-    pub config: Config,
+    config: std::sync::RwLock<Arc<Config>>,
     pub policy: Policy,
     pub spool: Arc<dyn Spool>,
+}
+
+impl Shared {
+    pub fn new(config: Config, policy: Policy, spool: Arc<dyn Spool>) -> Shared {
+        Shared { config: std::sync::RwLock::new(Arc::new(config)), policy, spool }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Installs a new configuration for sessions that start from now on.
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +229,7 @@ impl Incoming {
 pub struct Session<S> {
     conn: Conn<S>,
     shared: Arc<Shared>,
+    config: Arc<Config>,
     client: ClientInfo,
     helo: Option<String>,
     esmtp: bool,
@@ -232,6 +249,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let debug = client.debug;
         Session {
             conn: Conn { stream, inbuf: BytesMut::with_capacity(4096), out: Vec::new(), debug },
+            config: shared.config(),
             shared,
             client,
             helo: None,
@@ -243,7 +261,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn config(&self) -> &Config {
-        &self.shared.config
+        &self.config
     }
 
     pub async fn run(mut self) -> Outcome {
@@ -315,7 +333,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match e {
             ReadError::Timeout => {
                 tracing::info!(client = %self.peer(), "timeout after {during}");
-                self.conn.queue(&Reply::timeout(&self.shared.config.myhostname));
+                self.conn.queue(&Reply::timeout(&self.config.myhostname));
                 Outcome::Timeout
             }
             ReadError::Eof => {

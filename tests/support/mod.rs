@@ -404,6 +404,21 @@ impl Relay {
         }
     }
 
+    /// Replaces the configuration file (takes effect on SIGHUP or restart).
+    pub fn rewrite_config(&mut self, config: &str) {
+        self.config = config.to_string();
+        std::fs::write(self.dir.path().join("mxrelay.toml"), config).unwrap();
+    }
+
+    /// The value of one sample in `/metrics` (0 when absent).
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = self.http_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("mxrelay.log")
     }

@@ -1,0 +1,198 @@
+//! Operating a node: metrics that count exactly, readiness, SIGHUP reload.
+
+mod support;
+
+use std::time::Duration;
+
+use support::sink::SmtpSink;
+use support::*;
+
+#[test]
+fn metrics_count_a_known_workload_exactly() {
+    let sink = SmtpSink::start();
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.add_domain(LISTED, "127.0.0.1", sink.port);
+    let relay = Relay::spawn_with_env(
+        &base_config(&db.url(), SHARED_REDIS, &dns),
+        &[("MXRELAY_DELIVERY_ENABLED", "true"), ("MXRELAY_MESSAGE_SIZE_LIMIT", "10000")],
+    );
+    let samples = [
+        "mxrelay_smtp_connections_total",
+        "mxrelay_smtp_messages_total{result=\"accepted\"}",
+        "mxrelay_smtp_messages_total{result=\"too_big\"}",
+        "mxrelay_smtp_rcpt_total{result=\"accepted\"}",
+        "mxrelay_smtp_rcpt_total{result=\"relay_denied\"}",
+        "mxrelay_smtp_sessions_total{outcome=\"quit\"}",
+        "mxrelay_delivery_recipients_total{result=\"delivered\"}",
+        "mxrelay_delivery_attempts_total{result=\"sent\"}",
+        "mxrelay_delivery_duration_seconds_count",
+        "mxrelay_queue_enqueue_duration_seconds_count",
+    ];
+    let before: Vec<f64> = samples.iter().map(|s| relay.metric(s)).collect();
+    // 3 messages (4 accepted recipients), 2 relay-denied recipients, 1 too big: 4 sessions.
+    swaks(&relay.addr(), &["--from", SENDER, "--to", "a@friet.pan,x@other.example", "--helo", "client.example"]);
+    swaks(&relay.addr(), &["--from", SENDER, "--to", "b@friet.pan,c@friet.pan", "--helo", "client.example"]);
+    swaks(&relay.addr(), &["--from", SENDER, "--to", "d@friet.pan,y@other.example", "--helo", "client.example"]);
+    let big = "x".repeat(20_000);
+    swaks(&relay.addr(), &["--from", SENDER, "--to", "e@friet.pan", "--helo", "client.example", "--body", &big]);
+    sink.wait_for(3, Duration::from_secs(20));
+    wait_until("delivery counted", Duration::from_secs(10), || {
+        relay.metric("mxrelay_delivery_recipients_total{result=\"delivered\"}") - before[6] >= 4.0
+    });
+    let after: Vec<f64> = samples.iter().map(|s| relay.metric(s)).collect();
+    let delta: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(delta, vec![4.0, 3.0, 1.0, 5.0, 2.0, 4.0, 4.0, 4.0, 3.0, 3.0], "{samples:?}");
+    assert!(relay.metric("mxrelay_smtp_received_bytes_total") > 0.0);
+}
+
+#[test]
+fn readyz_is_false_while_draining() {
+    let w = World::start();
+    assert!(w.relay.http_get("/readyz").starts_with("HTTP/1.1 200"));
+    let mut open = Raw::ehlo(&w.relay.addr()); // keeps the node draining
+    w.relay.signal("TERM");
+    wait_until("draining", Duration::from_secs(10), || w.relay.http_get("/readyz").contains("draining"));
+    assert!(w.relay.http_get("/readyz").starts_with("HTTP/1.1 503"));
+    assert!(w.relay.http_get("/healthz").starts_with("HTTP/1.1 200"), "alive while draining");
+    // The open session is served to its end.
+    assert!(open.cmd("NOOP").starts_with("250"));
+    assert!(open.cmd("QUIT").starts_with("221"));
+}
+
+#[test]
+fn readyz_follows_redis() {
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let db = TestDb::create(&MysqlServer::shared());
+    let mut redis = RedisServer::start();
+    let relay = Relay::spawn(&base_config(&db.url(), &redis.url(), &dns));
+    assert!(relay.http_get("/readyz").starts_with("HTTP/1.1 200"));
+    redis.stop();
+    assert!(relay.http_get("/readyz").starts_with("HTTP/1.1 503"));
+    redis.resume();
+    wait_until("ready again", Duration::from_secs(20), || relay.http_get("/readyz").starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn sighup_applies_live_keys_and_names_those_needing_a_restart() {
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let db = TestDb::create(&MysqlServer::shared());
+    let base = base_config(&db.url(), SHARED_REDIS, &dns);
+    let mut relay = Relay::spawn(&format!("message_size_limit = 100000\n{base}"));
+    let mut c = Raw::ehlo(&relay.addr());
+    assert!(c.cmd(&format!("MAIL FROM:<{SENDER}> SIZE=200000")).starts_with("552"));
+    let changed = format!("message_size_limit = 1000000\n{}", base.replace("timeout = \"2s\"", "timeout = \"3s\""));
+    relay.rewrite_config(&changed);
+    relay.signal("HUP");
+    wait_until("reload logged", Duration::from_secs(10), || relay.log().contains("config reloaded"));
+    let log = relay.log();
+    let warning = log.lines().find(|l| l.contains("need a restart (still running with the old values)")).unwrap_or("");
+    assert!(warning.contains("queue.timeout") && !warning.contains("message_size_limit"), "{log}");
+    assert!(log.contains("applied: message_size_limit"), "{log}");
+    let mut c = Raw::ehlo(&relay.addr());
+    assert!(c.cmd(&format!("MAIL FROM:<{SENDER}> SIZE=200000")).starts_with("250"));
+    let ehlo = c.cmd("EHLO client.example");
+    assert!(ehlo.contains("SIZE 1000000"), "{ehlo}");
+    // A broken file is refused and the running configuration kept.
+    relay.rewrite_config("message_size_limit = \"lots\"\n");
+    relay.signal("HUP");
+    wait_until("reload refused", Duration::from_secs(10), || relay.log().contains("config reload failed"));
+    let mut c = Raw::ehlo(&relay.addr());
+    assert!(c.cmd(&format!("MAIL FROM:<{SENDER}> SIZE=200000")).starts_with("250"));
+}
+
+/// A real Prometheus server scraping two nodes on loopback.
+struct Prometheus {
+    port: u16,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Prometheus {
+    fn start(targets: &[String]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let list = targets.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: mxrelay\n    static_configs:\n      - targets: [{list}]\n"
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let child = std::process::Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (scripts/test.sh installs it)");
+        let p = Prometheus { port, _dir: dir, child };
+        wait_until("prometheus ready", Duration::from_secs(30), || p.get("/-/ready").starts_with("HTTP/1.1 200"));
+        p
+    }
+
+    fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return String::new() };
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// An instant query through the HTTP API; the `data.result` array.
+    fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"_-.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let reply = self.get(&format!("/api/v1/query?query={encoded}"));
+        let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
+        // Chunked or not, the JSON object is the outermost {...}.
+        let json = &body[body.find('{').unwrap_or(0)..=body.rfind('}').unwrap_or(0)];
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {reply}"));
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_shows_the_received_rate_of_each_node() {
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.add_domain(LISTED, "127.0.0.1", 2526);
+    let config = base_config(&db.url(), SHARED_REDIS, &dns);
+    let prefix = unique("mxrq");
+    let nodes: Vec<Relay> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| Relay::spawn_in_queue(&config, &[("MXRELAY_NODE_ID", n)], &prefix))
+        .collect();
+    let targets: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.admin_port)).collect();
+    let prom = Prometheus::start(&targets);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for n in &nodes {
+            swaks(&n.addr(), &["--from", SENDER, "--to", "t@friet.pan", "--helo", "client.example"]);
+        }
+        let result = prom.query("sum by (instance) (rate(mxrelay_smtp_messages_total{result=\"accepted\"}[5s]))");
+        let rates: Vec<(String, f64)> = result
+            .iter()
+            .filter_map(|r| Some((r["metric"]["instance"].as_str()?.to_string(), r["value"][1].as_str()?.parse().ok()?)))
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        if rates.len() == 2 {
+            assert!(targets.iter().all(|t| rates.iter().any(|(i, _)| i == t)), "{rates:?}");
+            eprintln!("prometheus: per-node received rate {rates:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no per-node rate for both nodes: {result:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
