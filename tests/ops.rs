@@ -196,3 +196,19 @@ fn prometheus_shows_the_received_rate_of_each_node() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[test]
+fn mail_log_in_json_carries_the_queue_id() {
+    let w = World::start_with(&[("MXRELAY_LOG_FORMAT", "json")]);
+    let (_, out) = swaks(&w.relay.addr(), &["--from", SENDER, "--to", "t@friet.pan", "--helo", "client.example"]);
+    let id = queued_id(&out).unwrap();
+    let accepted: Vec<serde_json::Value> = w
+        .relay
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v| v["fields"]["queue_id"] == id.as_str())
+        .collect();
+    assert_eq!(accepted.len(), 1, "one 'queue active' event");
+    assert!(accepted[0]["fields"]["message"].as_str().unwrap().contains("from=<sender@sender.example>, size="));
+}
