@@ -408,11 +408,11 @@ impl Config {
         if self.node_id.trim().is_empty() || self.node_id.contains(char::is_whitespace) {
             errors.push(ConfigError::new("node_id", "must be one non-empty word", "set a stable name such as relay-1"));
         }
-        if !self.domains.url.starts_with("mysql://") && !self.domains.url.starts_with("mariadb://") {
+        if !["mysql://", "mariadb://", "sqlite://"].iter().any(|p| self.domains.url.starts_with(p)) {
             errors.push(ConfigError::new(
                 "domains.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.domains.url)),
-                "use mysql://user:password@host:port/database",
+                "use mysql://user:password@host:port/database (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
         if !self.queue.url.starts_with("redis://") && !self.queue.url.starts_with("rediss://") {

@@ -138,8 +138,7 @@ fn main() -> ExitCode {
         Cmd::Domains { command } => run(config, |c| async move { domains(&c, command).await }),
         Cmd::Queue { command } => run(config, |c| async move { queue(&c, command).await }),
         Cmd::Migrate => run(config, |c| async move {
-            let store = mxrelay::domains::mysql::MySqlDomains::connect(&c.domains.url, std::time::Duration::from_secs(10))?;
-            mxrelay::domains::DomainStore::migrate(&store).await?;
+            mxrelay::domains::open(&c.domains.url)?.migrate().await?;
             eprintln!("migrations applied to {}", mxrelay::config::mask_url(&c.domains.url));
             Ok(())
         }),
@@ -171,7 +170,8 @@ where
 
 async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
     use mxrelay::admin::domains as cmd;
-    let store = mxrelay::domains::mysql::MySqlDomains::connect(&config.domains.url, std::time::Duration::from_secs(10))?;
+    let store = mxrelay::domains::open(&config.domains.url)?;
+    let store = store.as_ref();
     let refresh = format!(
         "nodes pick this up within domains.refresh ({}) or at once on SIGHUP",
         humantime_serde::re::humantime::format_duration(config.domains.refresh)
@@ -179,19 +179,19 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
     match command {
         DomainsCmd::Add { domain, relay_host, relay_port, scan: _, no_scan } => {
             let row = cmd::validate(&domain, &relay_host, &relay_port, !no_scan).map_err(anyhow::Error::msg)?;
-            cmd::add(&store, std::slice::from_ref(&row)).await?;
+            cmd::add(store, std::slice::from_ref(&row)).await?;
             println!("added {} → [{}]:{}; {refresh}", row.domain, row.relay_host, row.relay_port);
         }
         DomainsCmd::Remove { domain } => {
             let name = mxrelay::policy::address::normalise_domain(&domain)
                 .ok_or_else(|| anyhow::anyhow!("{domain:?} is not a valid domain name"))?;
-            if !mxrelay::domains::DomainStore::remove(&store, &name).await? {
+            if !store.remove(&name).await? {
                 anyhow::bail!("{name} is not listed (see `mxrelay domains list`)");
             }
             println!("removed {name}; {refresh}");
         }
         DomainsCmd::List { json } => {
-            let rows = cmd::list(&store).await?;
+            let rows = cmd::list(store).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -201,7 +201,7 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
         DomainsCmd::Show { domain, json } => {
             let name = mxrelay::policy::address::normalise_domain(&domain)
                 .ok_or_else(|| anyhow::anyhow!("{domain:?} is not a valid domain name"))?;
-            let rows = cmd::list(&store).await?;
+            let rows = cmd::list(store).await?;
             let row = rows
                 .iter()
                 .find(|r| r.domain == name)
@@ -215,7 +215,7 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
         DomainsCmd::Import { file } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let rows = cmd::parse_csv(&text).map_err(|errors| anyhow::anyhow!("{}: nothing imported\n{}", file.display(), errors.join("\n")))?;
-            cmd::add(&store, &rows).await?;
+            cmd::add(store, &rows).await?;
             println!("imported {} domain(s); {refresh}", rows.len());
         }
     }

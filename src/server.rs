@@ -13,7 +13,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::Config;
 use crate::dns::Dns;
 use crate::domains::Domains;
-use crate::domains::mysql::MySqlDomains;
 use crate::policy::{Policy, Restrictions};
 use crate::smtp::session::Shared;
 use crate::spool::Spool;
@@ -26,8 +25,7 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let resolved = config.resolve().map_err(|errors| {
         anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
     })?;
-    let store = MySqlDomains::connect(&config.domains.url, Duration::from_secs(5))?;
-    let domains = Arc::new(Domains::new(Arc::new(store)));
+    let domains = Arc::new(Domains::new(crate::domains::open(&config.domains.url)?));
     let spool: Arc<dyn Spool> = Arc::new(RedisSpool::connect(&config.queue)?);
     if let Err(e) = spool.prepare().await {
         // Not fatal: the node answers 451 until Redis is back.

@@ -1,14 +1,11 @@
 //! `mxrelay queue …`: queue commands that work from any node against the
 //! shared queue (more come with the operations issue).
 
-use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::Config;
 use crate::delivery::FLUSH_LIMIT;
 use crate::delivery::route::Route;
 use crate::domains::Domains;
-use crate::domains::mysql::MySqlDomains;
 use crate::spool::Spool;
 use crate::spool::redis::RedisSpool;
 
@@ -22,7 +19,7 @@ pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usiz
     };
     let name = crate::policy::address::normalise_domain(d.trim_start_matches('@'))
         .ok_or_else(|| anyhow::anyhow!("--domain: {d:?} is not a domain name"))?;
-    let domains = Domains::new(Arc::new(MySqlDomains::connect(&config.domains.url, Duration::from_secs(10))?));
+    let domains = Domains::new(crate::domains::open(&config.domains.url)?);
     domains.refresh(false).await?;
     let released = spool.release(&Route::for_domain(&name, &domains).key(), FLUSH_LIMIT).await?;
     Ok(released)

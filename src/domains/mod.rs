@@ -7,6 +7,7 @@
 //! ([`Lookup::NoSnapshot`] → 451 4.3.0, never 250 and never 5xx).
 
 pub mod mysql;
+pub mod sqlite;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,16 @@ pub enum DomainError {
     Migration(String),
     #[error("{0} is already listed")]
     Duplicate(String),
+}
+
+/// Opens the store `url` names: `mysql://…` (cluster) or `sqlite://…`
+/// (embedded, single node).
+pub fn open(url: &str) -> Result<Arc<dyn DomainStore>, DomainError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteDomains::connect(url)?))
+    } else {
+        Ok(Arc::new(mysql::MySqlDomains::connect(url, Duration::from_secs(5))?))
+    }
 }
 
 /// Where the domains live. One file per back end.
