@@ -30,6 +30,10 @@ fn metrics_count_a_known_workload_exactly() {
         "mxrelay_delivery_duration_seconds_count",
         "mxrelay_queue_enqueue_duration_seconds_count",
     ];
+    // The start-up port probe is a connection too: let it be counted first.
+    wait_until("probe counted", Duration::from_secs(10), || {
+        relay.metric("mxrelay_smtp_connections_total") >= 1.0 && relay.metric("mxrelay_smtp_connections_active") == 0.0
+    });
     let before: Vec<f64> = samples.iter().map(|s| relay.metric(s)).collect();
     // 3 messages (4 accepted recipients), 2 relay-denied recipients, 1 too big: 4 sessions.
     swaks(&relay.addr(), &["--from", SENDER, "--to", "a@friet.pan,x@other.example", "--helo", "client.example"]);
