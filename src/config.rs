@@ -415,11 +415,11 @@ impl Config {
                 "use mysql://user:password@host:port/database (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
-        if !self.queue.url.starts_with("redis://") && !self.queue.url.starts_with("rediss://") {
+        if !["redis://", "rediss://", "sqlite://"].iter().any(|p| self.queue.url.starts_with(p)) {
             errors.push(ConfigError::new(
                 "queue.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.queue.url)),
-                "use redis://host:port/db",
+                "use redis://host:port/db (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
         if self.domains.refresh < Duration::from_secs(1) {

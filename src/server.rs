@@ -16,7 +16,6 @@ use crate::domains::Domains;
 use crate::policy::{Policy, Restrictions};
 use crate::smtp::session::Shared;
 use crate::spool::Spool;
-use crate::spool::redis::RedisSpool;
 
 /// How long open sessions may run on after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
@@ -26,7 +25,7 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
     })?;
     let domains = Arc::new(Domains::new(crate::domains::open(&config.domains.url)?));
-    let spool: Arc<dyn Spool> = Arc::new(RedisSpool::connect(&config.queue)?);
+    let spool: Arc<dyn Spool> = crate::spool::open(&config.queue)?;
     if let Err(e) = spool.prepare().await {
         // Not fatal: the node answers 451 until Redis is back.
         tracing::error!(error = %e, "queue not reachable at start");

@@ -6,13 +6,11 @@ use crate::config::Config;
 use crate::delivery::FLUSH_LIMIT;
 use crate::delivery::route::Route;
 use crate::domains::Domains;
-use crate::spool::Spool;
-use crate::spool::redis::RedisSpool;
 
 /// `queue flush [--domain D]` (Postfix `postqueue -f` / `-s D`): makes
 /// deferred messages due now. Returns how many were released.
 pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usize> {
-    let spool = RedisSpool::connect(&config.queue)?;
+    let spool = crate::spool::open(&config.queue)?;
     let Some(d) = domain else {
         // Everything deferred, whatever its destination.
         return Ok(spool.schedule_due(i64::MAX, FLUSH_LIMIT).await?);
@@ -33,7 +31,7 @@ fn age(received_at: i64) -> String {
 }
 
 pub async fn stats(config: &Config) -> anyhow::Result<QueueStats> {
-    Ok(RedisSpool::connect(&config.queue)?.stats(true).await?)
+    Ok(crate::spool::open(&config.queue)?.stats(true).await?)
 }
 
 pub fn stats_table(s: &QueueStats) -> String {
@@ -64,7 +62,7 @@ pub async fn list(config: &Config, domain: Option<&str>, state: Option<&str>) ->
         anyhow::bail!("--state {s:?} is unknown: use active, deferred or held");
     }
     let domain = domain.map(|d| crate::policy::address::normalise_domain(d).unwrap_or_else(|| d.to_ascii_lowercase()));
-    let all = RedisSpool::connect(&config.queue)?.list().await?;
+    let all = crate::spool::open(&config.queue)?.list().await?;
     Ok(all
         .into_iter()
         .filter(|(_, st)| state.is_none_or(|s| st.name() == s))
@@ -97,7 +95,7 @@ pub fn list_table(rows: &[(Envelope, MessageState)]) -> String {
 
 /// `queue show ID`: the envelope and state; `body` also returns the message.
 pub async fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<(Envelope, MessageState, Option<Vec<u8>>)> {
-    let spool = RedisSpool::connect(&config.queue)?;
+    let spool = crate::spool::open(&config.queue)?;
     let qid = QueueId::from(id.to_string());
     let lease = spool.locate(&qid).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
     let env = spool.envelope(&lease).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
@@ -156,7 +154,7 @@ pub fn show_text(e: &Envelope, st: &MessageState) -> String {
 
 /// `queue hold|release|bounce|delete ID…`: per id, whether it applied.
 pub async fn act(config: &Config, action: AdminAction, ids: &[String]) -> anyhow::Result<Vec<(String, bool)>> {
-    let spool = RedisSpool::connect(&config.queue)?;
+    let spool = crate::spool::open(&config.queue)?;
     let mut done = Vec::new();
     for id in ids {
         let ok = spool.admin(&QueueId::from(id.clone()), action).await?;

@@ -7,6 +7,7 @@
 //! abandoned body leaves nothing behind but an expiring temporary key.
 
 pub mod redis;
+pub mod sqlite;
 
 use std::fmt;
 
@@ -127,6 +128,16 @@ pub enum SpoolError {
     /// Written, but not acknowledged by enough replicas in time.
     #[error("queue write not acknowledged by {wanted} replica(s) (got {got})")]
     NotReplicated { wanted: u32, got: u32 },
+}
+
+/// Opens the queue `config.url` names: `redis://…` (cluster) or
+/// `sqlite://…` (embedded, single node).
+pub fn open(config: &crate::config::QueueConfig) -> Result<std::sync::Arc<dyn Spool>, SpoolError> {
+    if config.url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(sqlite::SqliteSpool::connect(config)?))
+    } else {
+        Ok(std::sync::Arc::new(redis::RedisSpool::connect(config)?))
+    }
 }
 
 /// A queue entry leased to this node: while it holds the lease, no other
