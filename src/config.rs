@@ -49,6 +49,9 @@ pub struct Config {
     pub reject_unknown_recipient_domain: bool,
     /// Run database migrations when `serve` starts.
     pub migrate_on_start: bool,
+    /// Where the embedded store keeps its SQLite database when `domains.url`
+    /// or `queue.url` is not set (single node, no MySQL/Redis).
+    pub data_dir: String,
     pub smtp: SmtpConfig,
     pub admin: AdminConfig,
     pub domains: DomainsConfig,
@@ -157,7 +160,9 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DomainsConfig {
-    /// `mysql://user:password@host:port/database` holding table `domains`.
+    /// `mysql://user:password@host:port/database` holding table `domains`
+    /// (cluster), or `sqlite://path` (embedded). Unset: the embedded store
+    /// in `data_dir`.
     pub url: String,
     /// How often every node reloads its domain snapshot.
     #[serde(with = "humantime_serde")]
@@ -167,7 +172,8 @@ pub struct DomainsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
-    /// `redis://host:port/db` of the shared queue.
+    /// `redis://host:port/db` of the shared queue (cluster), or
+    /// `sqlite://path` (embedded). Unset: the embedded store in `data_dir`.
     pub url: String,
     /// Key prefix; every node of one cluster must use the same.
     pub prefix: String,
@@ -232,6 +238,7 @@ impl Default for Config {
             reject_unknown_sender_domain: true,
             reject_unknown_recipient_domain: true,
             migrate_on_start: true,
+            data_dir: "./mxrelay-data".into(),
             smtp: SmtpConfig::default(),
             admin: AdminConfig::default(),
             domains: DomainsConfig::default(),
@@ -267,7 +274,7 @@ impl Default for AdminConfig {
 impl Default for DomainsConfig {
     fn default() -> Self {
         DomainsConfig {
-            url: "mysql://mail:mailpw@127.0.0.1:3306/mail".into(),
+            url: String::new(),
             refresh: Duration::from_secs(30),
         }
     }
@@ -276,7 +283,7 @@ impl Default for DomainsConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
-            url: "redis://127.0.0.1:6379/".into(),
+            url: String::new(),
             prefix: "mxr".into(),
             shards: 4,
             min_replicas_ack: 0,
@@ -359,13 +366,20 @@ impl Config {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+        let mut config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
             vec![ConfigError::new(
                 "config",
                 e.message().to_string(),
                 "see the configuration reference in README.md",
             )]
         })?;
+        // Unset stores mean the embedded one, in data_dir.
+        let embedded = format!("sqlite://{}/mxrelay.db", config.data_dir.trim_end_matches('/'));
+        for url in [&mut config.domains.url, &mut config.queue.url] {
+            if url.trim().is_empty() {
+                *url = embedded.clone();
+            }
+        }
         config.resolve().map(|_| config)
     }
 

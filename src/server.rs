@@ -59,6 +59,14 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         queue = %crate::config::mask_url(&config.queue.url),
         "mxrelay listening"
     );
+    if config.domains.url.starts_with("sqlite:") || config.queue.url.starts_with("sqlite:") {
+        tracing::info!(
+            "single node on the embedded store: data in {} ({}). Add a domain with: \
+             mxrelay domains add example.org --relay-host mail.example.org --relay-port 25",
+            config.data_dir,
+            config.domains.url
+        );
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut hup = signal(SignalKind::hangup())?;

@@ -74,6 +74,7 @@ fn queue_cmd(relay: &Relay, db: &TestDb, args: &[&str]) -> (bool, String) {
         .args(args)
         .env("MXRELAY_DOMAINS_URL", db.url())
         .env("MXRELAY_QUEUE_PREFIX", &relay.prefix)
+        .env("MXRELAY_QUEUE_URL", SHARED_REDIS)
         .output()
         .unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))

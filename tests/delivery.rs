@@ -229,6 +229,7 @@ fn etrn_and_queue_flush_release_deferred_mail() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mxrelay"))
         .args(["queue", "flush"])
         .env("MXRELAY_QUEUE_PREFIX", &c.relays[0].prefix)
+        .env("MXRELAY_QUEUE_URL", SHARED_REDIS)
         .env("MXRELAY_DOMAINS_URL", c._db.url())
         .output()
         .unwrap();

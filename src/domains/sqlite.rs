@@ -15,9 +15,20 @@ pub struct SqliteDomains {
     pool: SqlitePool,
 }
 
+/// Creates the directory of the database file `url` names, if missing.
+pub fn ensure_dir(url: &str) -> std::io::Result<()> {
+    let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or(path);
+    match std::path::Path::new(path).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir),
+        _ => Ok(()),
+    }
+}
+
 impl SqliteDomains {
     /// Opens (creating when absent) the database at `url` (`sqlite://path`).
     pub fn connect(url: &str) -> Result<SqliteDomains, DomainError> {
+        ensure_dir(url).map_err(|e| DomainError::Unavailable(format!("cannot create the data directory for {url}: {e}")))?;
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| DomainError::Unavailable(e.to_string()))?
             .create_if_missing(true)

@@ -34,6 +34,7 @@ fn now_ms() -> i64 {
 
 impl SqliteSpool {
     pub fn connect(config: &QueueConfig) -> Result<SqliteSpool, SpoolError> {
+        crate::domains::sqlite::ensure_dir(&config.url).map_err(|e| failed("connect", e))?;
         let options = SqliteConnectOptions::from_str(&config.url)
             .map_err(|e| failed("connect", e))?
             .create_if_missing(true)
@@ -94,6 +95,20 @@ impl Spool for SqliteSpool {
     async fn lease(&self, consumer: &str, count: usize, block: Duration) -> Result<Vec<Lease>, SpoolError> {
         let until = tokio::time::Instant::now() + block;
         loop {
+            // A read first: polling must not take the write lock for nothing.
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM queue_messages WHERE state = 'ready' AND lease_owner IS NULL)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| failed("lease", e))?;
+            if !waiting {
+                if tokio::time::Instant::now() >= until {
+                    return Ok(Vec::new());
+                }
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
             let rows = sqlx::query(
                 "UPDATE queue_messages SET lease_owner = ?, lease_until = ?, generation = generation + 1 \
                  WHERE id IN (SELECT id FROM queue_messages WHERE state = 'ready' AND lease_owner IS NULL \
