@@ -4,6 +4,7 @@
 # and 100 sessions, and the same load straight into smtp-sink (the ceiling).
 # Needs what scripts/test.sh installs/starts (MariaDB, Redis, postfix tools).
 # Usage: scripts/bench-e2e.sh [NODES] [MSGS_1K] [MSGS_100K]   Prints figures.
+#        EMBEDDED=1 scripts/bench-e2e.sh 1 …   the single node on its embedded SQLite store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:-1}; n1=${2:-5000}; n100=${3:-1000}
@@ -42,17 +43,22 @@ peername_lookup = false
 max_connections_per_ip = 500
 [admin]
 listen = "127.0.0.1:$a"
-[domains]
-url = "mysql://root@127.0.0.1:3306/$db"
-[queue]
-prefix = "$prefix"
 TOML
+  if [ "${EMBEDDED:-0}" = 1 ]; then
+    echo "data_dir = \"$work/data\"" | cat - "$work/node$i.toml" > "$work/t" && mv "$work/t" "$work/node$i.toml"
+  else
+    printf '[domains]\nurl = "mysql://root@127.0.0.1:3306/%s"\n[queue]\nprefix = "%s"\n' "$db" "$prefix" >> "$work/node$i.toml"
+  fi
   "$bin" serve --config "$work/node$i.toml" 2>"$work/node$i.log" &
   pids+=($!)
   targets+=("127.0.0.1:$p")
   for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
-mysql -h 127.0.0.1 -u root "$db" -e "INSERT INTO domains VALUES ('dest.example','127.0.0.1',$sinkport,'0')"
+if [ "${EMBEDDED:-0}" = 1 ]; then
+  "$bin" domains add dest.example --relay-host 127.0.0.1 --relay-port "$sinkport" --no-scan --config "$work/node1.toml" >/dev/null
+else
+  mysql -h 127.0.0.1 -u root "$db" -e "INSERT INTO domains VALUES ('dest.example','127.0.0.1',$sinkport,'0')"
+fi
 for pid in "${pids[@]:1}"; do kill -HUP "$pid"; done
 sleep 1
 
@@ -82,7 +88,7 @@ run() { # label count size sessions target...
     'BEGIN{printf "%-8s msgs=%d size=%d sessions=%d e2e_s=%.2f rate=%.0f msg/s\n", l, n, s, c, b-a, n/(b-a)}'
 }
 
-echo "nodes=$nodes"
+echo "nodes=$nodes embedded=${EMBEDDED:-0}"
 for size in 1024 102400; do
   count=$n1; [ "$size" = 102400 ] && count=$n100
   for sess in 1 20 100; do
