@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod destination;
+pub mod pki;
 pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};
