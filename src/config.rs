@@ -58,6 +58,8 @@ pub struct Config {
     pub queue: QueueConfig,
     pub dns: DnsConfig,
     pub delivery: DeliveryConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
 }
 
@@ -148,6 +150,80 @@ pub struct SmtpConfig {
     /// Reverse-resolve the client address for `Received:` and logs
     /// (Postfix `smtpd_peername_lookup`).
     pub peername_lookup: bool,
+    /// Expect a HAProxy PROXY protocol header (v1 or v2) from the load
+    /// balancers in `proxy_networks` on every listener (Postfix
+    /// `smtpd_upstream_proxy_protocol = haproxy`).
+    pub proxy_protocol: bool,
+    /// Addresses/CIDRs of the load balancers allowed to send a PROXY header.
+    pub proxy_networks: Vec<String>,
+    /// New connections per client IP per `rate_window` (Postfix
+    /// `smtpd_client_connection_rate_limit`); 0 = no limit.
+    pub connection_rate_limit: u32,
+    /// Messages (MAIL commands) per client IP per `rate_window` (Postfix
+    /// `smtpd_client_message_rate_limit`); 0 = no limit.
+    pub message_rate_limit: u32,
+    /// Recipients per client IP per `rate_window` (Postfix
+    /// `smtpd_client_recipient_rate_limit`); 0 = no limit.
+    pub recipient_rate_limit: u32,
+    /// Failed AUTH attempts per client IP per `rate_window` before AUTH
+    /// from it is refused (Postfix `smtpd_client_auth_rate_limit`).
+    pub auth_failure_limit: u32,
+    /// The window of the per-client rate limits (Postfix `anvil_rate_time_unit`).
+    #[serde(with = "humantime_serde")]
+    pub rate_window: Duration,
+    /// Slowest message content accepted, bytes per second, after the first
+    /// `data_timeout` (Postfix `smtpd_min_data_rate`); 0 = off.
+    pub min_data_rate: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain for STARTTLS and the implicit-TLS listener
+    /// (Postfix `smtpd_tls_chain_files`); re-read on SIGHUP.
+    pub cert: String,
+    /// PEM private key for `cert`.
+    pub key: String,
+    /// `none`, `may` (offer STARTTLS) or `encrypt` (require it before MAIL
+    /// and AUTH), as Postfix `smtpd_tls_security_level`.
+    pub security_level: String,
+    /// Address of an implicit-TLS listener (port 465 style, Postfix
+    /// `smtpd_tls_wrappermode`); empty = none.
+    pub implicit_listen: String,
+    /// Longest TLS handshake allowed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: String::new(),
+            key: String::new(),
+            security_level: "may".into(),
+            implicit_listen: String::new(),
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Offer SMTP AUTH PLAIN/LOGIN against the `relay_users` table (Postfix
+    /// `smtpd_sasl_auth_enable`); an authenticated client may relay.
+    pub enabled: bool,
+    /// Offer AUTH only inside TLS (Postfix `smtpd_tls_auth_only`).
+    pub tls_only: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: false,
+            tls_only: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,6 +321,8 @@ impl Default for Config {
             queue: QueueConfig::default(),
             dns: DnsConfig::default(),
             delivery: DeliveryConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -261,13 +339,23 @@ impl Default for SmtpConfig {
             error_limit: 20,
             greet_pause: Duration::ZERO,
             peername_lookup: true,
+            proxy_protocol: false,
+            proxy_networks: vec![],
+            connection_rate_limit: 0,
+            message_rate_limit: 0,
+            recipient_rate_limit: 0,
+            auth_failure_limit: 10,
+            rate_window: Duration::from_secs(60),
+            min_data_rate: 500,
         }
     }
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: "127.0.0.1:9425".into() }
+        AdminConfig {
+            listen: "127.0.0.1:9425".into(),
+        }
     }
 }
 
@@ -297,13 +385,19 @@ impl Default for QueueConfig {
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        DnsConfig { nameservers: vec![], timeout: Duration::from_secs(5) }
+        DnsConfig {
+            nameservers: vec![],
+            timeout: Duration::from_secs(5),
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: "text".into() }
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
     }
 }
 
@@ -318,7 +412,11 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        ConfigError { key: key.to_string(), problem: problem.into(), fix: fix.into() }
+        ConfigError {
+            key: key.to_string(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 }
 
@@ -327,7 +425,10 @@ impl ConfigError {
 pub struct Resolved {
     pub smtp_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// The implicit-TLS listener, if any.
+    pub tls_listen: Option<SocketAddr>,
     pub mynetworks: Vec<IpNet>,
+    pub proxy_networks: Vec<IpNet>,
     pub nameservers: Vec<SocketAddr>,
 }
 
@@ -366,15 +467,21 @@ impl Config {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mut config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-            vec![ConfigError::new(
-                "config",
-                e.message().to_string(),
-                "see the configuration reference in README.md",
-            )]
-        })?;
+        let mut config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    vec![ConfigError::new(
+                        "config",
+                        e.message().to_string(),
+                        "see the configuration reference in README.md",
+                    )]
+                })?;
         // Unset stores mean the embedded one, in data_dir.
-        let embedded = format!("sqlite://{}/mxrelay.db", config.data_dir.trim_end_matches('/'));
+        let embedded = format!(
+            "sqlite://{}/mxrelay.db",
+            config.data_dir.trim_end_matches('/')
+        );
         for url in [&mut config.domains.url, &mut config.queue.url] {
             if url.trim().is_empty() {
                 *url = embedded.clone();
@@ -408,9 +515,85 @@ impl Config {
                 )),
             }
         }
+        let mut proxy_networks = Vec::new();
+        for net in &self.smtp.proxy_networks {
+            match parse_network(net) {
+                Some(n) => proxy_networks.push(n),
+                None => errors.push(ConfigError::new(
+                    "smtp.proxy_networks",
+                    format!("{net:?} is not an IP address or CIDR"),
+                    "list your load balancers' addresses, e.g. 10.0.0.0/24",
+                )),
+            }
+        }
+        if self.smtp.proxy_protocol && self.smtp.proxy_networks.is_empty() {
+            errors.push(ConfigError::new(
+                "smtp.proxy_networks",
+                "empty while smtp.proxy_protocol is on: no load balancer could send a PROXY header",
+                "list the load balancers' addresses, or set smtp.proxy_protocol = false",
+            ));
+        }
+        let tls_listen = if self.tls.implicit_listen.trim().is_empty() {
+            None
+        } else {
+            addr(
+                "tls.implicit_listen",
+                &self.tls.implicit_listen,
+                &mut errors,
+            )
+            .ok()
+        };
+        if !matches!(self.tls.security_level.as_str(), "none" | "may" | "encrypt") {
+            errors.push(ConfigError::new(
+                "tls.security_level",
+                format!("{:?} is unknown", self.tls.security_level),
+                "use \"none\", \"may\" or \"encrypt\"",
+            ));
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            errors.push(ConfigError::new(
+                "tls.cert",
+                "tls.cert and tls.key must be set together",
+                "set both PEM file paths, or neither",
+            ));
+        }
+        let needs_cert = self.tls.security_level == "encrypt" || tls_listen.is_some();
+        if needs_cert && self.tls.cert.is_empty() {
+            errors.push(ConfigError::new(
+                "tls.cert",
+                "a certificate is needed for tls.security_level = \"encrypt\" or tls.implicit_listen",
+                "set tls.cert and tls.key to PEM files",
+            ));
+        }
+        if !self.tls.cert.is_empty()
+            && let Err(e) = crate::smtp::tls::load_acceptor(&self.tls)
+        {
+            errors.push(ConfigError::new(
+                "tls.cert",
+                e.to_string(),
+                "point tls.cert/tls.key at a readable PEM chain and its private key",
+            ));
+        }
+        if self.auth.enabled && self.auth.tls_only && self.tls.cert.is_empty() {
+            errors.push(ConfigError::new(
+                "auth.enabled",
+                "AUTH is only offered inside TLS (auth.tls_only) but no certificate is configured",
+                "set tls.cert and tls.key, or auth.tls_only = false (passwords in clear)",
+            ));
+        }
+        if self.smtp.rate_window < Duration::from_secs(1) {
+            errors.push(ConfigError::new(
+                "smtp.rate_window",
+                "shorter than 1s",
+                "use e.g. \"60s\"",
+            ));
+        }
         let mut nameservers = Vec::new();
         for ns in &self.dns.nameservers {
-            match ns.parse::<SocketAddr>().or_else(|_| ns.parse::<IpAddr>().map(|ip| (ip, 53).into())) {
+            match ns
+                .parse::<SocketAddr>()
+                .or_else(|_| ns.parse::<IpAddr>().map(|ip| (ip, 53).into()))
+            {
                 Ok(a) => nameservers.push(a),
                 Err(_) => errors.push(ConfigError::new(
                     "dns.nameservers",
@@ -420,16 +603,26 @@ impl Config {
             }
         }
         if self.node_id.trim().is_empty() || self.node_id.contains(char::is_whitespace) {
-            errors.push(ConfigError::new("node_id", "must be one non-empty word", "set a stable name such as relay-1"));
+            errors.push(ConfigError::new(
+                "node_id",
+                "must be one non-empty word",
+                "set a stable name such as relay-1",
+            ));
         }
-        if !["mysql://", "mariadb://", "sqlite://"].iter().any(|p| self.domains.url.starts_with(p)) {
+        if !["mysql://", "mariadb://", "sqlite://"]
+            .iter()
+            .any(|p| self.domains.url.starts_with(p))
+        {
             errors.push(ConfigError::new(
                 "domains.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.domains.url)),
                 "use mysql://user:password@host:port/database (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
-        if !["redis://", "rediss://", "sqlite://"].iter().any(|p| self.queue.url.starts_with(p)) {
+        if !["redis://", "rediss://", "sqlite://"]
+            .iter()
+            .any(|p| self.queue.url.starts_with(p))
+        {
             errors.push(ConfigError::new(
                 "queue.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.queue.url)),
@@ -437,16 +630,32 @@ impl Config {
             ));
         }
         if self.domains.refresh < Duration::from_secs(1) {
-            errors.push(ConfigError::new("domains.refresh", "shorter than 1s", "use e.g. \"30s\""));
+            errors.push(ConfigError::new(
+                "domains.refresh",
+                "shorter than 1s",
+                "use e.g. \"30s\"",
+            ));
         }
         if self.queue.shards == 0 || self.queue.shards > 1024 {
-            errors.push(ConfigError::new("queue.shards", "must be 1..=1024", "use a small number such as 4"));
+            errors.push(ConfigError::new(
+                "queue.shards",
+                "must be 1..=1024",
+                "use a small number such as 4",
+            ));
         }
         if self.queue.chunk_size < 4096 {
-            errors.push(ConfigError::new("queue.chunk_size", "below 4096 bytes", "use e.g. 262144"));
+            errors.push(ConfigError::new(
+                "queue.chunk_size",
+                "below 4096 bytes",
+                "use e.g. 262144",
+            ));
         }
         if self.queue.prefix.is_empty() || self.queue.prefix.contains(['{', '}', ' ']) {
-            errors.push(ConfigError::new("queue.prefix", "empty or contains braces/spaces", "use a plain word such as mxr"));
+            errors.push(ConfigError::new(
+                "queue.prefix",
+                "empty or contains braces/spaces",
+                "use a plain word such as mxr",
+            ));
         }
         if self.message_size_limit < 1024 || self.message_size_limit > 1 << 30 {
             errors.push(ConfigError::new(
@@ -456,7 +665,11 @@ impl Config {
             ));
         }
         if self.smtpd_recipient_limit == 0 {
-            errors.push(ConfigError::new("smtpd_recipient_limit", "must be at least 1", "use e.g. 1000"));
+            errors.push(ConfigError::new(
+                "smtpd_recipient_limit",
+                "must be at least 1",
+                "use e.g. 1000",
+            ));
         }
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_ip == 0 {
             errors.push(ConfigError::new(
@@ -466,7 +679,11 @@ impl Config {
             ));
         }
         if self.queue.lease < Duration::from_secs(1) {
-            errors.push(ConfigError::new("queue.lease", "shorter than 1s", "use e.g. \"60s\""));
+            errors.push(ConfigError::new(
+                "queue.lease",
+                "shorter than 1s",
+                "use e.g. \"60s\"",
+            ));
         }
         if self.delivery.concurrency == 0 || self.delivery.destination_concurrency == 0 {
             errors.push(ConfigError::new(
@@ -483,15 +700,28 @@ impl Config {
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            errors.push(ConfigError::new("log.format", format!("{:?} is unknown", self.log.format), "use \"text\" or \"json\""));
+            errors.push(ConfigError::new(
+                "log.format",
+                format!("{:?} is unknown", self.log.format),
+                "use \"text\" or \"json\"",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            errors.push(ConfigError::new("log.level", format!("{:?} is not a filter", self.log.level), "use e.g. \"info\" or \"info,mxrelay=debug\""));
+            errors.push(ConfigError::new(
+                "log.level",
+                format!("{:?} is not a filter", self.log.level),
+                "use e.g. \"info\" or \"info,mxrelay=debug\"",
+            ));
         }
         match (smtp_listen, admin_listen, errors.is_empty()) {
-            (Ok(smtp_listen), Ok(admin_listen), true) => {
-                Ok(Resolved { smtp_listen, admin_listen, mynetworks, nameservers })
-            }
+            (Ok(smtp_listen), Ok(admin_listen), true) => Ok(Resolved {
+                smtp_listen,
+                admin_listen,
+                tls_listen,
+                mynetworks,
+                proxy_networks,
+                nameservers,
+            }),
             _ => Err(errors),
         }
     }
@@ -526,6 +756,19 @@ pub const LIVE_KEYS: &[&str] = &[
     "smtp.error_limit",
     "smtp.greet_pause",
     "smtp.peername_lookup",
+    "smtp.proxy_networks",
+    "smtp.connection_rate_limit",
+    "smtp.message_rate_limit",
+    "smtp.recipient_rate_limit",
+    "smtp.auth_failure_limit",
+    "smtp.rate_window",
+    "smtp.min_data_rate",
+    "tls.cert",
+    "tls.key",
+    "tls.security_level",
+    "tls.handshake_timeout",
+    "auth.enabled",
+    "auth.tls_only",
 ];
 
 impl Config {
@@ -533,16 +776,30 @@ impl Config {
     pub fn changed_keys(&self, other: &Config) -> Vec<String> {
         let flat = |c: &Config| {
             let mut keys = Vec::new();
-            collect_keys(&toml::Table::try_from(c).unwrap_or_default(), &mut Vec::new(), &mut keys);
-            keys.into_iter().map(|(p, v)| (p.join("."), v)).collect::<std::collections::BTreeMap<_, _>>()
+            collect_keys(
+                &toml::Table::try_from(c).unwrap_or_default(),
+                &mut Vec::new(),
+                &mut keys,
+            );
+            keys.into_iter()
+                .map(|(p, v)| (p.join("."), v))
+                .collect::<std::collections::BTreeMap<_, _>>()
         };
         let (a, b) = (flat(self), flat(other));
-        a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+        a.keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
     }
 
     /// This configuration with the values of `keys` (dotted paths) taken from `other`.
     pub fn with_keys_from(&self, other: &Config, keys: &[String]) -> Config {
-        let (Ok(mut mine), Ok(theirs)) = (toml::Table::try_from(self), toml::Table::try_from(other)) else {
+        let (Ok(mut mine), Ok(theirs)) =
+            (toml::Table::try_from(self), toml::Table::try_from(other))
+        else {
             return self.clone();
         };
         for key in keys {
@@ -556,14 +813,20 @@ impl Config {
                 insert_path(&mut mine, &path, v);
             }
         }
-        toml::Value::Table(mine).try_into().unwrap_or_else(|_| self.clone())
+        toml::Value::Table(mine)
+            .try_into()
+            .unwrap_or_else(|_| self.clone())
     }
 }
 
 /// `user:secret@host` → `user:***@host`.
 pub fn mask_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
         None => url.to_string(),
@@ -573,7 +836,9 @@ pub fn mask_url(url: &str) -> String {
 /// `192.0.2.0/24`, `[::1]/128`, or a bare address (a /32 or /128).
 pub fn parse_network(s: &str) -> Option<IpNet> {
     let s = s.trim().replace(['[', ']'], "");
-    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// Overlays `MXRELAY_*` variables on `table`. Every known key path (taken
@@ -584,7 +849,9 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)], errors: &mut Vec
     let mut keys = Vec::new();
     collect_keys(&defaults, &mut Vec::new(), &mut keys);
     for (name, value) in env {
-        let Some(suffix) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         if suffix == "CONFIG" {
             continue; // MXRELAY_CONFIG names the file, it is not a key
         }
@@ -614,7 +881,11 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)], errors: &mut Vec
     }
 }
 
-fn collect_keys(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+fn collect_keys(
+    t: &toml::Table,
+    prefix: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, toml::Value)>,
+) {
     for (k, v) in t {
         prefix.push(k.clone());
         match v {
@@ -633,7 +904,9 @@ fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     let (last, parents) = path.split_last().expect("key paths are never empty");
     let mut t = table;
     for p in parents {
-        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if !entry.is_table() {
             *entry = toml::Value::Table(toml::Table::new());
         }
@@ -647,7 +920,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -681,7 +957,10 @@ mod tests {
     fn bad_values_name_their_key() {
         let e = Config::load_from(
             None,
-            &env(&[("MXRELAY_SMTP_LISTEN", "nowhere"), ("MXRELAY_MYNETWORKS", "10.0.0.0/33")]),
+            &env(&[
+                ("MXRELAY_SMTP_LISTEN", "nowhere"),
+                ("MXRELAY_MYNETWORKS", "10.0.0.0/33"),
+            ]),
         )
         .unwrap_err();
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
@@ -693,20 +972,36 @@ mod tests {
         let old = Config::default();
         let new = Config {
             message_size_limit: 1234567,
-            smtp: SmtpConfig { error_limit: 3, listen: "127.0.0.1:1".into(), ..SmtpConfig::default() },
+            smtp: SmtpConfig {
+                error_limit: 3,
+                listen: "127.0.0.1:1".into(),
+                ..SmtpConfig::default()
+            },
             ..Config::default()
         };
         let changed = old.changed_keys(&new);
-        assert_eq!(changed, ["message_size_limit", "smtp.error_limit", "smtp.listen"]);
-        let live: Vec<String> = changed.into_iter().filter(|k| LIVE_KEYS.contains(&k.as_str())).collect();
+        assert_eq!(
+            changed,
+            ["message_size_limit", "smtp.error_limit", "smtp.listen"]
+        );
+        let live: Vec<String> = changed
+            .into_iter()
+            .filter(|k| LIVE_KEYS.contains(&k.as_str()))
+            .collect();
         let applied = old.with_keys_from(&new, &live);
-        assert_eq!((applied.message_size_limit, applied.smtp.error_limit), (1234567, 3));
+        assert_eq!(
+            (applied.message_size_limit, applied.smtp.error_limit),
+            (1234567, 3)
+        );
         assert_eq!(applied.smtp.listen, old.smtp.listen);
     }
 
     #[test]
     fn secrets_are_masked() {
-        assert_eq!(mask_url("mysql://mail:pw@127.0.0.1/mail"), "mysql://mail:***@127.0.0.1/mail");
+        assert_eq!(
+            mask_url("mysql://mail:pw@127.0.0.1/mail"),
+            "mysql://mail:***@127.0.0.1/mail"
+        );
         assert_eq!(mask_url("redis://127.0.0.1/"), "redis://127.0.0.1/");
     }
 }

@@ -12,3 +12,4 @@ pub mod policy;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod users;

@@ -5,7 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -17,6 +18,10 @@ pub struct Metrics {
     pub smtp_rcpt: IntCounterVec,
     pub smtp_messages: IntCounterVec,
     pub smtp_received_bytes: IntCounter,
+    pub smtp_tls_handshakes: IntCounterVec,
+    pub smtp_auth: IntCounterVec,
+    pub smtp_limit_hits: IntCounterVec,
+    pub smtp_proxy_headers: IntCounterVec,
     pub queue_enqueue_seconds: Histogram,
     pub redis_errors: IntCounterVec,
     pub database_errors: IntCounter,
@@ -55,26 +60,59 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
     let queue_enqueue_seconds = Histogram::with_opts(
-        HistogramOpts::new("mxrelay_queue_enqueue_duration_seconds", "Time to write one message durably to the queue")
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+        HistogramOpts::new(
+            "mxrelay_queue_enqueue_duration_seconds",
+            "Time to write one message durably to the queue",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+        ]),
     )
     .expect("valid metric");
-    r.register(Box::new(queue_enqueue_seconds.clone())).expect("unique metric");
+    r.register(Box::new(queue_enqueue_seconds.clone()))
+        .expect("unique metric");
     let delivery_duration_seconds = Histogram::with_opts(
-        HistogramOpts::new("mxrelay_delivery_duration_seconds", "Time for one delivery attempt of one message")
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        HistogramOpts::new(
+            "mxrelay_delivery_duration_seconds",
+            "Time for one delivery attempt of one message",
+        )
+        .buckets(vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ]),
     )
     .expect("valid metric");
-    r.register(Box::new(delivery_duration_seconds.clone())).expect("unique metric");
+    r.register(Box::new(delivery_duration_seconds.clone()))
+        .expect("unique metric");
     Metrics {
-        queue_lease_takeovers: counter(&r, "mxrelay_queue_lease_takeovers_total", "Queue entries taken over from a node that stopped renewing"),
-        delivery_attempts: counter_vec(&r, "mxrelay_delivery_attempts_total", "Delivery attempts per recipient or connection, by result", &["result"]),
-        delivery_recipients: counter_vec(&r, "mxrelay_delivery_recipients_total", "Recipients delivered, deferred or bounced", &["result"]),
+        queue_lease_takeovers: counter(
+            &r,
+            "mxrelay_queue_lease_takeovers_total",
+            "Queue entries taken over from a node that stopped renewing",
+        ),
+        delivery_attempts: counter_vec(
+            &r,
+            "mxrelay_delivery_attempts_total",
+            "Delivery attempts per recipient or connection, by result",
+            &["result"],
+        ),
+        delivery_recipients: counter_vec(
+            &r,
+            "mxrelay_delivery_recipients_total",
+            "Recipients delivered, deferred or bounced",
+            &["result"],
+        ),
         delivery_duration_seconds,
-        delivery_destination_connections: gauge(&r, "mxrelay_delivery_destination_connections", "Destination connection slots in use on this node"),
+        delivery_destination_connections: gauge(
+            &r,
+            "mxrelay_delivery_destination_connections",
+            "Destination connection slots in use on this node",
+        ),
         queue_messages: {
             let g = prometheus::IntGaugeVec::new(
-                Opts::new("mxrelay_queue_messages", "Messages in the shared queue (whole cluster), by state"),
+                Opts::new(
+                    "mxrelay_queue_messages",
+                    "Messages in the shared queue (whole cluster), by state",
+                ),
                 &["state"],
             )
             .expect("valid metric");
@@ -86,25 +124,101 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "mxrelay_queue_oldest_message_age_seconds",
             "Age of the oldest message in the shared queue (0 when empty)",
         ),
-        delivery_connections_reused: counter(&r, "mxrelay_delivery_connections_reused_total", "Deliveries over a cached session (after RSET)"),
-        delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
-        smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),
-        smtp_connections_active: gauge(&r, "mxrelay_smtp_connections_active", "SMTP sessions open now"),
+        delivery_connections_reused: counter(
+            &r,
+            "mxrelay_delivery_connections_reused_total",
+            "Deliveries over a cached session (after RSET)",
+        ),
+        delivery_dsn: counter(
+            &r,
+            "mxrelay_delivery_dsn_total",
+            "Delivery status notifications (bounces) queued",
+        ),
+        smtp_connections: counter(
+            &r,
+            "mxrelay_smtp_connections_total",
+            "SMTP connections accepted",
+        ),
+        smtp_connections_active: gauge(
+            &r,
+            "mxrelay_smtp_connections_active",
+            "SMTP sessions open now",
+        ),
         smtp_connections_refused: counter_vec(
             &r,
             "mxrelay_smtp_connections_refused_total",
             "SMTP connections refused at connect",
             &["reason"],
         ),
-        smtp_sessions: counter_vec(&r, "mxrelay_smtp_sessions_total", "SMTP sessions ended, by outcome", &["outcome"]),
-        smtp_rcpt: counter_vec(&r, "mxrelay_smtp_rcpt_total", "RCPT commands by result", &["result"]),
-        smtp_messages: counter_vec(&r, "mxrelay_smtp_messages_total", "Messages at end of DATA/BDAT, by result", &["result"]),
-        smtp_received_bytes: counter(&r, "mxrelay_smtp_received_bytes_total", "Bytes of accepted messages"),
+        smtp_sessions: counter_vec(
+            &r,
+            "mxrelay_smtp_sessions_total",
+            "SMTP sessions ended, by outcome",
+            &["outcome"],
+        ),
+        smtp_rcpt: counter_vec(
+            &r,
+            "mxrelay_smtp_rcpt_total",
+            "RCPT commands by result",
+            &["result"],
+        ),
+        smtp_messages: counter_vec(
+            &r,
+            "mxrelay_smtp_messages_total",
+            "Messages at end of DATA/BDAT, by result",
+            &["result"],
+        ),
+        smtp_received_bytes: counter(
+            &r,
+            "mxrelay_smtp_received_bytes_total",
+            "Bytes of accepted messages",
+        ),
+        smtp_tls_handshakes: counter_vec(
+            &r,
+            "mxrelay_smtp_tls_handshakes_total",
+            "Inbound TLS handshakes (STARTTLS or implicit), by result",
+            &["result"],
+        ),
+        smtp_auth: counter_vec(
+            &r,
+            "mxrelay_smtp_auth_total",
+            "SMTP AUTH attempts, by result",
+            &["result"],
+        ),
+        smtp_limit_hits: counter_vec(
+            &r,
+            "mxrelay_smtp_limit_hits_total",
+            "Client limits that tripped (rates, concurrency, slow clients, errors), by limit",
+            &["limit"],
+        ),
+        smtp_proxy_headers: counter_vec(
+            &r,
+            "mxrelay_smtp_proxy_headers_total",
+            "PROXY protocol headers, by result (accepted, local, invalid, untrusted)",
+            &["result"],
+        ),
         queue_enqueue_seconds,
-        redis_errors: counter_vec(&r, "mxrelay_redis_errors_total", "Failed Redis operations", &["op"]),
-        database_errors: counter(&r, "mxrelay_database_errors_total", "Failed domain database operations"),
-        dns_errors: counter(&r, "mxrelay_dns_errors_total", "DNS lookups that failed temporarily"),
-        domains_snapshot_size: gauge(&r, "mxrelay_domains_snapshot_size", "Domains in this node's snapshot"),
+        redis_errors: counter_vec(
+            &r,
+            "mxrelay_redis_errors_total",
+            "Failed Redis operations",
+            &["op"],
+        ),
+        database_errors: counter(
+            &r,
+            "mxrelay_database_errors_total",
+            "Failed domain database operations",
+        ),
+        dns_errors: counter(
+            &r,
+            "mxrelay_dns_errors_total",
+            "DNS lookups that failed temporarily",
+        ),
+        domains_snapshot_size: gauge(
+            &r,
+            "mxrelay_domains_snapshot_size",
+            "Domains in this node's snapshot",
+        ),
         domains_snapshot_age_seconds: gauge(
             &r,
             "mxrelay_domains_snapshot_age_seconds",

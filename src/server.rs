@@ -1,5 +1,6 @@
 //! `mxrelay serve`: wires config, domains, spool, policy, the SMTP and admin
-//! listeners and signals together. SIGHUP reloads the domain snapshot;
+//! listeners and signals together. SIGHUP reloads the domain snapshot, the
+//! live configuration keys and the TLS certificate;
 //! SIGTERM/SIGINT stop accepting, let open sessions finish (bounded), exit.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use crate::config::Config;
 use crate::dns::Dns;
 use crate::domains::Domains;
 use crate::policy::{Policy, Restrictions};
+use crate::smtp::Listener;
 use crate::smtp::session::Shared;
 use crate::spool::Spool;
 
@@ -22,7 +24,13 @@ const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let resolved = config.resolve().map_err(|errors| {
-        anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+        anyhow::anyhow!(
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
     })?;
     let domains = Arc::new(Domains::new(crate::domains::open(&config.domains.url)?));
     let spool: Arc<dyn Spool> = crate::spool::open(&config.queue)?;
@@ -36,24 +44,43 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     // for want of one; a failure is not fatal (the refresher retries).
     match domains.refresh(config.migrate_on_start).await {
         Ok(n) => tracing::info!(domains = n, "domain snapshot loaded"),
-        Err(e) => tracing::error!(error = %e, "domain database not reachable at start; answering 451 until it is"),
+        Err(e) => {
+            tracing::error!(error = %e, "domain database not reachable at start; answering 451 until it is")
+        }
     }
-    tokio::spawn(domains.clone().run_refresher(config.domains.refresh, config.migrate_on_start));
+    tokio::spawn(
+        domains
+            .clone()
+            .run_refresher(config.domains.refresh, config.migrate_on_start),
+    );
 
     let smtp = TcpListener::bind(resolved.smtp_listen)
         .await
         .with_context(|| format!("smtp.listen: cannot listen on {}", resolved.smtp_listen))?;
+    let smtps = match resolved.tls_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("tls.implicit_listen: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let admin = TcpListener::bind(resolved.admin_listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", resolved.admin_listen))?;
     let draining = Arc::new(AtomicBool::new(false));
     tokio::spawn(crate::admin::http::serve(
         admin,
-        crate::admin::http::Health { spool: spool.clone(), domains: domains.clone(), draining: draining.clone() },
+        crate::admin::http::Health {
+            spool: spool.clone(),
+            domains: domains.clone(),
+            draining: draining.clone(),
+        },
     ));
     tracing::info!(
         node = %config.node_id,
         smtp = %resolved.smtp_listen,
+        smtps = %resolved.tls_listen.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         admin = %resolved.admin_listen,
         domains = %crate::config::mask_url(&config.domains.url),
         queue = %crate::config::mask_url(&config.queue.url),
@@ -74,7 +101,12 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let mut int = signal(SignalKind::interrupt())?;
     let reloader = domains.clone();
     let drain = draining.clone();
-    let shared = Arc::new(Shared::new(config.clone(), policy, spool.clone()));
+    let users = if config.auth.enabled {
+        Some(crate::users::open(&config.domains.url)?)
+    } else {
+        None
+    };
+    let shared = Arc::new(Shared::new(config.clone(), policy, spool.clone(), users));
     let live = shared.clone();
     tokio::spawn(async move {
         loop {
@@ -92,10 +124,27 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         let _ = stop_tx.send(true);
     });
     let delivery = config.delivery.enabled.then(|| {
-        let d = crate::delivery::Delivery::new(config.clone(), spool.clone(), domains.clone(), shared.policy.dns.clone());
+        let d = crate::delivery::Delivery::new(
+            config.clone(),
+            spool.clone(),
+            domains.clone(),
+            shared.policy.dns.clone(),
+        );
         tokio::spawn(d.run(stop_rx.clone()))
     });
-    crate::smtp::serve(smtp, shared, stop_rx, DRAIN_GRACE).await;
+    let implicit = smtps.map(|listener| {
+        tokio::spawn(crate::smtp::serve(
+            listener,
+            Listener::ImplicitTls,
+            shared.clone(),
+            stop_rx.clone(),
+            DRAIN_GRACE,
+        ))
+    });
+    crate::smtp::serve(smtp, Listener::Smtp, shared, stop_rx, DRAIN_GRACE).await;
+    if let Some(t) = implicit {
+        let _ = t.await;
+    }
     if let Some(d) = delivery {
         let _ = d.await;
     }
@@ -118,21 +167,40 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
         Ok(c) => c,
         Err(errors) => {
             let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-            tracing::error!("config reload failed, keeping the running configuration: {}", all.join("; "));
+            tracing::error!(
+                "config reload failed, keeping the running configuration: {}",
+                all.join("; ")
+            );
             return;
         }
     };
     let Ok(resolved) = new.resolve() else { return };
     let old = shared.config();
     let changed = old.changed_keys(&new);
-    let (live, restart): (Vec<String>, Vec<String>) =
-        changed.into_iter().partition(|k| crate::config::LIVE_KEYS.contains(&k.as_str()));
+    let (live, restart): (Vec<String>, Vec<String>) = changed
+        .into_iter()
+        .partition(|k| crate::config::LIVE_KEYS.contains(&k.as_str()));
     if !restart.is_empty() {
-        tracing::warn!("config reload: changed keys that need a restart (still running with the old values): {}", restart.join(", "));
+        tracing::warn!(
+            "config reload: changed keys that need a restart (still running with the old values): {}",
+            restart.join(", ")
+        );
     }
     // Keep the old values of the keys that cannot change live.
     let applied = old.with_keys_from(&new, &live);
-    shared.policy.set_restrictions(restrictions(&applied, &resolved));
+    shared
+        .policy
+        .set_restrictions(restrictions(&applied, &resolved));
+    // The certificate files are re-read even when their names did not change
+    // (a renewed certificate).
+    shared.reload_tls(&applied.tls);
     shared.set_config(applied);
-    tracing::info!("config reloaded; applied: {}", if live.is_empty() { "nothing changed".into() } else { live.join(", ") });
+    tracing::info!(
+        "config reloaded; applied: {}",
+        if live.is_empty() {
+            "nothing changed".into()
+        } else {
+            live.join(", ")
+        }
+    );
 }

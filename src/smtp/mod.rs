@@ -1,25 +1,38 @@
 //! Inbound SMTP: the listener with its connection limits, and the session
 //! (see [`session`]) that speaks RFC 5321 to each client. Parsing
-//! ([`command`], [`data`]) is pure; only the session and listener do I/O.
-//! The session is generic over the stream, so TLS can wrap it later.
+//! ([`command`], [`data`], [`auth`], [`proxy`]) is pure; only the session
+//! and listener do I/O. Per connection, in this order: the PROXY header
+//! (from `smtp.proxy_networks` only), TLS on the implicit-TLS listener,
+//! the per-client limits ([`limits`]), then the session, which may turn
+//! the stream into TLS with STARTTLS ([`tls`]).
 
+pub mod auth;
 pub mod command;
 pub mod data;
+pub mod limits;
+pub mod proxy;
 pub mod reply;
 pub mod session;
+pub mod tls;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::config::Config;
 use crate::metrics::METRICS;
+use limits::Event;
 use reply::Reply;
 use session::{ClientInfo, Session, Shared};
+use tls::SmtpStream;
+
+/// Longest wait for a load balancer's PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `debug_peer_list` entries: addresses/networks or host names (a name
 /// also matches its subdomains, as in Postfix).
@@ -35,7 +48,9 @@ impl DebugPeers {
         for e in entries {
             match crate::config::parse_network(e) {
                 Some(net) => peers.nets.push(net),
-                None => peers.names.push(e.trim().trim_end_matches('.').to_ascii_lowercase()),
+                None => peers
+                    .names
+                    .push(e.trim().trim_end_matches('.').to_ascii_lowercase()),
             }
         }
         peers
@@ -44,55 +59,33 @@ impl DebugPeers {
     pub fn matches(&self, ip: IpAddr, name: &str) -> bool {
         let name = name.to_ascii_lowercase();
         self.nets.iter().any(|n| n.contains(&ip))
-            || self.names.iter().any(|n| name == *n || name.ends_with(&format!(".{n}")))
+            || self
+                .names
+                .iter()
+                .any(|n| name == *n || name.ends_with(&format!(".{n}")))
     }
 }
 
-/// Open sessions per client IP, released when a session ends.
-#[derive(Default)]
-struct PerIp(Mutex<HashMap<IpAddr, usize>>);
-
-struct Slot<'a> {
-    per_ip: &'a PerIp,
-    ip: IpAddr,
-}
-
-impl PerIp {
-    fn try_take(&self, ip: IpAddr, limit: Option<usize>) -> Option<Slot<'_>> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if limit.is_some_and(|l| *n >= l) {
-            return None;
-        }
-        *n += 1;
-        Some(Slot { per_ip: self, ip })
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let mut map = self.per_ip.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
+/// Which kind of listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Plain SMTP; STARTTLS when configured.
+    Smtp,
+    /// TLS from the first byte (port 465 style).
+    ImplicitTls,
 }
 
 /// Accepts connections until `stop` turns true, then waits for open
 /// sessions to end (up to `grace`).
 pub async fn serve(
     listener: TcpListener,
+    kind: Listener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     grace: std::time::Duration,
 ) {
-    let per_ip = Arc::new(PerIp::default());
     let mut config = shared.config();
-    let mut debug_peers = Arc::new(DebugPeers::new(&config.debug_peer_list));
-    let sessions = Arc::new(tokio::sync::Semaphore::new(config.smtp.max_connections));
+    let mut peers = Arc::new(Peers::new(&config));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -110,51 +103,199 @@ pub async fn serve(
         // A reloaded configuration applies from the next connection on.
         let current = shared.config();
         if !Arc::ptr_eq(&current, &config) {
-            let (old, new) = (config.smtp.max_connections, current.smtp.max_connections);
-            if new > old {
-                sessions.add_permits(new - old);
-            } else if new < old {
-                sessions.forget_permits(old - new);
-            }
-            debug_peers = Arc::new(DebugPeers::new(&current.debug_peer_list));
+            peers = Arc::new(Peers::new(&current));
             config = current;
         }
         let _ = stream.set_nodelay(true);
         METRICS.smtp_connections.inc();
         let shared = shared.clone();
         let config = config.clone();
-        let per_ip = per_ip.clone();
-        let debug_peers = debug_peers.clone();
-        let permit = sessions.clone().try_acquire_owned();
+        let peers = peers.clone();
+        let permit = shared.sessions.clone().try_acquire_owned();
         tasks.spawn(async move {
             let Ok(_permit) = permit else {
-                return refuse(stream, peer, "node_limit", "Error: too many connections").await;
+                return refuse(
+                    stream,
+                    peer.ip(),
+                    "node_limit",
+                    "Error: too many connections",
+                )
+                .await;
             };
-            let ip = canonical(peer.ip());
-            let trusted = shared.policy.is_mynetworks(ip);
-            let limit = (!trusted).then_some(config.smtp.max_connections_per_ip);
-            let Some(_slot) = per_ip.try_take(ip, limit) else {
-                return refuse(stream, peer, "ip_limit", &format!("Error: too many connections from {ip}")).await;
-            };
-            let name = if config.smtp.peername_lookup {
-                shared.policy.dns.reverse_name(ip).await.unwrap_or_else(|| "unknown".into())
-            } else {
-                "unknown".into()
-            };
-            let client = ClientInfo { ip, debug: debug_peers.matches(ip, &name), name };
-            tracing::info!("connect from {}[{}]", client.name, client.ip);
-            METRICS.smtp_connections_active.inc();
-            let label = format!("{}[{}]", client.name, client.ip);
-            let outcome = Session::new(stream, client, shared).run().await;
-            METRICS.smtp_connections_active.dec();
-            METRICS.smtp_sessions.with_label_values(&[outcome.label()]).inc();
-            tracing::info!("disconnect from {label} ({})", outcome.label());
+            connection(stream, peer, kind, shared, config, peers).await;
         });
     }
     drop(listener);
-    tracing::info!(open = tasks.len(), "SMTP listener closed; waiting for open sessions");
+    tracing::info!(
+        open = tasks.len(),
+        "SMTP listener closed; waiting for open sessions"
+    );
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
+}
+
+/// Address lists derived from the configuration, rebuilt on reload.
+struct Peers {
+    debug: DebugPeers,
+    proxies: Vec<IpNet>,
+}
+
+impl Peers {
+    fn new(config: &Config) -> Peers {
+        Peers {
+            debug: DebugPeers::new(&config.debug_peer_list),
+            proxies: config
+                .smtp
+                .proxy_networks
+                .iter()
+                .filter_map(|n| crate::config::parse_network(n))
+                .collect(),
+        }
+    }
+}
+
+/// One accepted connection: the PROXY header, TLS for the implicit
+/// listener, the per-client limits, then the session.
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    kind: Listener,
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+    peers: Arc<Peers>,
+) {
+    let mut ip = canonical(peer.ip());
+    let mut proxy_guard = false;
+    if config.smtp.proxy_protocol {
+        if peers.proxies.iter().any(|n| n.contains(&ip)) {
+            match proxy::read_header(
+                &mut stream,
+                config.smtp.command_timeout.min(PROXY_HEADER_TIMEOUT),
+            )
+            .await
+            {
+                Ok(proxy::Proxied::Client(addr)) => {
+                    METRICS
+                        .smtp_proxy_headers
+                        .with_label_values(&["accepted"])
+                        .inc();
+                    ip = canonical(addr.ip());
+                }
+                Ok(proxy::Proxied::Local) => METRICS
+                    .smtp_proxy_headers
+                    .with_label_values(&["local"])
+                    .inc(),
+                Err(e) => {
+                    METRICS
+                        .smtp_proxy_headers
+                        .with_label_values(&["invalid"])
+                        .inc();
+                    tracing::warn!(balancer = %peer.ip(), error = %e, "PROXY protocol: connection dropped");
+                    return;
+                }
+            }
+        } else {
+            // A header from anywhere else would let a client pick its own
+            // address: the session refuses one (see `ClientInfo::proxy_guard`).
+            proxy_guard = true;
+        }
+    }
+    let mut stream = SmtpStream::Plain(stream);
+    let mut tls = None;
+    if kind == Listener::ImplicitTls {
+        let Some(acceptor) = shared.tls_acceptor() else {
+            tracing::error!(client = %ip, "implicit TLS connection but no certificate is loaded");
+            return;
+        };
+        match stream
+            .handshake(&acceptor, config.tls.handshake_timeout)
+            .await
+        {
+            Ok((s, info)) => {
+                METRICS.smtp_tls_handshakes.with_label_values(&["ok"]).inc();
+                stream = s;
+                tls = Some(info);
+            }
+            Err(e) => {
+                METRICS
+                    .smtp_tls_handshakes
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::info!(client = %ip, "TLS handshake failed on the implicit-TLS listener: {e}");
+                return;
+            }
+        }
+    }
+    let trusted = shared.policy.is_mynetworks(ip);
+    if !trusted
+        && !shared.anvil.hit(
+            ip,
+            Event::Connection,
+            config.smtp.connection_rate_limit,
+            config.smtp.rate_window,
+        )
+    {
+        METRICS
+            .smtp_limit_hits
+            .with_label_values(&["connection_rate"])
+            .inc();
+        return refuse(
+            stream,
+            ip,
+            "rate_limit",
+            &format!("Error: too many connections from {ip}"),
+        )
+        .await;
+    }
+    let limit = (!trusted).then_some(config.smtp.max_connections_per_ip);
+    let Some(_slot) = shared.per_ip.try_take(ip, limit) else {
+        METRICS
+            .smtp_limit_hits
+            .with_label_values(&["connections_per_ip"])
+            .inc();
+        return refuse(
+            stream,
+            ip,
+            "ip_limit",
+            &format!("Error: too many connections from {ip}"),
+        )
+        .await;
+    };
+    let name = if config.smtp.peername_lookup {
+        shared
+            .policy
+            .dns
+            .reverse_name(ip)
+            .await
+            .unwrap_or_else(|| "unknown".into())
+    } else {
+        "unknown".into()
+    };
+    let client = ClientInfo {
+        ip,
+        debug: peers.debug.matches(ip, &name),
+        name,
+        proxy_guard,
+    };
+    tracing::info!("connect from {}[{}]", client.name, client.ip);
+    if let Some(info) = &tls {
+        tracing::info!(
+            "TLS connection established from {}[{}]: {info}",
+            client.name,
+            client.ip
+        );
+    }
+    METRICS.smtp_connections_active.inc();
+    let label = format!("{}[{}]", client.name, client.ip);
+    let outcome = Session::new(stream, client, shared.clone(), tls)
+        .run()
+        .await;
+    METRICS.smtp_connections_active.dec();
+    METRICS
+        .smtp_sessions
+        .with_label_values(&[outcome.label()])
+        .inc();
+    tracing::info!("disconnect from {label} ({})", outcome.label());
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -164,9 +305,17 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, reason: &'static str, text: &str) {
-    METRICS.smtp_connections_refused.with_label_values(&[reason]).inc();
-    tracing::warn!(client = %peer.ip(), reason, "connection refused: {text}");
+async fn refuse<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    ip: IpAddr,
+    reason: &'static str,
+    text: &str,
+) {
+    METRICS
+        .smtp_connections_refused
+        .with_label_values(&[reason])
+        .inc();
+    tracing::warn!(client = %ip, reason, "connection refused: {text}");
     let reply = Reply::new(421, "4.7.0", text);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         let _ = stream.write_all(reply.render().as_bytes()).await;

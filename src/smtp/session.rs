@@ -6,49 +6,115 @@
 //! commit; a temporary fault is answered with a 4xx; replies to pipelined
 //! commands are flushed only when the client's input is drained (RFC 2920);
 //! memory per session is bounded by the command-line limit, one read buffer
-//! and one spool chunk, whatever the message size.
+//! and one spool chunk, whatever the message size; input pipelined behind
+//! STARTTLS is discarded and the session starts over inside TLS (RFC 3207
+//! §4.2, CVE-2011-0411); a command line must arrive whole within
+//! `smtp.command_timeout` and content at `smtp.min_data_rate`, so a
+//! slowloris client is cut off.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::auth::{self, Credentials, Mechanism, SaslError};
 use super::command::{self, COMMAND_LINE_LIMIT, Command};
 use super::data::{DataDecoder, Framing, HeaderScan};
+use super::limits::{Anvil, Event, PerIp};
 use super::reply::Reply;
-use crate::config::Config;
+use super::tls::{SmtpStream, TlsInfo};
+use crate::config::{Config, TlsConfig};
 use crate::metrics::METRICS;
 use crate::policy::address::{self, AddressError, Path};
 use crate::policy::{Client, Policy, RcptResult, Verdict};
 use crate::spool::{Envelope, QueueId, Recipient, RecipientState, Spool, SpoolBody};
+use crate::users::UserStore;
 
 const READ_CHUNK: usize = 64 * 1024;
 /// Pending replies are written out once they reach this size even if more
 /// pipelined commands wait.
 const OUTPUT_FLUSH_AT: usize = 16 * 1024;
 
-/// What every session of a node shares. The configuration can be swapped
-/// on SIGHUP; a session keeps the one it started with.
+/// What every session and listener of a node shares. The configuration and
+/// the TLS certificate can be swapped on SIGHUP; a session keeps the ones
+/// it started with.
 pub struct Shared {
     config: std::sync::RwLock<Arc<Config>>,
+    tls: std::sync::RwLock<Option<tokio_rustls::TlsAcceptor>>,
     pub policy: Policy,
     pub spool: Arc<dyn Spool>,
+    /// `relay_users`, when AUTH is enabled.
+    pub users: Option<Arc<dyn UserStore>>,
+    /// Sessions on this node, all listeners together (`smtp.max_connections`).
+    pub sessions: Arc<tokio::sync::Semaphore>,
+    pub per_ip: PerIp,
+    pub anvil: Anvil,
 }
 
 impl Shared {
-    pub fn new(config: Config, policy: Policy, spool: Arc<dyn Spool>) -> Shared {
-        Shared { config: std::sync::RwLock::new(Arc::new(config)), policy, spool }
+    pub fn new(
+        config: Config,
+        policy: Policy,
+        spool: Arc<dyn Spool>,
+        users: Option<Arc<dyn UserStore>>,
+    ) -> Shared {
+        let shared = Shared {
+            sessions: Arc::new(tokio::sync::Semaphore::new(config.smtp.max_connections)),
+            config: std::sync::RwLock::new(Arc::new(config.clone())),
+            tls: std::sync::RwLock::new(None),
+            policy,
+            spool,
+            users,
+            per_ip: PerIp::default(),
+            anvil: Anvil::default(),
+        };
+        shared.reload_tls(&config.tls);
+        shared
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Installs a new configuration for sessions that start from now on.
     pub fn set_config(&self, config: Config) {
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        let mut current = self.config.write().unwrap_or_else(|e| e.into_inner());
+        let (old, new) = (current.smtp.max_connections, config.smtp.max_connections);
+        if new > old {
+            self.sessions.add_permits(new - old);
+        } else if new < old {
+            self.sessions.forget_permits(old - new);
+        }
+        *current = Arc::new(config);
+    }
+
+    /// The acceptor for STARTTLS and the implicit-TLS listener, if a
+    /// certificate is loaded.
+    pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// (Re)reads `tls.cert`/`tls.key`; on failure the loaded certificate
+    /// stays in use.
+    pub fn reload_tls(&self, config: &TlsConfig) {
+        if config.cert.is_empty() {
+            *self.tls.write().unwrap_or_else(|e| e.into_inner()) = None;
+            return;
+        }
+        match super::tls::load_acceptor(config) {
+            Ok(acceptor) => {
+                *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(acceptor);
+                tracing::info!(cert = %config.cert, "TLS certificate loaded");
+            }
+            Err(e) => {
+                tracing::error!(cert = %config.cert, "TLS certificate not (re)loaded, keeping the previous one: {e}")
+            }
+        }
     }
 }
 
@@ -59,6 +125,9 @@ pub struct ClientInfo {
     pub name: String,
     /// Log the transcript (`debug_peer_list`).
     pub debug: bool,
+    /// On a PROXY-protocol listener, from an address that may not send a
+    /// header: refuse one if it comes.
+    pub proxy_guard: bool,
 }
 
 /// How a session ended, for `mxrelay_smtp_sessions_total{outcome}`.
@@ -70,6 +139,8 @@ pub enum Outcome {
     TooManyErrors,
     EarlyTalker,
     IoError,
+    TlsFailed,
+    Refused,
 }
 
 impl Outcome {
@@ -81,6 +152,8 @@ impl Outcome {
             Outcome::TooManyErrors => "too_many_errors",
             Outcome::EarlyTalker => "early_talker",
             Outcome::IoError => "io_error",
+            Outcome::TlsFailed => "tls_failed",
+            Outcome::Refused => "refused",
         }
     }
 }
@@ -107,7 +180,10 @@ struct Conn<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn flush(&mut self) -> Result<(), ReadError> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await.map_err(|_| ReadError::Io)?;
+            self.stream
+                .write_all(&self.out)
+                .await
+                .map_err(|_| ReadError::Io)?;
             self.stream.flush().await.map_err(|_| ReadError::Io)?;
             self.out.clear();
         }
@@ -135,9 +211,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// One command line without its line ending. An overlong line is read
-    /// to its end and discarded, never buffered whole.
+    /// One command line without its line ending, which must arrive whole
+    /// within `timeout`. An overlong line is read to its end and discarded,
+    /// never buffered whole.
     async fn read_line(&mut self, timeout: Duration) -> Result<Line, ReadError> {
+        let deadline = Instant::now() + timeout;
         let mut discarding = false;
         loop {
             if let Some(pos) = memchr::memchr(b'\n', &self.inbuf) {
@@ -158,7 +236,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 discarding = true;
                 self.inbuf.clear();
             }
-            self.fill(timeout).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::Timeout);
+            }
+            self.fill(left).await?;
         }
     }
 }
@@ -226,11 +308,15 @@ impl Incoming {
     }
 }
 
-pub struct Session<S> {
-    conn: Conn<S>,
+pub struct Session {
+    conn: Conn<SmtpStream>,
     shared: Arc<Shared>,
     config: Arc<Config>,
     client: ClientInfo,
+    /// Set once the handshake is done (STARTTLS or implicit TLS).
+    tls: Option<TlsInfo>,
+    /// The user name and mechanism of a successful AUTH.
+    auth: Option<(String, Mechanism)>,
     helo: Option<String>,
     esmtp: bool,
     tx: Option<Transaction>,
@@ -244,14 +330,26 @@ enum Flow {
     Close(Outcome),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub fn new(stream: S, client: ClientInfo, shared: Arc<Shared>) -> Session<S> {
+impl Session {
+    pub fn new(
+        stream: SmtpStream,
+        client: ClientInfo,
+        shared: Arc<Shared>,
+        tls: Option<TlsInfo>,
+    ) -> Session {
         let debug = client.debug;
         Session {
-            conn: Conn { stream, inbuf: BytesMut::with_capacity(4096), out: Vec::new(), debug },
+            conn: Conn {
+                stream,
+                inbuf: BytesMut::with_capacity(4096),
+                out: Vec::new(),
+                debug,
+            },
             config: shared.config(),
             shared,
             client,
+            tls,
+            auth: None,
             helo: None,
             esmtp: false,
             tx: None,
@@ -273,14 +371,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn serve(&mut self) -> Outcome {
-        if self.early_talker().await {
-            METRICS.smtp_connections_refused.with_label_values(&["early_talker"]).inc();
+        let early = self.early_talker().await;
+        let mut greeted = false;
+        if self.client.proxy_guard {
+            // A header counts whether it came before or as the first input.
+            if !early {
+                self.greet();
+                greeted = true;
+                if let Err(e) = self.conn.fill(self.config().smtp.command_timeout).await {
+                    return self.read_failed(e, "command");
+                }
+            }
+            if super::proxy::looks_like_header(&self.conn.inbuf) {
+                METRICS
+                    .smtp_proxy_headers
+                    .with_label_values(&["untrusted"])
+                    .inc();
+                METRICS
+                    .smtp_connections_refused
+                    .with_label_values(&["proxy_untrusted"])
+                    .inc();
+                tracing::warn!(client = %self.peer(), "PROXY header from an address not in smtp.proxy_networks: refused");
+                self.conn.queue(&Reply::new(
+                    421,
+                    "4.7.0",
+                    "Error: PROXY header from an address not in smtp.proxy_networks",
+                ));
+                return Outcome::Refused;
+            }
+        }
+        if early {
+            METRICS
+                .smtp_connections_refused
+                .with_label_values(&["early_talker"])
+                .inc();
             tracing::info!(client = %self.peer(), "reject: early talker (sent before the greeting)");
-            self.conn.queue(&Reply::new(554, "5.5.1", "Error: SMTP protocol synchronization"));
+            self.conn.queue(&Reply::new(
+                554,
+                "5.5.1",
+                "Error: SMTP protocol synchronization",
+            ));
             return Outcome::EarlyTalker;
         }
-        let greeting = Reply::new(220, "", format!("{} ESMTP mxrelay", self.config().myhostname));
-        self.conn.queue(&greeting);
+        if !greeted {
+            self.greet();
+        }
         loop {
             let timeout = self.config().smtp.command_timeout;
             let line = match self.conn.read_line(timeout).await {
@@ -304,8 +439,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return outcome;
             }
             if self.errors >= self.config().smtp.error_limit {
-                tracing::info!(client = %self.peer(), errors = self.errors, "too many errors, disconnecting");
-                self.conn.queue(&Reply::new(421, "4.7.0", format!("{} Error: too many errors", self.config().myhostname)));
+                METRICS.smtp_limit_hits.with_label_values(&["errors"]).inc();
+                tracing::warn!(client = %self.peer(), errors = self.errors, "too many errors, disconnecting");
+                self.conn.queue(&Reply::new(
+                    421,
+                    "4.7.0",
+                    format!("{} Error: too many errors", self.config().myhostname),
+                ));
                 return Outcome::TooManyErrors;
             }
             if self.conn.out.len() >= OUTPUT_FLUSH_AT && self.conn.flush().await.is_err() {
@@ -318,20 +458,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// talks first is not a real MTA.
     async fn early_talker(&mut self) -> bool {
         let pause = self.config().smtp.greet_pause;
-        let mut probe = [0u8; 1];
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
-        // Timeout polls the read once before the zero-length timer fires.
-        match tokio::time::timeout(Duration::ZERO, self.conn.stream.read(&mut probe)).await {
-            Ok(Ok(n)) => n > 0,
-            _ => false,
-        }
+        // Timeout polls the read once before the zero-length timer fires;
+        // what arrived stays in the buffer (to recognise a PROXY header).
+        self.conn.inbuf.reserve(64);
+        matches!(tokio::time::timeout(Duration::ZERO, self.conn.stream.read_buf(&mut self.conn.inbuf)).await, Ok(Ok(n)) if n > 0)
+    }
+
+    fn greet(&mut self) {
+        let greeting = Reply::new(
+            220,
+            "",
+            format!("{} ESMTP mxrelay", self.config().myhostname),
+        );
+        self.conn.queue(&greeting);
     }
 
     fn read_failed(&mut self, e: ReadError, during: &str) -> Outcome {
         match e {
             ReadError::Timeout => {
+                if !self.conn.inbuf.is_empty() || during != "command" {
+                    // Input was trickling in, not idle: a slow client.
+                    METRICS
+                        .smtp_limit_hits
+                        .with_label_values(&["slow_client"])
+                        .inc();
+                }
                 tracing::info!(client = %self.peer(), "timeout after {during}");
                 self.conn.queue(&Reply::timeout(&self.config.myhostname));
                 Outcome::Timeout
@@ -357,12 +511,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.conn.queue(&reply);
     }
 
-    fn proto(&self) -> &'static str {
-        if self.esmtp { "ESMTP" } else { "SMTP" }
+    /// The RFC 3848 `with` keyword: ESMTP, ESMTPS, ESMTPA, ESMTPSA.
+    fn proto(&self) -> String {
+        if !self.esmtp {
+            return "SMTP".into();
+        }
+        let s = if self.tls.is_some() { "S" } else { "" };
+        let a = if self.auth.is_some() { "A" } else { "" };
+        format!("ESMTP{s}{a}")
+    }
+
+    /// STARTTLS is advertised and accepted: a certificate is loaded, this
+    /// session is not in TLS yet, and the level is not `none`.
+    fn starttls_offered(&self) -> bool {
+        self.tls.is_none()
+            && self.config().tls.security_level != "none"
+            && self.shared.tls_acceptor().is_some()
+    }
+
+    /// AUTH is advertised: enabled, and inside TLS unless `auth.tls_only` is off.
+    fn auth_offered(&self) -> bool {
+        let c = self.config();
+        c.auth.enabled && self.shared.users.is_some() && (self.tls.is_some() || !c.auth.tls_only)
     }
 
     fn log_reject(&self, stage: &str, reply: &Reply, to: Option<&str>) {
-        let from = self.tx.as_ref().map(|t| t.sender.to_string()).unwrap_or_default();
+        let from = self
+            .tx
+            .as_ref()
+            .map(|t| t.sender.to_string())
+            .unwrap_or_default();
         tracing::info!(
             "NOQUEUE: reject: {stage} from {}: {}; from=<{from}> to=<{}> proto={} helo=<{}>",
             self.peer(),
@@ -377,7 +555,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// it: input already waiting behind this command means it did not wait.
     fn unauth_pipelining(&mut self) -> bool {
         if !self.esmtp && !self.conn.inbuf.is_empty() {
-            let reply = Reply::new(503, "5.5.0", "Error: improper use of SMTP command pipelining");
+            let reply = Reply::new(
+                503,
+                "5.5.0",
+                "Error: improper use of SMTP command pipelining",
+            );
             self.log_reject("pipelining", &reply, None);
             self.reply(reply);
             return true;
@@ -386,9 +568,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn command(&mut self, cmd: Command) -> Flow {
-        if self.bdat.is_some() && !matches!(cmd, Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop) {
+        if self.bdat.is_some()
+            && !matches!(
+                cmd,
+                Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop
+            )
+        {
             // RFC 3030 §2: only BDAT may follow BDAT until LAST.
-            self.reply(Reply::bad_sequence("only BDAT, RSET, NOOP or QUIT may follow a non-LAST BDAT"));
+            self.reply(Reply::bad_sequence(
+                "only BDAT, RSET, NOOP or QUIT may follow a non-LAST BDAT",
+            ));
+            return Flow::Continue;
+        }
+        let exempt = matches!(
+            cmd,
+            Command::Ehlo(_)
+                | Command::Helo(_)
+                | Command::StartTls
+                | Command::Quit
+                | Command::Noop
+                | Command::Rset
+                | Command::Help
+        );
+        if !exempt && self.tls.is_none() && self.config().tls.security_level == "encrypt" {
+            // smtpd_tls_security_level = encrypt
+            self.reply(Reply::new(
+                530,
+                "5.7.0",
+                "Must issue a STARTTLS command first",
+            ));
             return Flow::Continue;
         }
         match cmd {
@@ -400,16 +608,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.helo = Some(name);
                 self.esmtp = true;
                 let c = self.config();
-                let lines = vec![
+                let mut lines = vec![
                     c.myhostname.clone(),
                     "PIPELINING".into(),
                     format!("SIZE {}", c.message_size_limit),
-                    "8BITMIME".into(),
-                    "ENHANCEDSTATUSCODES".into(),
-                    "SMTPUTF8".into(),
-                    "CHUNKING".into(),
                     "ETRN".into(),
                 ];
+                if self.starttls_offered() {
+                    lines.push("STARTTLS".into());
+                }
+                if self.auth_offered() {
+                    lines.push(format!("AUTH {}", auth::MECHANISMS));
+                }
+                lines.extend(
+                    ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"].map(String::from),
+                );
                 self.reply(Reply::multi(250, "", lines));
             }
             Command::Helo(name) => {
@@ -446,10 +659,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             Command::Expn => self.reply(Reply::new(502, "5.5.1", "EXPN command is disabled")),
-            Command::StartTls => self.reply(Reply::new(502, "5.5.1", "Error: STARTTLS is not offered")),
-            Command::Auth => self.reply(Reply::new(503, "5.5.1", "Error: authentication not enabled")),
+            Command::StartTls => return self.starttls().await,
+            Command::Auth { mechanism, initial } => {
+                return self.authenticate(&mechanism, initial).await;
+            }
             Command::Etrn(node) => self.etrn(&node).await,
-            Command::Unknown(_) => self.reply(Reply::new(502, "5.5.2", "Error: command not recognized")),
+            Command::Unknown(_) => {
+                self.reply(Reply::new(502, "5.5.2", "Error: command not recognized"))
+            }
         }
         Flow::Continue
     }
@@ -464,22 +681,292 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.reply(Reply::bad_sequence("MAIL transaction in progress"));
         }
         if !self.shared.policy.is_mynetworks(self.client.ip) {
-            return self.reply(Reply::new(459, "4.7.1", format!("<{node}>: ETRN is only accepted from mynetworks")));
+            return self.reply(Reply::new(
+                459,
+                "4.7.1",
+                format!("<{node}>: ETRN is only accepted from mynetworks"),
+            ));
         }
         let Some(domain) = address::normalise_domain(node.trim_start_matches(['@', '#'])) else {
-            return self.reply(Reply::new(458, "4.5.1", format!("Unable to queue messages for node <{node}>")));
+            return self.reply(Reply::new(
+                458,
+                "4.5.1",
+                format!("Unable to queue messages for node <{node}>"),
+            ));
         };
-        let key = crate::delivery::route::Route::for_domain(&domain, &self.shared.policy.domains).key();
-        match self.shared.spool.release(&key, crate::delivery::FLUSH_LIMIT).await {
-            Ok(0) => self.reply(Reply::new(251, "2.0.0", format!("OK, no messages waiting for node <{domain}>"))),
+        let key =
+            crate::delivery::route::Route::for_domain(&domain, &self.shared.policy.domains).key();
+        match self
+            .shared
+            .spool
+            .release(&key, crate::delivery::FLUSH_LIMIT)
+            .await
+        {
+            Ok(0) => self.reply(Reply::new(
+                251,
+                "2.0.0",
+                format!("OK, no messages waiting for node <{domain}>"),
+            )),
             Ok(n) => {
                 tracing::info!(client = %self.peer(), domain = %domain, released = n, "ETRN: queue flushed");
-                self.reply(Reply::new(253, "2.0.0", format!("OK, {n} pending messages for node <{domain}> started")))
+                self.reply(Reply::new(
+                    253,
+                    "2.0.0",
+                    format!("OK, {n} pending messages for node <{domain}> started"),
+                ))
             }
             Err(e) => {
                 tracing::error!(error = %e, "ETRN: queue unavailable");
-                self.reply(Reply::new(458, "4.3.0", format!("Unable to queue messages for node <{domain}>")))
+                self.reply(Reply::new(
+                    458,
+                    "4.3.0",
+                    format!("Unable to queue messages for node <{domain}>"),
+                ))
             }
+        }
+    }
+
+    /// Counts one event of this client against `limit` (per
+    /// `smtp.rate_window`); `mynetworks` is exempt, as from Postfix's anvil.
+    fn within_rate(&self, event: Event, limit: u32) -> bool {
+        if limit == 0 || self.shared.policy.is_mynetworks(self.client.ip) {
+            return true;
+        }
+        let ok =
+            self.shared
+                .anvil
+                .hit(self.client.ip, event, limit, self.config().smtp.rate_window);
+        if !ok {
+            let name = match event {
+                Event::Connection => "connection_rate",
+                Event::Message => "message_rate",
+                Event::Recipient => "recipient_rate",
+                Event::AuthFailure => "auth_failures",
+            };
+            METRICS.smtp_limit_hits.with_label_values(&[name]).inc();
+            tracing::warn!(client = %self.peer(), limit, "{name} limit exceeded");
+        }
+        ok
+    }
+
+    /// RFC 3207. Input the client pipelined behind STARTTLS was sent in
+    /// clear and is thrown away; after the handshake everything learned
+    /// before it (HELO, AUTH, transaction) is forgotten.
+    async fn starttls(&mut self) -> Flow {
+        if self.tls.is_some() {
+            self.reply(Reply::new(554, "5.5.1", "Error: TLS already active"));
+            return Flow::Continue;
+        }
+        let Some(acceptor) = self
+            .shared
+            .tls_acceptor()
+            .filter(|_| self.starttls_offered())
+        else {
+            self.reply(Reply::new(502, "5.5.1", "Error: command not implemented"));
+            return Flow::Continue;
+        };
+        if self.helo.is_none() {
+            self.reply(Reply::bad_sequence("send EHLO first"));
+            return Flow::Continue;
+        }
+        if self.tx.is_some() || self.bdat.is_some() {
+            self.reply(Reply::bad_sequence("MAIL transaction in progress"));
+            return Flow::Continue;
+        }
+        if !self.conn.inbuf.is_empty() {
+            tracing::warn!(client = %self.peer(), bytes = self.conn.inbuf.len(), "input pipelined after STARTTLS discarded (CVE-2011-0411)");
+            self.conn.inbuf.clear();
+        }
+        self.conn
+            .queue(&Reply::new(220, "2.0.0", "Ready to start TLS"));
+        if self.conn.flush().await.is_err() {
+            return Flow::Close(Outcome::IoError);
+        }
+        let stream = std::mem::replace(&mut self.conn.stream, SmtpStream::Detached);
+        match stream
+            .handshake(&acceptor, self.config().tls.handshake_timeout)
+            .await
+        {
+            Ok((stream, info)) => {
+                METRICS.smtp_tls_handshakes.with_label_values(&["ok"]).inc();
+                tracing::info!("TLS connection established from {}: {info}", self.peer());
+                self.conn.stream = stream;
+                self.tls = Some(info);
+                self.helo = None;
+                self.esmtp = false;
+                self.auth = None;
+                self.reset_transaction().await;
+                Flow::Continue
+            }
+            Err(e) => {
+                METRICS
+                    .smtp_tls_handshakes
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::info!(client = %self.peer(), "STARTTLS handshake failed: {e}");
+                Flow::Close(Outcome::TlsFailed)
+            }
+        }
+    }
+
+    /// RFC 4954 AUTH PLAIN/LOGIN against `relay_users`.
+    async fn authenticate(&mut self, mechanism: &str, initial: Option<String>) -> Flow {
+        let c = self.config.clone();
+        if !c.auth.enabled || self.shared.users.is_none() {
+            self.reply(Reply::new(
+                503,
+                "5.5.1",
+                "Error: authentication not enabled",
+            ));
+            return Flow::Continue;
+        }
+        if self.tls.is_none() && c.auth.tls_only {
+            self.reply(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+            return Flow::Continue;
+        }
+        if !self.esmtp {
+            self.reply(Reply::bad_sequence("send EHLO first"));
+            return Flow::Continue;
+        }
+        if self.auth.is_some() {
+            self.reply(Reply::new(503, "5.5.1", "Error: already authenticated"));
+            return Flow::Continue;
+        }
+        if self.tx.is_some() {
+            self.reply(Reply::bad_sequence("MAIL transaction in progress"));
+            return Flow::Continue;
+        }
+        let Some(mech) = Mechanism::parse(mechanism) else {
+            self.reply(Reply::new(
+                504,
+                "5.5.4",
+                "Error: unsupported authentication mechanism",
+            ));
+            return Flow::Continue;
+        };
+        let failures =
+            self.shared
+                .anvil
+                .count(self.client.ip, Event::AuthFailure, c.smtp.rate_window);
+        if c.smtp.auth_failure_limit > 0 && failures >= c.smtp.auth_failure_limit {
+            METRICS
+                .smtp_limit_hits
+                .with_label_values(&["auth_failures"])
+                .inc();
+            METRICS.smtp_auth.with_label_values(&["rate_limited"]).inc();
+            tracing::warn!(client = %self.peer(), failures, "AUTH refused: too many failed attempts from this address");
+            self.conn.queue(&Reply::new(
+                421,
+                "4.7.0",
+                format!(
+                    "{} Error: too many failed AUTH attempts from {}",
+                    c.myhostname, self.client.ip
+                ),
+            ));
+            return Flow::Close(Outcome::Refused);
+        }
+        let credentials = match self.sasl_exchange(mech, initial).await {
+            Ok(Ok(credentials)) => credentials,
+            Ok(Err(e)) => {
+                METRICS
+                    .smtp_auth
+                    .with_label_values(&[if e == SaslError::Cancelled {
+                        "aborted"
+                    } else {
+                        "malformed"
+                    }])
+                    .inc();
+                self.reply(e.reply());
+                return Flow::Continue;
+            }
+            Err(e) => return Flow::Close(self.read_failed(e, "AUTH")),
+        };
+        let users = self.shared.users.clone().expect("checked above");
+        match crate::users::verify(users.as_ref(), &credentials.username, &credentials.password)
+            .await
+        {
+            Ok(true) => {
+                METRICS.smtp_auth.with_label_values(&["success"]).inc();
+                tracing::info!(
+                    "{}: sasl_method={}, sasl_username={}",
+                    self.peer(),
+                    mech.name(),
+                    credentials.username
+                );
+                self.auth = Some((credentials.username, mech));
+                self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
+            }
+            Ok(false) => {
+                METRICS.smtp_auth.with_label_values(&["failure"]).inc();
+                self.shared
+                    .anvil
+                    .hit(self.client.ip, Event::AuthFailure, 0, c.smtp.rate_window);
+                tracing::warn!(
+                    "{}: SASL {} authentication failed, sasl_username={:?}",
+                    self.peer(),
+                    mech.name(),
+                    credentials.username
+                );
+                self.reply(Reply::new(535, "5.7.8", "Error: authentication failed"));
+            }
+            Err(e) => {
+                METRICS.smtp_auth.with_label_values(&["tempfail"]).inc();
+                tracing::error!(client = %self.peer(), error = %e, "AUTH: user database unavailable");
+                self.reply(Reply::new(454, "4.7.0", "Temporary authentication failure"));
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The challenge/response rounds of `mech`; the outer error is a broken
+    /// connection, the inner one a response that cannot be used.
+    async fn sasl_exchange(
+        &mut self,
+        mech: Mechanism,
+        initial: Option<String>,
+    ) -> Result<Result<Credentials, SaslError>, ReadError> {
+        match mech {
+            Mechanism::Plain => {
+                let response = match initial {
+                    Some(r) => r,
+                    None => self.sasl_response("").await?,
+                };
+                Ok(auth::decode_plain(&response))
+            }
+            Mechanism::Login => {
+                let user = match initial {
+                    Some(r) => r,
+                    None => self.sasl_response(&auth::challenge("Username:")).await?,
+                };
+                let username = match auth::decode_text(&user) {
+                    Ok(u) if !u.is_empty() => u,
+                    Ok(_) => return Ok(Err(SaslError::Malformed)),
+                    Err(e) => return Ok(Err(e)),
+                };
+                let pass = self.sasl_response(&auth::challenge("Password:")).await?;
+                Ok(auth::decode_text(&pass).map(|password| Credentials { username, password }))
+            }
+        }
+    }
+
+    /// Sends `334 challenge` and reads the client's one-line answer.
+    async fn sasl_response(&mut self, challenge: &str) -> Result<String, ReadError> {
+        self.conn.queue(&Reply::new(334, "", challenge));
+        // Never log the answer: it carries the password.
+        let debug = std::mem::replace(&mut self.conn.debug, false);
+        let line = self
+            .conn
+            .read_line(self.config().smtp.command_timeout)
+            .await;
+        self.conn.debug = debug;
+        match line? {
+            Line::Command(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            // Not base64, so answered as a malformed response.
+            Line::TooLong => Ok("!".into()),
         }
     }
 
@@ -513,56 +1000,108 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         return self.reply(reply);
                     }
                     Ok(_) => {}
-                    Err(_) => return self.reply(Reply::new(501, "5.5.4", "Bad message size syntax")),
+                    Err(_) => {
+                        return self.reply(Reply::new(501, "5.5.4", "Bad message size syntax"));
+                    }
                 },
-                ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("8BITMIME") => eight_bit = true,
+                ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("8BITMIME") => {
+                    eight_bit = true
+                }
                 ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("7BIT") => {}
                 ("SMTPUTF8", None) if self.esmtp => smtputf8 = true,
-                _ => return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}"))),
+                // RFC 4954 §5: the original submitter; accepted, not trusted.
+                ("AUTH", Some(_)) if self.esmtp => {}
+                _ => {
+                    return self.reply(Reply::new(
+                        555,
+                        "5.5.4",
+                        format!("Unsupported option: {key}"),
+                    ));
+                }
             }
         }
-        let sender = match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
-            Ok(p) => p,
-            Err(e) => {
-                let reply = address_reply(e, path, "5.1.7", "sender");
-                self.log_reject("MAIL", &reply, None);
-                return self.reply(reply);
-            }
-        };
-        self.tx = Some(Transaction { sender, smtputf8, eight_bit, recipients: Vec::new(), sender_verdict: None });
+        if !self.within_rate(Event::Message, self.config().smtp.message_rate_limit) {
+            let reply = Reply::new(
+                450,
+                "4.7.1",
+                format!("Error: too much mail from {}", self.client.ip),
+            );
+            self.log_reject("MAIL", &reply, None);
+            return self.reply(reply);
+        }
+        let sender =
+            match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
+                Ok(p) => p,
+                Err(e) => {
+                    let reply = address_reply(e, path, "5.1.7", "sender");
+                    self.log_reject("MAIL", &reply, None);
+                    return self.reply(reply);
+                }
+            };
+        self.tx = Some(Transaction {
+            sender,
+            smtputf8,
+            eight_bit,
+            recipients: Vec::new(),
+            sender_verdict: None,
+        });
         self.reply(Reply::new(250, "2.1.0", "Ok"));
     }
 
     async fn rcpt(&mut self, path: &str, params: &[(String, Option<String>)]) {
-        let Some((count, smtputf8)) = self.tx.as_ref().map(|t| (t.recipients.len(), t.smtputf8)) else {
+        let Some((count, smtputf8)) = self.tx.as_ref().map(|t| (t.recipients.len(), t.smtputf8))
+        else {
             return self.reply(Reply::bad_sequence("need MAIL command"));
         };
         if self.unauth_pipelining() {
             return;
         }
         if let Some((key, _)) = params.first() {
-            return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}")));
+            return self.reply(Reply::new(
+                555,
+                "5.5.4",
+                format!("Unsupported option: {key}"),
+            ));
         }
         if count >= self.config().smtpd_recipient_limit {
             METRICS.smtp_rcpt.with_label_values(&["too_many"]).inc();
             return self.reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
         }
-        let mailbox = match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
-            Ok(Path::Mailbox(m)) => m,
-            Ok(Path::Null) => return self.reply(Reply::new(501, "5.1.3", "Bad recipient address syntax")),
-            Err(e) => {
-                let reply = if e == AddressError::SourceRoute {
-                    METRICS.smtp_rcpt.with_label_values(&[RcptResult::RelayDenied.label()]).inc();
-                    Reply::new(454, "4.7.1", format!("{path}: Relay access denied"))
-                } else {
-                    METRICS.smtp_rcpt.with_label_values(&["syntax"]).inc();
-                    address_reply(e, path, "5.1.3", "recipient")
-                };
-                self.log_reject("RCPT", &reply, Some(path));
-                return self.reply(reply);
-            }
+        let mailbox =
+            match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
+                Ok(Path::Mailbox(m)) => m,
+                Ok(Path::Null) => {
+                    return self.reply(Reply::new(501, "5.1.3", "Bad recipient address syntax"));
+                }
+                Err(e) => {
+                    let reply = if e == AddressError::SourceRoute {
+                        METRICS
+                            .smtp_rcpt
+                            .with_label_values(&[RcptResult::RelayDenied.label()])
+                            .inc();
+                        Reply::new(454, "4.7.1", format!("{path}: Relay access denied"))
+                    } else {
+                        METRICS.smtp_rcpt.with_label_values(&["syntax"]).inc();
+                        address_reply(e, path, "5.1.3", "recipient")
+                    };
+                    self.log_reject("RCPT", &reply, Some(path));
+                    return self.reply(reply);
+                }
+            };
+        if !self.within_rate(Event::Recipient, self.config().smtp.recipient_rate_limit) {
+            let reply = Reply::new(
+                450,
+                "4.7.1",
+                format!("Error: too many recipients from {}", self.client.ip),
+            );
+            self.log_reject("RCPT", &reply, Some(path));
+            return self.reply(reply);
+        }
+        let client = Client {
+            ip: self.client.ip,
+            helo: self.helo.clone(),
+            authenticated: self.auth.is_some(),
         };
-        let client = Client { ip: self.client.ip, helo: self.helo.clone(), authenticated: false };
         let shared = self.shared.clone();
         let tx = self.tx.as_mut().expect("checked above");
         let cached = tx.sender_verdict.clone();
@@ -584,7 +1123,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         match verdict {
             Ok(()) => {
-                METRICS.smtp_rcpt.with_label_values(&[RcptResult::Accepted.label()]).inc();
+                METRICS
+                    .smtp_rcpt
+                    .with_label_values(&[RcptResult::Accepted.label()])
+                    .inc();
                 let domain = match &mailbox.domain {
                     Some(address::Domain::Name(n)) => n.clone(),
                     Some(address::Domain::Literal(l)) => l.clone(),
@@ -608,11 +1150,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// How long to wait for more content, `received` bytes after `started`.
+    fn content_wait(&self, started: Instant, received: u64) -> Duration {
+        let c = &self.config.smtp;
+        content_wait(started.elapsed(), received, c.data_timeout, c.min_data_rate)
+    }
+
     /// Checks that a transaction can take content; `Err` is the reply.
     fn ready_for_content(&self) -> Result<(), Reply> {
         match &self.tx {
             None => Err(Reply::bad_sequence("need MAIL command")),
-            Some(tx) if tx.recipients.is_empty() => Err(Reply::new(554, "5.5.1", "Error: no valid recipients")),
+            Some(tx) if tx.recipients.is_empty() => {
+                Err(Reply::new(554, "5.5.1", "Error: no valid recipients"))
+            }
             Some(_) => Ok(()),
         }
     }
@@ -640,7 +1190,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && let Err(e) = body.write(header.as_bytes()).await
         {
             tracing::error!(queue_id = %incoming.id, error = %e, "queue write failed while receiving");
-            incoming.fail(Reply::queue_unavailable(), "queue_error").await;
+            incoming
+                .fail(Reply::queue_unavailable(), "queue_error")
+                .await;
         }
         incoming
     }
@@ -649,20 +1201,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn received_header(&self, id: &QueueId) -> String {
         let c = self.config();
         let tx = self.tx.as_ref();
-        let with = match (tx.is_some_and(|t| t.smtputf8), self.esmtp) {
-            (true, _) => "UTF8SMTP",
-            (false, true) => "ESMTP",
-            (false, false) => "SMTP",
+        let with = match tx.is_some_and(|t| t.smtputf8) {
+            // RFC 6531 §3.7.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA
+            true => self.proto().replacen("ESMTP", "UTF8SMTP", 1),
+            false => self.proto(),
+        };
+        let using = match &self.tls {
+            Some(info) => format!("\r\n\t(using {info})"),
+            None => String::new(),
         };
         let for_clause = match tx.map(|t| t.recipients.as_slice()) {
             Some([only]) => format!("\r\n\tfor <{}>", only.address),
             _ => String::new(),
         };
         format!(
-            "Received: from {} ({} [{}])\r\n\tby {} (mxrelay node {}) with {} id {}{}; {}\r\n",
+            "Received: from {} ({} [{}]){}\r\n\tby {} (mxrelay node {}) with {} id {}{}; {}\r\n",
             self.helo.as_deref().unwrap_or("unknown"),
             self.client.name,
             self.client.ip,
+            using,
             c.myhostname,
             c.node_id,
             with,
@@ -681,12 +1238,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.unauth_pipelining() {
             return Flow::Continue;
         }
-        self.conn.queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+        self.conn
+            .queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
         let mut incoming = self.begin_incoming(Framing::Dot).await;
-        let timeout = self.config().smtp.data_timeout;
+        let started = Instant::now();
         loop {
             if self.conn.inbuf.is_empty()
-                && let Err(e) = self.conn.fill(timeout).await
+                && let Err(e) = self
+                    .conn
+                    .fill(self.content_wait(started, incoming.size))
+                    .await
             {
                 if let Some(body) = incoming.body.take() {
                     body.abort().await;
@@ -709,16 +1270,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn bdat(&mut self, size: u64, last: bool) -> Flow {
-        let refusal = if self.bdat.is_none() { self.ready_for_content().err() } else { None };
+        let refusal = if self.bdat.is_none() {
+            self.ready_for_content().err()
+        } else {
+            None
+        };
         if refusal.is_none() && self.bdat.is_none() {
             self.bdat = Some(self.begin_incoming(Framing::Chunked).await);
         }
         // The chunk is read in full even when refused (RFC 3030 §2).
-        let timeout = self.config().smtp.data_timeout;
+        let started = Instant::now();
         let mut remaining = size;
         while remaining > 0 {
             if self.conn.inbuf.is_empty()
-                && let Err(e) = self.conn.fill(timeout).await
+                && let Err(e) = self
+                    .conn
+                    .fill(self.content_wait(started, size - remaining))
+                    .await
             {
                 return Flow::Close(self.read_failed(e, "BDAT"));
             }
@@ -753,7 +1321,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn finish(&mut self, mut incoming: Incoming) {
         let client_bytes = incoming.size - incoming.received_header_len;
         if incoming.failure.is_none() && incoming.headers.received > self.config().hop_count_limit {
-            incoming.fail(Reply::new(554, "5.4.6", "Error: too many hops"), "too_many_hops").await;
+            incoming
+                .fail(
+                    Reply::new(554, "5.4.6", "Error: too many hops"),
+                    "too_many_hops",
+                )
+                .await;
         }
         let tx = self.tx.take().expect("content only follows a transaction");
         if let Some((reply, label)) = incoming.failure.take() {
@@ -785,19 +1358,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(()) => {
                 METRICS.smtp_messages.with_label_values(&["accepted"]).inc();
                 METRICS.smtp_received_bytes.inc_by(envelope.size);
+                let sasl = match &self.auth {
+                    Some((user, mech)) => {
+                        format!(", sasl_method={}, sasl_username={user}", mech.name())
+                    }
+                    None => String::new(),
+                };
                 tracing::info!(
                     queue_id = %envelope.id,
-                    "{}: client={}, from=<{}>, size={}, nrcpt={} (queue active)",
+                    "{}: client={}{sasl}, from=<{}>, size={}, nrcpt={} (queue active)",
                     envelope.id,
                     self.peer(),
                     envelope.sender,
                     envelope.size,
                     envelope.recipients.len()
                 );
-                self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {}", envelope.id)));
+                self.reply(Reply::new(
+                    250,
+                    "2.0.0",
+                    format!("Ok: queued as {}", envelope.id),
+                ));
             }
             Err(e) => {
-                METRICS.smtp_messages.with_label_values(&["queue_error"]).inc();
+                METRICS
+                    .smtp_messages
+                    .with_label_values(&["queue_error"])
+                    .inc();
                 tracing::error!(queue_id = %envelope.id, error = %e, client = %self.peer(), "message not queued: 451");
                 self.reply(Reply::queue_unavailable());
             }
@@ -805,15 +1391,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
+/// Postfix `smtpd_min_data_rate`: content may take `data_timeout` plus one
+/// second per `min_rate` bytes received; each read still waits at most
+/// `data_timeout`. Zero means the client is too slow now.
+fn content_wait(
+    elapsed: Duration,
+    received: u64,
+    data_timeout: Duration,
+    min_rate: u64,
+) -> Duration {
+    if min_rate == 0 {
+        return data_timeout;
+    }
+    let allowed = data_timeout + Duration::from_secs_f64(received as f64 / min_rate as f64);
+    allowed.saturating_sub(elapsed).min(data_timeout)
+}
+
 /// The reply for an address that does not parse.
 fn address_reply(e: AddressError, path: &str, enhanced: &'static str, role: &str) -> Reply {
     match e {
-        AddressError::NeedsSmtputf8 => {
-            Reply::new(553, "5.6.7", format!("{path}: Must declare SMTPUTF8 to send Unicode address"))
-        }
-        AddressError::SourceRoute => Reply::new(501, enhanced, format!("{path}: source routes are not accepted")),
+        AddressError::NeedsSmtputf8 => Reply::new(
+            553,
+            "5.6.7",
+            format!("{path}: Must declare SMTPUTF8 to send Unicode address"),
+        ),
+        AddressError::SourceRoute => Reply::new(
+            501,
+            enhanced,
+            format!("{path}: source routes are not accepted"),
+        ),
         AddressError::Brackets | AddressError::Syntax => {
             Reply::new(501, enhanced, format!("Bad {role} address syntax"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_must_keep_the_minimum_rate() {
+        let t = Duration::from_secs(10);
+        // Fresh: one data_timeout.
+        assert_eq!(content_wait(Duration::ZERO, 0, t, 500), t);
+        // 5000 bytes earned 10 s more; 15 s used: 5 s left.
+        assert_eq!(
+            content_wait(Duration::from_secs(15), 5000, t, 500),
+            Duration::from_secs(5)
+        );
+        // Too slow: nothing left.
+        assert_eq!(
+            content_wait(Duration::from_secs(30), 500, t, 500),
+            Duration::ZERO
+        );
+        // A fast client never waits longer than data_timeout per read.
+        assert_eq!(content_wait(Duration::from_secs(1), 10_000_000, t, 500), t);
+        // Off.
+        assert_eq!(content_wait(Duration::from_secs(999), 0, t, 0), t);
     }
 }

@@ -62,3 +62,69 @@ impl TestPki {
         self.dir.path()
     }
 }
+
+impl TestPki {
+    /// A rustls client configuration that trusts only this CA.
+    pub fn client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(&self.ca).expect("ca.pem") {
+            roots.add(cert.expect("CA certificate")).expect("add CA");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        std::sync::Arc::new(config)
+    }
+}
+
+/// An SMTP client inside TLS (after STARTTLS or on an implicit-TLS port).
+pub struct TlsClient {
+    reader: std::io::BufReader<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>,
+}
+
+impl TlsClient {
+    /// Handshakes over `tcp` as a client of `server_name`, verifying the
+    /// certificate against `pki`'s CA.
+    pub fn handshake(tcp: std::net::TcpStream, pki: &TestPki, server_name: &str) -> std::io::Result<TlsClient> {
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).expect("server name");
+        let conn = rustls::ClientConnection::new(pki.client_config(), name).map_err(std::io::Error::other)?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        Ok(TlsClient { reader: std::io::BufReader::new(stream) })
+    }
+
+    pub fn send(&mut self, data: &str) {
+        use std::io::Write;
+        let s = self.reader.get_mut();
+        s.write_all(data.as_bytes()).expect("TLS write");
+        s.flush().expect("TLS flush");
+    }
+
+    /// One whole (possibly multi-line) reply; empty at EOF.
+    pub fn reply(&mut self) -> String {
+        use std::io::BufRead;
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(&format!("{line}\r\n"));
+        self.reply()
+    }
+}
