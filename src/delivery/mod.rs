@@ -18,6 +18,7 @@
 pub mod client;
 pub mod dsn;
 pub mod route;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
