@@ -30,6 +30,7 @@ pub struct Metrics {
     pub delivery_destination_connections: IntGauge,
     pub delivery_dsn: IntCounter,
     pub delivery_connections_reused: IntCounter,
+    pub delivery_tls: IntCounterVec,
     pub queue_messages: prometheus::IntGaugeVec,
     pub queue_oldest_age_seconds: IntGauge,
 }
@@ -87,6 +88,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Age of the oldest message in the shared queue (0 when empty)",
         ),
         delivery_connections_reused: counter(&r, "mxrelay_delivery_connections_reused_total", "Deliveries over a cached session (after RSET)"),
+        delivery_tls: counter_vec(
+            &r,
+            "mxrelay_delivery_tls_total",
+            "Outbound sessions opened, by TLS level and what STARTTLS gave (tls, clear, fallback_clear, required_missing, starttls_refused, handshake_failed, verify_failed)",
+            &["policy", "result"],
+        ),
         delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
         smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),
         smtp_connections_active: gauge(&r, "mxrelay_smtp_connections_active", "SMTP sessions open now"),
