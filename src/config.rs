@@ -103,6 +103,21 @@ pub struct DeliveryConfig {
     /// handed back to the cluster.
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// Outbound STARTTLS security level (Postfix `smtp_tls_security_level`):
+    /// `none` (never), `may` (when offered, certificate not checked, clear
+    /// if the handshake fails), `encrypt` (required, not checked) or
+    /// `verify` (required, certificate trusted and matching the host name).
+    /// Required TLS that fails defers the mail. Needs a restart to change.
+    pub tls_policy: String,
+    /// Per recipient domain levels over `tls_policy` (Postfix
+    /// `smtp_tls_policy_maps`): `"example.com" = "verify"` matches that
+    /// domain exactly, `".example.com" = "encrypt"` its subdomains. Keys
+    /// with a leading dot must be quoted in TOML.
+    #[serde(deserialize_with = "crate::delivery::tls::deserialize_policy_map")]
+    pub tls_policy_map: std::collections::BTreeMap<String, String>,
+    /// PEM file of extra trust anchors for `verify`, added to the built-in
+    /// webpki-roots (Postfix `smtp_tls_CAfile`). Empty: webpki-roots only.
+    pub tls_ca_file: String,
 }
 
 impl Default for DeliveryConfig {
@@ -120,6 +135,9 @@ impl Default for DeliveryConfig {
             data_timeout: Duration::from_secs(600),
             probe_interval: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
+            tls_policy: "may".into(),
+            tls_policy_map: std::collections::BTreeMap::new(),
+            tls_ca_file: String::new(),
         }
     }
 }
@@ -712,6 +730,13 @@ impl Config {
                 format!("{:?} is not a filter", self.log.level),
                 "use e.g. \"info\" or \"info,mxrelay=debug\"",
             ));
+        }
+        // Outbound TLS: delivery.tls_policy, delivery.tls_policy_map, delivery.tls_ca_file.
+        {
+            use crate::delivery::tls;
+            let problems = tls::TlsPolicies::from_config(&self.delivery).err().unwrap_or_default();
+            let ca = tls::trust_anchors(&self.delivery.tls_ca_file).err();
+            errors.extend(problems.into_iter().chain(ca).map(|p| ConfigError::new(p.key, p.problem, p.fix)));
         }
         match (smtp_listen, admin_listen, errors.is_empty()) {
             (Ok(smtp_listen), Ok(admin_listen), true) => Ok(Resolved {

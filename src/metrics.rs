@@ -35,6 +35,7 @@ pub struct Metrics {
     pub delivery_destination_connections: IntGauge,
     pub delivery_dsn: IntCounter,
     pub delivery_connections_reused: IntCounter,
+    pub delivery_tls: IntCounterVec,
     pub queue_messages: prometheus::IntGaugeVec,
     pub queue_oldest_age_seconds: IntGauge,
 }
@@ -123,6 +124,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "mxrelay_queue_oldest_message_age_seconds",
             "Age of the oldest message in the shared queue (0 when empty)",
+        ),
+        delivery_tls: counter_vec(
+            &r,
+            "mxrelay_delivery_tls_total",
+            "Outbound sessions opened, by TLS level and what STARTTLS gave (tls, clear, fallback_clear, required_missing, starttls_refused, handshake_failed, verify_failed)",
+            &["policy", "result"],
         ),
         delivery_connections_reused: counter(
             &r,

@@ -1,18 +1,24 @@
 //! The outbound SMTP client: one session with one destination host.
 //!
-//! EHLO (HELO when refused), PIPELINING when offered (MAIL, every RCPT and
-//! DATA in one write, RFC 2920), SIZE (a message the server says it will
-//! not take is not sent), 8BITMIME/SMTPUTF8 awareness, a reply per
-//! recipient, and DATA streamed from the spool with dot-stuffing (bounded
-//! memory). Every wait has a Postfix-like timeout. STARTTLS will wrap the
-//! stream after EHLO (the TLS issue); `Extensions::starttls` records the offer.
+//! EHLO (HELO when refused), STARTTLS when the session asks for it and the
+//! server offers it (RFC 3207: after the handshake everything learnt before
+//! is forgotten and EHLO is said again), PIPELINING when offered (MAIL,
+//! every RCPT and DATA in one write, RFC 2920), SIZE (a message the server
+//! says it will not take is not sent), 8BITMIME/SMTPUTF8 awareness, a reply
+//! per recipient, and DATA streamed from the spool with dot-stuffing
+//! (bounded memory). Every wait has a Postfix-like timeout.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::route::Target;
+use super::tls::{TlsRequest, server_name};
 use crate::spool::{Envelope, SpoolError};
 
 /// Longest reply line we read; longer ones are a protocol error.
@@ -75,6 +81,61 @@ pub enum ClientError {
     Refused(RemoteReply),
     #[error("queue read failed: {0}")]
     Spool(#[from] SpoolError),
+    #[error("TLS is required, but was not offered by host {0}")]
+    TlsNotOffered(String),
+    #[error("STARTTLS refused by host {host}: {reply}")]
+    StartTlsRefused { host: String, reply: RemoteReply },
+    #[error("TLS handshake with host {host} failed: {reason}")]
+    TlsHandshake { host: String, reason: String },
+    #[error("server certificate not verified for host {host}: {reason}")]
+    TlsVerify { host: String, reason: String },
+}
+
+impl ClientError {
+    /// The enhanced status code (RFC 3463) for a session that could not be
+    /// set up: 4.7.4 TLS not available, 4.7.5 handshake or certificate
+    /// failure, 4.4.1 anything else (no answer from host).
+    pub fn status(&self) -> &'static str {
+        match self {
+            ClientError::TlsNotOffered(_) | ClientError::StartTlsRefused { .. } => "4.7.4",
+            ClientError::TlsHandshake { .. } | ClientError::TlsVerify { .. } => "4.7.5",
+            _ => "4.4.1",
+        }
+    }
+
+    /// STARTTLS was tried and did not give an encrypted session: the case
+    /// where `may` tries the host again in clear.
+    pub fn is_tls_failure(&self) -> bool {
+        matches!(self, ClientError::StartTlsRefused { .. } | ClientError::TlsHandshake { .. } | ClientError::TlsVerify { .. })
+    }
+
+    /// The `result` label of `mxrelay_delivery_tls_total` for a TLS failure.
+    pub fn tls_result(&self) -> Option<&'static str> {
+        match self {
+            ClientError::TlsNotOffered(_) => Some("required_missing"),
+            ClientError::StartTlsRefused { .. } => Some("starttls_refused"),
+            ClientError::TlsHandshake { .. } => Some("handshake_failed"),
+            ClientError::TlsVerify { .. } => Some("verify_failed"),
+            _ => None,
+        }
+    }
+}
+
+/// The TLS state of an encrypted session, for the mail log:
+/// `TLSv1.3:TLS13_AES_256_GCM_SHA384:verified`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSession {
+    pub version: String,
+    pub cipher: String,
+    /// The certificate chained to a trusted root and matched the host name.
+    pub verified: bool,
+}
+
+impl std::fmt::Display for TlsSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let trust = if self.verified { "verified" } else { "unverified" };
+        write!(f, "{}:{}:{trust}", self.version, self.cipher)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -104,51 +165,160 @@ pub enum Outcome {
     Replies(Vec<RemoteReply>),
 }
 
+/// The socket of a session: in clear, or wrapped after STARTTLS.
+enum Stream {
+    Clear(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Clear(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Clear(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Clear(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Clear(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 pub struct Connection {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    /// Reads are buffered; writes go straight through (each `write` is one
+    /// whole command or batch).
+    stream: BufReader<Stream>,
     pub ext: Extensions,
     pub target: Target,
+    /// `Some` once STARTTLS succeeded.
+    pub tls: Option<TlsSession>,
     timeouts: Timeouts,
 }
 
 impl Connection {
-    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused).
-    pub async fn open(target: &Target, helo: &str, timeouts: &Timeouts) -> Result<Connection, ClientError> {
+    /// Connects, reads the greeting and says EHLO (HELO if EHLO is
+    /// refused); then STARTTLS when `tls` asks for it: offered → the
+    /// handshake and EHLO again; not offered → clear, or an error when TLS
+    /// is required.
+    pub async fn open(target: &Target, helo: &str, timeouts: &Timeouts, tls: Option<&TlsRequest>) -> Result<Connection, ClientError> {
         let stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(target.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ClientError::Connect(target.addr.to_string(), e.to_string())),
             Err(_) => return Err(ClientError::Connect(target.addr.to_string(), "timed out".into())),
         };
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
         let mut c = Connection {
-            reader: BufReader::new(read),
-            writer: write,
+            stream: BufReader::new(Stream::Clear(stream)),
             ext: Extensions::default(),
             target: target.clone(),
+            tls: None,
             timeouts: timeouts.clone(),
         };
         let greeting = c.reply(timeouts.greeting, "waiting for the greeting").await?;
         if !greeting.is_success() {
             return Err(ClientError::Refused(greeting));
         }
-        c.write(format!("EHLO {helo}\r\n").as_bytes(), "sending EHLO").await?;
-        let ehlo = c.reply(timeouts.greeting, "after EHLO").await?;
-        if ehlo.is_success() {
-            c.ext = parse_extensions(&ehlo.text);
-        } else {
-            c.write(format!("HELO {helo}\r\n").as_bytes(), "sending HELO").await?;
-            let helo_reply = c.reply(timeouts.greeting, "after HELO").await?;
-            if !helo_reply.is_success() {
-                return Err(ClientError::Refused(helo_reply));
-            }
+        c.hello(helo).await?;
+        match tls {
+            Some(request) if c.ext.starttls => c.start_tls(request, helo).await,
+            Some(request) if request.required => Err(ClientError::TlsNotOffered(c.peer())),
+            _ => Ok(c),
         }
-        Ok(c)
+    }
+
+    /// EHLO, or HELO when EHLO is refused; sets the extensions.
+    async fn hello(&mut self, helo: &str) -> Result<(), ClientError> {
+        let t = self.timeouts.greeting;
+        self.write(format!("EHLO {helo}\r\n").as_bytes(), "sending EHLO").await?;
+        let ehlo = self.reply(t, "after EHLO").await?;
+        if ehlo.is_success() {
+            self.ext = parse_extensions(&ehlo.text);
+            return Ok(());
+        }
+        self.ext = Extensions::default();
+        self.write(format!("HELO {helo}\r\n").as_bytes(), "sending HELO").await?;
+        let helo_reply = self.reply(t, "after HELO").await?;
+        if !helo_reply.is_success() {
+            return Err(ClientError::Refused(helo_reply));
+        }
+        Ok(())
+    }
+
+    /// RFC 3207: STARTTLS, the handshake (within the greeting timeout, as
+    /// Postfix's `smtp_starttls_timeout`), then EHLO again with the
+    /// extensions from before forgotten.
+    async fn start_tls(mut self, request: &TlsRequest, helo: &str) -> Result<Connection, ClientError> {
+        let peer = self.peer();
+        self.write(b"STARTTLS\r\n", "sending STARTTLS").await?;
+        let reply = self.reply(self.timeouts.greeting, "after STARTTLS").await?;
+        if reply.code != 220 {
+            return Err(ClientError::StartTlsRefused { host: peer, reply });
+        }
+        // Anything after the 220 came in clear before the handshake and
+        // could have been injected on the way (RFC 3207 §6): no session.
+        if !self.stream.buffer().is_empty() {
+            return Err(ClientError::TlsHandshake { host: peer, reason: "plaintext data after the 220 reply to STARTTLS".into() });
+        }
+        let Stream::Clear(tcp) = self.stream.into_inner() else {
+            return Err(ClientError::Protocol("STARTTLS on a session that is already encrypted".into()));
+        };
+        let name = match server_name(&self.target.host) {
+            Some(name) => name,
+            None if request.verify => {
+                return Err(ClientError::TlsVerify { host: peer, reason: format!("{:?} is not a name a certificate can match", self.target.host) });
+            }
+            // Not verified: the name only goes into SNI (never for an IP).
+            None => self.target.addr.ip().into(),
+        };
+        let connector = TlsConnector::from(request.config.clone());
+        let handshake = tokio::time::timeout(self.timeouts.greeting, connector.connect(name, tcp)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return Err(handshake_error(&e, request.verify, peer)),
+            Err(_) => return Err(ClientError::TlsHandshake { host: peer, reason: "timed out".into() }),
+        };
+        let (_, session) = tls.get_ref();
+        self.tls = Some(TlsSession {
+            version: match session.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".into(),
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".into(),
+                other => format!("{other:?}"),
+            },
+            cipher: session
+                .negotiated_cipher_suite()
+                .map(|s| s.suite().as_str().map_or_else(|| format!("{:?}", s.suite()), str::to_string))
+                .unwrap_or_default(),
+            verified: request.verify,
+        });
+        self.stream = BufReader::new(Stream::Tls(Box::new(tls)));
+        self.hello(helo).await?;
+        Ok(self)
+    }
+
+    /// `host[ip]:port`, as in the mail log.
+    fn peer(&self) -> String {
+        format!("{}[{}]:{}", self.target.host, self.target.addr.ip(), self.target.addr.port())
     }
 
     async fn write(&mut self, bytes: &[u8], during: &'static str) -> Result<(), ClientError> {
-        match tokio::time::timeout(self.timeouts.command, self.writer.write_all(bytes)).await {
+        match tokio::time::timeout(self.timeouts.command, self.stream.write_all(bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(ClientError::Lost(during)),
             Err(_) => Err(ClientError::Timeout(during)),
@@ -161,7 +331,7 @@ impl Connection {
             let mut text = Vec::new();
             for _ in 0..REPLY_LINES_LIMIT {
                 let mut line = Vec::new();
-                let n = (&mut self.reader)
+                let n = (&mut self.stream)
                     .take(REPLY_LINE_LIMIT as u64)
                     .read_until(b'\n', &mut line)
                     .await
@@ -277,7 +447,7 @@ impl Connection {
         while let Some(chunk) = body.next_chunk().await? {
             out.clear();
             stuffer.encode(&chunk, &mut out);
-            match tokio::time::timeout(self.timeouts.data, self.writer.write_all(&out)).await {
+            match tokio::time::timeout(self.timeouts.data, self.stream.write_all(&out)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(ClientError::Lost("sending message content")),
                 Err(_) => return Err(ClientError::Timeout("sending message content")),
@@ -299,7 +469,18 @@ impl Connection {
         if self.write(b"QUIT\r\n", "sending QUIT").await.is_ok() {
             let _ = self.reply(Duration::from_secs(5).min(self.timeouts.command), "after QUIT").await;
         }
-        let _ = self.writer.shutdown().await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// A failed handshake: a certificate the verifier refused is a
+/// verification failure when we verify, anything else a handshake failure.
+fn handshake_error(e: &std::io::Error, verify: bool, host: String) -> ClientError {
+    let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let reason = rustls_error.map_or_else(|| e.to_string(), |r| r.to_string());
+    match rustls_error {
+        Some(rustls::Error::InvalidCertificate(_)) if verify => ClientError::TlsVerify { host, reason },
+        _ => ClientError::TlsHandshake { host, reason },
     }
 }
 

@@ -18,8 +18,9 @@
 pub mod client;
 pub mod dsn;
 pub mod route;
+pub mod tls;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,8 +31,9 @@ use crate::dns::Dns;
 use crate::domains::Domains;
 use crate::metrics::METRICS;
 use crate::spool::{Envelope, Lease, QueueId, Recipient, RecipientState, Spool, SpoolError};
-use client::{BodySource, Connection, Outcome, RemoteReply, Timeouts};
-use route::{Route, RouteError};
+use client::{BodySource, ClientError, Connection, Outcome, RemoteReply, Timeouts};
+use route::{Route, RouteError, Target};
+use tls::{TlsClient, TlsPolicies, TlsPolicy};
 
 /// Most messages one flush (ETRN, `queue flush`) releases per destination.
 pub const FLUSH_LIMIT: usize = 1_000_000;
@@ -48,16 +50,17 @@ const CONNECTION_CACHE_TIME: Duration = Duration::from_secs(2);
 /// What happened to one recipient in one attempt.
 #[derive(Debug, Clone)]
 enum Fate {
-    Sent { reply: String, relay: String },
+    /// `tls`: the session's TLS state when it was encrypted.
+    Sent { reply: String, relay: String, tls: Option<String> },
     Deferred { reason: String, relay: Option<String> },
     Bounced { status: String, reason: String, relay: Option<String> },
 }
 
 impl Fate {
-    fn from_reply(reply: &RemoteReply, relay: &str) -> Fate {
+    fn from_reply(reply: &RemoteReply, relay: &str, tls: Option<&str>) -> Fate {
         let relay = relay.to_string();
         if reply.is_success() {
-            Fate::Sent { reply: reply.to_string(), relay }
+            Fate::Sent { reply: reply.to_string(), relay, tls: tls.map(str::to_string) }
         } else if reply.is_permanent() {
             Fate::Bounced { status: reply.enhanced(), reason: reply.to_string(), relay: Some(relay) }
         } else {
@@ -78,12 +81,35 @@ pub struct Delivery {
     /// Destinations known to have deferred mail (from the prober's scan and
     /// this node's own deferrals): a success there triggers the fast drain.
     deferred_at: Mutex<HashSet<String>>,
-    /// Open sessions waiting for the next message to their destination.
+    /// Open sessions waiting for the next message to their destination,
+    /// by destination and TLS level ([`session_key`]).
     idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
+    /// The TLS level per recipient domain, and the STARTTLS configurations.
+    tls_policies: TlsPolicies,
+    tls: TlsClient,
+}
+
+/// Sessions are cached per destination and TLS level, so a session opened
+/// under a weaker level (say `may`, fallen back to clear) never carries
+/// mail for a domain that requires TLS on the same relay host.
+fn session_key(destination: &str, level: TlsPolicy) -> String {
+    format!("{destination} tls={level}")
 }
 
 impl Delivery {
     pub fn new(config: Config, spool: Arc<dyn Spool>, domains: Arc<Domains>, dns: Dns) -> Arc<Delivery> {
+        // `Config::resolve` has checked these keys before `serve` starts;
+        // should one fail now anyway, fail closed: every domain `verify`
+        // (mail is deferred, never sent in clear), webpki-roots only.
+        let tls_policies = TlsPolicies::from_config(&config.delivery).unwrap_or_else(|problems| {
+            tracing::error!(?problems, "delivery.tls_policy*: invalid; delivering with verify for every domain");
+            TlsPolicies::uniform(TlsPolicy::Verify)
+        });
+        let roots = tls::trust_anchors(&config.delivery.tls_ca_file).unwrap_or_else(|p| {
+            tracing::error!("{}: {} ({}); verifying against webpki-roots only", p.key, p.problem, p.fix);
+            tls::trust_anchors("").unwrap_or_else(|_| rustls::RootCertStore::empty())
+        });
+        let tls = TlsClient::new(roots).expect("the ring provider supports TLS 1.2 and 1.3");
         Arc::new(Delivery {
             config,
             spool,
@@ -93,6 +119,8 @@ impl Delivery {
             in_flight: Mutex::new(HashMap::new()),
             deferred_at: Mutex::new(HashSet::new()),
             idle: Mutex::new(HashMap::new()),
+            tls_policies,
+            tls,
         })
     }
 
@@ -264,17 +292,20 @@ impl Delivery {
         }
         let started = Instant::now();
         let had_deferred = env.attempts > 0;
-        let mut groups: BTreeMap<String, (Route, Vec<usize>)> = BTreeMap::new();
+        // One transaction per destination and TLS level: recipient domains
+        // sharing a relay host may ask for different levels.
+        let mut groups: BTreeMap<(String, TlsPolicy), (Route, Vec<usize>)> = BTreeMap::new();
         for (i, r) in env.recipients.iter().enumerate() {
             if r.state == RecipientState::Pending {
                 let route = Route::for_domain(&r.domain, &self.domains);
-                groups.entry(route.key()).or_insert_with(|| (route, Vec::new())).1.push(i);
+                let level = self.tls_policies.for_domain(&r.domain);
+                groups.entry((route.key(), level)).or_insert_with(|| (route, Vec::new())).1.push(i);
             }
         }
-        let all_destinations: Vec<String> = groups.keys().cloned().collect();
+        let all_destinations: Vec<String> = groups.keys().map(|(key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         let mut fates: Vec<(usize, Fate)> = Vec::new();
         let mut recovered = Vec::new();
-        for (key, (route, idxs)) in &groups {
+        for ((key, level), (route, idxs)) in &groups {
             if env.bounce_requested {
                 let reason = "bounced by the administrator (mxrelay queue bounce)".to_string();
                 fates.extend(idxs.iter().map(|i| (*i, Fate::Bounced { status: "5.0.0".into(), reason: reason.clone(), relay: None })));
@@ -283,7 +314,7 @@ impl Delivery {
             let slots = self.destination_slots(key);
             let Ok(_slot) = slots.acquire_owned().await else { continue };
             METRICS.delivery_destination_connections.inc();
-            let group_fates = self.attempt_route(route, &env, lease, idxs).await;
+            let group_fates = self.attempt_route(route, *level, &env, lease, idxs).await;
             METRICS.delivery_destination_connections.dec();
             if group_fates.iter().any(|f| matches!(f, Fate::Sent { .. })) {
                 recovered.push(key.clone());
@@ -366,10 +397,10 @@ impl Delivery {
     }
 
     /// Delivers to one destination; one fate per recipient index.
-    async fn attempt_route(&self, route: &Route, env: &Envelope, lease: &Lease, idxs: &[usize]) -> Vec<Fate> {
+    async fn attempt_route(&self, route: &Route, level: TlsPolicy, env: &Envelope, lease: &Lease, idxs: &[usize]) -> Vec<Fate> {
         let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();
         let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
-        let key = route.key();
+        let key = session_key(&route.key(), level);
         if let Some(conn) = self.checkout(&key).await {
             return self.transact(conn, &key, env, lease, &rcpts).await;
         }
@@ -386,15 +417,48 @@ impl Delivery {
         };
         let mut last_error = String::from("no address to try");
         for target in &targets {
-            match Connection::open(target, &self.config.myhostname, &self.timeouts()).await {
+            match self.open(target, level).await {
                 Ok(conn) => return self.transact(conn, &key, env, lease, &rcpts).await,
                 Err(e) => {
                     METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
-                    last_error = format!("4.4.1 {e}");
+                    last_error = format!("{} {e}", e.status());
                 }
             }
         }
         all(Fate::Deferred { reason: last_error, relay: None })
+    }
+
+    /// A new session to `target` at TLS `level`. With `may`, a STARTTLS
+    /// that was refused or failed is followed by one more connection in
+    /// clear, as Postfix does; `encrypt` and `verify` never fall back.
+    async fn open(&self, target: &Target, level: TlsPolicy) -> Result<Connection, ClientError> {
+        let (helo, timeouts) = (&self.config.myhostname, self.timeouts());
+        let request = self.tls.request(level);
+        let count = |result: &str| METRICS.delivery_tls.with_label_values(&[level.as_str(), result]).inc();
+        match Connection::open(target, helo, &timeouts, request.as_ref()).await {
+            Ok(conn) => {
+                match &conn.tls {
+                    Some(tls) => {
+                        count("tls");
+                        tracing::info!("TLS session established to {}[{}]:{}: {tls}", target.host, target.addr.ip(), target.addr.port());
+                    }
+                    None => count("clear"),
+                }
+                Ok(conn)
+            }
+            Err(e) => {
+                if let Some(result) = e.tls_result() {
+                    count(result);
+                }
+                if level != TlsPolicy::May || !e.is_tls_failure() {
+                    return Err(e);
+                }
+                tracing::info!("{e}; trying {}[{}]:{} again in clear (tls_policy may)", target.host, target.addr.ip(), target.addr.port());
+                let conn = Connection::open(target, helo, &timeouts, None).await?;
+                count("fallback_clear");
+                Ok(conn)
+            }
+        }
     }
 
     /// One transaction on an open session; the session goes back to the
@@ -402,6 +466,7 @@ impl Delivery {
     async fn transact(&self, mut conn: Connection, key: &str, env: &Envelope, lease: &Lease, rcpts: &[String]) -> Vec<Fate> {
         let target = conn.target.clone();
         let relay = format!("{}[{}]:{}", target.host, target.addr.ip(), target.addr.port());
+        let tls = conn.tls.as_ref().map(|t| t.to_string());
         let all = |f: Fate| rcpts.iter().map(|_| f.clone()).collect::<Vec<_>>();
         if env.smtputf8 && !conn.ext.smtputf8 {
             self.park(key, conn).await;
@@ -427,8 +492,8 @@ impl Delivery {
             chunk: self.config.queue.chunk_size,
         };
         let fates = match conn.send(env, rcpts, &mut body).await {
-            Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay)),
-            Ok(Outcome::Replies(replies)) => replies.iter().map(|r| Fate::from_reply(r, &relay)).collect(),
+            Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref())),
+            Ok(Outcome::Replies(replies)) => replies.iter().map(|r| Fate::from_reply(r, &relay, tls.as_deref())).collect(),
             Err(e) => {
                 METRICS.delivery_attempts.with_label_values(&["session_error"]).inc();
                 return all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) });
@@ -499,9 +564,10 @@ impl Delivery {
     fn log_fate(&self, id: &QueueId, r: &Recipient, fate: &Fate, age: Duration) {
         let delay = age.as_secs_f64();
         match fate {
-            Fate::Sent { reply, relay } => {
+            Fate::Sent { reply, relay, tls } => {
                 METRICS.delivery_recipients.with_label_values(&["delivered"]).inc();
-                tracing::info!(queue_id = %id, "{id}: to=<{}>, relay={relay}, delay={delay:.1}, status=sent ({reply})", r.address);
+                let tls = tls.as_deref().map(|t| format!(", tls={t}")).unwrap_or_default();
+                tracing::info!(queue_id = %id, "{id}: to=<{}>, relay={relay}, delay={delay:.1}{tls}, status=sent ({reply})", r.address);
             }
             Fate::Deferred { reason, relay } => {
                 METRICS.delivery_recipients.with_label_values(&["deferred"]).inc();

@@ -5,14 +5,25 @@
 //! only after its `250 … queued` reply is decided, with at least one accepted
 //! recipient. After `stop()` (or drop) the port refuses connections and open
 //! sessions are cut, as when a real destination goes down.
+//!
+//! STARTTLS (RFC 3207): `start_tls(&pki)` offers it with the `TestPki`
+//! server certificate (rustls, ring); `start_tls_broken()` offers it but
+//! closes the connection after its 220; `start_tls_refused()` offers it and
+//! answers 454. `Received::tls` says whether the message came encrypted.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+use super::pki::TestPki;
 
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
@@ -41,6 +52,21 @@ pub struct Received {
     /// Content after dot-unstuffing, byte for byte (CRLF line endings as
     /// sent), without the final `.CRLF` but with the CRLF ending the last line.
     pub data: Vec<u8>,
+    /// The session was encrypted with STARTTLS.
+    pub tls: bool,
+}
+
+/// What the destination does about STARTTLS.
+#[derive(Clone)]
+enum Starttls {
+    /// Not offered.
+    Off,
+    /// Offered; the handshake uses this configuration.
+    Offer(Arc<ServerConfig>),
+    /// Offered; after `220` the connection is closed (a failed handshake).
+    Broken,
+    /// Offered; the command is answered `454 4.7.0`.
+    Refuse,
 }
 
 /// A scripted SMTP destination on 127.0.0.1, stopped on drop.
@@ -58,6 +84,7 @@ struct Shared {
     /// Open sessions, so `stop` can cut them.
     sessions: Mutex<HashMap<u64, TcpStream>>,
     next_session: AtomicU64,
+    starttls: Starttls,
 }
 
 /// A poisoned lock only means a session thread panicked; the data is fine.
@@ -68,8 +95,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Destination {
     /// Listens on an ephemeral port.
     pub fn start() -> Destination {
+        Self::start_with(Starttls::Off)
+    }
+
+    /// Offers STARTTLS with the server certificate and key of `pki`.
+    pub fn start_tls(pki: &TestPki) -> Destination {
+        Self::start_with(Starttls::Offer(server_config(pki)))
+    }
+
+    /// Offers STARTTLS, answers it `220` and closes the connection: the
+    /// client's handshake fails.
+    pub fn start_tls_broken() -> Destination {
+        Self::start_with(Starttls::Broken)
+    }
+
+    /// Offers STARTTLS and refuses it with `454 4.7.0`.
+    pub fn start_tls_refused() -> Destination {
+        Self::start_with(Starttls::Refuse)
+    }
+
+    fn start_with(starttls: Starttls) -> Destination {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 for the destination");
-        Self::serve(listener)
+        Self::serve(listener, starttls)
     }
 
     /// Listens on `port` (one a relay already points to), retrying for a few
@@ -78,14 +125,14 @@ impl Destination {
         let started = Instant::now();
         loop {
             match TcpListener::bind(("127.0.0.1", port)) {
-                Ok(listener) => return Self::serve(listener),
+                Ok(listener) => return Self::serve(listener, Starttls::Off),
                 Err(_) if started.elapsed() < BIND_RETRY => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => panic!("destination: cannot bind 127.0.0.1:{port} within {BIND_RETRY:?}: {e}"),
             }
         }
     }
 
-    fn serve(listener: TcpListener) -> Destination {
+    fn serve(listener: TcpListener, starttls: Starttls) -> Destination {
         let port = listener.local_addr().expect("listener address").port();
         listener.set_nonblocking(true).expect("non-blocking listener");
         let shared = Arc::new(Shared {
@@ -95,6 +142,7 @@ impl Destination {
             stopping: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
+            starttls,
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -206,6 +254,7 @@ enum Command {
     Rset,
     Noop,
     Quit,
+    StartTls,
     Unknown,
 }
 
@@ -224,6 +273,7 @@ impl Command {
             "RSET" => Command::Rset,
             "NOOP" => Command::Noop,
             "QUIT" => Command::Quit,
+            "STARTTLS" => Command::StartTls,
             _ => Command::Unknown,
         }
     }
@@ -256,17 +306,73 @@ fn rcpt_reply(addr: &str, fail_all_temp: bool) -> (bool, String) {
     }
 }
 
+/// The rustls server side of STARTTLS, with the PKI's certificate.
+fn server_config(pki: &TestPki) -> Arc<ServerConfig> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("test PKI certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).expect("test PKI key PEM");
+    let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("test PKI certificate and key match");
+    Arc::new(config)
+}
+
+/// A session's socket: in clear, or after STARTTLS.
+enum Io {
+    Clear(TcpStream),
+    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Read for Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Io::Clear(s) => s.read(buf),
+            Io::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Io {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Io::Clear(s) => s.write(buf),
+            Io::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Io::Clear(s) => s.flush(),
+            Io::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// What the session loop does after a command.
+enum Next {
+    Continue,
+    Quit,
+    /// `220` sent: wrap the socket.
+    Handshake(Arc<ServerConfig>),
+}
+
 /// One SMTP session's transaction state.
 struct Session<'a> {
     shared: &'a Shared,
     helo: String,
     mail_from: Option<String>,
     rcpts: Vec<String>,
+    tls: bool,
+    /// Replies not yet written: pipelined replies go out together.
+    out: Vec<u8>,
 }
 
 impl<'a> Session<'a> {
     fn new(shared: &'a Shared) -> Session<'a> {
-        Session { shared, helo: String::new(), mail_from: None, rcpts: Vec::new() }
+        Session { shared, helo: String::new(), mail_from: None, rcpts: Vec::new(), tls: false, out: Vec::new() }
     }
 
     fn reset(&mut self) {
@@ -274,14 +380,24 @@ impl<'a> Session<'a> {
         self.rcpts.clear();
     }
 
+    fn reply(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    fn flush(&mut self, io: &mut Io) -> io::Result<()> {
+        io.write_all(&self.out)?;
+        self.out.clear();
+        io.flush()
+    }
+
     fn run(&mut self, stream: TcpStream) -> io::Result<()> {
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(SESSION_TIMEOUT))?;
         stream.set_write_timeout(Some(SESSION_TIMEOUT))?;
-        let mut reader = BufReader::new(stream.try_clone()?);
-        let mut writer = BufWriter::new(stream);
-        writer.write_all(format!("220 {HOSTNAME} ESMTP\r\n").as_bytes())?;
-        writer.flush()?;
+        let mut reader = BufReader::new(Io::Clear(stream));
+        self.reply(&format!("220 {HOSTNAME} ESMTP"));
+        self.flush(reader.get_mut())?;
         loop {
             let mut line = Vec::new();
             (&mut reader).take(MAX_COMMAND_LINE).read_until(b'\n', &mut line)?;
@@ -289,98 +405,118 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
             if !line.ends_with(b"\n") {
-                reply(&mut writer, "500 5.5.2 Error: line too long")?;
-                writer.flush()?;
-                return Ok(());
+                self.reply("500 5.5.2 Error: line too long");
+                return self.flush(reader.get_mut());
             }
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches(['\r', '\n']);
-            let quit = self.command(Command::parse(text), &mut reader, &mut writer)?;
+            let next = self.command(Command::parse(text), &mut reader)?;
             // Replies to pipelined commands go out together once the client's
             // batch is consumed (RFC 2920 §3.2), as Postfix does.
-            if quit || reader.buffer().is_empty() {
-                writer.flush()?;
+            if !matches!(next, Next::Continue) || reader.buffer().is_empty() {
+                self.flush(reader.get_mut())?;
             }
-            if quit {
-                return Ok(());
+            match next {
+                Next::Continue => {}
+                Next::Quit => return Ok(()),
+                Next::Handshake(config) => {
+                    // RFC 3207 §4.2: forget everything learnt in clear; text
+                    // pipelined after STARTTLS is dropped with the buffer.
+                    let Io::Clear(tcp) = reader.into_inner() else { return Ok(()) };
+                    let conn = ServerConnection::new(config).map_err(io::Error::other)?;
+                    let mut tls = StreamOwned::new(conn, tcp);
+                    while tls.conn.is_handshaking() {
+                        tls.conn.complete_io(&mut tls.sock)?;
+                    }
+                    reader = BufReader::new(Io::Tls(Box::new(tls)));
+                    self.tls = true;
+                    self.helo.clear();
+                    self.reset();
+                }
             }
         }
     }
 
-    /// Answers one command; true when the session ends.
-    fn command(
-        &mut self,
-        command: Command,
-        reader: &mut BufReader<TcpStream>,
-        writer: &mut BufWriter<TcpStream>,
-    ) -> io::Result<bool> {
+    /// Answers one command.
+    fn command(&mut self, command: Command, reader: &mut BufReader<Io>) -> io::Result<Next> {
         match command {
             Command::Ehlo(arg) => {
                 self.reset();
                 self.helo = arg;
-                let extensions = ["PIPELINING", "SIZE 1000000000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"];
+                let mut extensions = vec!["PIPELINING", "SIZE 1000000000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"];
+                if !self.tls && !matches!(self.shared.starttls, Starttls::Off) {
+                    extensions.push("STARTTLS");
+                }
                 let mut text = format!("250-{HOSTNAME}\r\n");
                 for (i, ext) in extensions.iter().enumerate() {
                     let sep = if i + 1 == extensions.len() { ' ' } else { '-' };
                     text.push_str(&format!("250{sep}{ext}\r\n"));
                 }
-                writer.write_all(text.as_bytes())?;
+                self.out.extend_from_slice(text.as_bytes());
             }
             Command::Helo(arg) => {
                 self.reset();
                 self.helo = arg;
-                reply(writer, &format!("250 {HOSTNAME}"))?;
+                self.reply(&format!("250 {HOSTNAME}"));
             }
-            Command::Mail(None) | Command::Rcpt(None) => reply(writer, "501 5.5.4 Syntax error in parameters")?,
-            Command::Mail(Some(_)) if self.mail_from.is_some() => {
-                reply(writer, "503 5.5.1 Error: nested MAIL command")?
-            }
+            Command::StartTls if self.tls => self.reply("554 5.5.1 Error: TLS already active"),
+            Command::StartTls => match &self.shared.starttls {
+                Starttls::Off => self.reply("502 5.5.2 Error: command not recognized"),
+                Starttls::Refuse => self.reply("454 4.7.0 TLS not available due to local problem"),
+                Starttls::Broken => {
+                    self.reply("220 2.0.0 Ready to start TLS");
+                    return Ok(Next::Quit);
+                }
+                Starttls::Offer(config) => {
+                    let config = Arc::clone(config);
+                    self.reply("220 2.0.0 Ready to start TLS");
+                    return Ok(Next::Handshake(config));
+                }
+            },
+            Command::Mail(None) | Command::Rcpt(None) => self.reply("501 5.5.4 Syntax error in parameters"),
+            Command::Mail(Some(_)) if self.mail_from.is_some() => self.reply("503 5.5.1 Error: nested MAIL command"),
             Command::Mail(Some(from)) => {
                 self.mail_from = Some(from);
-                reply(writer, "250 2.1.0 Ok")?;
+                self.reply("250 2.1.0 Ok");
             }
-            Command::Rcpt(Some(_)) if self.mail_from.is_none() => reply(writer, "503 5.5.1 Error: need MAIL command")?,
+            Command::Rcpt(Some(_)) if self.mail_from.is_none() => self.reply("503 5.5.1 Error: need MAIL command"),
             Command::Rcpt(Some(to)) => {
                 let (accepted, text) = rcpt_reply(&to, self.shared.fail_all_temp.load(Ordering::SeqCst));
                 if accepted {
                     self.rcpts.push(to);
                 }
-                reply(writer, &text)?;
+                self.reply(&text);
             }
-            Command::Data if self.mail_from.is_none() => reply(writer, "503 5.5.1 Error: need MAIL command")?,
+            Command::Data if self.mail_from.is_none() => self.reply("503 5.5.1 Error: need MAIL command"),
             // A pipelining client sends DATA even when every RCPT failed.
-            Command::Data if self.rcpts.is_empty() => reply(writer, "554 5.5.1 Error: no valid recipients")?,
+            Command::Data if self.rcpts.is_empty() => self.reply("554 5.5.1 Error: no valid recipients"),
             Command::Data => {
-                reply(writer, "354 End data with <CR><LF>.<CR><LF>")?;
-                writer.flush()?;
+                self.reply("354 End data with <CR><LF>.<CR><LF>");
+                self.flush(reader.get_mut())?;
                 let data = read_data(reader)?;
                 let message = Received {
                     helo: self.helo.clone(),
                     mail_from: self.mail_from.take().unwrap_or_default(),
                     rcpts: std::mem::take(&mut self.rcpts),
                     data,
+                    tls: self.tls,
                 };
                 lock(&self.shared.received).push(message);
-                reply(writer, "250 2.0.0 Ok: queued")?;
+                self.reply("250 2.0.0 Ok: queued");
             }
             Command::Rset => {
                 self.reset();
-                reply(writer, "250 2.0.0 Ok")?;
+                self.reply("250 2.0.0 Ok");
             }
-            Command::Noop => reply(writer, "250 2.0.0 Ok")?,
+            Command::Noop => self.reply("250 2.0.0 Ok"),
             Command::Quit => {
-                reply(writer, "221 2.0.0 Bye")?;
-                return Ok(true);
+                self.reply("221 2.0.0 Bye");
+                return Ok(Next::Quit);
             }
-            Command::Unknown => reply(writer, "502 5.5.2 Error: command not recognized")?,
+            Command::Unknown => self.reply("502 5.5.2 Error: command not recognized"),
         }
-        Ok(false)
+        Ok(Next::Continue)
     }
-}
-
-fn reply(writer: &mut impl Write, line: &str) -> io::Result<()> {
-    writer.write_all(line.as_bytes())?;
-    writer.write_all(b"\r\n")
 }
 
 /// Reads DATA content up to the `CRLF.CRLF` terminator (RFC 5321 §4.1.1.4)
