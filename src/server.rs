@@ -101,11 +101,7 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let mut int = signal(SignalKind::interrupt())?;
     let reloader = domains.clone();
     let drain = draining.clone();
-    let users = if config.auth.enabled {
-        Some(crate::users::open(&config.domains.url)?)
-    } else {
-        None
-    };
+    let users = crate::users::open(&config.domains.url)?;
     let shared = Arc::new(Shared::new(config.clone(), policy, spool.clone(), users));
     let live = shared.clone();
     tokio::spawn(async move {

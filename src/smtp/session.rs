@@ -45,8 +45,9 @@ pub struct Shared {
     tls: std::sync::RwLock<Option<tokio_rustls::TlsAcceptor>>,
     pub policy: Policy,
     pub spool: Arc<dyn Spool>,
-    /// `relay_users`, when AUTH is enabled.
-    pub users: Option<Arc<dyn UserStore>>,
+    /// `relay_users` (AUTH may be switched on by SIGHUP, so always open;
+    /// the pool connects on first use).
+    pub users: Arc<dyn UserStore>,
     /// Sessions on this node, all listeners together (`smtp.max_connections`).
     pub sessions: Arc<tokio::sync::Semaphore>,
     pub per_ip: PerIp,
@@ -58,7 +59,7 @@ impl Shared {
         config: Config,
         policy: Policy,
         spool: Arc<dyn Spool>,
-        users: Option<Arc<dyn UserStore>>,
+        users: Arc<dyn UserStore>,
     ) -> Shared {
         let shared = Shared {
             sessions: Arc::new(tokio::sync::Semaphore::new(config.smtp.max_connections)),
@@ -532,7 +533,7 @@ impl Session {
     /// AUTH is advertised: enabled, and inside TLS unless `auth.tls_only` is off.
     fn auth_offered(&self) -> bool {
         let c = self.config();
-        c.auth.enabled && self.shared.users.is_some() && (self.tls.is_some() || !c.auth.tls_only)
+        c.auth.enabled && (self.tls.is_some() || !c.auth.tls_only)
     }
 
     fn log_reject(&self, stage: &str, reply: &Reply, to: Option<&str>) {
@@ -812,7 +813,7 @@ impl Session {
     /// RFC 4954 AUTH PLAIN/LOGIN against `relay_users`.
     async fn authenticate(&mut self, mechanism: &str, initial: Option<String>) -> Flow {
         let c = self.config.clone();
-        if !c.auth.enabled || self.shared.users.is_none() {
+        if !c.auth.enabled {
             self.reply(Reply::new(
                 503,
                 "5.5.1",
@@ -885,8 +886,7 @@ impl Session {
             }
             Err(e) => return Flow::Close(self.read_failed(e, "AUTH")),
         };
-        let users = self.shared.users.clone().expect("checked above");
-        match crate::users::verify(users.as_ref(), &credentials.username, &credentials.password)
+        match crate::users::verify(self.shared.users.as_ref(), &credentials.username, &credentials.password)
             .await
         {
             Ok(true) => {
