@@ -237,10 +237,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig {
-            enabled: false,
-            tls_only: true,
-        }
+        AuthConfig { enabled: false, tls_only: true }
     }
 }
 
@@ -308,11 +305,7 @@ pub struct LogConfig {
 }
 
 fn host_name() -> String {
-    gethostname::gethostname()
-        .into_string()
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
+    gethostname::gethostname().into_string().ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".to_string())
 }
 
 impl Default for Config {
@@ -371,18 +364,13 @@ impl Default for SmtpConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig {
-            listen: "127.0.0.1:9425".into(),
-        }
+        AdminConfig { listen: "127.0.0.1:9425".into() }
     }
 }
 
 impl Default for DomainsConfig {
     fn default() -> Self {
-        DomainsConfig {
-            url: String::new(),
-            refresh: Duration::from_secs(30),
-        }
+        DomainsConfig { url: String::new(), refresh: Duration::from_secs(30) }
     }
 }
 
@@ -403,19 +391,13 @@ impl Default for QueueConfig {
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        DnsConfig {
-            nameservers: vec![],
-            timeout: Duration::from_secs(5),
-        }
+        DnsConfig { nameservers: vec![], timeout: Duration::from_secs(5) }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: "text".into(),
-        }
+        LogConfig { level: "info".into(), format: "text".into() }
     }
 }
 
@@ -430,11 +412,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        ConfigError {
-            key: key.to_string(),
-            problem: problem.into(),
-            fix: fix.into(),
-        }
+        ConfigError { key: key.to_string(), problem: problem.into(), fix: fix.into() }
     }
 }
 
@@ -457,10 +435,7 @@ impl Config {
         Self::load_from(file, &env)
     }
 
-    pub fn load_from(
-        file: Option<&Path>,
-        env: &[(String, String)],
-    ) -> Result<Config, Vec<ConfigError>> {
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Vec<ConfigError>> {
         let mut table = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -485,21 +460,11 @@ impl Config {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mut config: Config =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    vec![ConfigError::new(
-                        "config",
-                        e.message().to_string(),
-                        "see the configuration reference in README.md",
-                    )]
-                })?;
+        let mut config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            vec![ConfigError::new("config", e.message().to_string(), "see the configuration reference in README.md")]
+        })?;
         // Unset stores mean the embedded one, in data_dir.
-        let embedded = format!(
-            "sqlite://{}/mxrelay.db",
-            config.data_dir.trim_end_matches('/')
-        );
+        let embedded = format!("sqlite://{}/mxrelay.db", config.data_dir.trim_end_matches('/'));
         for url in [&mut config.domains.url, &mut config.queue.url] {
             if url.trim().is_empty() {
                 *url = embedded.clone();
@@ -554,12 +519,7 @@ impl Config {
         let tls_listen = if self.tls.implicit_listen.trim().is_empty() {
             None
         } else {
-            addr(
-                "tls.implicit_listen",
-                &self.tls.implicit_listen,
-                &mut errors,
-            )
-            .ok()
+            addr("tls.implicit_listen", &self.tls.implicit_listen, &mut errors).ok()
         };
         if !matches!(self.tls.security_level.as_str(), "none" | "may" | "encrypt") {
             errors.push(ConfigError::new(
@@ -600,18 +560,11 @@ impl Config {
             ));
         }
         if self.smtp.rate_window < Duration::from_secs(1) {
-            errors.push(ConfigError::new(
-                "smtp.rate_window",
-                "shorter than 1s",
-                "use e.g. \"60s\"",
-            ));
+            errors.push(ConfigError::new("smtp.rate_window", "shorter than 1s", "use e.g. \"60s\""));
         }
         let mut nameservers = Vec::new();
         for ns in &self.dns.nameservers {
-            match ns
-                .parse::<SocketAddr>()
-                .or_else(|_| ns.parse::<IpAddr>().map(|ip| (ip, 53).into()))
-            {
+            match ns.parse::<SocketAddr>().or_else(|_| ns.parse::<IpAddr>().map(|ip| (ip, 53).into())) {
                 Ok(a) => nameservers.push(a),
                 Err(_) => errors.push(ConfigError::new(
                     "dns.nameservers",
@@ -621,26 +574,16 @@ impl Config {
             }
         }
         if self.node_id.trim().is_empty() || self.node_id.contains(char::is_whitespace) {
-            errors.push(ConfigError::new(
-                "node_id",
-                "must be one non-empty word",
-                "set a stable name such as relay-1",
-            ));
+            errors.push(ConfigError::new("node_id", "must be one non-empty word", "set a stable name such as relay-1"));
         }
-        if !["mysql://", "mariadb://", "sqlite://"]
-            .iter()
-            .any(|p| self.domains.url.starts_with(p))
-        {
+        if !["mysql://", "mariadb://", "sqlite://"].iter().any(|p| self.domains.url.starts_with(p)) {
             errors.push(ConfigError::new(
                 "domains.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.domains.url)),
                 "use mysql://user:password@host:port/database (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
-        if !["redis://", "rediss://", "sqlite://"]
-            .iter()
-            .any(|p| self.queue.url.starts_with(p))
-        {
+        if !["redis://", "rediss://", "sqlite://"].iter().any(|p| self.queue.url.starts_with(p)) {
             errors.push(ConfigError::new(
                 "queue.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.queue.url)),
@@ -648,25 +591,13 @@ impl Config {
             ));
         }
         if self.domains.refresh < Duration::from_secs(1) {
-            errors.push(ConfigError::new(
-                "domains.refresh",
-                "shorter than 1s",
-                "use e.g. \"30s\"",
-            ));
+            errors.push(ConfigError::new("domains.refresh", "shorter than 1s", "use e.g. \"30s\""));
         }
         if self.queue.shards == 0 || self.queue.shards > 1024 {
-            errors.push(ConfigError::new(
-                "queue.shards",
-                "must be 1..=1024",
-                "use a small number such as 4",
-            ));
+            errors.push(ConfigError::new("queue.shards", "must be 1..=1024", "use a small number such as 4"));
         }
         if self.queue.chunk_size < 4096 {
-            errors.push(ConfigError::new(
-                "queue.chunk_size",
-                "below 4096 bytes",
-                "use e.g. 262144",
-            ));
+            errors.push(ConfigError::new("queue.chunk_size", "below 4096 bytes", "use e.g. 262144"));
         }
         if self.queue.prefix.is_empty() || self.queue.prefix.contains(['{', '}', ' ']) {
             errors.push(ConfigError::new(
@@ -683,11 +614,7 @@ impl Config {
             ));
         }
         if self.smtpd_recipient_limit == 0 {
-            errors.push(ConfigError::new(
-                "smtpd_recipient_limit",
-                "must be at least 1",
-                "use e.g. 1000",
-            ));
+            errors.push(ConfigError::new("smtpd_recipient_limit", "must be at least 1", "use e.g. 1000"));
         }
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_ip == 0 {
             errors.push(ConfigError::new(
@@ -697,11 +624,7 @@ impl Config {
             ));
         }
         if self.queue.lease < Duration::from_secs(1) {
-            errors.push(ConfigError::new(
-                "queue.lease",
-                "shorter than 1s",
-                "use e.g. \"60s\"",
-            ));
+            errors.push(ConfigError::new("queue.lease", "shorter than 1s", "use e.g. \"60s\""));
         }
         if self.delivery.concurrency == 0 || self.delivery.destination_concurrency == 0 {
             errors.push(ConfigError::new(
@@ -739,14 +662,9 @@ impl Config {
             errors.extend(problems.into_iter().chain(ca).map(|p| ConfigError::new(p.key, p.problem, p.fix)));
         }
         match (smtp_listen, admin_listen, errors.is_empty()) {
-            (Ok(smtp_listen), Ok(admin_listen), true) => Ok(Resolved {
-                smtp_listen,
-                admin_listen,
-                tls_listen,
-                mynetworks,
-                proxy_networks,
-                nameservers,
-            }),
+            (Ok(smtp_listen), Ok(admin_listen), true) => {
+                Ok(Resolved { smtp_listen, admin_listen, tls_listen, mynetworks, proxy_networks, nameservers })
+            }
             _ => Err(errors),
         }
     }
@@ -801,14 +719,8 @@ impl Config {
     pub fn changed_keys(&self, other: &Config) -> Vec<String> {
         let flat = |c: &Config| {
             let mut keys = Vec::new();
-            collect_keys(
-                &toml::Table::try_from(c).unwrap_or_default(),
-                &mut Vec::new(),
-                &mut keys,
-            );
-            keys.into_iter()
-                .map(|(p, v)| (p.join("."), v))
-                .collect::<std::collections::BTreeMap<_, _>>()
+            collect_keys(&toml::Table::try_from(c).unwrap_or_default(), &mut Vec::new(), &mut keys);
+            keys.into_iter().map(|(p, v)| (p.join("."), v)).collect::<std::collections::BTreeMap<_, _>>()
         };
         let (a, b) = (flat(self), flat(other));
         a.keys()
@@ -822,9 +734,7 @@ impl Config {
 
     /// This configuration with the values of `keys` (dotted paths) taken from `other`.
     pub fn with_keys_from(&self, other: &Config, keys: &[String]) -> Config {
-        let (Ok(mut mine), Ok(theirs)) =
-            (toml::Table::try_from(self), toml::Table::try_from(other))
-        else {
+        let (Ok(mut mine), Ok(theirs)) = (toml::Table::try_from(self), toml::Table::try_from(other)) else {
             return self.clone();
         };
         for key in keys {
@@ -838,9 +748,7 @@ impl Config {
                 insert_path(&mut mine, &path, v);
             }
         }
-        toml::Value::Table(mine)
-            .try_into()
-            .unwrap_or_else(|_| self.clone())
+        toml::Value::Table(mine).try_into().unwrap_or_else(|_| self.clone())
     }
 }
 
@@ -861,9 +769,7 @@ pub fn mask_url(url: &str) -> String {
 /// `192.0.2.0/24`, `[::1]/128`, or a bare address (a /32 or /128).
 pub fn parse_network(s: &str) -> Option<IpNet> {
     let s = s.trim().replace(['[', ']'], "");
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// Overlays `MXRELAY_*` variables on `table`. Every known key path (taken
@@ -891,11 +797,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)], errors: &mut Vec
         let parsed = match default {
             toml::Value::String(_) => toml::Value::String(value.clone()),
             toml::Value::Array(_) => toml::Value::Array(
-                value
-                    .split([',', ' '])
-                    .filter(|s| !s.is_empty())
-                    .map(|s| toml::Value::String(s.to_string()))
-                    .collect(),
+                value.split([',', ' ']).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
             ),
             _ => match format!("v = {value}").parse::<toml::Table>() {
                 Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(value.clone())),
@@ -906,11 +808,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)], errors: &mut Vec
     }
 }
 
-fn collect_keys(
-    t: &toml::Table,
-    prefix: &mut Vec<String>,
-    out: &mut Vec<(Vec<String>, toml::Value)>,
-) {
+fn collect_keys(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
     for (k, v) in t {
         prefix.push(k.clone());
         match v {
@@ -929,9 +827,7 @@ fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     let (last, parents) = path.split_last().expect("key paths are never empty");
     let mut t = table;
     for p in parents {
-        let entry = t
-            .entry(p.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if !entry.is_table() {
             *entry = toml::Value::Table(toml::Table::new());
         }
@@ -945,10 +841,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     #[test]
@@ -980,14 +873,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = Config::load_from(
-            None,
-            &env(&[
-                ("MXRELAY_SMTP_LISTEN", "nowhere"),
-                ("MXRELAY_MYNETWORKS", "10.0.0.0/33"),
-            ]),
-        )
-        .unwrap_err();
+        let e =
+            Config::load_from(None, &env(&[("MXRELAY_SMTP_LISTEN", "nowhere"), ("MXRELAY_MYNETWORKS", "10.0.0.0/33")]))
+                .unwrap_err();
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["smtp.listen", "mynetworks"]);
     }
@@ -997,36 +885,20 @@ mod tests {
         let old = Config::default();
         let new = Config {
             message_size_limit: 1234567,
-            smtp: SmtpConfig {
-                error_limit: 3,
-                listen: "127.0.0.1:1".into(),
-                ..SmtpConfig::default()
-            },
+            smtp: SmtpConfig { error_limit: 3, listen: "127.0.0.1:1".into(), ..SmtpConfig::default() },
             ..Config::default()
         };
         let changed = old.changed_keys(&new);
-        assert_eq!(
-            changed,
-            ["message_size_limit", "smtp.error_limit", "smtp.listen"]
-        );
-        let live: Vec<String> = changed
-            .into_iter()
-            .filter(|k| LIVE_KEYS.contains(&k.as_str()))
-            .collect();
+        assert_eq!(changed, ["message_size_limit", "smtp.error_limit", "smtp.listen"]);
+        let live: Vec<String> = changed.into_iter().filter(|k| LIVE_KEYS.contains(&k.as_str())).collect();
         let applied = old.with_keys_from(&new, &live);
-        assert_eq!(
-            (applied.message_size_limit, applied.smtp.error_limit),
-            (1234567, 3)
-        );
+        assert_eq!((applied.message_size_limit, applied.smtp.error_limit), (1234567, 3));
         assert_eq!(applied.smtp.listen, old.smtp.listen);
     }
 
     #[test]
     fn secrets_are_masked() {
-        assert_eq!(
-            mask_url("mysql://mail:pw@127.0.0.1/mail"),
-            "mysql://mail:***@127.0.0.1/mail"
-        );
+        assert_eq!(mask_url("mysql://mail:pw@127.0.0.1/mail"), "mysql://mail:***@127.0.0.1/mail");
         assert_eq!(mask_url("redis://127.0.0.1/"), "redis://127.0.0.1/");
     }
 }

@@ -6,11 +6,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::net::NetError;
-use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::NetError;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
 
 use crate::metrics::METRICS;
 
@@ -94,9 +94,7 @@ impl Dns {
                     .answers()
                     .iter()
                     .filter_map(|r| match &r.data {
-                        RData::MX(mx) => {
-                            Some((mx.preference, mx.exchange.to_utf8().trim_end_matches('.').to_string()))
-                        }
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.to_utf8().trim_end_matches('.').to_string())),
                         _ => None,
                     })
                     .collect();

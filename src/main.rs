@@ -153,20 +153,14 @@ fn main() -> ExitCode {
         }
         Cmd::Serve => {
             let path = cli.config.clone();
-            run(
-                config,
-                |c| async move { mxrelay::server::serve(c, path).await },
-            )
+            run(config, |c| async move { mxrelay::server::serve(c, path).await })
         }
         Cmd::Domains { command } => run(config, |c| async move { domains(&c, command).await }),
         Cmd::Queue { command } => run(config, |c| async move { queue(&c, command).await }),
         Cmd::Users { command } => run(config, |c| async move { users(&c, command).await }),
         Cmd::Migrate => run(config, |c| async move {
             mxrelay::domains::open(&c.domains.url)?.migrate().await?;
-            eprintln!(
-                "migrations applied to {}",
-                mxrelay::config::mask_url(&c.domains.url)
-            );
+            eprintln!("migrations applied to {}", mxrelay::config::mask_url(&c.domains.url));
             Ok(())
         }),
     }
@@ -204,20 +198,10 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
         humantime_serde::re::humantime::format_duration(config.domains.refresh)
     );
     match command {
-        DomainsCmd::Add {
-            domain,
-            relay_host,
-            relay_port,
-            scan: _,
-            no_scan,
-        } => {
-            let row = cmd::validate(&domain, &relay_host, &relay_port, !no_scan)
-                .map_err(anyhow::Error::msg)?;
+        DomainsCmd::Add { domain, relay_host, relay_port, scan: _, no_scan } => {
+            let row = cmd::validate(&domain, &relay_host, &relay_port, !no_scan).map_err(anyhow::Error::msg)?;
             cmd::add(store, std::slice::from_ref(&row)).await?;
-            println!(
-                "added {} → [{}]:{}; {refresh}",
-                row.domain, row.relay_host, row.relay_port
-            );
+            println!("added {} → [{}]:{}; {refresh}", row.domain, row.relay_host, row.relay_port);
         }
         DomainsCmd::Remove { domain } => {
             let name = mxrelay::policy::address::normalise_domain(&domain)
@@ -239,9 +223,10 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
             let name = mxrelay::policy::address::normalise_domain(&domain)
                 .ok_or_else(|| anyhow::anyhow!("{domain:?} is not a valid domain name"))?;
             let rows = cmd::list(store).await?;
-            let row = rows.iter().find(|r| r.domain == name).ok_or_else(|| {
-                anyhow::anyhow!("{name} is not listed (see `mxrelay domains list`)")
-            })?;
+            let row = rows
+                .iter()
+                .find(|r| r.domain == name)
+                .ok_or_else(|| anyhow::anyhow!("{name} is not listed (see `mxrelay domains list`)"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(row)?);
             } else {
@@ -249,15 +234,10 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
             }
         }
         DomainsCmd::Import { file } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let rows = cmd::parse_csv(&text).map_err(|errors| {
-                anyhow::anyhow!(
-                    "{}: nothing imported\n{}",
-                    file.display(),
-                    errors.join("\n")
-                )
-            })?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let rows = cmd::parse_csv(&text)
+                .map_err(|errors| anyhow::anyhow!("{}: nothing imported\n{}", file.display(), errors.join("\n")))?;
             cmd::add(store, &rows).await?;
             println!("imported {} domain(s); {refresh}", rows.len());
         }
@@ -282,32 +262,17 @@ async fn queue(config: &Config, command: QueueCmd) -> anyhow::Result<()> {
                 eprintln!("{id}: not in the queue (or not held, for release)");
             }
         }
-        if missed > 0 {
-            anyhow::bail!("{missed} of {} id(s) not found", done.len())
-        } else {
-            Ok(())
-        }
+        if missed > 0 { anyhow::bail!("{missed} of {} id(s) not found", done.len()) } else { Ok(()) }
     };
     match command {
         QueueCmd::Stats { json } => {
             let s = cmd::stats(config).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?)
-            } else {
-                print!("{}", cmd::stats_table(&s))
-            }
+            if json { println!("{}", serde_json::to_string_pretty(&s)?) } else { print!("{}", cmd::stats_table(&s)) }
         }
-        QueueCmd::List {
-            domain,
-            state,
-            json,
-        } => {
+        QueueCmd::List { domain, state, json } => {
             let rows = cmd::list(config, domain.as_deref(), state.as_deref()).await?;
             if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(e, s)| serde_json::json!({"envelope": e, "state": s}))
-                    .collect();
+                let v: Vec<_> = rows.iter().map(|(e, s)| serde_json::json!({"envelope": e, "state": s})).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", cmd::list_table(&rows));
@@ -316,14 +281,10 @@ async fn queue(config: &Config, command: QueueCmd) -> anyhow::Result<()> {
         QueueCmd::Show { id, body, json } => {
             let (env, state, content) = cmd::show(config, &id, body).await?;
             if json {
-                let body = content
-                    .as_ref()
-                    .map(|c| String::from_utf8_lossy(c).into_owned());
+                let body = content.as_ref().map(|c| String::from_utf8_lossy(c).into_owned());
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"envelope": env, "state": state, "body": body})
-                    )?
+                    serde_json::to_string_pretty(&serde_json::json!({"envelope": env, "state": state, "body": body}))?
                 );
             } else {
                 print!("{}", cmd::show_text(&env, &state));
@@ -352,24 +313,17 @@ fn read_password() -> anyhow::Result<String> {
     std::io::stdin().read_line(&mut line)?;
     let password = line.trim_end_matches(['\r', '\n']).to_string();
     if password.is_empty() {
-        anyhow::bail!(
-            "no password on standard input (e.g. `printf '%s\\n' \"$PW\" | mxrelay users add alice`)"
-        );
+        anyhow::bail!("no password on standard input (e.g. `printf '%s\\n' \"$PW\" | mxrelay users add alice`)");
     }
     if password.len() > mxrelay::users::PASSWORD_LIMIT {
-        anyhow::bail!(
-            "password longer than {} bytes",
-            mxrelay::users::PASSWORD_LIMIT
-        );
+        anyhow::bail!("password longer than {} bytes", mxrelay::users::PASSWORD_LIMIT);
     }
     Ok(password)
 }
 
 async fn users(config: &Config, command: UsersCmd) -> anyhow::Result<()> {
     if config.migrate_on_start {
-        mxrelay::domains::open(&config.domains.url)?
-            .migrate()
-            .await?;
+        mxrelay::domains::open(&config.domains.url)?.migrate().await?;
     }
     let store = mxrelay::users::open(&config.domains.url)?;
     match command {
@@ -395,10 +349,7 @@ async fn users(config: &Config, command: UsersCmd) -> anyhow::Result<()> {
         UsersCmd::List { json } => {
             let rows = store.list().await?;
             if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(u, c)| serde_json::json!({"username": u, "created_at": c}))
-                    .collect();
+                let v: Vec<_> = rows.iter().map(|(u, c)| serde_json::json!({"username": u, "created_at": c})).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("{:<40} CREATED", "USERNAME");
@@ -413,16 +364,10 @@ async fn users(config: &Config, command: UsersCmd) -> anyhow::Result<()> {
 
 fn init_tracing(config: &Config) {
     // Transcripts of debug_peer_list clients are always shown.
-    let filter = tracing_subscriber::EnvFilter::try_new(format!(
-        "{},mxrelay::transcript=debug",
-        config.log.level
-    ))
-    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{},mxrelay::transcript=debug", config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();
     } else {

@@ -4,10 +4,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -61,29 +58,17 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
     let queue_enqueue_seconds = Histogram::with_opts(
-        HistogramOpts::new(
-            "mxrelay_queue_enqueue_duration_seconds",
-            "Time to write one message durably to the queue",
-        )
-        .buckets(vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-        ]),
+        HistogramOpts::new("mxrelay_queue_enqueue_duration_seconds", "Time to write one message durably to the queue")
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
     )
     .expect("valid metric");
-    r.register(Box::new(queue_enqueue_seconds.clone()))
-        .expect("unique metric");
+    r.register(Box::new(queue_enqueue_seconds.clone())).expect("unique metric");
     let delivery_duration_seconds = Histogram::with_opts(
-        HistogramOpts::new(
-            "mxrelay_delivery_duration_seconds",
-            "Time for one delivery attempt of one message",
-        )
-        .buckets(vec![
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-        ]),
+        HistogramOpts::new("mxrelay_delivery_duration_seconds", "Time for one delivery attempt of one message")
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
     )
     .expect("valid metric");
-    r.register(Box::new(delivery_duration_seconds.clone()))
-        .expect("unique metric");
+    r.register(Box::new(delivery_duration_seconds.clone())).expect("unique metric");
     Metrics {
         queue_lease_takeovers: counter(
             &r,
@@ -110,10 +95,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
         queue_messages: {
             let g = prometheus::IntGaugeVec::new(
-                Opts::new(
-                    "mxrelay_queue_messages",
-                    "Messages in the shared queue (whole cluster), by state",
-                ),
+                Opts::new("mxrelay_queue_messages", "Messages in the shared queue (whole cluster), by state"),
                 &["state"],
             )
             .expect("valid metric");
@@ -136,62 +118,31 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "mxrelay_delivery_connections_reused_total",
             "Deliveries over a cached session (after RSET)",
         ),
-        delivery_dsn: counter(
-            &r,
-            "mxrelay_delivery_dsn_total",
-            "Delivery status notifications (bounces) queued",
-        ),
-        smtp_connections: counter(
-            &r,
-            "mxrelay_smtp_connections_total",
-            "SMTP connections accepted",
-        ),
-        smtp_connections_active: gauge(
-            &r,
-            "mxrelay_smtp_connections_active",
-            "SMTP sessions open now",
-        ),
+        delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
+        smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),
+        smtp_connections_active: gauge(&r, "mxrelay_smtp_connections_active", "SMTP sessions open now"),
         smtp_connections_refused: counter_vec(
             &r,
             "mxrelay_smtp_connections_refused_total",
             "SMTP connections refused at connect",
             &["reason"],
         ),
-        smtp_sessions: counter_vec(
-            &r,
-            "mxrelay_smtp_sessions_total",
-            "SMTP sessions ended, by outcome",
-            &["outcome"],
-        ),
-        smtp_rcpt: counter_vec(
-            &r,
-            "mxrelay_smtp_rcpt_total",
-            "RCPT commands by result",
-            &["result"],
-        ),
+        smtp_sessions: counter_vec(&r, "mxrelay_smtp_sessions_total", "SMTP sessions ended, by outcome", &["outcome"]),
+        smtp_rcpt: counter_vec(&r, "mxrelay_smtp_rcpt_total", "RCPT commands by result", &["result"]),
         smtp_messages: counter_vec(
             &r,
             "mxrelay_smtp_messages_total",
             "Messages at end of DATA/BDAT, by result",
             &["result"],
         ),
-        smtp_received_bytes: counter(
-            &r,
-            "mxrelay_smtp_received_bytes_total",
-            "Bytes of accepted messages",
-        ),
+        smtp_received_bytes: counter(&r, "mxrelay_smtp_received_bytes_total", "Bytes of accepted messages"),
         smtp_tls_handshakes: counter_vec(
             &r,
             "mxrelay_smtp_tls_handshakes_total",
             "Inbound TLS handshakes (STARTTLS or implicit), by result",
             &["result"],
         ),
-        smtp_auth: counter_vec(
-            &r,
-            "mxrelay_smtp_auth_total",
-            "SMTP AUTH attempts, by result",
-            &["result"],
-        ),
+        smtp_auth: counter_vec(&r, "mxrelay_smtp_auth_total", "SMTP AUTH attempts, by result", &["result"]),
         smtp_limit_hits: counter_vec(
             &r,
             "mxrelay_smtp_limit_hits_total",
@@ -205,27 +156,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["result"],
         ),
         queue_enqueue_seconds,
-        redis_errors: counter_vec(
-            &r,
-            "mxrelay_redis_errors_total",
-            "Failed Redis operations",
-            &["op"],
-        ),
-        database_errors: counter(
-            &r,
-            "mxrelay_database_errors_total",
-            "Failed domain database operations",
-        ),
-        dns_errors: counter(
-            &r,
-            "mxrelay_dns_errors_total",
-            "DNS lookups that failed temporarily",
-        ),
-        domains_snapshot_size: gauge(
-            &r,
-            "mxrelay_domains_snapshot_size",
-            "Domains in this node's snapshot",
-        ),
+        redis_errors: counter_vec(&r, "mxrelay_redis_errors_total", "Failed Redis operations", &["op"]),
+        database_errors: counter(&r, "mxrelay_database_errors_total", "Failed domain database operations"),
+        dns_errors: counter(&r, "mxrelay_dns_errors_total", "DNS lookups that failed temporarily"),
+        domains_snapshot_size: gauge(&r, "mxrelay_domains_snapshot_size", "Domains in this node's snapshot"),
         domains_snapshot_age_seconds: gauge(
             &r,
             "mxrelay_domains_snapshot_age_seconds",

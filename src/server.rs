@@ -23,15 +23,9 @@ use crate::spool::Spool;
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let resolved = config.resolve().map_err(|errors| {
-        anyhow::anyhow!(
-            errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?;
+    let resolved = config
+        .resolve()
+        .map_err(|errors| anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
     let domains = Arc::new(Domains::new(crate::domains::open(&config.domains.url)?));
     let spool: Arc<dyn Spool> = crate::spool::open(&config.queue)?;
     if let Err(e) = spool.prepare().await {
@@ -48,20 +42,14 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             tracing::error!(error = %e, "domain database not reachable at start; answering 451 until it is")
         }
     }
-    tokio::spawn(
-        domains
-            .clone()
-            .run_refresher(config.domains.refresh, config.migrate_on_start),
-    );
+    tokio::spawn(domains.clone().run_refresher(config.domains.refresh, config.migrate_on_start));
 
     let smtp = TcpListener::bind(resolved.smtp_listen)
         .await
         .with_context(|| format!("smtp.listen: cannot listen on {}", resolved.smtp_listen))?;
     let smtps = match resolved.tls_listen {
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("tls.implicit_listen: cannot listen on {addr}"))?,
+            TcpListener::bind(addr).await.with_context(|| format!("tls.implicit_listen: cannot listen on {addr}"))?,
         ),
         None => None,
     };
@@ -71,11 +59,7 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let draining = Arc::new(AtomicBool::new(false));
     tokio::spawn(crate::admin::http::serve(
         admin,
-        crate::admin::http::Health {
-            spool: spool.clone(),
-            domains: domains.clone(),
-            draining: draining.clone(),
-        },
+        crate::admin::http::Health { spool: spool.clone(), domains: domains.clone(), draining: draining.clone() },
     ));
     tracing::info!(
         node = %config.node_id,
@@ -120,22 +104,12 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         let _ = stop_tx.send(true);
     });
     let delivery = config.delivery.enabled.then(|| {
-        let d = crate::delivery::Delivery::new(
-            config.clone(),
-            spool.clone(),
-            domains.clone(),
-            shared.policy.dns.clone(),
-        );
+        let d =
+            crate::delivery::Delivery::new(config.clone(), spool.clone(), domains.clone(), shared.policy.dns.clone());
         tokio::spawn(d.run(stop_rx.clone()))
     });
     let implicit = smtps.map(|listener| {
-        tokio::spawn(crate::smtp::serve(
-            listener,
-            Listener::ImplicitTls,
-            shared.clone(),
-            stop_rx.clone(),
-            DRAIN_GRACE,
-        ))
+        tokio::spawn(crate::smtp::serve(listener, Listener::ImplicitTls, shared.clone(), stop_rx.clone(), DRAIN_GRACE))
     });
     crate::smtp::serve(smtp, Listener::Smtp, shared, stop_rx, DRAIN_GRACE).await;
     if let Some(t) = implicit {
@@ -163,19 +137,15 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
         Ok(c) => c,
         Err(errors) => {
             let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-            tracing::error!(
-                "config reload failed, keeping the running configuration: {}",
-                all.join("; ")
-            );
+            tracing::error!("config reload failed, keeping the running configuration: {}", all.join("; "));
             return;
         }
     };
     let Ok(resolved) = new.resolve() else { return };
     let old = shared.config();
     let changed = old.changed_keys(&new);
-    let (live, restart): (Vec<String>, Vec<String>) = changed
-        .into_iter()
-        .partition(|k| crate::config::LIVE_KEYS.contains(&k.as_str()));
+    let (live, restart): (Vec<String>, Vec<String>) =
+        changed.into_iter().partition(|k| crate::config::LIVE_KEYS.contains(&k.as_str()));
     if !restart.is_empty() {
         tracing::warn!(
             "config reload: changed keys that need a restart (still running with the old values): {}",
@@ -184,19 +154,13 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
     }
     // Keep the old values of the keys that cannot change live.
     let applied = old.with_keys_from(&new, &live);
-    shared
-        .policy
-        .set_restrictions(restrictions(&applied, &resolved));
+    shared.policy.set_restrictions(restrictions(&applied, &resolved));
     // The certificate files are re-read even when their names did not change
     // (a renewed certificate).
     shared.reload_tls(&applied.tls);
     shared.set_config(applied);
     tracing::info!(
         "config reloaded; applied: {}",
-        if live.is_empty() {
-            "nothing changed".into()
-        } else {
-            live.join(", ")
-        }
+        if live.is_empty() { "nothing changed".into() } else { live.join(", ") }
     );
 }

@@ -15,10 +15,7 @@ const BALANCER: &str = "127.0.0.2";
 const STRANGER: &str = "127.0.0.3";
 
 fn proxy_world() -> World {
-    World::start_with(&[
-        ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
-        ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32"),
-    ])
+    World::start_with(&[("MXRELAY_SMTP_PROXY_PROTOCOL", "true"), ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32")])
 }
 
 fn v2_header(source: [u8; 4], port: u16) -> Vec<u8> {
@@ -34,16 +31,10 @@ fn v2_header(source: [u8; 4], port: u16) -> Vec<u8> {
 /// Applies `[smtp]` keys by SIGHUP once the world is up (the start-up
 /// probes from 127.0.0.1 must not count against them).
 fn set_smtp_limits(w: &mut World, lines: &str) {
-    let config = base_config(&w.db.url(), SHARED_REDIS, &w.dns).replacen(
-        "[smtp]\n",
-        &format!("[smtp]\n{lines}\n"),
-        1,
-    );
+    let config = base_config(&w.db.url(), SHARED_REDIS, &w.dns).replacen("[smtp]\n", &format!("[smtp]\n{lines}\n"), 1);
     w.relay.rewrite_config(&config);
     w.relay.signal("HUP");
-    wait_until("the reload", Duration::from_secs(10), || {
-        w.relay.log().contains("config reloaded; applied: smtp.")
-    });
+    wait_until("the reload", Duration::from_secs(10), || w.relay.log().contains("config reloaded; applied: smtp."));
 }
 
 /// Relaying to an unlisted domain: allowed only for mynetworks clients.
@@ -62,19 +53,13 @@ fn proxy_headers_from_the_balancer_set_the_client_address() {
     // v1 carrying a mynetworks address: policy sees that address.
     let mut c = Raw::connect_from(BALANCER, &addr);
     c.send("PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n");
-    assert!(
-        relay_attempt(&mut c).starts_with("250"),
-        "policy did not use the proxied address"
-    );
+    assert!(relay_attempt(&mut c).starts_with("250"), "policy did not use the proxied address");
     assert_eq!(c.code_after("DATA"), 354);
     c.send("Subject: via proxy\r\n\r\nhello\r\n.\r\n");
     let r = c.reply();
     let id = queued_id(&r).expect("queued");
     let body = String::from_utf8(w.queue().body(&id)).unwrap();
-    assert!(
-        body.contains("(unknown [127.0.0.9])"),
-        "Received names the balancer: {body}"
-    );
+    assert!(body.contains("(unknown [127.0.0.9])"), "Received names the balancer: {body}");
 
     // v1 carrying an outside address: no relaying.
     let mut c = Raw::connect_from(BALANCER, &addr);
@@ -95,21 +80,14 @@ fn proxy_headers_from_the_balancer_set_the_client_address() {
     assert!(log.contains("connect from unknown[127.0.0.9]"), "{log}");
     assert!(log.contains("connect from unknown[192.0.2.7]"), "{log}");
     assert!(log.contains("PROXY protocol: connection dropped"), "{log}");
-    assert_eq!(
-        w.relay
-            .metric("mxrelay_smtp_proxy_headers_total{result=\"accepted\"}"),
-        3.0
-    );
+    assert_eq!(w.relay.metric("mxrelay_smtp_proxy_headers_total{result=\"accepted\"}"), 3.0);
 }
 
 #[test]
 fn proxy_headers_from_elsewhere_are_refused() {
     let w = proxy_world();
     let addr = w.relay.addr();
-    for header in [
-        b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n".to_vec(),
-        v2_header([127, 0, 0, 9], 40000),
-    ] {
+    for header in [b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n".to_vec(), v2_header([127, 0, 0, 9], 40000)] {
         // Sent at once, before the greeting.
         let mut c = Raw::connect_from(STRANGER, &addr);
         c.send_bytes(&header);
@@ -126,29 +104,19 @@ fn proxy_headers_from_elsewhere_are_refused() {
     // The same address without a header is an ordinary client.
     let mut c = Raw::connect_from(STRANGER, &addr);
     assert!(relay_attempt(&mut c).starts_with("454 4.7.1"));
-    assert_eq!(
-        w.relay
-            .metric("mxrelay_smtp_proxy_headers_total{result=\"untrusted\"}"),
-        4.0
-    );
+    assert_eq!(w.relay.metric("mxrelay_smtp_proxy_headers_total{result=\"untrusted\"}"), 4.0);
 }
 
 #[test]
 fn connection_limits_answer_421_and_others_are_still_served() {
     let mut w = World::start();
-    set_smtp_limits(
-        &mut w,
-        "max_connections_per_ip = 2\nconnection_rate_limit = 6",
-    );
+    set_smtp_limits(&mut w, "max_connections_per_ip = 2\nconnection_rate_limit = 6");
     let addr = w.relay.addr();
     let a1 = Raw::connect_from("127.0.0.4", &addr);
     let mut a2 = Raw::connect_from("127.0.0.4", &addr);
     assert_eq!(a2.code(), 220);
     let mut a3 = Raw::connect_from("127.0.0.4", &addr);
-    assert!(
-        a3.reply()
-            .starts_with("421 4.7.0 Error: too many connections from 127.0.0.4")
-    );
+    assert!(a3.reply().starts_with("421 4.7.0 Error: too many connections from 127.0.0.4"));
     assert!(a3.closed());
     // Another client is served meanwhile.
     let mut other = Raw::connect_from("127.0.0.5", &addr);
@@ -165,56 +133,29 @@ fn connection_limits_answer_421_and_others_are_still_served() {
             refused += 1;
         }
     }
-    assert!(
-        refused >= 1,
-        "7 connections within the window were all served"
-    );
-    assert!(
-        w.relay
-            .metric("mxrelay_smtp_limit_hits_total{limit=\"connection_rate\"}")
-            >= 1.0
-    );
-    assert!(
-        w.relay
-            .metric("mxrelay_smtp_limit_hits_total{limit=\"connections_per_ip\"}")
-            >= 1.0
-    );
-    assert!(
-        w.relay
-            .log()
-            .contains("connection refused: Error: too many connections from 127.0.0.4")
-    );
+    assert!(refused >= 1, "7 connections within the window were all served");
+    assert!(w.relay.metric("mxrelay_smtp_limit_hits_total{limit=\"connection_rate\"}") >= 1.0);
+    assert!(w.relay.metric("mxrelay_smtp_limit_hits_total{limit=\"connections_per_ip\"}") >= 1.0);
+    assert!(w.relay.log().contains("connection refused: Error: too many connections from 127.0.0.4"));
 }
 
 #[test]
 fn message_recipient_and_error_limits() {
     let mut w = World::start();
-    set_smtp_limits(
-        &mut w,
-        "message_rate_limit = 2\nrecipient_rate_limit = 3\nerror_limit = 3",
-    );
+    set_smtp_limits(&mut w, "message_rate_limit = 2\nrecipient_rate_limit = 3\nerror_limit = 3");
     let addr = w.relay.addr();
     let mut c = Raw::connect_from("127.0.0.6", &addr);
     assert_eq!(c.code(), 220);
     assert!(c.cmd("EHLO client.example").starts_with("250"));
     assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
     for n in 1..=3 {
-        assert!(
-            c.cmd(&format!("RCPT TO:<r{n}@friet.pan>"))
-                .starts_with("250")
-        );
+        assert!(c.cmd(&format!("RCPT TO:<r{n}@friet.pan>")).starts_with("250"));
     }
-    assert!(
-        c.cmd("RCPT TO:<r4@friet.pan>")
-            .starts_with("450 4.7.1 Error: too many recipients from 127.0.0.6")
-    );
+    assert!(c.cmd("RCPT TO:<r4@friet.pan>").starts_with("450 4.7.1 Error: too many recipients from 127.0.0.6"));
     assert!(c.cmd("RSET").starts_with("250"));
     assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
     assert!(c.cmd("RSET").starts_with("250"));
-    assert!(
-        c.cmd(&format!("MAIL FROM:<{SENDER}>"))
-            .starts_with("450 4.7.1 Error: too much mail from 127.0.0.6")
-    );
+    assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("450 4.7.1 Error: too much mail from 127.0.0.6"));
 
     // mynetworks is exempt (as from Postfix's anvil).
     let mut t = Raw::connect_from("127.0.0.9", &addr);
@@ -232,18 +173,10 @@ fn message_recipient_and_error_limits() {
     assert!(e.cmd("BOGUS").starts_with("502"));
     assert!(e.cmd("BOGUS").starts_with("502"));
     let r = e.reply();
-    assert!(
-        r.starts_with("421 4.7.0 relay.test Error: too many errors"),
-        "{r}"
-    );
+    assert!(r.starts_with("421 4.7.0 relay.test Error: too many errors"), "{r}");
     assert!(e.closed());
     for limit in ["message_rate", "recipient_rate", "errors"] {
-        assert!(
-            w.relay.metric(&format!(
-                "mxrelay_smtp_limit_hits_total{{limit=\"{limit}\"}}"
-            )) >= 1.0,
-            "{limit}"
-        );
+        assert!(w.relay.metric(&format!("mxrelay_smtp_limit_hits_total{{limit=\"{limit}\"}}")) >= 1.0, "{limit}");
     }
 }
 
@@ -259,9 +192,7 @@ fn slow_clients_are_cut_off_while_others_are_served() {
         let started = Instant::now();
         for b in text.bytes().cycle() {
             // The relay answers and closes; a write then fails.
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.send_bytes(&[b])))
-                .is_err()
-            {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.send_bytes(&[b]))).is_err() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -290,30 +221,17 @@ fn slow_clients_are_cut_off_while_others_are_served() {
         }
     });
     let (_, r) = dribble(&mut slow, "EHLO very-slow.example");
-    assert!(
-        r.starts_with("421 4.4.2"),
-        "slow command line not cut off: {r:?}"
-    );
+    assert!(r.starts_with("421 4.4.2"), "slow command line not cut off: {r:?}");
     assert!(other.join().unwrap().starts_with("250 2.0.0 Ok: queued as"));
 
     // Content below smtpd_min_data_rate: 3 bytes/s against 1000.
     let mut slow = Raw::connect_from("127.0.0.4", &addr);
     assert_eq!(slow.code(), 220);
     assert!(slow.cmd("EHLO client.example").starts_with("250"));
-    assert!(
-        slow.cmd(&format!("MAIL FROM:<{SENDER}>"))
-            .starts_with("250")
-    );
+    assert!(slow.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
     assert!(slow.cmd("RCPT TO:<slow@friet.pan>").starts_with("250"));
     assert_eq!(slow.code_after("DATA"), 354);
     let (_, r) = dribble(&mut slow, "Subject: slow\r\n\r\nslow body\r\n");
-    assert!(
-        r.starts_with("421 4.4.2"),
-        "slow content not cut off: {r:?}"
-    );
-    assert!(
-        w.relay
-            .metric("mxrelay_smtp_limit_hits_total{limit=\"slow_client\"}")
-            >= 2.0
-    );
+    assert!(r.starts_with("421 4.4.2"), "slow content not cut off: {r:?}");
+    assert!(w.relay.metric("mxrelay_smtp_limit_hits_total{limit=\"slow_client\"}") >= 2.0);
 }

@@ -7,11 +7,8 @@ use std::process::Command;
 use support::*;
 
 fn mxrelay(db: &TestDb, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
-        .args(args)
-        .env("MXRELAY_DOMAINS_URL", db.url())
-        .output()
-        .unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_mxrelay")).args(args).env("MXRELAY_DOMAINS_URL", db.url()).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
@@ -20,12 +17,30 @@ fn domains_add_list_show_remove_import() {
     let db = TestDb::create(&MysqlServer::shared());
     assert!(mxrelay(&db, &["migrate"]).0);
 
-    let (ok, out) = mxrelay(&db, &["domains", "add", "Bücher.Example", "--relay-host", "mail.buecher.example", "--relay-port", "2525", "--no-scan"]);
+    let (ok, out) = mxrelay(
+        &db,
+        &[
+            "domains",
+            "add",
+            "Bücher.Example",
+            "--relay-host",
+            "mail.buecher.example",
+            "--relay-port",
+            "2525",
+            "--no-scan",
+        ],
+    );
     assert!(ok, "{out}");
-    assert_eq!(db.exec("SELECT domain, relay_host, relay_port, enable_virus_spam_scan FROM domains"), "xn--bcher-kva.example\tmail.buecher.example\t2525\t0\n");
+    assert_eq!(
+        db.exec("SELECT domain, relay_host, relay_port, enable_virus_spam_scan FROM domains"),
+        "xn--bcher-kva.example\tmail.buecher.example\t2525\t0\n"
+    );
     let (ok, out) = mxrelay(&db, &["domains", "add", "friet.pan", "--relay-host", "[2001:db8::25]"]);
     assert!(ok, "{out}");
-    assert_eq!(db.exec("SELECT relay_host, relay_port, enable_virus_spam_scan FROM domains WHERE domain = 'friet.pan'"), "2001:db8::25\t25\t1\n");
+    assert_eq!(
+        db.exec("SELECT relay_host, relay_port, enable_virus_spam_scan FROM domains WHERE domain = 'friet.pan'"),
+        "2001:db8::25\t25\t1\n"
+    );
 
     // Clear errors, nothing written.
     let (ok, out) = mxrelay(&db, &["domains", "add", "FRIET.pan", "--relay-host", "10.0.0.1"]);
@@ -86,8 +101,8 @@ fn json(out: &str) -> serde_json::Value {
 
 #[test]
 fn queue_commands_on_mail_deferred_to_a_down_destination() {
-    use support::destination::Destination;
     use std::time::Duration;
+    use support::destination::Destination;
     let home = Destination::start();
     let down = free_port();
     let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
@@ -107,7 +122,10 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
     let ids: Vec<String> = ["a", "b", "c"]
         .iter()
         .map(|l| {
-            let (_, out) = swaks(&relay.addr(), &["--from", "bob@friet.pan", "--to", &format!("{l}@named.example"), "--helo", "client.example"]);
+            let (_, out) = swaks(
+                &relay.addr(),
+                &["--from", "bob@friet.pan", "--to", &format!("{l}@named.example"), "--helo", "client.example"],
+            );
             queued_id(&out).unwrap_or_else(|| panic!("{out}"))
         })
         .collect();
@@ -136,8 +154,16 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
     assert!(!ok && out.contains("--state"), "{out}");
 
     let (ok, out) = queue_cmd(&relay, &db, &["show", &ids[0], "--body"]);
-    assert!(ok && out.contains("state     deferred") && out.contains("<a@named.example> pending (4.4.1 connect to"), "{out}");
-    assert!(out.contains("attempts  1") && out.contains("next try") && out.contains("--- message ---\nReceived: from client.example"), "{out}");
+    assert!(
+        ok && out.contains("state     deferred") && out.contains("<a@named.example> pending (4.4.1 connect to"),
+        "{out}"
+    );
+    assert!(
+        out.contains("attempts  1")
+            && out.contains("next try")
+            && out.contains("--- message ---\nReceived: from client.example"),
+        "{out}"
+    );
 
     // hold: not retried by a flush; release: delivered once the destination is up.
     let (ok, out) = queue_cmd(&relay, &db, &["hold", &ids[0]]);

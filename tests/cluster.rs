@@ -88,7 +88,12 @@ fn three_nodes_one_killed_destination_down_at_first_nothing_lost() {
         if accepted.iter().all(|id| unique.contains(id)) {
             break ids;
         }
-        assert!(Instant::now() < deadline, "{} of {} accepted messages arrived", accepted.iter().filter(|i| unique.contains(i)).count(), accepted.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} accepted messages arrived",
+            accepted.iter().filter(|i| unique.contains(i)).count(),
+            accepted.len()
+        );
         std::thread::sleep(Duration::from_millis(250));
     };
     let mut counts: HashMap<&String, usize> = HashMap::new();
@@ -120,7 +125,8 @@ fn redis_restart_with_aof_loses_no_accepted_message() {
         let mut ids = Vec::new();
         let mut refused = 0;
         for i in 0..60 {
-            let (_, out) = swaks(&addr, &["--from", SENDER, "--to", &format!("r{i}@friet.pan"), "--helo", "client.example"]);
+            let (_, out) =
+                swaks(&addr, &["--from", SENDER, "--to", &format!("r{i}@friet.pan"), "--helo", "client.example"]);
             match queued_id(&out) {
                 Some(id) => ids.push(id),
                 None => refused += 1,

@@ -58,13 +58,23 @@ fn normalise(bytes: &[u8]) -> Vec<u8> {
 fn delivers_byte_exact_to_smtp_sink_on_a_non_25_port_and_to_a_named_relay_host() {
     let sink = SmtpSink::start();
     let named = SmtpSink::start();
-    let c = Cluster::start(1, &[(LISTED, "127.0.0.1", sink.port), ("named.example", "mx.named.example", named.port)], &[]);
+    let c =
+        Cluster::start(1, &[(LISTED, "127.0.0.1", sink.port), ("named.example", "mx.named.example", named.port)], &[]);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("msg.eml");
     std::fs::write(&data, MESSAGE.strip_suffix("\r\n").unwrap()).unwrap();
     let (code, out) = swaks(
         &c.addr(),
-        &["--from", "bob@friet.pan", "--to", "t@friet.pan,u@named.example", "--helo", "client.example", "--data", data.to_str().unwrap()],
+        &[
+            "--from",
+            "bob@friet.pan",
+            "--to",
+            "t@friet.pan,u@named.example",
+            "--helo",
+            "client.example",
+            "--data",
+            data.to_str().unwrap(),
+        ],
     );
     assert_eq!(code, 0, "{out}");
     let id = queued_id(&out).unwrap();
@@ -81,7 +91,9 @@ fn delivers_byte_exact_to_smtp_sink_on_a_non_25_port_and_to_a_named_relay_host()
         assert!(content.ends_with(&expected), "content differs:\n{content}\nexpected tail:\n{expected}");
     }
     let mut q = c.relays[0].queue(SHARED_REDIS);
-    wait_until("message leaves the queue", Duration::from_secs(10), || q.ready_ids().is_empty() && q.message_count() == 0);
+    wait_until("message leaves the queue", Duration::from_secs(10), || {
+        q.ready_ids().is_empty() && q.message_count() == 0
+    });
     let log = c.relays[0].log();
     assert!(log.contains("to=<t@friet.pan>, relay=127.0.0.1[127.0.0.1]") && log.contains("status=sent (250"), "{log}");
     assert!(log.contains("to=<u@named.example>, relay=mx.named.example[127.0.0.1]"), "{log}");
@@ -93,7 +105,14 @@ fn partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
     let c = Cluster::start(1, &[(LISTED, "127.0.0.1", dest.port)], &[]);
     let (code, out) = swaks(
         &c.addr(),
-        &["--from", "bob@friet.pan", "--to", "ok@friet.pan,temp1@friet.pan,perm1@friet.pan", "--helo", "client.example"],
+        &[
+            "--from",
+            "bob@friet.pan",
+            "--to",
+            "ok@friet.pan,temp1@friet.pan,perm1@friet.pan",
+            "--helo",
+            "client.example",
+        ],
     );
     assert_eq!(code, 0, "{out}");
     let id = queued_id(&out).unwrap();
@@ -117,7 +136,10 @@ fn partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
     let env = q.envelope(&id);
     let rcpts: Vec<serde_json::Value> = serde_json::from_str(&env["recipients"]).unwrap();
     let state = |a: &str| rcpts.iter().find(|r| r["address"] == a).unwrap()["state"].as_str().unwrap().to_string();
-    assert_eq!((state("ok@friet.pan").as_str(), state("temp1@friet.pan").as_str(), state("perm1@friet.pan").as_str()), ("delivered", "pending", "bounced"));
+    assert_eq!(
+        (state("ok@friet.pan").as_str(), state("temp1@friet.pan").as_str(), state("perm1@friet.pan").as_str()),
+        ("delivered", "pending", "bounced")
+    );
     assert_eq!(dest.messages().len(), 2, "only the pending recipient is retried");
     let retries = c.relays[0].log().matches("to=<temp1@friet.pan>").count();
     assert!(retries >= 3, "temp1 was retried ({retries} attempts logged)");
@@ -146,7 +168,8 @@ fn a_down_primary_is_drained_fast_once_it_is_back() {
         &[("MXRELAY_DELIVERY_RETRY_MIN", "120s"), ("MXRELAY_DELIVERY_RETRY_MAX", "1h")],
     );
     for i in 0..20 {
-        let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", &format!("m{i}@friet.pan"), "--helo", "client.example"]);
+        let (code, out) =
+            swaks(&c.addr(), &["--from", SENDER, "--to", &format!("m{i}@friet.pan"), "--helo", "client.example"]);
         assert_eq!(code, 0, "the node accepts while the primary is down: {out}");
     }
     let mut q = c.relays[0].queue(SHARED_REDIS);
@@ -154,7 +177,10 @@ fn a_down_primary_is_drained_fast_once_it_is_back() {
     let started = std::time::Instant::now();
     let dest = Destination::start_on(port);
     dest.wait_for(20, Duration::from_secs(20));
-    eprintln!("fast drain: 20 deferred messages delivered {:.1}s after the primary came back", started.elapsed().as_secs_f64());
+    eprintln!(
+        "fast drain: 20 deferred messages delivered {:.1}s after the primary came back",
+        started.elapsed().as_secs_f64()
+    );
     wait_until("queue empty", Duration::from_secs(10), || q.message_count() == 0 && q.deferred_count() == 0);
 }
 
@@ -171,7 +197,8 @@ fn sigterm_hands_in_flight_deliveries_back_to_the_cluster() {
     // Only node 0 delivers at first: node 1 starts after the mail is leased.
     c.relays[1].kill();
     for i in 0..3 {
-        let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", &format!("s{i}@friet.pan"), "--helo", "client.example"]);
+        let (code, out) =
+            swaks(&c.addr(), &["--from", SENDER, "--to", &format!("s{i}@friet.pan"), "--helo", "client.example"]);
         assert_eq!(code, 0, "{out}");
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -182,7 +209,10 @@ fn sigterm_hands_in_flight_deliveries_back_to_the_cluster() {
     let secs = started.elapsed().as_secs_f64();
     assert!(secs < 30.0, "handed-back mail must not wait for the 60 s lease ({secs:.1}s)");
     assert!(c.relays[0].log().contains("handed back to the cluster"), "{}", c.relays[0].log());
-    eprintln!("SIGTERM hand back: 3 in-flight messages delivered by the other node in {secs:.1}s ({} copies at the sink)", got.len());
+    eprintln!(
+        "SIGTERM hand back: 3 in-flight messages delivered by the other node in {secs:.1}s ({} copies at the sink)",
+        got.len()
+    );
 }
 
 #[test]
@@ -190,7 +220,8 @@ fn sessions_are_reused_for_the_next_message_to_the_same_destination() {
     let dest = Destination::start();
     let c = Cluster::start(1, &[(LISTED, "127.0.0.1", dest.port)], &[]);
     for i in 0..5 {
-        let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", &format!("r{i}@friet.pan"), "--helo", "client.example"]);
+        let (code, out) =
+            swaks(&c.addr(), &["--from", SENDER, "--to", &format!("r{i}@friet.pan"), "--helo", "client.example"]);
         assert_eq!(code, 0, "{out}");
         dest.wait_for(i + 1, Duration::from_secs(20));
     }
@@ -205,7 +236,11 @@ fn etrn_and_queue_flush_release_deferred_mail() {
     let c = Cluster::start(
         1,
         &[(LISTED, "127.0.0.1", port_a), ("named.example", "127.0.0.1", port_b)],
-        &[("MXRELAY_DELIVERY_RETRY_MIN", "120s"), ("MXRELAY_DELIVERY_RETRY_MAX", "1h"), ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h")],
+        &[
+            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
     );
     for to in ["a@friet.pan", "b@named.example"] {
         let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", to, "--helo", "client.example"]);
@@ -246,7 +281,8 @@ fn mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
         &[(LISTED, "127.0.0.1", home.port), ("named.example", "127.0.0.1", free_port())],
         &[("MXRELAY_DELIVERY_MAX_QUEUE_LIFETIME", "2s")],
     );
-    let (code, out) = swaks(&c.addr(), &["--from", "bob@friet.pan", "--to", "x@named.example", "--helo", "client.example"]);
+    let (code, out) =
+        swaks(&c.addr(), &["--from", "bob@friet.pan", "--to", "x@named.example", "--helo", "client.example"]);
     assert_eq!(code, 0, "{out}");
     let got = home.wait_for(1, Duration::from_secs(30));
     assert_eq!(got[0].mail_from, "");

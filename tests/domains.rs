@@ -57,7 +57,8 @@ fn migrate_creates_the_table_and_check_config_reports() {
     assert!(db.exec("SHOW CREATE TABLE domains").contains("InnoDB"));
     let (ok, out) = mxrelay(&["check-config"], &[("MXRELAY_DOMAINS_URL", "mysql://mail:secret@127.0.0.1/mail")]);
     assert!(ok && out.contains("mysql://mail:***@127.0.0.1/mail") && !out.contains("secret"), "{out}");
-    let (ok, out) = mxrelay(&["check-config"], &[("MXRELAY_SMTP_LISTEN", "nowhere"), ("MXRELAY_MYNETWORKS", "10.0.0.0/33")]);
+    let (ok, out) =
+        mxrelay(&["check-config"], &[("MXRELAY_SMTP_LISTEN", "nowhere"), ("MXRELAY_MYNETWORKS", "10.0.0.0/33")]);
     assert!(!ok);
     assert!(out.contains("smtp.listen: \"nowhere\" is not an address"), "{out}");
     assert!(out.contains("mynetworks: \"10.0.0.0/33\""), "{out}");

@@ -74,7 +74,19 @@ fn embedded_accepts_delivers_defers_and_bounces() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("m.eml");
     std::fs::write(&data, MESSAGE.strip_suffix("\r\n").unwrap()).unwrap();
-    let (code, out) = swaks(&e.relay.addr(), &["--from", "bob@friet.pan", "--to", "t@friet.pan", "--helo", "client.example", "--data", data.to_str().unwrap()]);
+    let (code, out) = swaks(
+        &e.relay.addr(),
+        &[
+            "--from",
+            "bob@friet.pan",
+            "--to",
+            "t@friet.pan",
+            "--helo",
+            "client.example",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
     assert_eq!(code, 0, "{out}");
     let got = sink.wait_for(1, Duration::from_secs(20));
     let content = String::from_utf8(got[0].content.clone()).unwrap();
@@ -86,7 +98,10 @@ fn embedded_accepts_delivers_defers_and_bounces() {
     assert!(out.contains("454 4.7.1"), "{out}");
 
     // Deferred while the destination is down, delivered fast when it is up.
-    let (code, out) = swaks(&e.relay.addr(), &["--from", "bob@friet.pan", "--to", "ok@named.example,perm9@named.example", "--helo", "client.example"]);
+    let (code, out) = swaks(
+        &e.relay.addr(),
+        &["--from", "bob@friet.pan", "--to", "ok@named.example,perm9@named.example", "--helo", "client.example"],
+    );
     assert_eq!(code, 0, "{out}");
     wait_until("deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 1);
     let dest = Destination::start_on(down);
@@ -107,7 +122,8 @@ fn embedded_kill_9_with_mail_queued_loses_nothing() {
     e.add_domain(LISTED, down);
     let mut ids = Vec::new();
     for i in 0..20 {
-        let (_, out) = swaks(&e.relay.addr(), &["--from", SENDER, "--to", &format!("k{i}@friet.pan"), "--helo", "client.example"]);
+        let (_, out) =
+            swaks(&e.relay.addr(), &["--from", SENDER, "--to", &format!("k{i}@friet.pan"), "--helo", "client.example"]);
         ids.push(queued_id(&out).unwrap_or_else(|| panic!("{out}")));
     }
     e.relay.kill(); // SIGKILL
@@ -116,7 +132,12 @@ fn embedded_kill_9_with_mail_queued_loses_nothing() {
     let got = dest.wait_for(20, Duration::from_secs(60));
     let delivered: std::collections::HashSet<String> = got
         .iter()
-        .filter_map(|m| String::from_utf8_lossy(&m.data).split(" id ").nth(1).map(|s| s.split(|c: char| c.is_whitespace() || c == ';').next().unwrap_or("").to_string()))
+        .filter_map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .split(" id ")
+                .nth(1)
+                .map(|s| s.split(|c: char| c.is_whitespace() || c == ';').next().unwrap_or("").to_string())
+        })
         .collect();
     for id in &ids {
         assert!(delivered.contains(id), "{id} was lost");
@@ -152,7 +173,8 @@ fn readme_quickstart_with_no_configuration() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = Command::new("kill").args(["-HUP", &serve.id().to_string()]).status();
     std::thread::sleep(Duration::from_millis(500));
-    let (code, out) = swaks(&format!("127.0.0.1:{smtp}"), &["--from", "you@example.net", "--to", "someone@example.org"]);
+    let (code, out) =
+        swaks(&format!("127.0.0.1:{smtp}"), &["--from", "you@example.net", "--to", "someone@example.org"]);
     assert_eq!(code, 0, "{out}");
     let got = sink.wait_for(1, Duration::from_secs(20));
     assert_eq!(got[0].rcpts, vec!["someone@example.org"]);

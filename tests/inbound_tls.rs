@@ -40,21 +40,9 @@ fn users(w: &World, args: &[&str], stdin: &str) -> (bool, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// `openssl s_client` with `args`, sending `input`; returns its output.
@@ -76,11 +64,7 @@ fn s_client(args: &[&str], input: &str) -> String {
     std::thread::sleep(Duration::from_millis(700));
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 #[test]
@@ -96,27 +80,13 @@ fn starttls_with_swaks_and_openssl_records_tls_in_received_and_log() {
     assert!(ehlo.contains("250-STARTTLS"), "{ehlo}");
     assert!(!ehlo.contains("AUTH"), "AUTH offered in clear: {ehlo}");
 
-    let (status, out) = swaks(
-        &addr,
-        &[
-            "--tls",
-            "--from",
-            SENDER,
-            "--to",
-            "tls@friet.pan",
-            "--ehlo",
-            "client.example",
-        ],
-    );
+    let (status, out) = swaks(&addr, &["--tls", "--from", SENDER, "--to", "tls@friet.pan", "--ehlo", "client.example"]);
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("TLS started"), "{out}");
     let id = queued_id(&out).expect("queued");
     let body = String::from_utf8(w.queue().body(&id)).unwrap();
     let received = body.split("\r\n\r\n").next().unwrap();
-    assert!(
-        received.contains("(using TLSv1.3 with cipher TLS13_"),
-        "{received}"
-    );
+    assert!(received.contains("(using TLSv1.3 with cipher TLS13_"), "{received}");
     assert!(received.contains("with ESMTPS id"), "{received}");
 
     let out = s_client(
@@ -134,26 +104,13 @@ fn starttls_with_swaks_and_openssl_records_tls_in_received_and_log() {
         "EHLO client.example\r\nQUIT\r\n",
     );
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
-    assert!(
-        out.contains("250-AUTH PLAIN LOGIN"),
-        "AUTH must be offered inside TLS: {out}"
-    );
-    assert!(
-        !out.contains("250-STARTTLS"),
-        "STARTTLS offered again inside TLS: {out}"
-    );
+    assert!(out.contains("250-AUTH PLAIN LOGIN"), "AUTH must be offered inside TLS: {out}");
+    assert!(!out.contains("250-STARTTLS"), "STARTTLS offered again inside TLS: {out}");
     assert!(out.contains("221 2.0.0 Bye"), "{out}");
 
     let log = w.relay.log();
-    assert!(
-        log.contains("TLS connection established from unknown[127.0.0.1]: TLSv1.3 with cipher"),
-        "{log}"
-    );
-    assert!(
-        w.relay
-            .metric("mxrelay_smtp_tls_handshakes_total{result=\"ok\"}")
-            >= 2.0
-    );
+    assert!(log.contains("TLS connection established from unknown[127.0.0.1]: TLSv1.3 with cipher"), "{log}");
+    assert!(w.relay.metric("mxrelay_smtp_tls_handshakes_total{result=\"ok\"}") >= 2.0);
 }
 
 #[test]
@@ -166,23 +123,12 @@ fn commands_pipelined_after_starttls_are_discarded() {
     assert!(c.reply().starts_with("220 2.0.0"));
     let mut t = TlsClient::handshake(c.into_tcp(), &pki, "localhost").expect("handshake");
     // The session starts over: EHLO first, and no transaction exists.
-    assert!(
-        t.cmd(&format!("MAIL FROM:<{SENDER}>"))
-            .starts_with("503 5.5.1"),
-        "HELO state survived STARTTLS"
-    );
+    assert!(t.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("503 5.5.1"), "HELO state survived STARTTLS");
     assert!(t.cmd("EHLO client.example").starts_with("250"));
     let r = t.cmd("RCPT TO:<t@friet.pan>");
-    assert!(
-        r.starts_with("503 5.5.1"),
-        "the injected MAIL was executed: {r}"
-    );
+    assert!(r.starts_with("503 5.5.1"), "the injected MAIL was executed: {r}");
     assert!(t.cmd("STARTTLS").starts_with("554 5.5.1"));
-    assert!(
-        w.relay
-            .log()
-            .contains("input pipelined after STARTTLS discarded")
-    );
+    assert!(w.relay.log().contains("input pipelined after STARTTLS discarded"));
 }
 
 #[test]
@@ -197,37 +143,20 @@ fn auth_plain_and_login_let_a_user_relay_and_nobody_else() {
     let (ok, out) = users(&w, &["list"], "");
     assert!(ok && out.contains("alice@sender.example"), "{out}");
     let stored = w.db.exec("SELECT password_hash FROM relay_users");
-    assert!(
-        stored.contains("$argon2id$") && !stored.contains("correct horse"),
-        "{stored}"
-    );
+    assert!(stored.contains("$argon2id$") && !stored.contains("correct horse"), "{stored}");
 
     // AUTH before TLS is refused outright.
     let mut c = Raw::ehlo(&addr);
     assert!(c.cmd("AUTH PLAIN AGFsaWNlAHB3").starts_with("538 5.7.11"));
 
-    let unlisted = [
-        "--from",
-        SENDER,
-        "--to",
-        "someone@other.example",
-        "--ehlo",
-        "client.example",
-    ];
+    let unlisted = ["--from", SENDER, "--to", "someone@other.example", "--ehlo", "client.example"];
     // Unauthenticated: no relaying to a domain that is not listed.
     let (status, out) = swaks(&addr, &[&["--tls"][..], &unlisted[..]].concat());
     assert_ne!(status, 0);
     assert!(out.contains("454 4.7.1"), "{out}");
 
     for mech in ["PLAIN", "LOGIN"] {
-        let auth = [
-            "--auth",
-            mech,
-            "--auth-user",
-            "alice@sender.example",
-            "--auth-password",
-            "correct horse",
-        ];
+        let auth = ["--auth", mech, "--auth-user", "alice@sender.example", "--auth-password", "correct horse"];
         let (status, out) = swaks(&addr, &[&["--tls"][..], &auth[..], &unlisted[..]].concat());
         assert_eq!(status, 0, "{mech}: {out}");
         assert!(out.contains("235 2.7.0 Authentication successful"), "{out}");
@@ -238,41 +167,17 @@ fn auth_plain_and_login_let_a_user_relay_and_nobody_else() {
 
     // Wrong password and unknown user look the same.
     for user in ["alice@sender.example", "mallory@sender.example"] {
-        let auth = [
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            user,
-            "--auth-password",
-            "wrong",
-        ];
+        let auth = ["--auth", "PLAIN", "--auth-user", user, "--auth-password", "wrong"];
         let (status, out) = swaks(&addr, &[&["--tls"][..], &auth[..], &unlisted[..]].concat());
         assert_ne!(status, 0);
-        assert!(
-            out.contains("535 5.7.8 Error: authentication failed"),
-            "{out}"
-        );
+        assert!(out.contains("535 5.7.8 Error: authentication failed"), "{out}");
     }
     let log = w.relay.log();
-    assert!(
-        log.contains("sasl_method=PLAIN, sasl_username=alice@sender.example"),
-        "{log}"
-    );
-    assert!(
-        log.contains("SASL PLAIN authentication failed, sasl_username=\"mallory@sender.example\""),
-        "{log}"
-    );
+    assert!(log.contains("sasl_method=PLAIN, sasl_username=alice@sender.example"), "{log}");
+    assert!(log.contains("SASL PLAIN authentication failed, sasl_username=\"mallory@sender.example\""), "{log}");
     assert!(!log.contains("correct horse"), "a password reached the log");
-    assert_eq!(
-        w.relay
-            .metric("mxrelay_smtp_auth_total{result=\"success\"}"),
-        2.0
-    );
-    assert_eq!(
-        w.relay
-            .metric("mxrelay_smtp_auth_total{result=\"failure\"}"),
-        2.0
-    );
+    assert_eq!(w.relay.metric("mxrelay_smtp_auth_total{result=\"success\"}"), 2.0);
+    assert_eq!(w.relay.metric("mxrelay_smtp_auth_total{result=\"failure\"}"), 2.0);
 
     let (ok, out) = users(&w, &["remove", "alice@sender.example"], "");
     assert!(ok, "{out}");
@@ -299,104 +204,42 @@ fn failed_auth_is_rate_limited_per_client() {
     // A new session from the same address is limited too.
     let mut t = tls_session();
     assert!(t.cmd("AUTH PLAIN AGJvYgBwdw==").starts_with("421 4.7.0"));
-    assert!(
-        w.relay
-            .metric("mxrelay_smtp_limit_hits_total{limit=\"auth_failures\"}")
-            >= 2.0
-    );
-    assert!(
-        w.relay
-            .log()
-            .contains("AUTH refused: too many failed attempts")
-    );
+    assert!(w.relay.metric("mxrelay_smtp_limit_hits_total{limit=\"auth_failures\"}") >= 2.0);
+    assert!(w.relay.log().contains("AUTH refused: too many failed attempts"));
 }
 
 #[test]
 fn implicit_tls_listener_and_encrypt_level() {
     let pki = TestPki::localhost();
     let tls_port = free_port();
-    let mut w = world(
-        &pki,
-        &[(
-            "MXRELAY_TLS_IMPLICIT_LISTEN",
-            format!("127.0.0.1:{tls_port}"),
-        )],
-    );
+    let mut w = world(&pki, &[("MXRELAY_TLS_IMPLICIT_LISTEN", format!("127.0.0.1:{tls_port}"))]);
     // smtpd_tls_security_level = encrypt, switched on live: nothing before STARTTLS.
-    let config = format!(
-        "{}[tls]\nsecurity_level = \"encrypt\"\n",
-        base_config(&w.db.url(), SHARED_REDIS, &w.dns)
-    );
+    let config = format!("{}[tls]\nsecurity_level = \"encrypt\"\n", base_config(&w.db.url(), SHARED_REDIS, &w.dns));
     w.relay.rewrite_config(&config);
     w.relay.signal("HUP");
     wait_until("security_level = encrypt", Duration::from_secs(10), || {
-        Raw::ehlo(&w.relay.addr())
-            .cmd(&format!("MAIL FROM:<{SENDER}>"))
-            .starts_with("530")
+        Raw::ehlo(&w.relay.addr()).cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("530")
     });
     let mut c = Raw::ehlo(&w.relay.addr());
-    assert!(
-        c.cmd(&format!("MAIL FROM:<{SENDER}>"))
-            .starts_with("530 5.7.0 Must issue a STARTTLS command first")
-    );
-    let (status, out) = swaks(
-        &w.relay.addr(),
-        &[
-            "--from",
-            SENDER,
-            "--to",
-            "enc@friet.pan",
-            "--ehlo",
-            "client.example",
-        ],
-    );
+    assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("530 5.7.0 Must issue a STARTTLS command first"));
+    let (status, out) =
+        swaks(&w.relay.addr(), &["--from", SENDER, "--to", "enc@friet.pan", "--ehlo", "client.example"]);
     assert_ne!(status, 0, "{out}");
-    let (status, out) = swaks(
-        &w.relay.addr(),
-        &[
-            "--tls",
-            "--from",
-            SENDER,
-            "--to",
-            "enc@friet.pan",
-            "--ehlo",
-            "client.example",
-        ],
-    );
+    let (status, out) =
+        swaks(&w.relay.addr(), &["--tls", "--from", SENDER, "--to", "enc@friet.pan", "--ehlo", "client.example"]);
     assert_eq!(status, 0, "{out}");
 
     // Port 465 style: TLS from the first byte.
     let implicit = format!("127.0.0.1:{tls_port}");
-    let (status, out) = swaks(
-        &implicit,
-        &[
-            "--tlsc",
-            "--from",
-            SENDER,
-            "--to",
-            "wrapped@friet.pan",
-            "--ehlo",
-            "client.example",
-        ],
-    );
+    let (status, out) =
+        swaks(&implicit, &["--tlsc", "--from", SENDER, "--to", "wrapped@friet.pan", "--ehlo", "client.example"]);
     assert_eq!(status, 0, "{out}");
     let id = queued_id(&out).expect("queued");
-    assert!(
-        String::from_utf8(w.queue().body(&id))
-            .unwrap()
-            .contains("with ESMTPS")
-    );
+    assert!(String::from_utf8(w.queue().body(&id)).unwrap().contains("with ESMTPS"));
     // -quiet: no s_client letter commands (a line starting with Q would end
     // the session); -verify_return_error: a greeting proves the chain verified.
     let out = s_client(
-        &[
-            "-connect",
-            &implicit,
-            "-CAfile",
-            pki.ca.to_str().unwrap(),
-            "-verify_return_error",
-            "-quiet",
-        ],
+        &["-connect", &implicit, "-CAfile", pki.ca.to_str().unwrap(), "-verify_return_error", "-quiet"],
         "QUIT\r\n",
     );
     assert!(out.contains("220 relay.test ESMTP"), "{out}");
@@ -430,8 +273,5 @@ fn sighup_loads_a_renewed_certificate() {
     wait_until("the renewed certificate", Duration::from_secs(10), || {
         verify(&renewed.ca).contains("Verify return code: 0 (ok)")
     });
-    assert!(
-        !verify(&pki.ca).contains("Verify return code: 0 (ok)"),
-        "the old certificate is still served"
-    );
+    assert!(!verify(&pki.ca).contains("Verify return code: 0 (ok)"), "the old certificate is still served");
 }

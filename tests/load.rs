@@ -30,7 +30,10 @@ fn smtp_source_20_sessions_10000_messages_all_queued_once() {
     assert_eq!(unique.len(), ids.len(), "no message is queued twice");
     let accepted = w.relay.log().matches("(queue active)").count();
     assert_eq!(accepted, 10_000);
-    eprintln!("smtp-source: 10000 msgs x 1 KiB, 20 sessions: {secs:.2}s = {:.0} msgs/s accepted (debug build)", 10_000.0 / secs);
+    eprintln!(
+        "smtp-source: 10000 msgs x 1 KiB, 20 sessions: {secs:.2}s = {:.0} msgs/s accepted (debug build)",
+        10_000.0 / secs
+    );
 }
 
 /// Peak resident memory of a process, in KiB (VmHWM).

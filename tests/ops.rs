@@ -148,7 +148,13 @@ impl Prometheus {
     fn query(&self, promql: &str) -> Vec<serde_json::Value> {
         let encoded: String = promql
             .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"_-.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"_-.".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
             .collect();
         let reply = self.get(&format!("/api/v1/query?query={encoded}"));
         let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
@@ -188,7 +194,9 @@ fn prometheus_shows_the_received_rate_of_each_node() {
         let result = prom.query("sum by (instance) (rate(mxrelay_smtp_messages_total{result=\"accepted\"}[5s]))");
         let rates: Vec<(String, f64)> = result
             .iter()
-            .filter_map(|r| Some((r["metric"]["instance"].as_str()?.to_string(), r["value"][1].as_str()?.parse().ok()?)))
+            .filter_map(|r| {
+                Some((r["metric"]["instance"].as_str()?.to_string(), r["value"][1].as_str()?.parse().ok()?))
+            })
             .filter(|(_, v)| *v > 0.0)
             .collect();
         if rates.len() == 2 {

@@ -31,51 +31,28 @@ impl Setup {
             db.add_domain(domain, host, *port);
         }
         // base_config ends inside [delivery].
-        let config = format!(
-            "{}{delivery_toml}",
-            base_config(&db.url(), SHARED_REDIS, &dns)
-        );
+        let config = format!("{}{delivery_toml}", base_config(&db.url(), SHARED_REDIS, &dns));
         let relay = Relay::spawn_with_env(&config, &[("MXRELAY_DELIVERY_ENABLED", "true")]);
-        Setup {
-            relay,
-            _db: db,
-            _dns: dns,
-        }
+        Setup { relay, _db: db, _dns: dns }
     }
 
     /// Submits one message from bob@friet.pan; its queue id.
     fn send(&self, to: &str) -> String {
-        let (code, out) = swaks(
-            &self.relay.addr(),
-            &[
-                "--from",
-                "bob@friet.pan",
-                "--to",
-                to,
-                "--helo",
-                "client.example",
-            ],
-        );
+        let (code, out) =
+            swaks(&self.relay.addr(), &["--from", "bob@friet.pan", "--to", to, "--helo", "client.example"]);
         assert_eq!(code, 0, "{out}");
         queued_id(&out).expect("queue id in the transcript")
     }
 
     fn tls_count(&self, policy: &str, result: &str) -> f64 {
-        self.relay.metric(&format!(
-            "mxrelay_delivery_tls_total{{policy=\"{policy}\",result=\"{result}\"}}"
-        ))
+        self.relay.metric(&format!("mxrelay_delivery_tls_total{{policy=\"{policy}\",result=\"{result}\"}}"))
     }
 
     /// Waits until `id` has been tried `n` times and is still queued.
     fn wait_attempts(&self, id: &str, n: u32) -> std::collections::HashMap<String, String> {
         let mut q = self.relay.queue(SHARED_REDIS);
         wait_until_value(&format!("{n} delivery attempts of {id}"), WAIT, || {
-            q.try_envelope(id).filter(|e| {
-                e.get("attempts")
-                    .and_then(|a| a.parse::<u32>().ok())
-                    .unwrap_or(0)
-                    >= n
-            })
+            q.try_envelope(id).filter(|e| e.get("attempts").and_then(|a| a.parse::<u32>().ok()).unwrap_or(0) >= n)
         })
     }
 
@@ -89,10 +66,8 @@ impl Drop for Setup {
     /// Leaves the shared Redis as it found it.
     fn drop(&mut self) {
         if let Ok(mut conn) = redis::Client::open(SHARED_REDIS).and_then(|c| c.get_connection()) {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", self.relay.prefix))
-                .query(&mut conn)
-                .unwrap_or_default();
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}:*", self.relay.prefix)).query(&mut conn).unwrap_or_default();
             for chunk in keys.chunks(500) {
                 let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
             }
@@ -116,40 +91,22 @@ fn none_sends_in_clear_although_starttls_is_offered_and_the_map_overrides_per_do
     let pki = TestPki::localhost();
     let dest = Destination::start_tls(&pki);
     let s = Setup::start(
-        &[
-            (LISTED, "127.0.0.1", dest.port),
-            (OTHER, "127.0.0.1", dest.port),
-        ],
+        &[(LISTED, "127.0.0.1", dest.port), (OTHER, "127.0.0.1", dest.port)],
         &format!("tls_policy = \"may\"\n[delivery.tls_policy_map]\n\"{LISTED}\" = \"none\"\n"),
     );
     // One message, two domains on one relay host, two levels: two sessions.
     s.send(&format!("clear@{LISTED},secret@{OTHER}"));
     let got = dest.wait_for(2, WAIT);
-    let by_rcpt = |rcpt: &str| {
-        got.iter()
-            .find(|m| m.rcpts == [rcpt])
-            .unwrap_or_else(|| panic!("{rcpt} not delivered: {got:?}"))
-    };
-    assert!(
-        !by_rcpt(&format!("clear@{LISTED}")).tls,
-        "none: no STARTTLS"
-    );
-    assert!(
-        by_rcpt(&format!("secret@{OTHER}")).tls,
-        "may: STARTTLS when offered"
-    );
+    let by_rcpt =
+        |rcpt: &str| got.iter().find(|m| m.rcpts == [rcpt]).unwrap_or_else(|| panic!("{rcpt} not delivered: {got:?}"));
+    assert!(!by_rcpt(&format!("clear@{LISTED}")).tls, "none: no STARTTLS");
+    assert!(by_rcpt(&format!("secret@{OTHER}")).tls, "may: STARTTLS when offered");
     s.wait_queue_empty();
     assert!(s.tls_count("none", "clear") >= 1.0);
     assert!(s.tls_count("may", "tls") >= 1.0);
     let log = s.relay.log();
-    let clear_line = log
-        .lines()
-        .find(|l| l.contains(&format!("to=<clear@{LISTED}>")))
-        .unwrap();
-    assert!(
-        !clear_line.contains("tls=") && clear_line.contains("status=sent (250"),
-        "{clear_line}"
-    );
+    let clear_line = log.lines().find(|l| l.contains(&format!("to=<clear@{LISTED}>"))).unwrap();
+    assert!(!clear_line.contains("tls=") && clear_line.contains("status=sent (250"), "{clear_line}");
 }
 
 #[test]
@@ -165,18 +122,11 @@ fn may_delivers_over_tls_and_reuses_the_encrypted_session() {
     }
     let got = dest.messages();
     assert!(got.iter().all(|m| m.tls), "every message over TLS: {got:?}");
-    assert!(
-        dest.connections() < 4,
-        "{} connections for 4 messages: the TLS session is reused",
-        dest.connections()
-    );
+    assert!(dest.connections() < 4, "{} connections for 4 messages: the TLS session is reused", dest.connections());
     assert!(s.relay.metric("mxrelay_delivery_connections_reused_total") >= 1.0);
     s.wait_queue_empty();
     let log = s.relay.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains(&format!("to=<m0@{LISTED}>")))
-        .unwrap();
+    let line = log.lines().find(|l| l.contains(&format!("to=<m0@{LISTED}>"))).unwrap();
     assert!(
         line.contains(&format!("relay=127.0.0.1[127.0.0.1]:{}, delay=", dest.port))
             && line.contains(", tls=TLSv1.3:TLS13_")
@@ -191,20 +141,14 @@ fn may_falls_back_to_clear_when_starttls_fails_or_is_refused() {
     let broken = Destination::start_tls_broken();
     let refused = Destination::start_tls_refused();
     let s = Setup::start(
-        &[
-            (LISTED, "127.0.0.1", broken.port),
-            (OTHER, "127.0.0.1", refused.port),
-        ],
+        &[(LISTED, "127.0.0.1", broken.port), (OTHER, "127.0.0.1", refused.port)],
         "tls_policy = \"may\"\n",
     );
     s.send(&format!("a@{LISTED},b@{OTHER}"));
     for dest in [&broken, &refused] {
         let got = dest.wait_for(1, WAIT);
         assert!(!got[0].tls);
-        assert!(
-            dest.connections() >= 2,
-            "a new connection for the clear retry"
-        );
+        assert!(dest.connections() >= 2, "a new connection for the clear retry");
     }
     s.wait_queue_empty();
     assert!(s.tls_count("may", "handshake_failed") >= 1.0);
@@ -219,10 +163,7 @@ fn encrypt_defers_when_tls_is_not_offered_or_fails_and_never_falls_back_or_bounc
     let plain = Destination::start();
     let broken = Destination::start_tls_broken();
     let s = Setup::start(
-        &[
-            (LISTED, "127.0.0.1", plain.port),
-            (OTHER, "127.0.0.1", broken.port),
-        ],
+        &[(LISTED, "127.0.0.1", plain.port), (OTHER, "127.0.0.1", broken.port)],
         "tls_policy = \"encrypt\"\n",
     );
     let not_offered = s.send(&format!("x@{LISTED}"));
@@ -231,14 +172,8 @@ fn encrypt_defers_when_tls_is_not_offered_or_fails_and_never_falls_back_or_bounc
         &s.wait_attempts(&not_offered, 2),
         "4.7.4 TLS is required, but was not offered by host 127.0.0.1[127.0.0.1]",
     );
-    assert_pending_with(
-        &s.wait_attempts(&failed, 2),
-        "4.7.5 TLS handshake with host 127.0.0.1[127.0.0.1]",
-    );
-    assert!(
-        plain.messages().is_empty() && broken.messages().is_empty(),
-        "nothing sent in clear"
-    );
+    assert_pending_with(&s.wait_attempts(&failed, 2), "4.7.5 TLS handshake with host 127.0.0.1[127.0.0.1]");
+    assert!(plain.messages().is_empty() && broken.messages().is_empty(), "nothing sent in clear");
     let mut q = s.relay.queue(SHARED_REDIS);
     assert_eq!(q.message_count(), 2, "both messages stay queued");
     let log = s.relay.log();
@@ -247,20 +182,11 @@ fn encrypt_defers_when_tls_is_not_offered_or_fails_and_never_falls_back_or_bounc
         plain.port
     );
     assert!(log.contains(&deferral), "{log}");
-    assert!(
-        !log.contains("status=bounced") && !log.contains("non-delivery notification"),
-        "{log}"
-    );
-    assert!(
-        !log.contains("again in clear"),
-        "encrypt never falls back: {log}"
-    );
+    assert!(!log.contains("status=bounced") && !log.contains("non-delivery notification"), "{log}");
+    assert!(!log.contains("again in clear"), "encrypt never falls back: {log}");
     assert!(s.tls_count("encrypt", "required_missing") >= 2.0);
     assert!(s.tls_count("encrypt", "handshake_failed") >= 2.0);
-    assert_eq!(
-        s.tls_count("encrypt", "clear") + s.tls_count("encrypt", "fallback_clear"),
-        0.0
-    );
+    assert_eq!(s.tls_count("encrypt", "clear") + s.tls_count("encrypt", "fallback_clear"), 0.0);
 }
 
 #[test]
@@ -268,18 +194,11 @@ fn encrypt_delivers_over_tls_without_checking_the_certificate() {
     // Neither trusted nor issued for the host: encrypt does not care.
     let pki = TestPki::new(&["elsewhere.test"]);
     let dest = Destination::start_tls(&pki);
-    let s = Setup::start(
-        &[(LISTED, "127.0.0.1", dest.port)],
-        "tls_policy = \"encrypt\"\n",
-    );
+    let s = Setup::start(&[(LISTED, "127.0.0.1", dest.port)], "tls_policy = \"encrypt\"\n");
     s.send(&format!("e@{LISTED}"));
     assert!(dest.wait_for(1, WAIT)[0].tls);
     s.wait_queue_empty();
-    assert!(
-        s.relay.log().contains(":unverified, status=sent (250"),
-        "{}",
-        s.relay.log()
-    );
+    assert!(s.relay.log().contains(":unverified, status=sent (250"), "{}", s.relay.log());
     assert!(s.tls_count("encrypt", "tls") >= 1.0);
 }
 
@@ -288,14 +207,8 @@ fn verify_delivers_to_an_ip_literal_and_a_named_relay_host_with_the_ca_from_tls_
     let pki = TestPki::localhost();
     let dest = Destination::start_tls(&pki);
     let s = Setup::start(
-        &[
-            (LISTED, "127.0.0.1", dest.port),
-            (OTHER, "dest.test", dest.port),
-        ],
-        &format!(
-            "tls_policy = \"verify\"\ntls_ca_file = \"{}\"\n",
-            pki.ca.display()
-        ),
+        &[(LISTED, "127.0.0.1", dest.port), (OTHER, "dest.test", dest.port)],
+        &format!("tls_policy = \"verify\"\ntls_ca_file = \"{}\"\n", pki.ca.display()),
     );
     s.send(&format!("ip@{LISTED},name@{OTHER}"));
     let got = dest.wait_for(2, WAIT);
@@ -303,10 +216,7 @@ fn verify_delivers_to_an_ip_literal_and_a_named_relay_host_with_the_ca_from_tls_
     s.wait_queue_empty();
     let log = s.relay.log();
     for rcpt in [format!("ip@{LISTED}"), format!("name@{OTHER}")] {
-        let line = log
-            .lines()
-            .find(|l| l.contains(&format!("to=<{rcpt}>")))
-            .unwrap();
+        let line = log.lines().find(|l| l.contains(&format!("to=<{rcpt}>"))).unwrap();
         assert!(line.contains(":verified, status=sent (250"), "{line}");
     }
     assert!(log.contains("relay=dest.test[127.0.0.1]"), "{log}");
@@ -322,31 +232,16 @@ fn verify_defers_an_untrusted_certificate_and_one_for_another_name() {
     let misnamed = TestPki::new(&["elsewhere.test"]);
     let misnamed_dest = Destination::start_tls(&misnamed);
     let s = Setup::start(
-        &[
-            (LISTED, "127.0.0.1", untrusted_dest.port),
-            (OTHER, "127.0.0.1", misnamed_dest.port),
-        ],
-        &format!(
-            "tls_policy = \"verify\"\ntls_ca_file = \"{}\"\n",
-            misnamed.ca.display()
-        ),
+        &[(LISTED, "127.0.0.1", untrusted_dest.port), (OTHER, "127.0.0.1", misnamed_dest.port)],
+        &format!("tls_policy = \"verify\"\ntls_ca_file = \"{}\"\n", misnamed.ca.display()),
     );
     let a = s.send(&format!("a@{LISTED}"));
     let b = s.send(&format!("b@{OTHER}"));
-    assert_pending_with(
-        &s.wait_attempts(&a, 2),
-        "4.7.5 server certificate not verified for host 127.0.0.1[127.0.0.1]",
-    );
-    assert_pending_with(
-        &s.wait_attempts(&b, 2),
-        "4.7.5 server certificate not verified for host 127.0.0.1[127.0.0.1]",
-    );
+    assert_pending_with(&s.wait_attempts(&a, 2), "4.7.5 server certificate not verified for host 127.0.0.1[127.0.0.1]");
+    assert_pending_with(&s.wait_attempts(&b, 2), "4.7.5 server certificate not verified for host 127.0.0.1[127.0.0.1]");
     assert!(untrusted_dest.messages().is_empty() && misnamed_dest.messages().is_empty());
     let log = s.relay.log();
-    assert!(
-        !log.contains("status=bounced") && !log.contains("again in clear"),
-        "{log}"
-    );
+    assert!(!log.contains("status=bounced") && !log.contains("again in clear"), "{log}");
     assert!(s.tls_count("verify", "verify_failed") >= 4.0);
 }
 
@@ -354,10 +249,7 @@ fn verify_defers_an_untrusted_certificate_and_one_for_another_name() {
 fn verify_without_tls_ca_file_trusts_only_the_public_roots() {
     let pki = TestPki::localhost();
     let dest = Destination::start_tls(&pki);
-    let s = Setup::start(
-        &[(LISTED, "127.0.0.1", dest.port)],
-        "tls_policy = \"verify\"\n",
-    );
+    let s = Setup::start(&[(LISTED, "127.0.0.1", dest.port)], "tls_policy = \"verify\"\n");
     let id = s.send(&format!("v@{LISTED}"));
     assert_pending_with(
         &s.wait_attempts(&id, 2),
@@ -375,18 +267,8 @@ fn a_bad_tls_setting_is_refused_at_start_naming_the_key() {
         .env("MXRELAY_DELIVERY_TLS_CA_FILE", "/nonexistent/ca.pem")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("delivery.tls_policy: \"secure\" is not a TLS security level"),
-        "{text}"
-    );
-    assert!(
-        text.contains("delivery.tls_ca_file: cannot read /nonexistent/ca.pem"),
-        "{text}"
-    );
+    assert!(text.contains("delivery.tls_policy: \"secure\" is not a TLS security level"), "{text}");
+    assert!(text.contains("delivery.tls_ca_file: cannot read /nonexistent/ca.pem"), "{text}");
 }

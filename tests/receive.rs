@@ -39,7 +39,8 @@ fn listed_domain_is_queued_byte_exact_with_our_received_header() {
 #[test]
 fn unlisted_domain_is_relay_access_denied() {
     let w = World::start();
-    let (_, out) = swaks(&w.relay.addr(), &["--from", SENDER, "--to", "test@other.example", "--helo", "client.example"]);
+    let (_, out) =
+        swaks(&w.relay.addr(), &["--from", SENDER, "--to", "test@other.example", "--helo", "client.example"]);
     assert!(out.contains("454 4.7.1 <test@other.example>: Relay access denied"), "{out}");
     assert!(w.queue().ready_ids().is_empty());
 }
@@ -90,9 +91,11 @@ fn helo_is_required() {
 #[test]
 fn sender_checks() {
     let w = World::start();
-    let (_, out) = swaks(&w.relay.addr(), &["--from", "user@localhost", "--to", "t@friet.pan", "--helo", "client.example"]);
+    let (_, out) =
+        swaks(&w.relay.addr(), &["--from", "user@localhost", "--to", "t@friet.pan", "--helo", "client.example"]);
     assert!(out.contains("504 5.5.2 <user@localhost>: Sender address rejected: need fully-qualified address"), "{out}");
-    let (_, out) = swaks(&w.relay.addr(), &["--from", "user@nx.example", "--to", "t@friet.pan", "--helo", "client.example"]);
+    let (_, out) =
+        swaks(&w.relay.addr(), &["--from", "user@nx.example", "--to", "t@friet.pan", "--helo", "client.example"]);
     assert!(out.contains("450 4.1.8 <user@nx.example>: Sender address rejected: Domain not found"), "{out}");
     let (_, out) = swaks(&w.relay.addr(), &["--from", SENDER, "--to", "t@friet.pan", "--helo", "bad_helo!"]);
     assert!(out.contains("501 5.5.2 <bad_helo!>: Helo command rejected: Invalid name"), "{out}");

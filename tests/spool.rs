@@ -14,7 +14,12 @@ fn envelope(id: &QueueId, rcpt: &str, size: usize) -> Envelope {
     Envelope {
         id: id.clone(),
         sender: "s@sender.example".into(),
-        recipients: vec![Recipient { address: rcpt.into(), domain: "friet.pan".into(), state: RecipientState::Pending, last_reply: None }],
+        recipients: vec![Recipient {
+            address: rcpt.into(),
+            domain: "friet.pan".into(),
+            state: RecipientState::Pending,
+            last_reply: None,
+        }],
         client_ip: "127.0.0.1".into(),
         client_name: "unknown".into(),
         helo: "client.example".into(),
@@ -120,7 +125,8 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     // Operator actions.
     let id3 = enqueue(&spool, &small).await;
     assert!(spool.admin(&id3, AdminAction::Hold).await.unwrap());
-    let state = |all: Vec<(Envelope, MessageState)>, id: &QueueId| all.into_iter().find(|(e, _)| &e.id == id).map(|(_, s)| s);
+    let state =
+        |all: Vec<(Envelope, MessageState)>, id: &QueueId| all.into_iter().find(|(e, _)| &e.id == id).map(|(_, s)| s);
     assert_eq!(state(spool.list().await.unwrap(), &id3), Some(MessageState::Held));
     assert_eq!(spool.stats(false).await.unwrap().held, 1);
     assert!(spool.admin(&id3, AdminAction::Release).await.unwrap());

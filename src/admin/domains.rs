@@ -133,7 +133,13 @@ pub fn table(rows: &[DomainRow]) -> String {
     let mut out = format!("{:<40} {:<40} {:>5} {}\n", "DOMAIN", "RELAY HOST", "PORT", "SCAN");
     for r in rows {
         let name = if r.display != r.domain { format!("{} ({})", r.domain, r.display) } else { r.domain.clone() };
-        out.push_str(&format!("{:<40} {:<40} {:>5} {}\n", name, r.relay_host, r.relay_port, if r.scan { "yes" } else { "no" }));
+        out.push_str(&format!(
+            "{:<40} {:<40} {:>5} {}\n",
+            name,
+            r.relay_host,
+            r.relay_port,
+            if r.scan { "yes" } else { "no" }
+        ));
     }
     out
 }
@@ -145,7 +151,10 @@ mod tests {
     #[test]
     fn validation_names_the_problem() {
         let r = validate("Bücher.Example", "[2001:db8::25]", "2525", true).unwrap();
-        assert_eq!((r.domain.as_str(), r.relay_host.as_str(), r.relay_port), ("xn--bcher-kva.example", "2001:db8::25", 2525));
+        assert_eq!(
+            (r.domain.as_str(), r.relay_host.as_str(), r.relay_port),
+            ("xn--bcher-kva.example", "2001:db8::25", 2525)
+        );
         assert_eq!(r.display, "bücher.example");
         assert!(validate("bad..name", "h.example", "25", true).unwrap_err().contains("domain"));
         assert!(validate("ok.example", "bad host!", "25", true).unwrap_err().contains("--relay-host"));
@@ -155,10 +164,13 @@ mod tests {
 
     #[test]
     fn csv_reports_every_bad_line() {
-        let rows = parse_csv("domain,relay_host,relay_port,scan\na.example,10.0.0.1,25\nb.example,mail.b.example,2525,0\n").unwrap();
+        let rows =
+            parse_csv("domain,relay_host,relay_port,scan\na.example,10.0.0.1,25\nb.example,mail.b.example,2525,0\n")
+                .unwrap();
         assert_eq!(rows.len(), 2);
         assert!(!rows[1].scan);
-        let errors = parse_csv("a.example,10.0.0.1\nb.example,h,99999\n# comment\nc.example,h.example,25,maybe").unwrap_err();
+        let errors =
+            parse_csv("a.example,10.0.0.1\nb.example,h,99999\n# comment\nc.example,h.example,25,maybe").unwrap_err();
         assert_eq!(errors.len(), 3);
         assert!(errors[0].starts_with("line 1") && errors[1].starts_with("line 2") && errors[2].starts_with("line 4"));
     }

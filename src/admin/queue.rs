@@ -1,7 +1,6 @@
 //! `mxrelay queue …`: queue commands that work from any node against the
 //! shared queue (more come with the operations issue).
 
-
 use crate::config::Config;
 use crate::delivery::FLUSH_LIMIT;
 use crate::delivery::route::Route;
@@ -55,7 +54,11 @@ pub fn stats_table(s: &QueueStats) -> String {
 
 /// `queue list`: messages, optionally only those with a pending recipient
 /// in `domain` and/or in `state` (active, deferred, held).
-pub async fn list(config: &Config, domain: Option<&str>, state: Option<&str>) -> anyhow::Result<Vec<(Envelope, MessageState)>> {
+pub async fn list(
+    config: &Config,
+    domain: Option<&str>,
+    state: Option<&str>,
+) -> anyhow::Result<Vec<(Envelope, MessageState)>> {
     if let Some(s) = state
         && !matches!(s, "active" | "deferred" | "held")
     {
@@ -99,12 +102,7 @@ pub async fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<(Enve
     let qid = QueueId::from(id.to_string());
     let lease = spool.locate(&qid).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
     let env = spool.envelope(&lease).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
-    let state = spool
-        .list()
-        .await?
-        .into_iter()
-        .find(|(e, _)| e.id == qid)
-        .map_or(MessageState::Active, |(_, s)| s);
+    let state = spool.list().await?.into_iter().find(|(e, _)| e.id == qid).map_or(MessageState::Active, |(_, s)| s);
     let content = if body {
         let mut all = Vec::with_capacity(env.size as usize);
         while (all.len() as u64) < env.size {

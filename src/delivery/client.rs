@@ -51,12 +51,9 @@ impl RemoteReply {
     /// The enhanced status code in the reply, or one derived from the class.
     pub fn enhanced(&self) -> String {
         let first = self.text.split_whitespace().next().unwrap_or("");
-        let looks_enhanced = first.split('.').count() == 3 && first.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        if looks_enhanced {
-            first.to_string()
-        } else {
-            format!("{}.0.0", self.code / 100)
-        }
+        let looks_enhanced = first.split('.').count() == 3
+            && first.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        if looks_enhanced { first.to_string() } else { format!("{}.0.0", self.code / 100) }
     }
 }
 
@@ -106,7 +103,10 @@ impl ClientError {
     /// STARTTLS was tried and did not give an encrypted session: the case
     /// where `may` tries the host again in clear.
     pub fn is_tls_failure(&self) -> bool {
-        matches!(self, ClientError::StartTlsRefused { .. } | ClientError::TlsHandshake { .. } | ClientError::TlsVerify { .. })
+        matches!(
+            self,
+            ClientError::StartTlsRefused { .. } | ClientError::TlsHandshake { .. } | ClientError::TlsVerify { .. }
+        )
     }
 
     /// The `result` label of `mxrelay_delivery_tls_total` for a TLS failure.
@@ -217,7 +217,12 @@ impl Connection {
     /// refused); then STARTTLS when `tls` asks for it: offered → the
     /// handshake and EHLO again; not offered → clear, or an error when TLS
     /// is required.
-    pub async fn open(target: &Target, helo: &str, timeouts: &Timeouts, tls: Option<&TlsRequest>) -> Result<Connection, ClientError> {
+    pub async fn open(
+        target: &Target,
+        helo: &str,
+        timeouts: &Timeouts,
+        tls: Option<&TlsRequest>,
+    ) -> Result<Connection, ClientError> {
         let stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(target.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ClientError::Connect(target.addr.to_string(), e.to_string())),
@@ -274,7 +279,10 @@ impl Connection {
         // Anything after the 220 came in clear before the handshake and
         // could have been injected on the way (RFC 3207 §6): no session.
         if !self.stream.buffer().is_empty() {
-            return Err(ClientError::TlsHandshake { host: peer, reason: "plaintext data after the 220 reply to STARTTLS".into() });
+            return Err(ClientError::TlsHandshake {
+                host: peer,
+                reason: "plaintext data after the 220 reply to STARTTLS".into(),
+            });
         }
         let Stream::Clear(tcp) = self.stream.into_inner() else {
             return Err(ClientError::Protocol("STARTTLS on a session that is already encrypted".into()));
@@ -282,7 +290,10 @@ impl Connection {
         let name = match server_name(&self.target.host) {
             Some(name) => name,
             None if request.verify => {
-                return Err(ClientError::TlsVerify { host: peer, reason: format!("{:?} is not a name a certificate can match", self.target.host) });
+                return Err(ClientError::TlsVerify {
+                    host: peer,
+                    reason: format!("{:?} is not a name a certificate can match", self.target.host),
+                });
             }
             // Not verified: the name only goes into SNI (never for an IP).
             None => self.target.addr.ip().into(),

@@ -55,9 +55,7 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
     let (qid, millis) = (clean(input.queue_id), input.now.timestamp_millis());
 
     let mut out = Lines::default();
-    out.line(&format!(
-        "From: Mail Delivery System <MAILER-DAEMON@{host}>"
-    ));
+    out.line(&format!("From: Mail Delivery System <MAILER-DAEMON@{host}>"));
     out.line(&format!("To: <{}>", clean(input.original_sender)));
     out.line("Subject: Undelivered Mail Returned to Sender");
     out.line(&format!("Date: {}", input.now.to_rfc2822()));
@@ -69,11 +67,7 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
     out.line(&format!("\tboundary=\"{boundary}\""));
     out.line("");
     out.line("This is a MIME-encapsulated message.");
-    let types = [
-        "text/plain; charset=us-ascii",
-        "message/delivery-status",
-        "text/rfc822-headers",
-    ];
+    let types = ["text/plain; charset=us-ascii", "message/delivery-status", "text/rfc822-headers"];
     let mut out = out.0.into_bytes();
     for (content_type, body) in types.iter().zip(parts) {
         let head = format!("\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\r\n");
@@ -115,10 +109,7 @@ fn explanation(input: &DsnInput<'_>, host: &str) -> Lines {
         let (address, diagnostic) = (clean(rcpt.address), clean(rcpt.diagnostic));
         text.line("");
         match rcpt.remote_mta {
-            Some(mta) => text.line(&format!(
-                "<{address}>: host {} said: {diagnostic}",
-                clean(mta)
-            )),
+            Some(mta) => text.line(&format!("<{address}>: host {} said: {diagnostic}", clean(mta))),
             None => text.line(&format!("<{address}>: {diagnostic}")),
         }
     }
@@ -130,25 +121,16 @@ fn delivery_status(input: &DsnInput<'_>, host: &str) -> Lines {
     let mut status = Lines::default();
     status.line(&format!("Reporting-MTA: dns; {host}"));
     status.line(&format!("X-Mxrelay-Queue-ID: {}", clean(input.queue_id)));
-    status.line(&format!(
-        "Arrival-Date: {}",
-        input.arrival_date.to_rfc2822()
-    ));
+    status.line(&format!("Arrival-Date: {}", input.arrival_date.to_rfc2822()));
     for rcpt in input.failed {
         status.line("");
         status.line(&format!("Final-Recipient: rfc822; {}", clean(rcpt.address)));
         status.line("Action: failed");
-        status.line(&format!(
-            "Status: {}",
-            status_code(rcpt.status, input.expired)
-        ));
+        status.line(&format!("Status: {}", status_code(rcpt.status, input.expired)));
         if let Some(mta) = rcpt.remote_mta {
             status.line(&format!("Remote-MTA: dns; {}", clean(mta)));
         }
-        status.line(&format!(
-            "Diagnostic-Code: smtp; {}",
-            clean(rcpt.diagnostic)
-        ));
+        status.line(&format!("Diagnostic-Code: smtp; {}", clean(rcpt.diagnostic)));
     }
     status
 }
@@ -193,10 +175,7 @@ fn boundary(queue_id: &str, host: &str, parts: &[&[u8]]) -> String {
         .collect();
     let mut boundary = base.clone();
     let mut n = 0;
-    while parts
-        .iter()
-        .any(|p| memchr::memmem::find(p, boundary.as_bytes()).is_some())
-    {
+    while parts.iter().any(|p| memchr::memmem::find(p, boundary.as_bytes()).is_some()) {
         n += 1;
         boundary = format!("{base}={n}");
     }
@@ -236,50 +215,28 @@ mod tests {
     }
 
     fn rcpt<'a>(address: &'a str, diagnostic: &'a str) -> FailedRecipient<'a> {
-        FailedRecipient {
-            address,
-            status: "5.1.1",
-            remote_mta: Some("mx.example.org"),
-            diagnostic,
-        }
+        FailedRecipient { address, status: "5.1.1", remote_mta: Some("mx.example.org"), diagnostic }
     }
 
     const HEADERS: &[u8] = b"From: alice@example.com\r\nSubject: hi\r\n";
 
     #[test]
     fn has_three_parts_and_closing_boundary() {
-        let out = render(
-            &[rcpt("bob@example.org", "550 5.1.1 no such user")],
-            HEADERS,
-            false,
-        );
+        let out = render(&[rcpt("bob@example.org", "550 5.1.1 no such user")], HEADERS, false);
         assert!(out.contains("To: <alice@example.com>\r\n"));
         assert!(out.contains("Auto-Submitted: auto-replied\r\n"));
         assert!(out.contains("boundary=\"Q1/relay.example.net\""));
-        for ct in [
-            "text/plain; charset=us-ascii",
-            "message/delivery-status",
-            "text/rfc822-headers",
-        ] {
-            assert!(out.contains(&format!(
-                "--Q1/relay.example.net\r\nContent-Type: {ct}\r\n\r\n"
-            )));
+        for ct in ["text/plain; charset=us-ascii", "message/delivery-status", "text/rfc822-headers"] {
+            assert!(out.contains(&format!("--Q1/relay.example.net\r\nContent-Type: {ct}\r\n\r\n")));
         }
         assert!(out.ends_with("\r\n--Q1/relay.example.net--\r\n"));
-        assert!(
-            out.contains("Reporting-MTA: dns; relay.example.net\r\nX-Mxrelay-Queue-ID: Q1\r\n")
-        );
+        assert!(out.contains("Reporting-MTA: dns; relay.example.net\r\nX-Mxrelay-Queue-ID: Q1\r\n"));
         assert!(out.contains("\r\n\r\nFrom: alice@example.com\r\nSubject: hi\r\n"));
     }
 
     #[test]
     fn one_status_group_per_recipient() {
-        let own = FailedRecipient {
-            address: "c@x.org",
-            status: "bogus",
-            remote_mta: None,
-            diagnostic: "no MX",
-        };
+        let own = FailedRecipient { address: "c@x.org", status: "bogus", remote_mta: None, diagnostic: "no MX" };
         let out = render(&[rcpt("b@x.org", "550 5.1.1 unknown"), own], HEADERS, false);
         assert!(out.contains(
             "\r\n\r\nFinal-Recipient: rfc822; b@x.org\r\nAction: failed\r\nStatus: 5.1.1\r\n\
@@ -294,19 +251,8 @@ mod tests {
 
     #[test]
     fn crlf_injection_is_neutralised() {
-        let out = render(
-            &[rcpt(
-                "b@x.org\r\nBcc: evil@x",
-                "550 no\r\nSubject: pwned\nX: y",
-            )],
-            HEADERS,
-            false,
-        );
-        assert!(
-            !out.contains("\r\nBcc:")
-                && !out.contains("\r\nSubject: pwned")
-                && !out.contains("\nX: y")
-        );
+        let out = render(&[rcpt("b@x.org\r\nBcc: evil@x", "550 no\r\nSubject: pwned\nX: y")], HEADERS, false);
+        assert!(!out.contains("\r\nBcc:") && !out.contains("\r\nSubject: pwned") && !out.contains("\nX: y"));
         assert!(out.contains("Final-Recipient: rfc822; b@x.org  Bcc: evil@x\r\n"));
     }
 
@@ -316,10 +262,7 @@ mod tests {
         let headers = format!("Subject: {long}\nX-Bare: lf\rcr\r\n\r\nbody");
         let out = render(&[rcpt("b@x.org", &long)], headers.as_bytes(), false);
         for line in out.split("\r\n") {
-            assert!(
-                line.len() <= MAX_LINE && !line.contains(['\r', '\n']),
-                "{line:.40}"
-            );
+            assert!(line.len() <= MAX_LINE && !line.contains(['\r', '\n']), "{line:.40}");
         }
         assert!(out.contains("X-Bare: lf cr\r\n") && !out.contains("body"));
     }
@@ -334,26 +277,16 @@ mod tests {
 
     #[test]
     fn boundary_avoids_content() {
-        let out = render(
-            &[rcpt("b@x.org", "550")],
-            b"X-Evil: --Q1/relay.example.net--\r\n",
-            false,
-        );
+        let out = render(&[rcpt("b@x.org", "550")], b"X-Evil: --Q1/relay.example.net--\r\n", false);
         assert!(out.contains("boundary=\"Q1/relay.example.net=1\""));
         assert!(out.ends_with("\r\n--Q1/relay.example.net=1--\r\n"));
     }
 
     #[test]
     fn expiry_is_explained() {
-        let expired = FailedRecipient {
-            status: "4.4.7",
-            remote_mta: None,
-            ..rcpt("b@x.org", "expired")
-        };
+        let expired = FailedRecipient { status: "4.4.7", remote_mta: None, ..rcpt("b@x.org", "expired") };
         let out = render(&[expired], HEADERS, true);
         assert!(out.contains("longest time allowed") && out.contains("Status: 4.4.7\r\n"));
-        assert!(
-            !render(&[rcpt("b@x.org", "550")], HEADERS, false).contains("longest time allowed")
-        );
+        assert!(!render(&[rcpt("b@x.org", "550")], HEADERS, false).contains("longest time allowed"));
     }
 }

@@ -51,9 +51,20 @@ const CONNECTION_CACHE_TIME: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 enum Fate {
     /// `tls`: the session's TLS state when it was encrypted.
-    Sent { reply: String, relay: String, tls: Option<String> },
-    Deferred { reason: String, relay: Option<String> },
-    Bounced { status: String, reason: String, relay: Option<String> },
+    Sent {
+        reply: String,
+        relay: String,
+        tls: Option<String>,
+    },
+    Deferred {
+        reason: String,
+        relay: Option<String>,
+    },
+    Bounced {
+        status: String,
+        reason: String,
+        relay: Option<String>,
+    },
 }
 
 impl Fate {
@@ -183,17 +194,28 @@ impl Delivery {
         }
         background.iter().for_each(|t| t.abort());
         tracing::info!(in_flight = tasks.len(), "delivery: stopping, letting deliveries finish");
-        let _ = tokio::time::timeout(self.config.delivery.stop_grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let _ =
+            tokio::time::timeout(self.config.delivery.stop_grace, async { while tasks.join_next().await.is_some() {} })
+                .await;
         tasks.abort_all();
-        let cached: Vec<Connection> = self.idle.lock().unwrap_or_else(|e| e.into_inner()).drain().flat_map(|(_, l)| l.into_iter().map(|(c, _)| c)).collect();
+        let cached: Vec<Connection> = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .flat_map(|(_, l)| l.into_iter().map(|(c, _)| c))
+            .collect();
         for conn in cached {
             conn.quit().await;
         }
-        let left: Vec<Lease> = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, l)| l).collect();
+        let left: Vec<Lease> =
+            self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, l)| l).collect();
         for lease in left {
             match self.spool.hand_back(&lease).await {
                 Ok(()) => tracing::info!(queue_id = %lease.id, "{}: handed back to the cluster", lease.id),
-                Err(e) => tracing::warn!(queue_id = %lease.id, error = %e, "hand back failed; another node takes it over after queue.lease"),
+                Err(e) => {
+                    tracing::warn!(queue_id = %lease.id, error = %e, "hand back failed; another node takes it over after queue.lease")
+                }
             }
         }
     }
@@ -256,7 +278,12 @@ impl Delivery {
 
     fn timeouts(&self) -> Timeouts {
         let d = &self.config.delivery;
-        Timeouts { connect: d.connect_timeout, greeting: d.greeting_timeout, command: d.command_timeout, data: d.data_timeout }
+        Timeouts {
+            connect: d.connect_timeout,
+            greeting: d.greeting_timeout,
+            command: d.command_timeout,
+            data: d.data_timeout,
+        }
     }
 
     /// One delivery attempt of one message, start to finish.
@@ -302,13 +329,17 @@ impl Delivery {
                 groups.entry((route.key(), level)).or_insert_with(|| (route, Vec::new())).1.push(i);
             }
         }
-        let all_destinations: Vec<String> = groups.keys().map(|(key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let all_destinations: Vec<String> =
+            groups.keys().map(|(key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         let mut fates: Vec<(usize, Fate)> = Vec::new();
         let mut recovered = Vec::new();
         for ((key, level), (route, idxs)) in &groups {
             if env.bounce_requested {
                 let reason = "bounced by the administrator (mxrelay queue bounce)".to_string();
-                fates.extend(idxs.iter().map(|i| (*i, Fate::Bounced { status: "5.0.0".into(), reason: reason.clone(), relay: None })));
+                fates.extend(
+                    idxs.iter()
+                        .map(|i| (*i, Fate::Bounced { status: "5.0.0".into(), reason: reason.clone(), relay: None })),
+                );
                 continue;
             }
             let slots = self.destination_slots(key);
@@ -329,9 +360,11 @@ impl Delivery {
         let mut pending_destinations = HashSet::new();
         for (i, fate) in fates {
             let fate = match fate {
-                Fate::Deferred { reason, relay } if expired => {
-                    Fate::Bounced { status: "4.4.7".into(), reason: format!("message expired after {}s in the queue: {reason}", age.as_secs()), relay }
-                }
+                Fate::Deferred { reason, relay } if expired => Fate::Bounced {
+                    status: "4.4.7".into(),
+                    reason: format!("message expired after {}s in the queue: {reason}", age.as_secs()),
+                    relay,
+                },
                 f => f,
             };
             let r = &mut env.recipients[i];
@@ -369,7 +402,9 @@ impl Delivery {
             let known = self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             if had_deferred || known {
                 match self.spool.release(&key, self.config.delivery.destination_concurrency).await {
-                    Ok(n) if n > 0 => tracing::info!(destination = %key, released = n, "destination accepts mail again: releasing its deferred messages"),
+                    Ok(n) if n > 0 => {
+                        tracing::info!(destination = %key, released = n, "destination accepts mail again: releasing its deferred messages")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(destination = %key, error = %e, "fast drain release failed"),
                 }
@@ -397,7 +432,14 @@ impl Delivery {
     }
 
     /// Delivers to one destination; one fate per recipient index.
-    async fn attempt_route(&self, route: &Route, level: TlsPolicy, env: &Envelope, lease: &Lease, idxs: &[usize]) -> Vec<Fate> {
+    async fn attempt_route(
+        &self,
+        route: &Route,
+        level: TlsPolicy,
+        env: &Envelope,
+        lease: &Lease,
+        idxs: &[usize],
+    ) -> Vec<Fate> {
         let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();
         let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
         let key = session_key(&route.key(), level);
@@ -440,7 +482,12 @@ impl Delivery {
                 match &conn.tls {
                     Some(tls) => {
                         count("tls");
-                        tracing::info!("TLS session established to {}[{}]:{}: {tls}", target.host, target.addr.ip(), target.addr.port());
+                        tracing::info!(
+                            "TLS session established to {}[{}]:{}: {tls}",
+                            target.host,
+                            target.addr.ip(),
+                            target.addr.port()
+                        );
                     }
                     None => count("clear"),
                 }
@@ -453,7 +500,12 @@ impl Delivery {
                 if level != TlsPolicy::May || !e.is_tls_failure() {
                     return Err(e);
                 }
-                tracing::info!("{e}; trying {}[{}]:{} again in clear (tls_policy may)", target.host, target.addr.ip(), target.addr.port());
+                tracing::info!(
+                    "{e}; trying {}[{}]:{} again in clear (tls_policy may)",
+                    target.host,
+                    target.addr.ip(),
+                    target.addr.port()
+                );
                 let conn = Connection::open(target, helo, &timeouts, None).await?;
                 count("fallback_clear");
                 Ok(conn)
@@ -463,7 +515,14 @@ impl Delivery {
 
     /// One transaction on an open session; the session goes back to the
     /// cache when it ended cleanly.
-    async fn transact(&self, mut conn: Connection, key: &str, env: &Envelope, lease: &Lease, rcpts: &[String]) -> Vec<Fate> {
+    async fn transact(
+        &self,
+        mut conn: Connection,
+        key: &str,
+        env: &Envelope,
+        lease: &Lease,
+        rcpts: &[String],
+    ) -> Vec<Fate> {
         let target = conn.target.clone();
         let relay = format!("{}[{}]:{}", target.host, target.addr.ip(), target.addr.port());
         let tls = conn.tls.as_ref().map(|t| t.to_string());
@@ -493,7 +552,9 @@ impl Delivery {
         };
         let fates = match conn.send(env, rcpts, &mut body).await {
             Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref())),
-            Ok(Outcome::Replies(replies)) => replies.iter().map(|r| Fate::from_reply(r, &relay, tls.as_deref())).collect(),
+            Ok(Outcome::Replies(replies)) => {
+                replies.iter().map(|r| Fate::from_reply(r, &relay, tls.as_deref())).collect()
+            }
             Err(e) => {
                 METRICS.delivery_attempts.with_label_values(&["session_error"]).inc();
                 return all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) });
@@ -584,7 +645,13 @@ impl Delivery {
 
     /// Queues one DSN to the sender for the bounced recipients. Never for
     /// the null sender.
-    async fn bounce(&self, lease: &Lease, env: &Envelope, bounced: &[(usize, Fate)], expired: bool) -> Result<(), SpoolError> {
+    async fn bounce(
+        &self,
+        lease: &Lease,
+        env: &Envelope,
+        bounced: &[(usize, Fate)],
+        expired: bool,
+    ) -> Result<(), SpoolError> {
         if env.sender.is_empty() {
             tracing::info!(queue_id = %env.id, "{}: not bouncing a message from the null sender", env.id);
             return Ok(());

@@ -65,7 +65,10 @@ impl Route {
                     Mx::Hosts(h) => h,
                     Mx::None => vec![domain.clone()],
                     Mx::Null => {
-                        return Err(RouteError::Permanent("5.1.10", format!("{domain} does not accept mail (null MX)")));
+                        return Err(RouteError::Permanent(
+                            "5.1.10",
+                            format!("{domain} does not accept mail (null MX)"),
+                        ));
                     }
                     Mx::NoDomain => {
                         return Err(RouteError::Permanent("5.1.2", format!("Host or domain name not found: {domain}")));
@@ -75,14 +78,18 @@ impl Route {
                 let mut failure = None;
                 for host in hosts {
                     match dns.addresses(&host).await {
-                        Ok(ips) => targets.extend(ips.into_iter().map(|ip| Target { host: host.clone(), addr: SocketAddr::new(ip, 25) })),
+                        Ok(ips) => targets.extend(
+                            ips.into_iter().map(|ip| Target { host: host.clone(), addr: SocketAddr::new(ip, 25) }),
+                        ),
                         Err(e) => failure = Some(e.to_string()),
                     }
                 }
                 match (targets.is_empty(), failure) {
                     (false, _) => Ok(targets),
                     (true, Some(e)) => Err(RouteError::Temporary(e)),
-                    (true, None) => Err(RouteError::Permanent("5.1.2", format!("no address for the mail exchangers of {domain}"))),
+                    (true, None) => {
+                        Err(RouteError::Permanent("5.1.2", format!("no address for the mail exchangers of {domain}")))
+                    }
                 }
             }
         }

@@ -37,17 +37,10 @@ pub enum TlsPolicy {
 }
 
 impl TlsPolicy {
-    pub const ALL: [TlsPolicy; 4] = [
-        TlsPolicy::None,
-        TlsPolicy::May,
-        TlsPolicy::Encrypt,
-        TlsPolicy::Verify,
-    ];
+    pub const ALL: [TlsPolicy; 4] = [TlsPolicy::None, TlsPolicy::May, TlsPolicy::Encrypt, TlsPolicy::Verify];
 
     pub fn parse(s: &str) -> Option<TlsPolicy> {
-        TlsPolicy::ALL
-            .into_iter()
-            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
+        TlsPolicy::ALL.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -96,11 +89,7 @@ pub struct TlsPolicies {
 impl TlsPolicies {
     /// One level for every domain.
     pub fn uniform(level: TlsPolicy) -> TlsPolicies {
-        TlsPolicies {
-            default: level,
-            exact: BTreeMap::new(),
-            subdomains: BTreeMap::new(),
-        }
+        TlsPolicies { default: level, exact: BTreeMap::new(), subdomains: BTreeMap::new() }
     }
 
     /// From the `delivery.tls_policy*` keys, or every problem in them.
@@ -144,11 +133,7 @@ impl TlsPolicies {
                 });
             }
         }
-        if problems.is_empty() {
-            Ok(policies)
-        } else {
-            Err(problems)
-        }
+        if problems.is_empty() { Ok(policies) } else { Err(problems) }
     }
 
     /// The level for mail to `domain` (a recipient domain, A-label).
@@ -176,11 +161,7 @@ pub fn deserialize_policy_map<'de, D>(deserializer: D) -> Result<BTreeMap<String
 where
     D: serde::Deserializer<'de>,
 {
-    fn flatten(
-        prefix: &str,
-        value: toml::Value,
-        out: &mut BTreeMap<String, String>,
-    ) -> Result<(), String> {
+    fn flatten(prefix: &str, value: toml::Value, out: &mut BTreeMap<String, String>) -> Result<(), String> {
         match value {
             toml::Value::String(level) => {
                 out.insert(prefix.to_string(), level);
@@ -208,9 +189,7 @@ where
 /// The trust anchors of `verify`: webpki-roots (Mozilla's list) plus every
 /// certificate in `ca_file` (PEM) when it is set.
 pub fn trust_anchors(ca_file: &str) -> Result<RootCertStore, Problem> {
-    let mut roots = RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
+    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if ca_file.trim().is_empty() {
         return Ok(roots);
     }
@@ -219,16 +198,11 @@ pub fn trust_anchors(ca_file: &str) -> Result<RootCertStore, Problem> {
         problem,
         fix: "point it at a readable PEM file with one or more CA certificates, or leave it empty",
     };
-    let text =
-        std::fs::read(ca_file).map_err(|e| problem(format!("cannot read {ca_file}: {e}")))?;
+    let text = std::fs::read(ca_file).map_err(|e| problem(format!("cannot read {ca_file}: {e}")))?;
     let mut added = 0;
     for cert in CertificateDer::pem_slice_iter(&text) {
         let cert = cert.map_err(|e| problem(format!("{ca_file} is not valid PEM: {e}")))?;
-        roots.add(cert).map_err(|e| {
-            problem(format!(
-                "a certificate in {ca_file} is not a usable CA: {e}"
-            ))
-        })?;
+        roots.add(cert).map_err(|e| problem(format!("a certificate in {ca_file} is not a usable CA: {e}")))?;
         added += 1;
     }
     if added == 0 {
@@ -248,8 +222,7 @@ pub struct TlsClient {
 impl TlsClient {
     pub fn new(roots: RootCertStore) -> Result<TlsClient, rustls::Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let versions: &[&rustls::SupportedProtocolVersion] =
-            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
         let verified = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)?
             .with_root_certificates(roots)
@@ -259,10 +232,7 @@ impl TlsClient {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(SignaturesOnly { provider }))
             .with_no_client_auth();
-        Ok(TlsClient {
-            verified: Arc::new(verified),
-            unverified: Arc::new(unverified),
-        })
+        Ok(TlsClient { verified: Arc::new(verified), unverified: Arc::new(unverified) })
     }
 
     /// What a session to a domain with `level` asks of STARTTLS; `None`
@@ -270,21 +240,9 @@ impl TlsClient {
     pub fn request(&self, level: TlsPolicy) -> Option<TlsRequest> {
         match level {
             TlsPolicy::None => None,
-            TlsPolicy::May => Some(TlsRequest {
-                config: self.unverified.clone(),
-                required: false,
-                verify: false,
-            }),
-            TlsPolicy::Encrypt => Some(TlsRequest {
-                config: self.unverified.clone(),
-                required: true,
-                verify: false,
-            }),
-            TlsPolicy::Verify => Some(TlsRequest {
-                config: self.verified.clone(),
-                required: true,
-                verify: true,
-            }),
+            TlsPolicy::May => Some(TlsRequest { config: self.unverified.clone(), required: false, verify: false }),
+            TlsPolicy::Encrypt => Some(TlsRequest { config: self.unverified.clone(), required: true, verify: false }),
+            TlsPolicy::Verify => Some(TlsRequest { config: self.verified.clone(), required: true, verify: true }),
         }
     }
 }
@@ -302,10 +260,7 @@ pub struct TlsRequest {
 /// The name the certificate must match: the relay host or MX host name we
 /// connected to, or its IP address when it is an IP literal.
 pub fn server_name(host: &str) -> Option<ServerName<'static>> {
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.');
+    let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Some(ServerName::IpAddress(ip.into()));
     }
@@ -339,12 +294,7 @@ impl ServerCertVerifier for SignaturesOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -353,18 +303,11 @@ impl ServerCertVerifier for SignaturesOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -375,10 +318,7 @@ mod tests {
     fn config(default: &str, map: &[(&str, &str)]) -> DeliveryConfig {
         DeliveryConfig {
             tls_policy: default.into(),
-            tls_policy_map: map
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            tls_policy_map: map.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..DeliveryConfig::default()
         }
     }
@@ -412,18 +352,10 @@ mod tests {
     fn a_leading_dot_matches_subdomains_and_the_nearest_parent_wins() {
         let p = TlsPolicies::from_config(&config(
             "none",
-            &[
-                (".example.com", "encrypt"),
-                (".secure.example.com", "verify"),
-                ("example.com", "may"),
-            ],
+            &[(".example.com", "encrypt"), (".secure.example.com", "verify"), ("example.com", "may")],
         ))
         .unwrap();
-        assert_eq!(
-            p.for_domain("example.com"),
-            TlsPolicy::May,
-            "the dot form does not match the domain itself"
-        );
+        assert_eq!(p.for_domain("example.com"), TlsPolicy::May, "the dot form does not match the domain itself");
         assert_eq!(p.for_domain("a.example.com"), TlsPolicy::Encrypt);
         assert_eq!(p.for_domain("a.b.example.com"), TlsPolicy::Encrypt);
         assert_eq!(p.for_domain("secure.example.com"), TlsPolicy::Encrypt);
@@ -433,22 +365,16 @@ mod tests {
 
     #[test]
     fn an_exact_key_beats_a_parent() {
-        let p = TlsPolicies::from_config(&config(
-            "may",
-            &[(".example.com", "verify"), ("legacy.example.com", "none")],
-        ))
-        .unwrap();
+        let p = TlsPolicies::from_config(&config("may", &[(".example.com", "verify"), ("legacy.example.com", "none")]))
+            .unwrap();
         assert_eq!(p.for_domain("legacy.example.com"), TlsPolicy::None);
         assert_eq!(p.for_domain("new.example.com"), TlsPolicy::Verify);
     }
 
     #[test]
     fn keys_are_normalised_to_lower_case_a_labels() {
-        let p = TlsPolicies::from_config(&config(
-            "may",
-            &[("Bücher.Example", "encrypt"), (".MX.TEST", "none")],
-        ))
-        .unwrap();
+        let p =
+            TlsPolicies::from_config(&config("may", &[("Bücher.Example", "encrypt"), (".MX.TEST", "none")])).unwrap();
         assert_eq!(p.for_domain("xn--bcher-kva.example"), TlsPolicy::Encrypt);
         assert_eq!(p.for_domain("a.mx.test"), TlsPolicy::None);
     }
@@ -457,42 +383,23 @@ mod tests {
     fn problems_name_the_key() {
         let e = TlsPolicies::from_config(&config(
             "secure",
-            &[
-                ("example.com", "always"),
-                ("bad domain", "may"),
-                ("..x", "may"),
-                ("A.test", "may"),
-                ("a.test", "none"),
-            ],
+            &[("example.com", "always"), ("bad domain", "may"), ("..x", "may"), ("A.test", "may"), ("a.test", "none")],
         ))
         .unwrap_err();
         let keys: Vec<_> = e.iter().map(|p| p.key).collect();
         assert_eq!(keys[0], "delivery.tls_policy");
-        assert!(
-            keys[1..].iter().all(|k| *k == "delivery.tls_policy_map"),
-            "{e:?}"
-        );
+        assert!(keys[1..].iter().all(|k| *k == "delivery.tls_policy_map"), "{e:?}");
         assert_eq!(e.len(), 5, "{e:?}");
-        assert!(
-            e.iter().any(|p| p.problem.contains("listed twice")),
-            "{e:?}"
-        );
+        assert!(e.iter().any(|p| p.problem.contains("listed twice")), "{e:?}");
     }
 
     #[test]
     fn map_keys_may_be_written_with_or_without_quotes() {
         let text = "[delivery]\ntls_policy_map = { example.com = \"verify\", \".example.net\" = \"none\", \"a.test\" = \"may\" }\n";
         let c: crate::config::Config = toml::from_str(text).unwrap();
-        let keys: Vec<_> = c
-            .delivery
-            .tls_policy_map
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let keys: Vec<_> = c.delivery.tls_policy_map.keys().map(String::as_str).collect();
         assert_eq!(keys, [".example.net", "a.test", "example.com"]);
-        let e =
-            toml::from_str::<crate::config::Config>("[delivery.tls_policy_map]\n\"x.test\" = 1\n")
-                .unwrap_err();
+        let e = toml::from_str::<crate::config::Config>("[delivery.tls_policy_map]\n\"x.test\" = 1\n").unwrap_err();
         assert!(e.message().contains("must be a string"), "{e}");
     }
 
@@ -502,26 +409,16 @@ mod tests {
         c.domains.url = "sqlite://x.db".into();
         c.queue.url = "sqlite://x.db".into();
         assert!(c.resolve().is_ok());
-        c.delivery
-            .tls_policy_map
-            .insert("example.com".into(), "sometimes".into());
+        c.delivery.tls_policy_map.insert("example.com".into(), "sometimes".into());
         c.delivery.tls_ca_file = "/nonexistent/ca.pem".into();
-        let keys: Vec<String> = c
-            .resolve()
-            .unwrap_err()
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
+        let keys: Vec<String> = c.resolve().unwrap_err().into_iter().map(|e| e.key).collect();
         assert_eq!(keys, ["delivery.tls_policy_map", "delivery.tls_ca_file"]);
     }
 
     #[test]
     fn ca_file_problems_name_the_key() {
         assert!(trust_anchors("").is_ok());
-        assert_eq!(
-            trust_anchors("/nonexistent/ca.pem").unwrap_err().key,
-            "delivery.tls_ca_file"
-        );
+        assert_eq!(trust_anchors("/nonexistent/ca.pem").unwrap_err().key, "delivery.tls_ca_file");
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "no certificates here\n").unwrap();
@@ -531,18 +428,9 @@ mod tests {
 
     #[test]
     fn server_names_for_hosts_and_ip_literals() {
-        assert!(matches!(
-            server_name("mx.example.com"),
-            Some(ServerName::DnsName(_))
-        ));
-        assert!(matches!(
-            server_name("127.0.0.1"),
-            Some(ServerName::IpAddress(_))
-        ));
-        assert!(matches!(
-            server_name("[::1]"),
-            Some(ServerName::IpAddress(_))
-        ));
+        assert!(matches!(server_name("mx.example.com"), Some(ServerName::DnsName(_))));
+        assert!(matches!(server_name("127.0.0.1"), Some(ServerName::IpAddress(_))));
+        assert!(matches!(server_name("[::1]"), Some(ServerName::IpAddress(_))));
         assert!(server_name("not a name").is_none());
     }
 

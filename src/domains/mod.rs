@@ -227,7 +227,12 @@ mod tests {
 
     #[test]
     fn snapshot_normalises_and_skips_bad_rows() {
-        let s = Snapshot::build(vec![raw("Friet.PAN", 25), raw("bücher.example", 2525), raw("bad..name", 25), raw("ok.example", 70000)]);
+        let s = Snapshot::build(vec![
+            raw("Friet.PAN", 25),
+            raw("bücher.example", 2525),
+            raw("bad..name", 25),
+            raw("ok.example", 70000),
+        ]);
         assert_eq!(s.len(), 2);
         let r = &s.routes["friet.pan"];
         assert_eq!((r.relay_host.as_str(), r.relay_port, r.scan), ("192.0.2.1", 25, true));

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use sqlx::Row;
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
 use super::{DomainError, DomainStore, RawDomain};
 

@@ -5,9 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{DomainError, DomainStore, RawDomain};
 
@@ -19,9 +17,7 @@ pub struct SqliteDomains {
 
 /// Creates the directory of the database file `url` names, if missing.
 pub fn ensure_dir(url: &str) -> std::io::Result<()> {
-    let path = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:");
+    let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
     let path = path.split('?').next().unwrap_or(path);
     match std::path::Path::new(path).parent() {
         Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir),
@@ -32,18 +28,15 @@ pub fn ensure_dir(url: &str) -> std::io::Result<()> {
 impl SqliteDomains {
     /// Opens (creating when absent) the database at `url` (`sqlite://path`).
     pub fn connect(url: &str) -> Result<SqliteDomains, DomainError> {
-        ensure_dir(url).map_err(|e| {
-            DomainError::Unavailable(format!("cannot create the data directory for {url}: {e}"))
-        })?;
+        ensure_dir(url)
+            .map_err(|e| DomainError::Unavailable(format!("cannot create the data directory for {url}: {e}")))?;
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| DomainError::Unavailable(e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_lazy_with(options);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_lazy_with(options);
         Ok(SqliteDomains { pool })
     }
 
@@ -59,19 +52,14 @@ fn unavailable(e: sqlx::Error) -> DomainError {
 #[async_trait::async_trait]
 impl DomainStore for SqliteDomains {
     async fn migrate(&self) -> Result<(), DomainError> {
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| DomainError::Migration(e.to_string()))
+        MIGRATOR.run(&self.pool).await.map_err(|e| DomainError::Migration(e.to_string()))
     }
 
     async fn load(&self) -> Result<Vec<RawDomain>, DomainError> {
-        let rows = sqlx::query(
-            "SELECT domain, relay_host, relay_port, enable_virus_spam_scan FROM domains",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let rows = sqlx::query("SELECT domain, relay_host, relay_port, enable_virus_spam_scan FROM domains")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
         rows.iter()
             .map(|r| {
                 Ok(RawDomain {

@@ -125,9 +125,8 @@ impl Policy {
             return Ok(());
         }
         // defer_unauth_destination: only listed domains, no routing tricks.
-        let denied = || {
-            (Reply::new(454, "4.7.1", format!("<{}>: Relay access denied", rcpt.raw)), RcptResult::RelayDenied)
-        };
+        let denied =
+            || (Reply::new(454, "4.7.1", format!("<{}>: Relay access denied", rcpt.raw)), RcptResult::RelayDenied);
         if rcpt.has_routing() {
             return Err(denied());
         }
@@ -150,7 +149,11 @@ impl Policy {
         sender_verdict().await?;
         if !rcpt.is_fqdn() {
             return Err((
-                Reply::new(504, "5.5.2", format!("<{}>: Recipient address rejected: need fully-qualified address", rcpt.raw)),
+                Reply::new(
+                    504,
+                    "5.5.2",
+                    format!("<{}>: Recipient address rejected: need fully-qualified address", rcpt.raw),
+                ),
                 RcptResult::NonFqdn,
             ));
         }
@@ -173,7 +176,11 @@ impl Policy {
             Err(e) => {
                 tracing::warn!(domain = name, error = %e, "DNS lookup failed; deferring");
                 Err((
-                    Reply::new(451, "4.4.3", format!("<{}>: {role} address rejected: Temporary DNS lookup failure", m.raw)),
+                    Reply::new(
+                        451,
+                        "4.4.3",
+                        format!("<{}>: {role} address rejected: Temporary DNS lookup failure", m.raw),
+                    ),
                     RcptResult::Tempfail,
                 ))
             }

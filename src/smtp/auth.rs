@@ -112,15 +112,9 @@ mod tests {
     #[test]
     fn plain_with_and_without_authzid() {
         let c = decode_plain(&b64(b"\0alice\0s3cret")).unwrap();
-        assert_eq!(
-            (c.username.as_str(), c.password.as_str()),
-            ("alice", "s3cret")
-        );
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3cret"));
         assert!(decode_plain(&b64(b"alice\0alice\0pw")).is_ok());
-        assert_eq!(
-            decode_plain(&b64(b"bob\0alice\0pw")),
-            Err(SaslError::Authzid)
-        );
+        assert_eq!(decode_plain(&b64(b"bob\0alice\0pw")), Err(SaslError::Authzid));
     }
 
     #[test]

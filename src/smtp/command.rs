@@ -77,45 +77,25 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     };
     let verb = verb.to_ascii_uppercase();
     let no_args = |cmd: Command, usage: &'static str| {
-        if rest.is_empty() {
-            Ok(cmd)
-        } else {
-            Err(CommandError::Syntax(usage))
-        }
+        if rest.is_empty() { Ok(cmd) } else { Err(CommandError::Syntax(usage)) }
     };
     match verb.as_str() {
         "HELO" | "EHLO" => {
             if rest.is_empty() || rest.contains(char::is_whitespace) && verb == "HELO" {
-                return Err(CommandError::Syntax(if verb == "HELO" {
-                    "HELO hostname"
-                } else {
-                    "EHLO hostname"
-                }));
+                return Err(CommandError::Syntax(if verb == "HELO" { "HELO hostname" } else { "EHLO hostname" }));
             }
             // EHLO may carry trailing junk some clients send; keep the first word.
-            let name = rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            Ok(if verb == "HELO" {
-                Command::Helo(name)
-            } else {
-                Command::Ehlo(name)
-            })
+            let name = rest.split_whitespace().next().unwrap_or_default().to_string();
+            Ok(if verb == "HELO" { Command::Helo(name) } else { Command::Ehlo(name) })
         }
         "MAIL" => {
-            let arg =
-                strip_keyword(rest, "FROM:").ok_or(CommandError::Syntax("MAIL FROM:<address>"))?;
-            let (path, params) =
-                split_path(arg).ok_or(CommandError::Syntax("MAIL FROM:<address>"))?;
+            let arg = strip_keyword(rest, "FROM:").ok_or(CommandError::Syntax("MAIL FROM:<address>"))?;
+            let (path, params) = split_path(arg).ok_or(CommandError::Syntax("MAIL FROM:<address>"))?;
             Ok(Command::Mail { path, params })
         }
         "RCPT" => {
-            let arg =
-                strip_keyword(rest, "TO:").ok_or(CommandError::Syntax("RCPT TO:<address>"))?;
-            let (path, params) =
-                split_path(arg).ok_or(CommandError::Syntax("RCPT TO:<address>"))?;
+            let arg = strip_keyword(rest, "TO:").ok_or(CommandError::Syntax("RCPT TO:<address>"))?;
+            let (path, params) = split_path(arg).ok_or(CommandError::Syntax("RCPT TO:<address>"))?;
             Ok(Command::Rcpt { path, params })
         }
         "DATA" => no_args(Command::Data, "DATA"),
@@ -145,21 +125,14 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "STARTTLS" => no_args(Command::StartTls, "STARTTLS"),
         "AUTH" => {
             let mut words = rest.split_whitespace();
-            let mechanism = words
-                .next()
-                .ok_or(CommandError::Syntax("AUTH mechanism [initial-response]"))?;
+            let mechanism = words.next().ok_or(CommandError::Syntax("AUTH mechanism [initial-response]"))?;
             let initial = words.next().map(str::to_string);
             if words.next().is_some() {
                 return Err(CommandError::Syntax("AUTH mechanism [initial-response]"));
             }
-            Ok(Command::Auth {
-                mechanism: mechanism.to_ascii_uppercase(),
-                initial,
-            })
+            Ok(Command::Auth { mechanism: mechanism.to_ascii_uppercase(), initial })
         }
-        "ETRN" if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
-            Ok(Command::Etrn(rest.to_string()))
-        }
+        "ETRN" if !rest.is_empty() && !rest.contains(char::is_whitespace) => Ok(Command::Etrn(rest.to_string())),
         "ETRN" => Err(CommandError::Syntax("ETRN domain")),
         _ => Ok(Command::Unknown(verb)),
     }
@@ -225,35 +198,17 @@ mod tests {
             parse(b"MAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME").unwrap(),
             Command::Mail {
                 path: "<a@b.example>".into(),
-                params: vec![
-                    ("SIZE".into(), Some("100".into())),
-                    ("BODY".into(), Some("8BITMIME".into()))
-                ]
+                params: vec![("SIZE".into(), Some("100".into())), ("BODY".into(), Some("8BITMIME".into()))]
             }
         );
         assert_eq!(
             parse(b"rcpt to: <\"x y>\"@b.example>").unwrap(),
-            Command::Rcpt {
-                path: "<\"x y>\"@b.example>".into(),
-                params: vec![]
-            }
+            Command::Rcpt { path: "<\"x y>\"@b.example>".into(), params: vec![] }
         );
-        assert_eq!(
-            parse(b"BDAT 100 LAST").unwrap(),
-            Command::Bdat {
-                size: 100,
-                last: true
-            }
-        );
+        assert_eq!(parse(b"BDAT 100 LAST").unwrap(), Command::Bdat { size: 100, last: true });
         assert!(parse(b"BDAT -1").is_err());
         assert!(parse(b"BDAT 99999999999999999999999").is_err());
-        assert_eq!(
-            parse(b"MAIL FROM:<>").unwrap(),
-            Command::Mail {
-                path: "<>".into(),
-                params: vec![]
-            }
-        );
+        assert_eq!(parse(b"MAIL FROM:<>").unwrap(), Command::Mail { path: "<>".into(), params: vec![] });
         assert!(parse(b"MAIL TO:<a@b>").is_err());
     }
 

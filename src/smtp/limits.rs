@@ -82,9 +82,7 @@ impl Anvil {
     pub fn count(&self, ip: IpAddr, event: Event, window: Duration) -> u32 {
         let now = Instant::now();
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&ip)
-            .filter(|w| now.duration_since(w.started) < window)
-            .map_or(0, |w| w.counts[event as usize])
+        map.get(&ip).filter(|w| now.duration_since(w.started) < window).map_or(0, |w| w.counts[event as usize])
     }
 
     fn hit_at(&self, ip: IpAddr, event: Event, limit: u32, window: Duration, now: Instant) -> bool {
@@ -95,15 +93,9 @@ impl Anvil {
                 return true;
             }
         }
-        let w = map.entry(ip).or_insert(Window {
-            started: now,
-            counts: [0; 4],
-        });
+        let w = map.entry(ip).or_insert(Window { started: now, counts: [0; 4] });
         if now.duration_since(w.started) >= window {
-            *w = Window {
-                started: now,
-                counts: [0; 4],
-            };
+            *w = Window { started: now, counts: [0; 4] };
         }
         let n = &mut w.counts[event as usize];
         *n = n.saturating_add(1);
@@ -137,10 +129,7 @@ mod tests {
     fn zero_means_unlimited() {
         let anvil = Anvil::default();
         assert!((0..1000).all(|_| anvil.hit(IP, Event::Connection, 0, Duration::from_secs(60))));
-        assert_eq!(
-            anvil.count(IP, Event::Connection, Duration::from_secs(60)),
-            1000
-        );
+        assert_eq!(anvil.count(IP, Event::Connection, Duration::from_secs(60)), 1000);
     }
 
     #[test]

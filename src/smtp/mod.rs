@@ -48,9 +48,7 @@ impl DebugPeers {
         for e in entries {
             match crate::config::parse_network(e) {
                 Some(net) => peers.nets.push(net),
-                None => peers
-                    .names
-                    .push(e.trim().trim_end_matches('.').to_ascii_lowercase()),
+                None => peers.names.push(e.trim().trim_end_matches('.').to_ascii_lowercase()),
             }
         }
         peers
@@ -59,10 +57,7 @@ impl DebugPeers {
     pub fn matches(&self, ip: IpAddr, name: &str) -> bool {
         let name = name.to_ascii_lowercase();
         self.nets.iter().any(|n| n.contains(&ip))
-            || self
-                .names
-                .iter()
-                .any(|n| name == *n || name.ends_with(&format!(".{n}")))
+            || self.names.iter().any(|n| name == *n || name.ends_with(&format!(".{n}")))
     }
 }
 
@@ -114,22 +109,13 @@ pub async fn serve(
         let permit = shared.sessions.clone().try_acquire_owned();
         tasks.spawn(async move {
             let Ok(_permit) = permit else {
-                return refuse(
-                    stream,
-                    peer.ip(),
-                    "node_limit",
-                    "Error: too many connections",
-                )
-                .await;
+                return refuse(stream, peer.ip(), "node_limit", "Error: too many connections").await;
             };
             connection(stream, peer, kind, shared, config, peers).await;
         });
     }
     drop(listener);
-    tracing::info!(
-        open = tasks.len(),
-        "SMTP listener closed; waiting for open sessions"
-    );
+    tracing::info!(open = tasks.len(), "SMTP listener closed; waiting for open sessions");
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
 }
@@ -144,12 +130,7 @@ impl Peers {
     fn new(config: &Config) -> Peers {
         Peers {
             debug: DebugPeers::new(&config.debug_peer_list),
-            proxies: config
-                .smtp
-                .proxy_networks
-                .iter()
-                .filter_map(|n| crate::config::parse_network(n))
-                .collect(),
+            proxies: config.smtp.proxy_networks.iter().filter_map(|n| crate::config::parse_network(n)).collect(),
         }
     }
 }
@@ -168,28 +149,14 @@ async fn connection(
     let mut proxy_guard = false;
     if config.smtp.proxy_protocol {
         if peers.proxies.iter().any(|n| n.contains(&ip)) {
-            match proxy::read_header(
-                &mut stream,
-                config.smtp.command_timeout.min(PROXY_HEADER_TIMEOUT),
-            )
-            .await
-            {
+            match proxy::read_header(&mut stream, config.smtp.command_timeout.min(PROXY_HEADER_TIMEOUT)).await {
                 Ok(proxy::Proxied::Client(addr)) => {
-                    METRICS
-                        .smtp_proxy_headers
-                        .with_label_values(&["accepted"])
-                        .inc();
+                    METRICS.smtp_proxy_headers.with_label_values(&["accepted"]).inc();
                     ip = canonical(addr.ip());
                 }
-                Ok(proxy::Proxied::Local) => METRICS
-                    .smtp_proxy_headers
-                    .with_label_values(&["local"])
-                    .inc(),
+                Ok(proxy::Proxied::Local) => METRICS.smtp_proxy_headers.with_label_values(&["local"]).inc(),
                 Err(e) => {
-                    METRICS
-                        .smtp_proxy_headers
-                        .with_label_values(&["invalid"])
-                        .inc();
+                    METRICS.smtp_proxy_headers.with_label_values(&["invalid"]).inc();
                     tracing::warn!(balancer = %peer.ip(), error = %e, "PROXY protocol: connection dropped");
                     return;
                 }
@@ -207,94 +174,45 @@ async fn connection(
             tracing::error!(client = %ip, "implicit TLS connection but no certificate is loaded");
             return;
         };
-        match stream
-            .handshake(&acceptor, config.tls.handshake_timeout)
-            .await
-        {
+        match stream.handshake(&acceptor, config.tls.handshake_timeout).await {
             Ok((s, info)) => {
                 METRICS.smtp_tls_handshakes.with_label_values(&["ok"]).inc();
                 stream = s;
                 tls = Some(info);
             }
             Err(e) => {
-                METRICS
-                    .smtp_tls_handshakes
-                    .with_label_values(&["failed"])
-                    .inc();
+                METRICS.smtp_tls_handshakes.with_label_values(&["failed"]).inc();
                 tracing::info!(client = %ip, "TLS handshake failed on the implicit-TLS listener: {e}");
                 return;
             }
         }
     }
     let trusted = shared.policy.is_mynetworks(ip);
-    if !trusted
-        && !shared.anvil.hit(
-            ip,
-            Event::Connection,
-            config.smtp.connection_rate_limit,
-            config.smtp.rate_window,
-        )
+    if !trusted && !shared.anvil.hit(ip, Event::Connection, config.smtp.connection_rate_limit, config.smtp.rate_window)
     {
-        METRICS
-            .smtp_limit_hits
-            .with_label_values(&["connection_rate"])
-            .inc();
-        return refuse(
-            stream,
-            ip,
-            "rate_limit",
-            &format!("Error: too many connections from {ip}"),
-        )
-        .await;
+        METRICS.smtp_limit_hits.with_label_values(&["connection_rate"]).inc();
+        return refuse(stream, ip, "rate_limit", &format!("Error: too many connections from {ip}")).await;
     }
     let limit = (!trusted).then_some(config.smtp.max_connections_per_ip);
     let Some(_slot) = shared.per_ip.try_take(ip, limit) else {
-        METRICS
-            .smtp_limit_hits
-            .with_label_values(&["connections_per_ip"])
-            .inc();
-        return refuse(
-            stream,
-            ip,
-            "ip_limit",
-            &format!("Error: too many connections from {ip}"),
-        )
-        .await;
+        METRICS.smtp_limit_hits.with_label_values(&["connections_per_ip"]).inc();
+        return refuse(stream, ip, "ip_limit", &format!("Error: too many connections from {ip}")).await;
     };
     let name = if config.smtp.peername_lookup {
-        shared
-            .policy
-            .dns
-            .reverse_name(ip)
-            .await
-            .unwrap_or_else(|| "unknown".into())
+        shared.policy.dns.reverse_name(ip).await.unwrap_or_else(|| "unknown".into())
     } else {
         "unknown".into()
     };
-    let client = ClientInfo {
-        ip,
-        debug: peers.debug.matches(ip, &name),
-        name,
-        proxy_guard,
-    };
+    let client = ClientInfo { ip, debug: peers.debug.matches(ip, &name), name, proxy_guard };
     tracing::info!("connect from {}[{}]", client.name, client.ip);
     if let Some(info) = &tls {
-        tracing::info!(
-            "TLS connection established from {}[{}]: {info}",
-            client.name,
-            client.ip
-        );
+        tracing::info!("TLS connection established from {}[{}]: {info}", client.name, client.ip);
     }
     METRICS.smtp_connections_active.inc();
     let label = format!("{}[{}]", client.name, client.ip);
-    let outcome = Session::new(stream, client, shared.clone(), tls)
-        .run()
-        .await;
+    let outcome = Session::new(stream, client, shared.clone(), tls).run().await;
     METRICS.smtp_connections_active.dec();
-    METRICS
-        .smtp_sessions
-        .with_label_values(&[outcome.label()])
-        .inc();
+    METRICS.smtp_sessions.with_label_values(&[outcome.label()]).inc();
     tracing::info!("disconnect from {label} ({})", outcome.label());
 }
 
@@ -305,16 +223,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(
-    mut stream: S,
-    ip: IpAddr,
-    reason: &'static str,
-    text: &str,
-) {
-    METRICS
-        .smtp_connections_refused
-        .with_label_values(&[reason])
-        .inc();
+async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, ip: IpAddr, reason: &'static str, text: &str) {
+    METRICS.smtp_connections_refused.with_label_values(&[reason]).inc();
     tracing::warn!(client = %ip, reason, "connection refused: {text}");
     let reply = Reply::new(421, "4.7.0", text);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {

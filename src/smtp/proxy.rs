@@ -64,10 +64,9 @@ pub fn parse(header: &[u8]) -> Result<Proxied, ProxyError> {
             (v2::Command::Proxy, v2::Addresses::IPv6(a)) => {
                 Ok(Proxied::Client((a.source_address, a.source_port).into()))
             }
-            (v2::Command::Proxy, other) => Err(ProxyError::Invalid(format!(
-                "unsupported address family {:?}",
-                other.address_family()
-            ))),
+            (v2::Command::Proxy, other) => {
+                Err(ProxyError::Invalid(format!("unsupported address family {:?}", other.address_family())))
+            }
         },
         HeaderResult::V1(Err(e)) => Err(ProxyError::Invalid(format!("v1: {e}"))),
         HeaderResult::V2(Err(e)) => Err(ProxyError::Invalid(format!("v2: {e}"))),
@@ -76,9 +75,8 @@ pub fn parse(header: &[u8]) -> Result<Proxied, ProxyError> {
 
 /// Reads exactly one header from `stream` within `timeout`.
 pub async fn read_header(stream: &mut TcpStream, timeout: Duration) -> Result<Proxied, ProxyError> {
-    let header = tokio::time::timeout(timeout, read_bytes(stream))
-        .await
-        .map_err(|_| ProxyError::Timeout(timeout))??;
+    let header =
+        tokio::time::timeout(timeout, read_bytes(stream)).await.map_err(|_| ProxyError::Timeout(timeout))??;
     parse(&header)
 }
 
@@ -90,9 +88,7 @@ async fn read_bytes(stream: &mut TcpStream) -> Result<Vec<u8>, ProxyError> {
         // v1: a text line; byte by byte so nothing after CRLF is consumed.
         while header.last() != Some(&b'\n') {
             if header.len() >= V1_LIMIT {
-                return Err(ProxyError::Invalid(format!(
-                    "v1 header longer than {V1_LIMIT} bytes"
-                )));
+                return Err(ProxyError::Invalid(format!("v1 header longer than {V1_LIMIT} bytes")));
             }
             header.push(stream.read_u8().await.map_err(closed)?);
         }
@@ -105,18 +101,13 @@ async fn read_bytes(stream: &mut TcpStream) -> Result<Vec<u8>, ProxyError> {
         }
         let len = u16::from_be_bytes([header[14], header[15]]) as usize;
         if 16 + len > V2_LIMIT {
-            return Err(ProxyError::Invalid(format!(
-                "v2 header of {} bytes is over {V2_LIMIT}",
-                16 + len
-            )));
+            return Err(ProxyError::Invalid(format!("v2 header of {} bytes is over {V2_LIMIT}", 16 + len)));
         }
         header.resize(16 + len, 0);
         stream.read_exact(&mut header[16..]).await.map_err(closed)?;
         Ok(header)
     } else {
-        Err(ProxyError::Invalid(
-            "no PROXY header where one was expected".into(),
-        ))
+        Err(ProxyError::Invalid("no PROXY header where one was expected".into()))
     }
 }
 
@@ -150,10 +141,7 @@ mod tests {
     #[test]
     fn v2_proxy_and_local() {
         let addrs = [192, 0, 2, 9, 127, 0, 0, 1, 0x9c, 0x40, 0, 25];
-        assert_eq!(
-            parse(&v2(1, 0x11, &addrs)),
-            Ok(Proxied::Client("192.0.2.9:40000".parse().unwrap()))
-        );
+        assert_eq!(parse(&v2(1, 0x11, &addrs)), Ok(Proxied::Client("192.0.2.9:40000".parse().unwrap())));
         assert_eq!(parse(&v2(0, 0x00, &[])), Ok(Proxied::Local));
         assert!(parse(&v2(1, 0x11, &addrs[..4])).is_err());
     }

@@ -55,12 +55,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
-        config: Config,
-        policy: Policy,
-        spool: Arc<dyn Spool>,
-        users: Arc<dyn UserStore>,
-    ) -> Shared {
+    pub fn new(config: Config, policy: Policy, spool: Arc<dyn Spool>, users: Arc<dyn UserStore>) -> Shared {
         let shared = Shared {
             sessions: Arc::new(tokio::sync::Semaphore::new(config.smtp.max_connections)),
             config: std::sync::RwLock::new(Arc::new(config.clone())),
@@ -76,10 +71,7 @@ impl Shared {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Installs a new configuration for sessions that start from now on.
@@ -181,10 +173,7 @@ struct Conn<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn flush(&mut self) -> Result<(), ReadError> {
         if !self.out.is_empty() {
-            self.stream
-                .write_all(&self.out)
-                .await
-                .map_err(|_| ReadError::Io)?;
+            self.stream.write_all(&self.out).await.map_err(|_| ReadError::Io)?;
             self.stream.flush().await.map_err(|_| ReadError::Io)?;
             self.out.clear();
         }
@@ -332,20 +321,10 @@ enum Flow {
 }
 
 impl Session {
-    pub fn new(
-        stream: SmtpStream,
-        client: ClientInfo,
-        shared: Arc<Shared>,
-        tls: Option<TlsInfo>,
-    ) -> Session {
+    pub fn new(stream: SmtpStream, client: ClientInfo, shared: Arc<Shared>, tls: Option<TlsInfo>) -> Session {
         let debug = client.debug;
         Session {
-            conn: Conn {
-                stream,
-                inbuf: BytesMut::with_capacity(4096),
-                out: Vec::new(),
-                debug,
-            },
+            conn: Conn { stream, inbuf: BytesMut::with_capacity(4096), out: Vec::new(), debug },
             config: shared.config(),
             shared,
             client,
@@ -384,14 +363,8 @@ impl Session {
                 }
             }
             if super::proxy::looks_like_header(&self.conn.inbuf) {
-                METRICS
-                    .smtp_proxy_headers
-                    .with_label_values(&["untrusted"])
-                    .inc();
-                METRICS
-                    .smtp_connections_refused
-                    .with_label_values(&["proxy_untrusted"])
-                    .inc();
+                METRICS.smtp_proxy_headers.with_label_values(&["untrusted"]).inc();
+                METRICS.smtp_connections_refused.with_label_values(&["proxy_untrusted"]).inc();
                 tracing::warn!(client = %self.peer(), "PROXY header from an address not in smtp.proxy_networks: refused");
                 self.conn.queue(&Reply::new(
                     421,
@@ -402,16 +375,9 @@ impl Session {
             }
         }
         if early {
-            METRICS
-                .smtp_connections_refused
-                .with_label_values(&["early_talker"])
-                .inc();
+            METRICS.smtp_connections_refused.with_label_values(&["early_talker"]).inc();
             tracing::info!(client = %self.peer(), "reject: early talker (sent before the greeting)");
-            self.conn.queue(&Reply::new(
-                554,
-                "5.5.1",
-                "Error: SMTP protocol synchronization",
-            ));
+            self.conn.queue(&Reply::new(554, "5.5.1", "Error: SMTP protocol synchronization"));
             return Outcome::EarlyTalker;
         }
         if !greeted {
@@ -469,11 +435,7 @@ impl Session {
     }
 
     fn greet(&mut self) {
-        let greeting = Reply::new(
-            220,
-            "",
-            format!("{} ESMTP mxrelay", self.config().myhostname),
-        );
+        let greeting = Reply::new(220, "", format!("{} ESMTP mxrelay", self.config().myhostname));
         self.conn.queue(&greeting);
     }
 
@@ -482,10 +444,7 @@ impl Session {
             ReadError::Timeout => {
                 if !self.conn.inbuf.is_empty() || during != "command" {
                     // Input was trickling in, not idle: a slow client.
-                    METRICS
-                        .smtp_limit_hits
-                        .with_label_values(&["slow_client"])
-                        .inc();
+                    METRICS.smtp_limit_hits.with_label_values(&["slow_client"]).inc();
                 }
                 tracing::info!(client = %self.peer(), "timeout after {during}");
                 self.conn.queue(&Reply::timeout(&self.config.myhostname));
@@ -525,9 +484,7 @@ impl Session {
     /// STARTTLS is advertised and accepted: a certificate is loaded, this
     /// session is not in TLS yet, and the level is not `none`.
     fn starttls_offered(&self) -> bool {
-        self.tls.is_none()
-            && self.config().tls.security_level != "none"
-            && self.shared.tls_acceptor().is_some()
+        self.tls.is_none() && self.config().tls.security_level != "none" && self.shared.tls_acceptor().is_some()
     }
 
     /// AUTH is advertised: enabled, and inside TLS unless `auth.tls_only` is off.
@@ -537,11 +494,7 @@ impl Session {
     }
 
     fn log_reject(&self, stage: &str, reply: &Reply, to: Option<&str>) {
-        let from = self
-            .tx
-            .as_ref()
-            .map(|t| t.sender.to_string())
-            .unwrap_or_default();
+        let from = self.tx.as_ref().map(|t| t.sender.to_string()).unwrap_or_default();
         tracing::info!(
             "NOQUEUE: reject: {stage} from {}: {}; from=<{from}> to=<{}> proto={} helo=<{}>",
             self.peer(),
@@ -556,11 +509,7 @@ impl Session {
     /// it: input already waiting behind this command means it did not wait.
     fn unauth_pipelining(&mut self) -> bool {
         if !self.esmtp && !self.conn.inbuf.is_empty() {
-            let reply = Reply::new(
-                503,
-                "5.5.0",
-                "Error: improper use of SMTP command pipelining",
-            );
+            let reply = Reply::new(503, "5.5.0", "Error: improper use of SMTP command pipelining");
             self.log_reject("pipelining", &reply, None);
             self.reply(reply);
             return true;
@@ -569,16 +518,9 @@ impl Session {
     }
 
     async fn command(&mut self, cmd: Command) -> Flow {
-        if self.bdat.is_some()
-            && !matches!(
-                cmd,
-                Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop
-            )
-        {
+        if self.bdat.is_some() && !matches!(cmd, Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop) {
             // RFC 3030 §2: only BDAT may follow BDAT until LAST.
-            self.reply(Reply::bad_sequence(
-                "only BDAT, RSET, NOOP or QUIT may follow a non-LAST BDAT",
-            ));
+            self.reply(Reply::bad_sequence("only BDAT, RSET, NOOP or QUIT may follow a non-LAST BDAT"));
             return Flow::Continue;
         }
         let exempt = matches!(
@@ -593,11 +535,7 @@ impl Session {
         );
         if !exempt && self.tls.is_none() && self.config().tls.security_level == "encrypt" {
             // smtpd_tls_security_level = encrypt
-            self.reply(Reply::new(
-                530,
-                "5.7.0",
-                "Must issue a STARTTLS command first",
-            ));
+            self.reply(Reply::new(530, "5.7.0", "Must issue a STARTTLS command first"));
             return Flow::Continue;
         }
         match cmd {
@@ -621,9 +559,7 @@ impl Session {
                 if self.auth_offered() {
                     lines.push(format!("AUTH {}", auth::MECHANISMS));
                 }
-                lines.extend(
-                    ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"].map(String::from),
-                );
+                lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"].map(String::from));
                 self.reply(Reply::multi(250, "", lines));
             }
             Command::Helo(name) => {
@@ -665,9 +601,7 @@ impl Session {
                 return self.authenticate(&mechanism, initial).await;
             }
             Command::Etrn(node) => self.etrn(&node).await,
-            Command::Unknown(_) => {
-                self.reply(Reply::new(502, "5.5.2", "Error: command not recognized"))
-            }
+            Command::Unknown(_) => self.reply(Reply::new(502, "5.5.2", "Error: command not recognized")),
         }
         Flow::Continue
     }
@@ -682,47 +616,21 @@ impl Session {
             return self.reply(Reply::bad_sequence("MAIL transaction in progress"));
         }
         if !self.shared.policy.is_mynetworks(self.client.ip) {
-            return self.reply(Reply::new(
-                459,
-                "4.7.1",
-                format!("<{node}>: ETRN is only accepted from mynetworks"),
-            ));
+            return self.reply(Reply::new(459, "4.7.1", format!("<{node}>: ETRN is only accepted from mynetworks")));
         }
         let Some(domain) = address::normalise_domain(node.trim_start_matches(['@', '#'])) else {
-            return self.reply(Reply::new(
-                458,
-                "4.5.1",
-                format!("Unable to queue messages for node <{node}>"),
-            ));
+            return self.reply(Reply::new(458, "4.5.1", format!("Unable to queue messages for node <{node}>")));
         };
-        let key =
-            crate::delivery::route::Route::for_domain(&domain, &self.shared.policy.domains).key();
-        match self
-            .shared
-            .spool
-            .release(&key, crate::delivery::FLUSH_LIMIT)
-            .await
-        {
-            Ok(0) => self.reply(Reply::new(
-                251,
-                "2.0.0",
-                format!("OK, no messages waiting for node <{domain}>"),
-            )),
+        let key = crate::delivery::route::Route::for_domain(&domain, &self.shared.policy.domains).key();
+        match self.shared.spool.release(&key, crate::delivery::FLUSH_LIMIT).await {
+            Ok(0) => self.reply(Reply::new(251, "2.0.0", format!("OK, no messages waiting for node <{domain}>"))),
             Ok(n) => {
                 tracing::info!(client = %self.peer(), domain = %domain, released = n, "ETRN: queue flushed");
-                self.reply(Reply::new(
-                    253,
-                    "2.0.0",
-                    format!("OK, {n} pending messages for node <{domain}> started"),
-                ))
+                self.reply(Reply::new(253, "2.0.0", format!("OK, {n} pending messages for node <{domain}> started")))
             }
             Err(e) => {
                 tracing::error!(error = %e, "ETRN: queue unavailable");
-                self.reply(Reply::new(
-                    458,
-                    "4.3.0",
-                    format!("Unable to queue messages for node <{domain}>"),
-                ))
+                self.reply(Reply::new(458, "4.3.0", format!("Unable to queue messages for node <{domain}>")))
             }
         }
     }
@@ -733,10 +641,7 @@ impl Session {
         if limit == 0 || self.shared.policy.is_mynetworks(self.client.ip) {
             return true;
         }
-        let ok =
-            self.shared
-                .anvil
-                .hit(self.client.ip, event, limit, self.config().smtp.rate_window);
+        let ok = self.shared.anvil.hit(self.client.ip, event, limit, self.config().smtp.rate_window);
         if !ok {
             let name = match event {
                 Event::Connection => "connection_rate",
@@ -758,11 +663,7 @@ impl Session {
             self.reply(Reply::new(554, "5.5.1", "Error: TLS already active"));
             return Flow::Continue;
         }
-        let Some(acceptor) = self
-            .shared
-            .tls_acceptor()
-            .filter(|_| self.starttls_offered())
-        else {
+        let Some(acceptor) = self.shared.tls_acceptor().filter(|_| self.starttls_offered()) else {
             self.reply(Reply::new(502, "5.5.1", "Error: command not implemented"));
             return Flow::Continue;
         };
@@ -778,16 +679,12 @@ impl Session {
             tracing::warn!(client = %self.peer(), bytes = self.conn.inbuf.len(), "input pipelined after STARTTLS discarded (CVE-2011-0411)");
             self.conn.inbuf.clear();
         }
-        self.conn
-            .queue(&Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.conn.queue(&Reply::new(220, "2.0.0", "Ready to start TLS"));
         if self.conn.flush().await.is_err() {
             return Flow::Close(Outcome::IoError);
         }
         let stream = std::mem::replace(&mut self.conn.stream, SmtpStream::Detached);
-        match stream
-            .handshake(&acceptor, self.config().tls.handshake_timeout)
-            .await
-        {
+        match stream.handshake(&acceptor, self.config().tls.handshake_timeout).await {
             Ok((stream, info)) => {
                 METRICS.smtp_tls_handshakes.with_label_values(&["ok"]).inc();
                 tracing::info!("TLS connection established from {}: {info}", self.peer());
@@ -800,10 +697,7 @@ impl Session {
                 Flow::Continue
             }
             Err(e) => {
-                METRICS
-                    .smtp_tls_handshakes
-                    .with_label_values(&["failed"])
-                    .inc();
+                METRICS.smtp_tls_handshakes.with_label_values(&["failed"]).inc();
                 tracing::info!(client = %self.peer(), "STARTTLS handshake failed: {e}");
                 Flow::Close(Outcome::TlsFailed)
             }
@@ -814,19 +708,11 @@ impl Session {
     async fn authenticate(&mut self, mechanism: &str, initial: Option<String>) -> Flow {
         let c = self.config.clone();
         if !c.auth.enabled {
-            self.reply(Reply::new(
-                503,
-                "5.5.1",
-                "Error: authentication not enabled",
-            ));
+            self.reply(Reply::new(503, "5.5.1", "Error: authentication not enabled"));
             return Flow::Continue;
         }
         if self.tls.is_none() && c.auth.tls_only {
-            self.reply(Reply::new(
-                538,
-                "5.7.11",
-                "Encryption required for requested authentication mechanism",
-            ));
+            self.reply(Reply::new(538, "5.7.11", "Encryption required for requested authentication mechanism"));
             return Flow::Continue;
         }
         if !self.esmtp {
@@ -842,31 +728,18 @@ impl Session {
             return Flow::Continue;
         }
         let Some(mech) = Mechanism::parse(mechanism) else {
-            self.reply(Reply::new(
-                504,
-                "5.5.4",
-                "Error: unsupported authentication mechanism",
-            ));
+            self.reply(Reply::new(504, "5.5.4", "Error: unsupported authentication mechanism"));
             return Flow::Continue;
         };
-        let failures =
-            self.shared
-                .anvil
-                .count(self.client.ip, Event::AuthFailure, c.smtp.rate_window);
+        let failures = self.shared.anvil.count(self.client.ip, Event::AuthFailure, c.smtp.rate_window);
         if c.smtp.auth_failure_limit > 0 && failures >= c.smtp.auth_failure_limit {
-            METRICS
-                .smtp_limit_hits
-                .with_label_values(&["auth_failures"])
-                .inc();
+            METRICS.smtp_limit_hits.with_label_values(&["auth_failures"]).inc();
             METRICS.smtp_auth.with_label_values(&["rate_limited"]).inc();
             tracing::warn!(client = %self.peer(), failures, "AUTH refused: too many failed attempts from this address");
             self.conn.queue(&Reply::new(
                 421,
                 "4.7.0",
-                format!(
-                    "{} Error: too many failed AUTH attempts from {}",
-                    c.myhostname, self.client.ip
-                ),
+                format!("{} Error: too many failed AUTH attempts from {}", c.myhostname, self.client.ip),
             ));
             return Flow::Close(Outcome::Refused);
         }
@@ -875,36 +748,23 @@ impl Session {
             Ok(Err(e)) => {
                 METRICS
                     .smtp_auth
-                    .with_label_values(&[if e == SaslError::Cancelled {
-                        "aborted"
-                    } else {
-                        "malformed"
-                    }])
+                    .with_label_values(&[if e == SaslError::Cancelled { "aborted" } else { "malformed" }])
                     .inc();
                 self.reply(e.reply());
                 return Flow::Continue;
             }
             Err(e) => return Flow::Close(self.read_failed(e, "AUTH")),
         };
-        match crate::users::verify(self.shared.users.as_ref(), &credentials.username, &credentials.password)
-            .await
-        {
+        match crate::users::verify(self.shared.users.as_ref(), &credentials.username, &credentials.password).await {
             Ok(true) => {
                 METRICS.smtp_auth.with_label_values(&["success"]).inc();
-                tracing::info!(
-                    "{}: sasl_method={}, sasl_username={}",
-                    self.peer(),
-                    mech.name(),
-                    credentials.username
-                );
+                tracing::info!("{}: sasl_method={}, sasl_username={}", self.peer(), mech.name(), credentials.username);
                 self.auth = Some((credentials.username, mech));
                 self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
             }
             Ok(false) => {
                 METRICS.smtp_auth.with_label_values(&["failure"]).inc();
-                self.shared
-                    .anvil
-                    .hit(self.client.ip, Event::AuthFailure, 0, c.smtp.rate_window);
+                self.shared.anvil.hit(self.client.ip, Event::AuthFailure, 0, c.smtp.rate_window);
                 tracing::warn!(
                     "{}: SASL {} authentication failed, sasl_username={:?}",
                     self.peer(),
@@ -958,10 +818,7 @@ impl Session {
         self.conn.queue(&Reply::new(334, "", challenge));
         // Never log the answer: it carries the password.
         let debug = std::mem::replace(&mut self.conn.debug, false);
-        let line = self
-            .conn
-            .read_line(self.config().smtp.command_timeout)
-            .await;
+        let line = self.conn.read_line(self.config().smtp.command_timeout).await;
         self.conn.debug = debug;
         match line? {
             Line::Command(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
@@ -1004,104 +861,70 @@ impl Session {
                         return self.reply(Reply::new(501, "5.5.4", "Bad message size syntax"));
                     }
                 },
-                ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("8BITMIME") => {
-                    eight_bit = true
-                }
+                ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("8BITMIME") => eight_bit = true,
                 ("BODY", Some(v)) if self.esmtp && v.eq_ignore_ascii_case("7BIT") => {}
                 ("SMTPUTF8", None) if self.esmtp => smtputf8 = true,
                 // RFC 4954 §5: the original submitter; accepted, not trusted.
                 ("AUTH", Some(_)) if self.esmtp => {}
                 _ => {
-                    return self.reply(Reply::new(
-                        555,
-                        "5.5.4",
-                        format!("Unsupported option: {key}"),
-                    ));
+                    return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}")));
                 }
             }
         }
         if !self.within_rate(Event::Message, self.config().smtp.message_rate_limit) {
-            let reply = Reply::new(
-                450,
-                "4.7.1",
-                format!("Error: too much mail from {}", self.client.ip),
-            );
+            let reply = Reply::new(450, "4.7.1", format!("Error: too much mail from {}", self.client.ip));
             self.log_reject("MAIL", &reply, None);
             return self.reply(reply);
         }
-        let sender =
-            match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
-                Ok(p) => p,
-                Err(e) => {
-                    let reply = address_reply(e, path, "5.1.7", "sender");
-                    self.log_reject("MAIL", &reply, None);
-                    return self.reply(reply);
-                }
-            };
-        self.tx = Some(Transaction {
-            sender,
-            smtputf8,
-            eight_bit,
-            recipients: Vec::new(),
-            sender_verdict: None,
-        });
+        let sender = match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
+            Ok(p) => p,
+            Err(e) => {
+                let reply = address_reply(e, path, "5.1.7", "sender");
+                self.log_reject("MAIL", &reply, None);
+                return self.reply(reply);
+            }
+        };
+        self.tx = Some(Transaction { sender, smtputf8, eight_bit, recipients: Vec::new(), sender_verdict: None });
         self.reply(Reply::new(250, "2.1.0", "Ok"));
     }
 
     async fn rcpt(&mut self, path: &str, params: &[(String, Option<String>)]) {
-        let Some((count, smtputf8)) = self.tx.as_ref().map(|t| (t.recipients.len(), t.smtputf8))
-        else {
+        let Some((count, smtputf8)) = self.tx.as_ref().map(|t| (t.recipients.len(), t.smtputf8)) else {
             return self.reply(Reply::bad_sequence("need MAIL command"));
         };
         if self.unauth_pipelining() {
             return;
         }
         if let Some((key, _)) = params.first() {
-            return self.reply(Reply::new(
-                555,
-                "5.5.4",
-                format!("Unsupported option: {key}"),
-            ));
+            return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}")));
         }
         if count >= self.config().smtpd_recipient_limit {
             METRICS.smtp_rcpt.with_label_values(&["too_many"]).inc();
             return self.reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
         }
-        let mailbox =
-            match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
-                Ok(Path::Mailbox(m)) => m,
-                Ok(Path::Null) => {
-                    return self.reply(Reply::new(501, "5.1.3", "Bad recipient address syntax"));
-                }
-                Err(e) => {
-                    let reply = if e == AddressError::SourceRoute {
-                        METRICS
-                            .smtp_rcpt
-                            .with_label_values(&[RcptResult::RelayDenied.label()])
-                            .inc();
-                        Reply::new(454, "4.7.1", format!("{path}: Relay access denied"))
-                    } else {
-                        METRICS.smtp_rcpt.with_label_values(&["syntax"]).inc();
-                        address_reply(e, path, "5.1.3", "recipient")
-                    };
-                    self.log_reject("RCPT", &reply, Some(path));
-                    return self.reply(reply);
-                }
-            };
+        let mailbox = match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
+            Ok(Path::Mailbox(m)) => m,
+            Ok(Path::Null) => {
+                return self.reply(Reply::new(501, "5.1.3", "Bad recipient address syntax"));
+            }
+            Err(e) => {
+                let reply = if e == AddressError::SourceRoute {
+                    METRICS.smtp_rcpt.with_label_values(&[RcptResult::RelayDenied.label()]).inc();
+                    Reply::new(454, "4.7.1", format!("{path}: Relay access denied"))
+                } else {
+                    METRICS.smtp_rcpt.with_label_values(&["syntax"]).inc();
+                    address_reply(e, path, "5.1.3", "recipient")
+                };
+                self.log_reject("RCPT", &reply, Some(path));
+                return self.reply(reply);
+            }
+        };
         if !self.within_rate(Event::Recipient, self.config().smtp.recipient_rate_limit) {
-            let reply = Reply::new(
-                450,
-                "4.7.1",
-                format!("Error: too many recipients from {}", self.client.ip),
-            );
+            let reply = Reply::new(450, "4.7.1", format!("Error: too many recipients from {}", self.client.ip));
             self.log_reject("RCPT", &reply, Some(path));
             return self.reply(reply);
         }
-        let client = Client {
-            ip: self.client.ip,
-            helo: self.helo.clone(),
-            authenticated: self.auth.is_some(),
-        };
+        let client = Client { ip: self.client.ip, helo: self.helo.clone(), authenticated: self.auth.is_some() };
         let shared = self.shared.clone();
         let tx = self.tx.as_mut().expect("checked above");
         let cached = tx.sender_verdict.clone();
@@ -1123,10 +946,7 @@ impl Session {
         }
         match verdict {
             Ok(()) => {
-                METRICS
-                    .smtp_rcpt
-                    .with_label_values(&[RcptResult::Accepted.label()])
-                    .inc();
+                METRICS.smtp_rcpt.with_label_values(&[RcptResult::Accepted.label()]).inc();
                 let domain = match &mailbox.domain {
                     Some(address::Domain::Name(n)) => n.clone(),
                     Some(address::Domain::Literal(l)) => l.clone(),
@@ -1160,9 +980,7 @@ impl Session {
     fn ready_for_content(&self) -> Result<(), Reply> {
         match &self.tx {
             None => Err(Reply::bad_sequence("need MAIL command")),
-            Some(tx) if tx.recipients.is_empty() => {
-                Err(Reply::new(554, "5.5.1", "Error: no valid recipients"))
-            }
+            Some(tx) if tx.recipients.is_empty() => Err(Reply::new(554, "5.5.1", "Error: no valid recipients")),
             Some(_) => Ok(()),
         }
     }
@@ -1190,9 +1008,7 @@ impl Session {
             && let Err(e) = body.write(header.as_bytes()).await
         {
             tracing::error!(queue_id = %incoming.id, error = %e, "queue write failed while receiving");
-            incoming
-                .fail(Reply::queue_unavailable(), "queue_error")
-                .await;
+            incoming.fail(Reply::queue_unavailable(), "queue_error").await;
         }
         incoming
     }
@@ -1238,16 +1054,12 @@ impl Session {
         if self.unauth_pipelining() {
             return Flow::Continue;
         }
-        self.conn
-            .queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+        self.conn.queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
         let mut incoming = self.begin_incoming(Framing::Dot).await;
         let started = Instant::now();
         loop {
             if self.conn.inbuf.is_empty()
-                && let Err(e) = self
-                    .conn
-                    .fill(self.content_wait(started, incoming.size))
-                    .await
+                && let Err(e) = self.conn.fill(self.content_wait(started, incoming.size)).await
             {
                 if let Some(body) = incoming.body.take() {
                     body.abort().await;
@@ -1270,11 +1082,7 @@ impl Session {
     }
 
     async fn bdat(&mut self, size: u64, last: bool) -> Flow {
-        let refusal = if self.bdat.is_none() {
-            self.ready_for_content().err()
-        } else {
-            None
-        };
+        let refusal = if self.bdat.is_none() { self.ready_for_content().err() } else { None };
         if refusal.is_none() && self.bdat.is_none() {
             self.bdat = Some(self.begin_incoming(Framing::Chunked).await);
         }
@@ -1283,10 +1091,7 @@ impl Session {
         let mut remaining = size;
         while remaining > 0 {
             if self.conn.inbuf.is_empty()
-                && let Err(e) = self
-                    .conn
-                    .fill(self.content_wait(started, size - remaining))
-                    .await
+                && let Err(e) = self.conn.fill(self.content_wait(started, size - remaining)).await
             {
                 return Flow::Close(self.read_failed(e, "BDAT"));
             }
@@ -1321,12 +1126,7 @@ impl Session {
     async fn finish(&mut self, mut incoming: Incoming) {
         let client_bytes = incoming.size - incoming.received_header_len;
         if incoming.failure.is_none() && incoming.headers.received > self.config().hop_count_limit {
-            incoming
-                .fail(
-                    Reply::new(554, "5.4.6", "Error: too many hops"),
-                    "too_many_hops",
-                )
-                .await;
+            incoming.fail(Reply::new(554, "5.4.6", "Error: too many hops"), "too_many_hops").await;
         }
         let tx = self.tx.take().expect("content only follows a transaction");
         if let Some((reply, label)) = incoming.failure.take() {
@@ -1373,17 +1173,10 @@ impl Session {
                     envelope.size,
                     envelope.recipients.len()
                 );
-                self.reply(Reply::new(
-                    250,
-                    "2.0.0",
-                    format!("Ok: queued as {}", envelope.id),
-                ));
+                self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {}", envelope.id)));
             }
             Err(e) => {
-                METRICS
-                    .smtp_messages
-                    .with_label_values(&["queue_error"])
-                    .inc();
+                METRICS.smtp_messages.with_label_values(&["queue_error"]).inc();
                 tracing::error!(queue_id = %envelope.id, error = %e, client = %self.peer(), "message not queued: 451");
                 self.reply(Reply::queue_unavailable());
             }
@@ -1394,12 +1187,7 @@ impl Session {
 /// Postfix `smtpd_min_data_rate`: content may take `data_timeout` plus one
 /// second per `min_rate` bytes received; each read still waits at most
 /// `data_timeout`. Zero means the client is too slow now.
-fn content_wait(
-    elapsed: Duration,
-    received: u64,
-    data_timeout: Duration,
-    min_rate: u64,
-) -> Duration {
+fn content_wait(elapsed: Duration, received: u64, data_timeout: Duration, min_rate: u64) -> Duration {
     if min_rate == 0 {
         return data_timeout;
     }
@@ -1410,16 +1198,10 @@ fn content_wait(
 /// The reply for an address that does not parse.
 fn address_reply(e: AddressError, path: &str, enhanced: &'static str, role: &str) -> Reply {
     match e {
-        AddressError::NeedsSmtputf8 => Reply::new(
-            553,
-            "5.6.7",
-            format!("{path}: Must declare SMTPUTF8 to send Unicode address"),
-        ),
-        AddressError::SourceRoute => Reply::new(
-            501,
-            enhanced,
-            format!("{path}: source routes are not accepted"),
-        ),
+        AddressError::NeedsSmtputf8 => {
+            Reply::new(553, "5.6.7", format!("{path}: Must declare SMTPUTF8 to send Unicode address"))
+        }
+        AddressError::SourceRoute => Reply::new(501, enhanced, format!("{path}: source routes are not accepted")),
         AddressError::Brackets | AddressError::Syntax => {
             Reply::new(501, enhanced, format!("Bad {role} address syntax"))
         }
@@ -1436,15 +1218,9 @@ mod tests {
         // Fresh: one data_timeout.
         assert_eq!(content_wait(Duration::ZERO, 0, t, 500), t);
         // 5000 bytes earned 10 s more; 15 s used: 5 s left.
-        assert_eq!(
-            content_wait(Duration::from_secs(15), 5000, t, 500),
-            Duration::from_secs(5)
-        );
+        assert_eq!(content_wait(Duration::from_secs(15), 5000, t, 500), Duration::from_secs(5));
         // Too slow: nothing left.
-        assert_eq!(
-            content_wait(Duration::from_secs(30), 500, t, 500),
-            Duration::ZERO
-        );
+        assert_eq!(content_wait(Duration::from_secs(30), 500, t, 500), Duration::ZERO);
         // A fast client never waits longer than data_timeout per read.
         assert_eq!(content_wait(Duration::from_secs(1), 10_000_000, t, 500), t);
         // Off.

@@ -35,13 +35,10 @@ pub fn load_acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Cert(config.cert.clone(), e.to_string()))?;
     if certs.is_empty() {
-        return Err(TlsError::Cert(
-            config.cert.clone(),
-            "no CERTIFICATE block found".into(),
-        ));
+        return Err(TlsError::Cert(config.cert.clone(), "no CERTIFICATE block found".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(&config.key)
-        .map_err(|e| TlsError::Key(config.key.clone(), e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::Key(config.key.clone(), e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -69,11 +66,7 @@ impl TlsInfo {
             Some(v) => format!("{v:?}"),
             None => "unknown".to_string(),
         };
-        let cipher = conn
-            .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str())
-            .unwrap_or("unknown")
-            .to_string();
+        let cipher = conn.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("unknown").to_string();
         TlsInfo { version, cipher }
     }
 }
@@ -114,18 +107,11 @@ impl SmtpStream {
 }
 
 fn detached() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotConnected,
-        "stream detached for a TLS handshake",
-    )
+    io::Error::new(io::ErrorKind::NotConnected, "stream detached for a TLS handshake")
 }
 
 impl AsyncRead for SmtpStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SmtpStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             SmtpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -135,11 +121,7 @@ impl AsyncRead for SmtpStream {
 }
 
 impl AsyncWrite for SmtpStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             SmtpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             SmtpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

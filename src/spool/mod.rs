@@ -164,7 +164,12 @@ pub trait Spool: Send + Sync {
     /// Up to `count` new entries for `consumer`, waiting up to `block`.
     async fn lease(&self, consumer: &str, count: usize, block: std::time::Duration) -> Result<Vec<Lease>, SpoolError>;
     /// Entries whose holder has not renewed them for `idle`, now leased to `consumer`.
-    async fn take_over(&self, consumer: &str, idle: std::time::Duration, count: usize) -> Result<Vec<Lease>, SpoolError>;
+    async fn take_over(
+        &self,
+        consumer: &str,
+        idle: std::time::Duration,
+        count: usize,
+    ) -> Result<Vec<Lease>, SpoolError>;
     /// Keeps a long delivery's lease alive.
     async fn renew(&self, consumer: &str, lease: &Lease) -> Result<(), SpoolError>;
     /// The envelope, or `None` when the message is gone (deleted meanwhile).
@@ -176,7 +181,13 @@ pub trait Spool: Send + Sync {
     async fn complete(&self, lease: &Lease, destinations: &[String]) -> Result<(), SpoolError>;
     /// Some recipients wait: store their state and schedule the next attempt
     /// at `due` (unix ms), indexed under each waiting destination.
-    async fn defer(&self, lease: &Lease, envelope: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError>;
+    async fn defer(
+        &self,
+        lease: &Lease,
+        envelope: &Envelope,
+        due: i64,
+        destinations: &[String],
+    ) -> Result<(), SpoolError>;
     /// Gives an unfinished entry back at once, for any node to take.
     async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError>;
     /// Moves deferred messages that are due into the ready streams; safe on
@@ -229,7 +240,9 @@ pub enum MessageState {
     /// In the ready stream or being delivered.
     Active,
     /// Waiting for its next attempt at `due` (unix ms).
-    Deferred { due: i64 },
+    Deferred {
+        due: i64,
+    },
     Held,
 }
 

@@ -303,11 +303,15 @@ impl Spool for RedisSpool {
         let mut conn = self.conn.clone();
         for shard in 0..self.config.shards {
             let ready = self.shard_keys(shard).ready();
-            let created: redis::RedisResult<()> =
-                match tokio::time::timeout(self.config.timeout, conn.xgroup_create_mkstream(&ready, GROUP, "0")).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(unavailable("prepare", "timed out")),
-                };
+            let created: redis::RedisResult<()> = match tokio::time::timeout(
+                self.config.timeout,
+                conn.xgroup_create_mkstream(&ready, GROUP, "0"),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => return Err(unavailable("prepare", "timed out")),
+            };
             match created {
                 Ok(()) => {}
                 Err(e) if e.to_string().contains("BUSYGROUP") => {}
@@ -525,7 +529,8 @@ impl Spool for RedisSpool {
     async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
         let mut conn = self.conn.clone();
         for shard in 0..self.config.shards {
-            let exists: bool = bounded("locate", self.config.timeout, conn.exists(self.shard_keys(shard).msg(id))).await?;
+            let exists: bool =
+                bounded("locate", self.config.timeout, conn.exists(self.shard_keys(shard).msg(id))).await?;
             if exists {
                 return Ok(Some(Lease { id: id.clone(), shard, entry: String::new() }));
             }
@@ -586,7 +591,8 @@ impl Spool for RedisSpool {
         for d in self.deferred_destinations().await? {
             let mut n = 0;
             for shard in 0..self.config.shards {
-                let c: u64 = bounded("stats", self.config.timeout, conn.zcard(self.shard_keys(shard).destination(&d))).await?;
+                let c: u64 =
+                    bounded("stats", self.config.timeout, conn.zcard(self.shard_keys(shard).destination(&d))).await?;
                 n += c;
             }
             by_dest.insert(d, n);
@@ -715,7 +721,13 @@ impl SpoolBody for RedisBody {
             .unwrap_or(0);
             if got < wanted {
                 let mut rollback = ROLLBACK.prepare_invoke();
-                rollback.key(&body_key).key(&msg_key).key(&ready_key).key(self.keys.arrivals()).arg(&entry).arg(self.id.as_str());
+                rollback
+                    .key(&body_key)
+                    .key(&msg_key)
+                    .key(&ready_key)
+                    .key(self.keys.arrivals())
+                    .arg(&entry)
+                    .arg(self.id.as_str());
                 let _ = bounded("rollback", self.config.timeout, rollback.invoke_async::<i64>(&mut conn)).await;
                 METRICS.redis_errors.with_label_values(&["wait"]).inc();
                 return Err(SpoolError::NotReplicated { wanted, got });

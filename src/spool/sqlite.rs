@@ -41,10 +41,8 @@ impl SqliteSpool {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(config.timeout);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(config.timeout)
-            .connect_lazy_with(options);
+        let pool =
+            SqlitePoolOptions::new().max_connections(8).acquire_timeout(config.timeout).connect_lazy_with(options);
         Ok(SqliteSpool { pool, config: config.clone() })
     }
 
@@ -85,7 +83,13 @@ impl Spool for SqliteSpool {
     }
 
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody> {
-        Box::new(SqliteBody { pool: self.pool.clone(), id: id.clone(), buf: Vec::new(), written: 0, chunk: self.config.chunk_size })
+        Box::new(SqliteBody {
+            pool: self.pool.clone(),
+            id: id.clone(),
+            buf: Vec::new(),
+            written: 0,
+            chunk: self.config.chunk_size,
+        })
     }
 
     async fn ping(&self) -> Result<(), SpoolError> {

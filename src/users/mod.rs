@@ -55,9 +55,8 @@ pub fn open(url: &str) -> Result<Arc<dyn UserStore>, UserError> {
         let db = crate::domains::sqlite::SqliteDomains::connect(url).map_err(unavailable)?;
         Ok(Arc::new(sqlite::SqliteUsers::new(db.pool().clone())))
     } else {
-        let db =
-            crate::domains::mysql::MySqlDomains::connect(url, std::time::Duration::from_secs(5))
-                .map_err(unavailable)?;
+        let db = crate::domains::mysql::MySqlDomains::connect(url, std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
         Ok(Arc::new(mysql::MySqlUsers::new(db.pool().clone())))
     }
 }
@@ -65,16 +64,10 @@ pub fn open(url: &str) -> Result<Arc<dyn UserStore>, UserError> {
 /// Checks a user name before it is stored.
 pub fn validate_name(name: &str) -> Result<(), UserError> {
     if name.is_empty() || name.len() > USERNAME_LIMIT {
-        return Err(UserError::InvalidName(
-            name.into(),
-            "must be 1 to 255 bytes",
-        ));
+        return Err(UserError::InvalidName(name.into(), "must be 1 to 255 bytes"));
     }
     if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(UserError::InvalidName(
-            name.into(),
-            "must not contain spaces or control characters",
-        ));
+        return Err(UserError::InvalidName(name.into(), "must not contain spaces or control characters"));
     }
     Ok(())
 }
@@ -89,29 +82,18 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
 
 /// Verified against when the user does not exist, so that an unknown name
 /// takes as long as a wrong password.
-static DUMMY_HASH: LazyLock<String> =
-    LazyLock::new(|| hash_password("mxrelay-timing-equaliser").unwrap_or_default());
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| hash_password("mxrelay-timing-equaliser").unwrap_or_default());
 
 /// Checks `password` for `username`; `Ok(false)` for an unknown user and a
 /// wrong password alike, after the same amount of work.
-pub async fn verify(
-    store: &dyn UserStore,
-    username: &str,
-    password: &str,
-) -> Result<bool, UserError> {
-    let stored = if username.len() > USERNAME_LIMIT {
-        None
-    } else {
-        store.password_hash(username).await?
-    };
+pub async fn verify(store: &dyn UserStore, username: &str, password: &str) -> Result<bool, UserError> {
+    let stored = if username.len() > USERNAME_LIMIT { None } else { store.password_hash(username).await? };
     let known = stored.is_some();
     let hash = stored.unwrap_or_else(|| DUMMY_HASH.clone());
     let password = password.to_owned();
     // Argon2 is CPU-bound by design: keep it off the async workers.
     let matches = tokio::task::spawn_blocking(move || {
-        let verified = Argon2::default()
-            .verify_password(password.as_bytes(), hash.as_str())
-            .is_ok();
+        let verified = Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok();
         verified && password.len() <= PASSWORD_LIMIT
     })
     .await
@@ -129,16 +111,8 @@ mod tests {
         let b = hash_password("s3cret").unwrap();
         assert!(a.starts_with("$argon2id$"));
         assert_ne!(a, b);
-        assert!(
-            Argon2::default()
-                .verify_password(b"s3cret", a.as_str())
-                .is_ok()
-        );
-        assert!(
-            Argon2::default()
-                .verify_password(b"wrong", a.as_str())
-                .is_err()
-        );
+        assert!(Argon2::default().verify_password(b"s3cret", a.as_str()).is_ok());
+        assert!(Argon2::default().verify_password(b"wrong", a.as_str()).is_err());
     }
 
     #[test]

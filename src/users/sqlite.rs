@@ -28,9 +28,7 @@ impl UserStore for SqliteUsers {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.map(|r| r.try_get::<String, _>(0))
-            .transpose()
-            .map_err(unavailable)
+        row.map(|r| r.try_get::<String, _>(0)).transpose().map_err(unavailable)
     }
 
     async fn add(&self, username: &str, password_hash: &str) -> Result<(), UserError> {
@@ -41,9 +39,7 @@ impl UserStore for SqliteUsers {
             .await
         {
             Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(UserError::Duplicate(username.into()))
-            }
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(UserError::Duplicate(username.into())),
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -72,9 +68,6 @@ impl UserStore for SqliteUsers {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(unavailable)
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>().map_err(unavailable)
     }
 }

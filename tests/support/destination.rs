@@ -443,7 +443,8 @@ impl<'a> Session<'a> {
             Command::Ehlo(arg) => {
                 self.reset();
                 self.helo = arg;
-                let mut extensions = vec!["PIPELINING", "SIZE 1000000000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"];
+                let mut extensions =
+                    vec!["PIPELINING", "SIZE 1000000000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"];
                 if !self.tls && !matches!(self.shared.starttls, Starttls::Off) {
                     extensions.push("STARTTLS");
                 }

@@ -22,23 +22,12 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A name unique to this test process and call.
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -64,9 +53,7 @@ pub fn wait_until_value<T>(what: &str, timeout: Duration, mut f: impl FnMut() ->
 }
 
 fn wait_port(port: u16, timeout: Duration) {
-    wait_until(&format!("port {port}"), timeout, || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    wait_until(&format!("port {port}"), timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
 
 /// A MySQL/MariaDB server to run SQL against with the real `mysql` client.
@@ -82,22 +69,12 @@ impl MysqlServer {
 
     /// Runs SQL; panics with the client's message on failure.
     pub fn exec(&self, db: &str, sql: &str) -> String {
-        self.try_exec(db, sql)
-            .unwrap_or_else(|e| panic!("mysql failed: {e}\nSQL: {sql}"))
+        self.try_exec(db, sql).unwrap_or_else(|e| panic!("mysql failed: {e}\nSQL: {sql}"))
     }
 
     pub fn try_exec(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new("mysql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-P",
-                &self.port.to_string(),
-                "-u",
-                "root",
-                "-N",
-                "-B",
-            ])
+            .args(["-h", "127.0.0.1", "-P", &self.port.to_string(), "-u", "root", "-N", "-B"])
             .args((!db.is_empty()).then_some(db))
             .args(["-e", sql])
             .output()
@@ -124,10 +101,7 @@ impl TestDb {
     pub fn create(server: &MysqlServer) -> TestDb {
         let name = unique("mxrt");
         server.exec("", &format!("CREATE DATABASE `{name}`"));
-        TestDb {
-            server: server.clone(),
-            name,
-        }
+        TestDb { server: server.clone(), name }
     }
 
     pub fn url(&self) -> String {
@@ -150,9 +124,7 @@ impl TestDb {
     /// (the relay migrates it); waits for it, then lists friet.pan.
     pub fn add_domain_when_ready(&self) {
         wait_until("domains table", Duration::from_secs(30), || {
-            self.server
-                .try_exec(&self.name, "SELECT 1 FROM domains LIMIT 1")
-                .is_ok()
+            self.server.try_exec(&self.name, "SELECT 1 FROM domains LIMIT 1").is_ok()
         });
         self.add_domain(LISTED, "127.0.0.1", 2526);
     }
@@ -160,9 +132,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let _ = self
-            .server
-            .try_exec("", &format!("DROP DATABASE IF EXISTS `{}`", self.name));
+        let _ = self.server.try_exec("", &format!("DROP DATABASE IF EXISTS `{}`", self.name));
     }
 }
 
@@ -178,23 +148,14 @@ impl MariaDb {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let status = Command::new("mariadb-install-db")
-            .args([
-                "--no-defaults",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-                "--user=root",
-            ])
+            .args(["--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"])
             .arg(format!("--datadir={}", data.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .expect("mariadb-install-db (scripts/test.sh installs it)");
         assert!(status.success(), "mariadb-install-db failed");
-        let mut db = MariaDb {
-            server: MysqlServer { port: free_port() },
-            dir,
-            child: None,
-        };
+        let mut db = MariaDb { server: MysqlServer { port: free_port() }, dir, child: None };
         db.resume();
         db
     }
@@ -209,20 +170,13 @@ impl MariaDb {
             .arg(format!("--socket={}", d.join("sock").display()))
             .arg(format!("--pid-file={}", d.join("pid").display()))
             .arg(format!("--port={}", self.server.port))
-            .args([
-                "--bind-address=127.0.0.1",
-                "--user=root",
-                "--skip-log-bin",
-                "--innodb-buffer-pool-size=16M",
-            ])
+            .args(["--bind-address=127.0.0.1", "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=16M"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("mariadbd");
         self.child = Some(child);
-        wait_until("private mariadb", Duration::from_secs(60), || {
-            self.server.try_exec("", "SELECT 1").is_ok()
-        });
+        wait_until("private mariadb", Duration::from_secs(60), || self.server.try_exec("", "SELECT 1").is_ok());
     }
 
     /// Kills the server (SIGKILL): an outage, not a shutdown.
@@ -271,16 +225,7 @@ impl RedisServer {
 
     pub fn resume(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.args)
@@ -329,24 +274,11 @@ impl Dns {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new("/usr/sbin/dnsmasq");
-        cmd.args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-        ])
-        .args([
-            "--listen-address=127.0.0.1",
-            "--interface=lo",
-            "--user=root",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(format!("--pid-file={}", dir.path().join("pid").display()))
-        .arg(format!(
-            "--log-facility={}",
-            dir.path().join("log").display()
-        ));
+        cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args(["--listen-address=127.0.0.1", "--interface=lo", "--user=root"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!("--log-facility={}", dir.path().join("log").display()));
         for h in hosts {
             cmd.arg(format!("--host-record={h},127.0.0.1"));
         }
@@ -357,20 +289,13 @@ impl Dns {
         cmd.args(extra);
         // Everything else: authoritative "no such domain".
         cmd.arg("--address=/#/");
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (scripts/test.sh installs it)");
+        let child =
+            cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (scripts/test.sh installs it)");
         wait_until("dnsmasq", Duration::from_secs(10), || {
             std::net::UdpSocket::bind("127.0.0.1:0").is_ok() && dir.path().join("pid").exists()
         });
         std::thread::sleep(Duration::from_millis(100));
-        Dns {
-            port,
-            _dir: dir,
-            child,
-        }
+        Dns { port, _dir: dir, child }
     }
 
     pub fn addr(&self) -> String {
@@ -447,10 +372,7 @@ impl Relay {
             dir: tempfile::tempdir().unwrap(),
             child: None,
             config: config.to_string(),
-            env: env
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
+            env: env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
         };
         r.start();
         r
@@ -459,20 +381,13 @@ impl Relay {
     pub fn start(&mut self) {
         let path = self.dir.path().join("mxrelay.toml");
         std::fs::write(&path, &self.config).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
             .arg("serve")
             .arg("--config")
             .arg(&path)
             .env("MXRELAY_SMTP_LISTEN", format!("127.0.0.1:{}", self.port))
-            .env(
-                "MXRELAY_ADMIN_LISTEN",
-                format!("127.0.0.1:{}", self.admin_port),
-            )
+            .env("MXRELAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.admin_port))
             .env("MXRELAY_QUEUE_PREFIX", &self.prefix)
             .envs(self.env.iter().map(|(a, b)| (a, b)))
             .stdout(Stdio::null())
@@ -483,18 +398,10 @@ impl Relay {
         let port = self.port;
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("mxrelay exited with {status}:\n{}", self.log());
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "mxrelay did not listen:\n{}",
-                self.log()
-            );
+            assert!(start.elapsed() < Duration::from_secs(30), "mxrelay did not listen:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(30));
         }
     }
@@ -509,10 +416,7 @@ impl Relay {
     pub fn metric(&self, sample: &str) -> f64 {
         let text = self.http_get("/metrics");
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
     }
@@ -537,10 +441,7 @@ impl Relay {
     }
 
     pub fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
+        Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
     }
 
     pub fn addr(&self) -> String {
@@ -549,24 +450,14 @@ impl Relay {
 
     pub fn http_get(&self, path: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
     }
 
     pub fn queue(&self, redis_url: &str) -> Queue {
-        Queue {
-            conn: redis::Client::open(redis_url)
-                .unwrap()
-                .get_connection()
-                .unwrap(),
-            prefix: self.prefix.clone(),
-        }
+        Queue { conn: redis::Client::open(redis_url).unwrap().get_connection().unwrap(), prefix: self.prefix.clone() }
     }
 }
 
@@ -588,18 +479,12 @@ pub struct Queue {
 impl Queue {
     /// Every message id in the ready streams of all shards.
     pub fn ready_ids(&mut self) -> Vec<String> {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*:ready", self.prefix))
-            .query(&mut self.conn)
-            .unwrap();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:ready", self.prefix)).query(&mut self.conn).unwrap();
         let mut ids = Vec::new();
         for k in keys {
-            let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&k)
-                .arg("-")
-                .arg("+")
-                .query(&mut self.conn)
-                .unwrap();
+            let entries: redis::streams::StreamRangeReply =
+                redis::cmd("XRANGE").arg(&k).arg("-").arg("+").query(&mut self.conn).unwrap();
             for e in entries.ids {
                 ids.push(e.get::<String>("id").unwrap());
             }
@@ -608,10 +493,8 @@ impl Queue {
     }
 
     fn key_of(&mut self, kind: &str, id: &str) -> String {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*:{kind}:{id}", self.prefix))
-            .query(&mut self.conn)
-            .unwrap();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:{kind}:{id}", self.prefix)).query(&mut self.conn).unwrap();
         assert_eq!(keys.len(), 1, "{kind} of {id}: {keys:?}");
         keys.into_iter().next().unwrap()
     }
@@ -629,51 +512,32 @@ impl Queue {
     pub fn recipients(&mut self, id: &str) -> Vec<String> {
         let env = self.envelope(id);
         let rcpts: Vec<serde_json::Value> = serde_json::from_str(&env["recipients"]).unwrap();
-        rcpts
-            .iter()
-            .map(|r| r["address"].as_str().unwrap().to_string())
-            .collect()
+        rcpts.iter().map(|r| r["address"].as_str().unwrap().to_string()).collect()
     }
 
     /// Keys of this relay that are not part of a committed message.
     /// Messages (envelopes) still in the queue.
     pub fn message_count(&mut self) -> usize {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*:msg:*", self.prefix))
-            .query(&mut self.conn)
-            .unwrap();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:msg:*", self.prefix)).query(&mut self.conn).unwrap();
         keys.len()
     }
 
     pub fn deferred_count(&mut self) -> usize {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*:deferred", self.prefix))
-            .query(&mut self.conn)
-            .unwrap();
-        keys.iter()
-            .map(|k| {
-                redis::cmd("ZCARD")
-                    .arg(k)
-                    .query::<usize>(&mut self.conn)
-                    .unwrap()
-            })
-            .sum()
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:deferred", self.prefix)).query(&mut self.conn).unwrap();
+        keys.iter().map(|k| redis::cmd("ZCARD").arg(k).query::<usize>(&mut self.conn).unwrap()).sum()
     }
 
     pub fn try_envelope(&mut self, id: &str) -> Option<std::collections::HashMap<String, String>> {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*:msg:{id}", self.prefix))
-            .query(&mut self.conn)
-            .unwrap();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:msg:{id}", self.prefix)).query(&mut self.conn).unwrap();
         let k = keys.into_iter().next()?;
         redis::cmd("HGETALL").arg(k).query(&mut self.conn).ok()
     }
 
     pub fn stray_keys(&mut self) -> Vec<String> {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.prefix))
-            .query(&mut self.conn)
-            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.prefix)).query(&mut self.conn).unwrap();
         keys.into_iter().filter(|k| k.contains(":tmp:")).collect()
     }
 }
@@ -685,19 +549,13 @@ pub fn swaks(server: &str, args: &[&str]) -> (i32, String) {
         .args(args)
         .output()
         .expect("swaks (scripts/test.sh installs it)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }
 
 /// The queue id from a `250 … queued as <id>` in a transcript.
 pub fn queued_id(transcript: &str) -> Option<String> {
-    transcript
-        .lines()
-        .find_map(|l| l.split("queued as ").nth(1).map(|s| s.trim().to_string()))
+    transcript.lines().find_map(|l| l.split("queued as ").nth(1).map(|s| s.trim().to_string()))
 }
 
 /// A raw SMTP client over a socket, for what swaks cannot send.
@@ -722,8 +580,7 @@ impl Raw {
 
     /// Connects from a chosen loopback address (e.g. one in mynetworks).
     pub fn connect_from(local: &str, addr: &str) -> Raw {
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let local: std::net::SocketAddr = format!("{local}:0").parse().unwrap();
         socket.bind(&local.into()).unwrap();
         let remote: std::net::SocketAddr = addr.parse().unwrap();
@@ -732,13 +589,8 @@ impl Raw {
     }
 
     fn wrap(stream: TcpStream) -> Raw {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Raw {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            stream,
-        }
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Raw { reader: BufReader::new(stream.try_clone().unwrap()), stream }
     }
 
     /// Connects and reads the greeting; says EHLO.
@@ -776,9 +628,7 @@ impl Raw {
 
     pub fn code(&mut self) -> u16 {
         let r = self.reply();
-        r.get(..3)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("no reply code in {r:?}"))
+        r.get(..3).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no reply code in {r:?}"))
     }
 
     /// Sends a command and returns the reply code.
@@ -796,10 +646,7 @@ impl Raw {
     /// The socket, for a TLS handshake after `220 Ready to start TLS`
     /// (nothing is buffered then: the server waits for the ClientHello).
     pub fn into_tcp(self) -> TcpStream {
-        assert!(
-            self.reader.buffer().is_empty(),
-            "unread server data before the TLS handshake"
-        );
+        assert!(self.reader.buffer().is_empty(), "unread server data before the TLS handshake");
         self.stream
     }
 
@@ -833,10 +680,8 @@ impl World {
 
     /// `env`: `MXRELAY_*` overrides on top of the test configuration.
     pub fn start_with(env: &[(&str, &str)]) -> World {
-        let dns = Dns::start(
-            &["sender.example", "client.example"],
-            &[LISTED, "other.example", "xn--bcher-kva.example"],
-        );
+        let dns =
+            Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"]);
         let db = TestDb::create(&MysqlServer::shared());
         let relay = Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), env);
         db.add_domain(LISTED, "127.0.0.1", 2526);
@@ -848,16 +693,12 @@ impl World {
 
     /// Waits until RCPT TO:<rcpt> from an untrusted client gets `code`.
     pub fn wait_rcpt(&self, rcpt: &str, code: u16) {
-        wait_until(
-            &format!("RCPT {rcpt} → {code}"),
-            Duration::from_secs(15),
-            || {
-                let mut c = Raw::ehlo(&self.relay.addr());
-                c.cmd(&format!("MAIL FROM:<{SENDER}>"));
-                let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
-                r.starts_with(&code.to_string())
-            },
-        );
+        wait_until(&format!("RCPT {rcpt} → {code}"), Duration::from_secs(15), || {
+            let mut c = Raw::ehlo(&self.relay.addr());
+            c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+            let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+            r.starts_with(&code.to_string())
+        });
     }
 
     pub fn queue(&self) -> Queue {
@@ -869,10 +710,8 @@ impl Drop for World {
     /// Leaves the shared Redis as it found it.
     fn drop(&mut self) {
         if let Ok(mut conn) = redis::Client::open(SHARED_REDIS).and_then(|c| c.get_connection()) {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", self.relay.prefix))
-                .query(&mut conn)
-                .unwrap_or_default();
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}:*", self.relay.prefix)).query(&mut conn).unwrap_or_default();
             for chunk in keys.chunks(500) {
                 let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
             }
