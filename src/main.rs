@@ -24,6 +24,9 @@ enum Cmd {
     Migrate,
     /// Print the effective configuration (secrets masked) and every problem.
     CheckConfig,
+    /// Exit 0 when this node's admin listener answers /healthz (for container
+    /// health checks; no curl needed in the image).
+    Healthcheck,
     /// Manage the listed domains (from any node).
     Domains {
         #[command(subcommand)]
@@ -146,6 +149,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Cmd::Healthcheck => match healthcheck(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::CheckConfig => {
             print!("{}", config.to_masked_toml());
             eprintln!("configuration OK");
@@ -304,6 +314,33 @@ async fn queue(config: &Config, command: QueueCmd) -> anyhow::Result<()> {
         QueueCmd::Bounce { ids } => act(AdminAction::Bounce, ids).await?,
     }
     Ok(())
+}
+
+/// GET /healthz on `admin.listen` (a wildcard address means loopback).
+fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut addr: std::net::SocketAddr = config
+        .admin
+        .listen
+        .parse()
+        .map_err(|_| anyhow::anyhow!("admin.listen {:?} is not ip:port", config.admin.listen))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.take(4096).read_to_string(&mut response)?;
+    match response.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        other => anyhow::bail!("GET http://{addr}/healthz answered {}", other.unwrap_or("nothing")),
+    }
 }
 
 /// Reads a password from the first line of standard input (never from the

@@ -69,7 +69,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("valid metric");
     r.register(Box::new(delivery_duration_seconds.clone())).expect("unique metric");
-    Metrics {
+    let metrics = Metrics {
         queue_lease_takeovers: counter(
             &r,
             "mxrelay_queue_lease_takeovers_total",
@@ -166,10 +166,49 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Age of this node's domain snapshot (-1 when none is loaded)",
         ),
         registry: r,
-    }
+    };
+    metrics.init_known_labels();
+    metrics
 });
 
 impl Metrics {
+    /// Creates the label values dashboards and alerts rely on at 0, so a
+    /// series exists (and `rate()` works) before the first event.
+    fn init_known_labels(&self) {
+        let init = |vec: &IntCounterVec, values: &[&str]| {
+            for v in values {
+                vec.with_label_values(&[v]);
+            }
+        };
+        init(&self.smtp_messages, &["accepted", "too_big", "bare_newline", "too_many_hops", "queue_error"]);
+        init(&self.smtp_rcpt, &["accepted", "relay_denied", "unknown_domain", "tempfail"]);
+        init(
+            &self.smtp_connections_refused,
+            &["node_limit", "ip_limit", "rate_limit", "early_talker", "proxy_untrusted"],
+        );
+        init(&self.smtp_tls_handshakes, &["ok", "failed"]);
+        init(&self.smtp_auth, &["success", "failure", "tempfail", "rate_limited"]);
+        init(&self.smtp_proxy_headers, &["accepted", "local", "invalid", "untrusted"]);
+        init(
+            &self.smtp_limit_hits,
+            &[
+                "connection_rate",
+                "connections_per_ip",
+                "message_rate",
+                "recipient_rate",
+                "auth_failures",
+                "slow_client",
+                "errors",
+            ],
+        );
+        init(&self.delivery_recipients, &["delivered", "deferred", "bounced"]);
+        init(&self.delivery_attempts, &["sent", "deferred", "bounced", "connect_error", "session_error", "dns_error"]);
+        init(&self.redis_errors, &["enqueue"]);
+        for result in ["tls", "handshake_failed", "verify_failed", "required_missing", "starttls_refused"] {
+            self.delivery_tls.with_label_values(&["may", result]);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
