@@ -1,4 +1,5 @@
-//! One behaviour suite for every `DomainStore` back end: MySQL/MariaDB and
+//! One behaviour suite for every `DomainStore` back end, and one for every
+//! `UserStore` (SMTP AUTH users, in the same database): MySQL/MariaDB and
 //! the embedded SQLite.
 
 mod support;
@@ -50,4 +51,42 @@ async fn sqlite_domain_store() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("mxrelay.db").display());
     behaves_like_a_domain_store(mxrelay::domains::open(&url).unwrap()).await;
+}
+
+/// `relay_users` through the store and `users::verify`, on the database at
+/// `url` (migrated by the domain store).
+async fn behaves_like_a_user_store(url: &str) {
+    use mxrelay::users::{self, UserError};
+    mxrelay::domains::open(url).unwrap().migrate().await.unwrap();
+    let store = users::open(url).unwrap();
+    let hash = users::hash_password("s3cret pass").unwrap();
+    store.add("alice@example.org", &hash).await.unwrap();
+    match store.add("alice@example.org", &hash).await {
+        Err(UserError::Duplicate(u)) => assert_eq!(u, "alice@example.org"),
+        other => panic!("duplicate user accepted: {other:?}"),
+    }
+    assert!(users::verify(store.as_ref(), "alice@example.org", "s3cret pass").await.unwrap());
+    assert!(!users::verify(store.as_ref(), "alice@example.org", "wrong").await.unwrap());
+    assert!(!users::verify(store.as_ref(), "ALICE@example.org", "s3cret pass").await.unwrap(), "names are exact");
+    assert!(!users::verify(store.as_ref(), "nobody", "s3cret pass").await.unwrap());
+    assert!(store.set_password("alice@example.org", &users::hash_password("new").unwrap()).await.unwrap());
+    assert!(users::verify(store.as_ref(), "alice@example.org", "new").await.unwrap());
+    assert!(!store.set_password("nobody", &hash).await.unwrap());
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(), vec!["alice@example.org"]);
+    assert!(!listed[0].1.is_empty(), "created_at is shown");
+    assert!(store.remove("alice@example.org").await.unwrap());
+    assert!(!store.remove("alice@example.org").await.unwrap());
+}
+
+#[tokio::test]
+async fn mysql_user_store() {
+    let db = TestDb::create(&MysqlServer::shared());
+    behaves_like_a_user_store(&db.url()).await;
+}
+
+#[tokio::test]
+async fn sqlite_user_store() {
+    let dir = tempfile::tempdir().unwrap();
+    behaves_like_a_user_store(&format!("sqlite://{}", dir.path().join("mxrelay.db").display())).await;
 }

@@ -65,13 +65,7 @@ impl Setup {
 impl Drop for Setup {
     /// Leaves the shared Redis as it found it.
     fn drop(&mut self) {
-        if let Ok(mut conn) = redis::Client::open(SHARED_REDIS).and_then(|c| c.get_connection()) {
-            let keys: Vec<String> =
-                redis::cmd("KEYS").arg(format!("{}:*", self.relay.prefix)).query(&mut conn).unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
-            }
-        }
+        clear_shared_queue(&self.relay.prefix);
     }
 }
 

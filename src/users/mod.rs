@@ -7,8 +7,7 @@
 //! does not reveal which names exist; a database fault is temporary
 //! ([`UserError::Unavailable`] → 454), never a rejection.
 
-pub mod mysql;
-pub mod sqlite;
+pub mod sql;
 
 use std::sync::{Arc, LazyLock};
 
@@ -53,11 +52,11 @@ pub fn open(url: &str) -> Result<Arc<dyn UserStore>, UserError> {
     let unavailable = |e: crate::domains::DomainError| UserError::Unavailable(e.to_string());
     if url.starts_with("sqlite:") {
         let db = crate::domains::sqlite::SqliteDomains::connect(url).map_err(unavailable)?;
-        Ok(Arc::new(sqlite::SqliteUsers::new(db.pool().clone())))
+        Ok(Arc::new(sql::SqliteUsers::new(db.pool().clone())))
     } else {
         let db = crate::domains::mysql::MySqlDomains::connect(url, std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
-        Ok(Arc::new(mysql::MySqlUsers::new(db.pool().clone())))
+        Ok(Arc::new(sql::MySqlUsers::new(db.pool().clone())))
     }
 }
 

@@ -558,6 +558,23 @@ pub fn queued_id(transcript: &str) -> Option<String> {
     transcript.lines().find_map(|l| l.split("queued as ").nth(1).map(|s| s.trim().to_string()))
 }
 
+/// One whole (possibly multi-line) SMTP reply from `reader`; what was read
+/// up to EOF or an error otherwise.
+pub fn read_reply(reader: &mut impl BufRead) -> String {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return all,
+            Ok(_) => {}
+        }
+        all.push_str(&line);
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return all;
+        }
+    }
+}
+
 /// A raw SMTP client over a socket, for what swaks cannot send.
 pub struct Raw {
     reader: BufReader<TcpStream>,
@@ -612,18 +629,7 @@ impl Raw {
 
     /// One whole (possibly multi-line) reply; empty at EOF.
     pub fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return all,
-                Ok(_) => {}
-            }
-            all.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return all;
-            }
-        }
+        read_reply(&mut self.reader)
     }
 
     pub fn code(&mut self) -> u16 {
@@ -658,6 +664,16 @@ impl Raw {
             // Closed with our input unread: the kernel resets.
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
             Ok(_) => false,
+        }
+    }
+}
+
+/// Deletes a relay's keys (`prefix:*`) from the shared Redis.
+pub fn clear_shared_queue(prefix: &str) {
+    if let Ok(mut conn) = redis::Client::open(SHARED_REDIS).and_then(|c| c.get_connection()) {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap_or_default();
+        for chunk in keys.chunks(500) {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
         }
     }
 }
@@ -709,12 +725,6 @@ impl World {
 impl Drop for World {
     /// Leaves the shared Redis as it found it.
     fn drop(&mut self) {
-        if let Ok(mut conn) = redis::Client::open(SHARED_REDIS).and_then(|c| c.get_connection()) {
-            let keys: Vec<String> =
-                redis::cmd("KEYS").arg(format!("{}:*", self.relay.prefix)).query(&mut conn).unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
-            }
-        }
+        clear_shared_queue(&self.relay.prefix);
     }
 }

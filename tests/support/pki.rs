@@ -108,19 +108,7 @@ impl TlsClient {
 
     /// One whole (possibly multi-line) reply; empty at EOF.
     pub fn reply(&mut self) -> String {
-        use std::io::BufRead;
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return all,
-                Ok(_) => {}
-            }
-            all.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return all;
-            }
-        }
+        super::read_reply(&mut self.reader)
     }
 
     pub fn cmd(&mut self, line: &str) -> String {
