@@ -60,6 +60,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub scan: ScanConfig,
     pub log: LogConfig,
 }
 
@@ -235,6 +236,43 @@ pub struct AuthConfig {
     pub tls_only: bool,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScanConfig {
+    /// clamd address: `host:port` or `unix:/path`; empty = no virus scan.
+    pub clamd: String,
+    /// rspamd base URL, e.g. `http://127.0.0.1:11333`; empty = no spam scan.
+    pub rspamd: String,
+    /// Longest wait for a scanner (a slot, the connection and the answer).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Messages scanned at once on this node.
+    pub concurrency: usize,
+    /// `tempfail` (451 4.7.1, the sender retries) or `accept` (accepted
+    /// with a header saying it was not scanned) when a scanner fails.
+    pub on_failure: String,
+    /// Messages larger than this (bytes) are not scanned and get a header
+    /// saying so (keep it under clamd's StreamMaxLength).
+    pub max_size: u64,
+    /// Prepended to the Subject when rspamd says `rewrite subject` without
+    /// giving the new subject itself.
+    pub spam_subject_tag: String,
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        ScanConfig {
+            clamd: String::new(),
+            rspamd: String::new(),
+            timeout: Duration::from_secs(30),
+            concurrency: 16,
+            on_failure: "tempfail".into(),
+            max_size: 20 * 1024 * 1024,
+            spam_subject_tag: "***SPAM*** ".into(),
+        }
+    }
+}
+
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig { enabled: false, tls_only: true }
@@ -334,6 +372,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            scan: ScanConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -557,6 +596,40 @@ impl Config {
                 "auth.enabled",
                 "AUTH is only offered inside TLS (auth.tls_only) but no certificate is configured",
                 "set tls.cert and tls.key, or auth.tls_only = false (passwords in clear)",
+            ));
+        }
+        if !matches!(self.scan.on_failure.as_str(), "tempfail" | "accept") {
+            errors.push(ConfigError::new(
+                "scan.on_failure",
+                format!("{:?} is unknown", self.scan.on_failure),
+                "use \"tempfail\" (451, the default) or \"accept\"",
+            ));
+        }
+        if !self.scan.rspamd.is_empty()
+            && !self.scan.rspamd.starts_with("http://")
+            && !self.scan.rspamd.starts_with("https://")
+        {
+            errors.push(ConfigError::new(
+                "scan.rspamd",
+                format!("{:?} is not an http:// URL", self.scan.rspamd),
+                "use the normal worker's address, e.g. http://127.0.0.1:11333",
+            ));
+        }
+        if !self.scan.clamd.is_empty()
+            && !self.scan.clamd.starts_with("unix:")
+            && self.scan.clamd.parse::<SocketAddr>().is_err()
+        {
+            errors.push(ConfigError::new(
+                "scan.clamd",
+                format!("{:?} is neither ip:port nor unix:/path", self.scan.clamd),
+                "use e.g. 127.0.0.1:3310 or unix:/run/clamav/clamd.ctl",
+            ));
+        }
+        if self.scan.concurrency == 0 || self.scan.timeout.is_zero() {
+            errors.push(ConfigError::new(
+                "scan.concurrency",
+                "scan.concurrency and scan.timeout must be positive",
+                "use e.g. 16 and \"30s\"",
             ));
         }
         if self.smtp.rate_window < Duration::from_secs(1) {

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod domains;
 pub mod metrics;
 pub mod policy;
+pub mod scan;
 pub mod server;
 pub mod smtp;
 pub mod spool;

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub smtp_auth: IntCounterVec,
     pub smtp_limit_hits: IntCounterVec,
     pub smtp_proxy_headers: IntCounterVec,
+    pub scan: IntCounterVec,
+    pub scan_errors: IntCounterVec,
+    pub scan_duration_seconds: prometheus::HistogramVec,
     pub queue_enqueue_seconds: Histogram,
     pub redis_errors: IntCounterVec,
     pub database_errors: IntCounter,
@@ -69,7 +72,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("valid metric");
     r.register(Box::new(delivery_duration_seconds.clone())).expect("unique metric");
+    let scan_duration_seconds = prometheus::HistogramVec::new(
+        HistogramOpts::new("mxrelay_scan_duration_seconds", "Time for one scan of one message, by scanner")
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        &["scanner"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(scan_duration_seconds.clone())).expect("unique metric");
     let metrics = Metrics {
+        scan: counter_vec(
+            &r,
+            "mxrelay_scan_total",
+            "Scans by scanner and result (clean, virus, rspamd action, error, skipped_size)",
+            &["scanner", "result"],
+        ),
+        scan_errors: counter_vec(
+            &r,
+            "mxrelay_scan_errors_total",
+            "Scanners that were down, slow or answered garbage",
+            &["scanner"],
+        ),
+        scan_duration_seconds,
         queue_lease_takeovers: counter(
             &r,
             "mxrelay_queue_lease_takeovers_total",
@@ -204,6 +227,16 @@ impl Metrics {
         init(&self.delivery_recipients, &["delivered", "deferred", "bounced"]);
         init(&self.delivery_attempts, &["sent", "deferred", "bounced", "connect_error", "session_error", "dns_error"]);
         init(&self.redis_errors, &["enqueue"]);
+        init(&self.scan_errors, &["clamd", "rspamd"]);
+        for (scanner, result) in [
+            ("clamd", "clean"),
+            ("clamd", "virus"),
+            ("rspamd", "no_action"),
+            ("rspamd", "reject"),
+            ("all", "skipped_size"),
+        ] {
+            self.scan.with_label_values(&[scanner, result]);
+        }
         for result in ["tls", "handshake_failed", "verify_failed", "required_missing", "starttls_refused"] {
             self.delivery_tls.with_label_values(&["may", result]);
         }

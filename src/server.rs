@@ -86,7 +86,10 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let reloader = domains.clone();
     let drain = draining.clone();
     let users = crate::users::open(&config.domains.url)?;
-    let shared = Arc::new(Shared::new(config.clone(), policy, spool.clone(), users));
+    let mut shared = Shared::new(config.clone(), policy, spool.clone(), users);
+    shared.scanner = crate::scan::Scanner::new(&config.scan, &config.data_dir, &config.node_id)
+        .map_err(|e| anyhow::anyhow!("scan: {e}"))?;
+    let shared = Arc::new(shared);
     let live = shared.clone();
     tokio::spawn(async move {
         loop {

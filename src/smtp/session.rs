@@ -29,6 +29,7 @@ use crate::config::{Config, TlsConfig};
 use crate::metrics::METRICS;
 use crate::policy::address::{self, AddressError, Path};
 use crate::policy::{Client, Policy, RcptResult, Verdict};
+use crate::scan::{Envelope as ScanEnvelope, ScanBuffer, Scanner, Verdict as ScanVerdict};
 use crate::spool::{Envelope, QueueId, Recipient, RecipientState, Spool, SpoolBody};
 use crate::users::UserStore;
 
@@ -52,6 +53,8 @@ pub struct Shared {
     pub sessions: Arc<tokio::sync::Semaphore>,
     pub per_ip: PerIp,
     pub anvil: Anvil,
+    /// clamd/rspamd for domains with `enable_virus_spam_scan` (restart to change).
+    pub scanner: Option<Arc<Scanner>>,
 }
 
 impl Shared {
@@ -65,6 +68,7 @@ impl Shared {
             users,
             per_ip: PerIp::default(),
             anvil: Anvil::default(),
+            scanner: None,
         };
         shared.reload_tls(&config.tls);
         shared
@@ -251,6 +255,10 @@ struct Transaction {
 struct Incoming {
     id: QueueId,
     body: Option<Box<dyn SpoolBody>>,
+    /// While the message waits for a scan verdict, it goes here instead of
+    /// the spool (which only stores what was accepted).
+    scan: Option<(Arc<Scanner>, ScanBuffer)>,
+    spool: Arc<dyn Spool>,
     decoder: DataDecoder,
     headers: HeaderScan,
     received_header_len: u64,
@@ -280,18 +288,48 @@ impl Incoming {
                 self.fail(Reply::too_big(), "too_big").await;
             } else if self.forbid_bare_lf && self.decoder.bare_lf {
                 self.fail(Reply::bare_newline(), "bare_newline").await;
-            } else if let Some(body) = self.body.as_mut()
-                && let Err(e) = body.write(&self.decoded).await
-            {
-                tracing::error!(queue_id = %self.id, error = %e, "queue write failed while receiving");
-                self.fail(Reply::queue_unavailable(), "queue_error").await;
+            } else {
+                let decoded = std::mem::take(&mut self.decoded);
+                self.write(&decoded).await;
+                self.decoded = decoded;
             }
         }
         self.decoded.clear();
     }
 
+    /// Writes content to the scan buffer or the spool; a message growing
+    /// over `scan.max_size` moves to the spool unscanned, with a header
+    /// saying so.
+    async fn write(&mut self, data: &[u8]) {
+        if let Some((scanner, buffer)) = self.scan.as_mut() {
+            if buffer.len + data.len() as u64 <= scanner.max_size() {
+                if let Err(e) = buffer.write(data).await {
+                    tracing::error!(queue_id = %self.id, error = %e, "scan buffer write failed while receiving");
+                    self.fail(Reply::queue_unavailable(), "queue_error").await;
+                }
+                return;
+            }
+            let (scanner, mut buffer) = self.scan.take().expect("matched above");
+            tracing::info!(queue_id = %self.id, "{}: not scanned: over scan.max_size", self.id);
+            let mut body = self.spool.open_body(&self.id);
+            if let Err(e) = buffer.copy_into(&scanner.skipped_header(), None, body.as_mut()).await {
+                body.abort().await;
+                tracing::error!(queue_id = %self.id, error = %e, "queue write failed while receiving");
+                return self.fail(Reply::queue_unavailable(), "queue_error").await;
+            }
+            self.body = Some(body);
+        }
+        if let Some(body) = self.body.as_mut()
+            && let Err(e) = body.write(data).await
+        {
+            tracing::error!(queue_id = %self.id, error = %e, "queue write failed while receiving");
+            self.fail(Reply::queue_unavailable(), "queue_error").await;
+        }
+    }
+
     async fn fail(&mut self, reply: Reply, label: &'static str) {
         self.failure = Some((reply, label));
+        self.scan = None;
         if let Some(body) = self.body.take() {
             body.abort().await;
         }
@@ -989,8 +1027,21 @@ impl Session {
     /// counts toward the stored size, not toward the hop count).
     async fn begin_incoming(&self, framing: Framing) -> Incoming {
         let id = QueueId::new();
+        let mut scan = None;
+        let mut failed = false;
+        if let Some(scanner) = self.shared.scanner.as_ref().filter(|_| self.wants_scan()) {
+            match scanner.buffer(&id.to_string()).await {
+                Ok(buffer) => scan = Some((scanner.clone(), buffer)),
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot buffer the message for scanning");
+                    failed = true;
+                }
+            }
+        }
         let mut incoming = Incoming {
-            body: Some(self.shared.spool.open_body(&id)),
+            body: if scan.is_some() { None } else { Some(self.shared.spool.open_body(&id)) },
+            scan,
+            spool: self.shared.spool.clone(),
             decoder: DataDecoder::new(framing, !self.config().smtpd_forbid_bare_newline),
             headers: HeaderScan::default(),
             received_header_len: 0,
@@ -1004,13 +1055,20 @@ impl Session {
         let header = self.received_header(&incoming.id);
         incoming.received_header_len = header.len() as u64;
         incoming.size = incoming.received_header_len;
-        if let Some(body) = incoming.body.as_mut()
-            && let Err(e) = body.write(header.as_bytes()).await
-        {
-            tracing::error!(queue_id = %incoming.id, error = %e, "queue write failed while receiving");
+        if failed {
             incoming.fail(Reply::queue_unavailable(), "queue_error").await;
+        } else {
+            incoming.write(header.as_bytes()).await;
         }
         incoming
+    }
+
+    /// `enable_virus_spam_scan` of any accepted recipient's listed domain.
+    fn wants_scan(&self) -> bool {
+        let Some(tx) = self.tx.as_ref() else { return false };
+        tx.recipients.iter().any(|r| {
+            matches!(self.shared.policy.domains.lookup(&r.domain), crate::domains::Lookup::Listed(route) if route.scan)
+        })
     }
 
     /// RFC 5321 §4.4 trace header, Postfix's layout, naming this node.
@@ -1134,6 +1192,37 @@ impl Session {
             self.log_reject("END-OF-MESSAGE", &reply, None);
             tracing::info!(queue_id = %incoming.id, size = client_bytes, "message refused: {reply}");
             return self.reply(reply);
+        }
+        if let Some((scanner, mut buffer)) = incoming.scan.take() {
+            let recipients: Vec<String> = tx.recipients.iter().map(|r| r.address.clone()).collect();
+            let (id, ip, sender) = (incoming.id.to_string(), self.client.ip.to_string(), tx.sender.to_string());
+            let env = ScanEnvelope {
+                queue_id: &id,
+                client_ip: &ip,
+                client_name: &self.client.name,
+                helo: self.helo.as_deref().unwrap_or(""),
+                sender: &sender,
+                recipients: &recipients,
+                user: self.auth.as_ref().map(|(u, _)| u.as_str()),
+            };
+            match scanner.scan(&mut buffer, &env).await {
+                ScanVerdict::Refuse(reply, label) => {
+                    METRICS.smtp_messages.with_label_values(&[label]).inc();
+                    self.log_reject("END-OF-MESSAGE", &reply, None);
+                    return self.reply(reply);
+                }
+                ScanVerdict::Accept { headers, subject } => {
+                    let mut body = self.shared.spool.open_body(&incoming.id);
+                    if let Err(e) = buffer.copy_into(&headers, subject.as_deref(), body.as_mut()).await {
+                        body.abort().await;
+                        METRICS.smtp_messages.with_label_values(&["queue_error"]).inc();
+                        tracing::error!(queue_id = %incoming.id, error = %e, "message not queued after scanning: 451");
+                        return self.reply(Reply::queue_unavailable());
+                    }
+                    incoming.size += headers.len() as u64;
+                    incoming.body = Some(body);
+                }
+            }
         }
         let Some(body) = incoming.body.take() else {
             return self.reply(Reply::queue_unavailable());
