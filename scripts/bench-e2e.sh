@@ -47,7 +47,7 @@ TOML
   if [ "${EMBEDDED:-0}" = 1 ]; then
     echo "data_dir = \"$work/data\"" | cat - "$work/node$i.toml" > "$work/t" && mv "$work/t" "$work/node$i.toml"
   else
-    printf '[domains]\nurl = "mysql://root@127.0.0.1:3306/%s"\n[queue]\nprefix = "%s"\n' "$db" "$prefix" >> "$work/node$i.toml"
+    printf '[domains]\nurl = "mysql://root@127.0.0.1:3306/%s"\n[queue]\nurl = "redis://127.0.0.1:6379/"\nprefix = "%s"\n' "$db" "$prefix" >> "$work/node$i.toml"
   fi
   "$bin" serve --config "$work/node$i.toml" 2>"$work/node$i.log" &
   pids+=($!)

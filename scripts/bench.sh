@@ -37,7 +37,10 @@ listen = "127.0.0.1:$admin"
 [domains]
 url = "mysql://root@127.0.0.1:3306/$db"
 [queue]
+url = "redis://127.0.0.1:6379/"
 prefix = "$prefix"
+[delivery]
+enabled = false
 TOML
 $bin serve --config "$work/mxrelay.toml" 2>"$work/log" &
 pid=$!
