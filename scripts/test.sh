@@ -16,6 +16,12 @@ command -v swaks >/dev/null || need+=(swaks)
 [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 [ -x /usr/bin/prometheus ] || need+=(prometheus)
+# Virus and spam scanning: the tests start private clamd and rspamd daemons
+# (tests/support/scanners.rs) with a signature database that sigtool
+# (clamav) makes on the spot; nothing is downloaded (no freshclam).
+[ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
+command -v sigtool >/dev/null || need+=(clamav)
+command -v rspamd >/dev/null || need+=(rspamd)
 # swaks --tls needs Perl's TLS modules; openssl s_client talks to STARTTLS.
 perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 command -v openssl >/dev/null || need+=(openssl)

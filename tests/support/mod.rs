@@ -6,6 +6,7 @@
 
 pub mod destination;
 pub mod pki;
+pub mod scanners;
 pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};
