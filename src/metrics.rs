@@ -228,6 +228,9 @@ impl Metrics {
         init(&self.delivery_attempts, &["sent", "deferred", "bounced", "connect_error", "session_error", "dns_error"]);
         init(&self.redis_errors, &["enqueue"]);
         init(&self.scan_errors, &["clamd", "rspamd"]);
+        for scanner in ["clamd", "rspamd"] {
+            self.scan_duration_seconds.with_label_values(&[scanner]);
+        }
         for (scanner, result) in [
             ("clamd", "clean"),
             ("clamd", "virus"),
