@@ -213,3 +213,16 @@ fn rspamd_actions_below_reject_mark_tag_or_defer() {
     assert_ne!(status, 0);
     assert!(out.contains("451 4.7.1 Error: message deferred by the spam filter, try again later"), "{out}");
 }
+
+#[test]
+fn clamd_over_a_unix_socket() {
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("clamd.sock");
+    let clamd = ClamdServer::start_with(&[&format!("LocalSocket {}", socket.display())]);
+    wait_until("clamd's unix socket", Duration::from_secs(10), || socket.exists());
+    let s = Setup::start(&[("MXRELAY_SCAN_CLAMD", format!("unix:{}", socket.display()))]);
+    let (status, out) = s.send(&[&format!("u@{SCANNED}")], &format!("{EICAR}\n"));
+    assert_ne!(status, 0);
+    assert!(out.contains(&format!("virus found: {EICAR_FOUND}")), "{out}");
+    drop(clamd);
+}
