@@ -27,7 +27,7 @@ perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || need+=(libio-socket-ssl-
 command -v openssl >/dev/null || need+=(openssl)
 # deploy/ checks: the Compose file parser and Python for the tools below.
 command -v docker-compose >/dev/null || need+=(docker-compose)
-python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
