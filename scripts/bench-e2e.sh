@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:-1}; n1=${2:-5000}; n100=${3:-1000}
 cargo build --release -q
-bin=$PWD/target/release/mxrelay
+bin=$(realpath "${CARGO_TARGET_DIR:-target}")/release/mxrelay
 work=$(mktemp -d)
 db="mxr_e2e_$$"
 prefix="mxre2e$$"

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-10000}
 cargo build --release -q
-bin=target/release/mxrelay
+bin=$(realpath "${CARGO_TARGET_DIR:-target}")/release/mxrelay
 work=$(mktemp -d)
 db="mxr_bench_$$"
 prefix="mxrbench$$"
