@@ -23,7 +23,7 @@ pub struct Metrics {
     pub scan_errors: IntCounterVec,
     pub scan_duration_seconds: prometheus::HistogramVec,
     pub queue_enqueue_seconds: Histogram,
-    pub redis_errors: IntCounterVec,
+    pub queue_errors: IntCounterVec,
     pub database_errors: IntCounter,
     pub dns_errors: IntCounter,
     pub domains_snapshot_size: IntGauge,
@@ -179,7 +179,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["result"],
         ),
         queue_enqueue_seconds,
-        redis_errors: counter_vec(&r, "mxrelay_redis_errors_total", "Failed Redis operations", &["op"]),
+        queue_errors: counter_vec(
+            &r,
+            "mxrelay_queue_errors_total",
+            "Failed queue operations (Redis, or the embedded SQLite spool), by operation",
+            &["op"],
+        ),
         database_errors: counter(&r, "mxrelay_database_errors_total", "Failed domain database operations"),
         dns_errors: counter(&r, "mxrelay_dns_errors_total", "DNS lookups that failed temporarily"),
         domains_snapshot_size: gauge(&r, "mxrelay_domains_snapshot_size", "Domains in this node's snapshot"),
@@ -226,7 +231,7 @@ impl Metrics {
         );
         init(&self.delivery_recipients, &["delivered", "deferred", "bounced"]);
         init(&self.delivery_attempts, &["sent", "deferred", "bounced", "connect_error", "session_error", "dns_error"]);
-        init(&self.redis_errors, &["enqueue"]);
+        init(&self.queue_errors, &["enqueue"]);
         init(&self.scan_errors, &["clamd", "rspamd"]);
         for scanner in ["clamd", "rspamd"] {
             self.scan_duration_seconds.with_label_values(&[scanner]);

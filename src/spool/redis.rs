@@ -235,7 +235,7 @@ pub struct RedisSpool {
 }
 
 fn unavailable(op: &'static str, e: impl std::fmt::Display) -> SpoolError {
-    METRICS.redis_errors.with_label_values(&[op]).inc();
+    METRICS.queue_errors.with_label_values(&[op]).inc();
     SpoolError::Unavailable(format!("{op}: {e}"))
 }
 
@@ -729,7 +729,7 @@ impl SpoolBody for RedisBody {
                     .arg(&entry)
                     .arg(self.id.as_str());
                 let _ = bounded("rollback", self.config.timeout, rollback.invoke_async::<i64>(&mut conn)).await;
-                METRICS.redis_errors.with_label_values(&["wait"]).inc();
+                METRICS.queue_errors.with_label_values(&["wait"]).inc();
                 return Err(SpoolError::NotReplicated { wanted, got });
             }
         }

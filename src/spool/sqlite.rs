@@ -24,7 +24,7 @@ pub struct SqliteSpool {
 }
 
 fn failed(op: &'static str, e: impl std::fmt::Display) -> SpoolError {
-    METRICS.redis_errors.with_label_values(&[op]).inc();
+    METRICS.queue_errors.with_label_values(&[op]).inc();
     SpoolError::Unavailable(format!("{op}: {e}"))
 }
 
