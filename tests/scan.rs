@@ -226,3 +226,66 @@ fn clamd_over_a_unix_socket() {
     assert!(out.contains(&format!("virus found: {EICAR_FOUND}")), "{out}");
     drop(clamd);
 }
+
+/// A port that accepts connections and then answers `answer` after reading
+/// whatever comes (None: never answers): a broken scanner, for the cases a
+/// real daemon cannot be made to show.
+fn broken_scanner(answer: Option<&'static [u8]>) -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = std::thread::spawn(move || {
+        listener.set_nonblocking(false).unwrap();
+        let started = std::time::Instant::now();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = std::io::Read::read(&mut stream, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            match answer {
+                Some(a) => {
+                    let _ = std::io::Write::write_all(&mut stream, a);
+                }
+                None => std::thread::sleep(Duration::from_secs(5)),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return;
+            }
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn slow_or_garbled_scanners_tempfail_and_never_pass_silently() {
+    // clamd that answers nonsense.
+    let (garbage, _g) = broken_scanner(Some(b"I am not clamd\0"));
+    let s = Setup::start(&[("MXRELAY_SCAN_CLAMD", garbage)]);
+    let (status, out) = s.send(&[&format!("x@{SCANNED}")], "hello\n");
+    assert_ne!(status, 0);
+    assert!(out.contains("451 4.7.1 Error: message could not be scanned"), "{out}");
+    assert!(s.relay.log().contains("bad answer: clamd answered"), "{}", s.relay.log());
+    drop(s);
+
+    // rspamd that answers HTTP with something that is not its JSON.
+    let (html, _h) = broken_scanner(Some(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\n<html>"));
+    let s = Setup::start(&[("MXRELAY_SCAN_RSPAMD", format!("http://{html}"))]);
+    let (status, out) = s.send(&[&format!("y@{SCANNED}")], "hello\n");
+    assert_ne!(status, 0);
+    assert!(out.contains("451 4.7.1"), "{out}");
+    drop(s);
+
+    // A scanner that never answers: cut at scan.timeout.
+    let (silent, _s) = broken_scanner(None);
+    let s = Setup::start(&[("MXRELAY_SCAN_CLAMD", silent), ("MXRELAY_SCAN_TIMEOUT", "1s".into())]);
+    let started = std::time::Instant::now();
+    let (status, out) = s.send(&[&format!("z@{SCANNED}")], "hello\n");
+    assert_ne!(status, 0);
+    assert!(out.contains("451 4.7.1"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(10), "scan.timeout not applied");
+    assert!(s.relay.log().contains("timed out: clamd"), "{}", s.relay.log());
+    assert_eq!(s.dest.connections(), 0, "nothing may be delivered");
+}
