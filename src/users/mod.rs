@@ -83,6 +83,10 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
 /// takes as long as a wrong password.
 static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| hash_password("mxrelay-timing-equaliser").unwrap_or_default());
 
+/// Argon2 verifications running at once on this node.
+pub const VERIFY_CONCURRENCY: usize = 4;
+static VERIFY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(VERIFY_CONCURRENCY);
+
 /// Checks `password` for `username`; `Ok(false)` for an unknown user and a
 /// wrong password alike, after the same amount of work.
 pub async fn verify(store: &dyn UserStore, username: &str, password: &str) -> Result<bool, UserError> {
@@ -90,6 +94,10 @@ pub async fn verify(store: &dyn UserStore, username: &str, password: &str) -> Re
     let known = stored.is_some();
     let hash = stored.unwrap_or_else(|| DUMMY_HASH.clone());
     let password = password.to_owned();
+    // Each verification takes Argon2's 19 MiB and tens of milliseconds of
+    // CPU: a bounded number at once, so that many clients trying AUTH
+    // together queue up instead of exhausting memory.
+    let _slot = VERIFY_SLOTS.acquire().await.map_err(|_| UserError::Unavailable("verifier closed".into()))?;
     // Argon2 is CPU-bound by design: keep it off the async workers.
     let matches = tokio::task::spawn_blocking(move || {
         let verified = Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok();
