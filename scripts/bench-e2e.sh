@@ -6,61 +6,27 @@
 # Usage: scripts/bench-e2e.sh [NODES] [MSGS_1K] [MSGS_100K]   Prints figures.
 #        EMBEDDED=1 scripts/bench-e2e.sh 1 …   the single node on its embedded SQLite store.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=bench-lib.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/bench-lib.sh"
 nodes=${1:-1}; n1=${2:-5000}; n100=${3:-1000}
-cargo build --release -q
-bin=$(realpath "${CARGO_TARGET_DIR:-target}")/release/mxrelay
-work=$(mktemp -d)
-db="mxr_e2e_$$"
-prefix="mxre2e$$"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-sinkport=$(port)
-pids=()
-cleanup() {
-  kill "${pids[@]}" 2>/dev/null || true
-  mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS $db" || true
-  redis-cli --scan --pattern "$prefix:*" | xargs -r -n 500 redis-cli del >/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mysql -h 127.0.0.1 -u root -e "CREATE DATABASE $db"
+bench_embedded=${EMBEDDED:-0}
+release_binary
+bench_init e2e
+sinkport=$(free_port)
 sinkuser=$(id -u postfix >/dev/null 2>&1 && echo postfix || echo nobody)
-smtp-sink -u "$sinkuser" -c 127.0.0.1:$sinkport 1000 > "$work/sink.log" 2>&1 &
-pids+=($!)
+smtp-sink -u "$sinkuser" -c "127.0.0.1:$sinkport" 1000 > "$work/sink.log" 2>&1 &
+bench_on_exit "kill $! 2>/dev/null"
 targets=()
 for i in $(seq 1 "$nodes"); do
-  p=$(port); a=$(port)
-  cat > "$work/node$i.toml" <<TOML
-node_id = "bench-$i"
-mynetworks = ["127.0.0.255/32"]
-message_size_limit = 524288000
-reject_unknown_sender_domain = false
-reject_unknown_recipient_domain = false
-log.level = "warn"
-[smtp]
-listen = "127.0.0.1:$p"
-peername_lookup = false
-max_connections_per_ip = 500
-[admin]
-listen = "127.0.0.1:$a"
-TOML
-  if [ "${EMBEDDED:-0}" = 1 ]; then
-    echo "data_dir = \"$work/data\"" | cat - "$work/node$i.toml" > "$work/t" && mv "$work/t" "$work/node$i.toml"
-  else
-    printf '[domains]\nurl = "mysql://root@127.0.0.1:3306/%s"\n[queue]\nurl = "redis://127.0.0.1:6379/"\nprefix = "%s"\n' "$db" "$prefix" >> "$work/node$i.toml"
-  fi
-  "$bin" serve --config "$work/node$i.toml" 2>"$work/node$i.log" &
-  pids+=($!)
+  p=$(free_port); a=$(free_port)
+  { node_config_base --deliver "bench-$i" "$p" "$a"
+    echo 'message_size_limit = 524288000'
+    echo 'smtp.max_connections_per_ip = 500'
+  } > "$work/node$i.toml"
+  start_node "$work/node$i.toml" "$p"
   targets+=("127.0.0.1:$p")
-  for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
-if [ "${EMBEDDED:-0}" = 1 ]; then
-  "$bin" domains add dest.example --relay-host 127.0.0.1 --relay-port "$sinkport" --no-scan --config "$work/node1.toml" >/dev/null
-else
-  mysql -h 127.0.0.1 -u root "$db" -e "INSERT INTO domains VALUES ('dest.example','127.0.0.1',$sinkport,'0')"
-fi
-for pid in "${pids[@]:1}"; do kill -HUP "$pid"; done
-sleep 1
+add_domain dest.example 127.0.0.1 "$sinkport" 0
 
 sunk() { tr '\r' '\n' < "$work/sink.log" | grep -oE 'mesg=[0-9]+' | tail -1 | cut -d= -f2 || true; }
 
@@ -97,5 +63,5 @@ for size in 1024 102400; do
   done
 done
 for i in $(seq 1 "$nodes"); do
-  echo "node $i peak RSS: $(awk '/VmHWM/{print int($2/1024)}' /proc/${pids[$i]}/status) MiB"
+  echo "node $i peak RSS: $(peak_rss_mib "${bench_node_pids[i - 1]}") MiB"
 done

@@ -26,43 +26,22 @@
 # Usage: scripts/bench-scan.sh [MESSAGES] [SESSIONS]
 #        Prints figures; asserts nothing.
 set -euo pipefail
-[ -n "${MXRELAY_BIN:-}" ] && MXRELAY_BIN=$(realpath "$MXRELAY_BIN")
-cd "$(dirname "$0")/.."
+# shellcheck source=bench-lib.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/bench-lib.sh"
 n=${1:-2000}; sessions=${2:-20}; size=102400; warm=40
 workers=${RSPAMD_WORKERS:-1}
 target=${CARGO_TARGET_DIR:-target}
-if [ -n "${MXRELAY_BIN:-}" ]; then
-  # Not passed on: the node reads every MXRELAY_* variable as a
-  # configuration key and refuses unknown ones.
-  bin=$MXRELAY_BIN; unset MXRELAY_BIN
-else
-  cargo build --release -q
-  bin=$target/release/mxrelay
-fi
-work=$(mktemp -d)
-db="mxr_bscan_$$"
-prefix="mxrbscan$$"
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(freeport); admin=$(freeport); cport=$(freeport); rport=$(freeport); dport=$(freeport)
-pid= cpid= rpid= dpid=
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  [ -n "$cpid" ] && kill -KILL "$cpid" 2>/dev/null || true
-  # rspamd runs in its own process group (main process, workers, hs_helper).
-  [ -n "$rpid" ] && kill -KILL -- "-$rpid" 2>/dev/null || true
-  [ -n "$dpid" ] && kill "$dpid" 2>/dev/null || true
-  wait 2>/dev/null || true
-  mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS $db" || true
-  redis-cli --scan --pattern "$prefix:*" | xargs -r -n 500 redis-cli del >/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mysql -h 127.0.0.1 -u root -e "CREATE DATABASE $db"
-tck=$(getconf CLK_TCK)
+release_binary
+bench_init bscan
+port=$(free_port); admin=$(free_port); cport=$(free_port); rport=$(free_port); dport=$(free_port)
+# At exit, after the scanners below are killed: let them go before the work
+# dir is removed.
+bench_on_exit 'wait 2>/dev/null'
 
 # --- clamd -------------------------------------------------------------------
 c=$work/clamd
 mkdir -p "$c/db" "$c/tmp"
+# shellcheck disable=SC2016 # the EICAR string, as it is
 eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 printf 'Eicar-Test-Signature:0:*:%s\n' "$(printf '%s' "$eicar" | od -An -tx1 -v | tr -d ' \n')" > "$c/db/mxrelay.ndb"
 printf 'mxrelay scanner test file: harmless, known to the test clamd by its MD5 hash only.\n' > "$c/test-file"
@@ -81,13 +60,14 @@ Bytecode no
 CONF
 clamd -c "$c/clamd.conf" </dev/null >/dev/null 2>"$c/clamd.stderr" &
 cpid=$!
+bench_on_exit "kill -KILL $cpid 2>/dev/null"
 
 # --- dnsmasq: NXDOMAIN for every name (rspamd's only resolver) -----------------
 mkdir -p "$work/dns"
 /usr/sbin/dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
   --listen-address=127.0.0.1 --interface=lo --user=root --port="$dport" \
   --pid-file="$work/dns/pid" --log-facility="$work/dns/log" --address=/#/ >/dev/null 2>&1 &
-dpid=$!
+bench_on_exit "kill $! 2>/dev/null"
 for _ in $(seq 1 100); do [ -e "$work/dns/pid" ] && break; sleep 0.1; done
 
 # --- rspamd --------------------------------------------------------------------
@@ -147,6 +127,7 @@ symbols {
   "RDNS_DNSFAIL" { weight = 0.0; }
 }
 CONF
+# shellcheck disable=SC2016 # an rspamd variable
 echo 'file = ["${CONFDIR}/maps.d/mime_types.inc"];' > "$r/override.d/mime_types.conf"
 # The cache grows by some 0.2 MB a start: emptied past 512 MiB, as the tests
 # do. On a cold cache the start holds the tests' lock (flock, as Rust's
@@ -160,6 +141,8 @@ if [ ! -e "$hs/warm" ]; then exec {coldlock}>"$hs/lock"; flock "$coldlock"; fi
 setsid rspamd -f -i -c "$r/rspamd.conf" --var=LOCAL_CONFDIR="$r" --var=DBDIR="$r/db" \
   --var=RUNDIR="$r/run" --var=LOGDIR="$r" </dev/null >/dev/null 2>"$r/rspamd.stderr" &
 rpid=$!
+# rspamd runs in its own process group (main process, workers, hs_helper).
+bench_on_exit "kill -KILL -- -$rpid 2>/dev/null"
 
 # --- readiness -----------------------------------------------------------------
 t0=$(date +%s.%N)
@@ -207,11 +190,10 @@ echo "rspamd normal workers: $workers; clamd with the default MaxThreads (10); s
 echo "load: $n x $((size / 1024)) KiB, $sessions sessions (smtp-source, one message per connection), after $warm warm-up messages per case"
 
 # --- CPU accounting ------------------------------------------------------------
-cpu() { awk -v t="$tck" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat"; }
 # rspamd: every process of its group (main, worker, hs_helper), with what
 # the main process has reaped.
 rcpu() {
-  python3 - "$rpid" "$tck" <<'PY'
+  python3 - "$rpid" "$clk_tck" <<'PY'
 import glob, sys
 group, tck, total = sys.argv[1], int(sys.argv[2]), 0
 for path in glob.glob("/proc/[0-9]*/stat"):
@@ -227,7 +209,6 @@ PY
 metrics() { # prints "name{labels} value" for the scan counters
   curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^mxrelay_scan_(total|errors_total)\{' || true
 }
-queued() { for s in 0 1 2 3; do redis-cli xlen "$prefix:{q$s}:ready"; done | awk '{t+=$1} END{print t+0}'; }
 
 # --- one case ------------------------------------------------------------------
 results=()
@@ -235,51 +216,24 @@ run_case() { # label flag clamd-addr rspamd-url
   local label=$1 flag=$2 ca=$3 ru=$4
   local d=$work/node-$label
   mkdir -p "$d"
-  # As bench.sh: no DNS checks, 127.0.0.1 not in mynetworks, queue.url
-  # explicit (Redis), delivery off; the scan buffer in data_dir/scan.
-  cat > "$d/mxrelay.toml" <<TOML
-node_id = "bench-scan"
-data_dir = "$d/data"
-mynetworks = ["127.0.0.255/32"]
-reject_unknown_sender_domain = false
-reject_unknown_recipient_domain = false
-log.level = "warn"
-[smtp]
-listen = "127.0.0.1:$port"
-peername_lookup = false
-max_connections_per_ip = 1000
-[admin]
-listen = "127.0.0.1:$admin"
-[domains]
-url = "mysql://root@127.0.0.1:3306/$db"
-[queue]
-url = "redis://127.0.0.1:6379"
-prefix = "$prefix"
-[delivery]
-enabled = false
-[scan]
-clamd = "$ca"
-rspamd = "$ru"
-TOML
-  $bin serve --config "$d/mxrelay.toml" 2>"$d/log" &
-  pid=$!
-  for p in $port $admin; do
-    for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
-  done
-  if ! kill -0 "$pid" 2>/dev/null; then echo "the node exited:"; tail -n 20 "$d/log"; exit 1; fi
-  mysql -h 127.0.0.1 -u root "$db" -e "REPLACE INTO domains VALUES ('dest.example','127.0.0.1',2526,'$flag')"
-  kill -HUP $pid; sleep 0.5
-  local src=(-s "$sessions" -l "$size" -M bench.example -f sender@src.example -t rcpt@dest.example 127.0.0.1:$port)
+  # A fresh node per case; the scan buffer in data_dir/scan.
+  { node_config_base --data-dir "$d/data" bench-scan "$port" "$admin"
+    echo 'smtp.max_connections_per_ip = 1000'
+    printf '[scan]\nclamd = "%s"\nrspamd = "%s"\n' "$ca" "$ru"
+  } > "$d/mxrelay.toml"
+  start_node "$d/mxrelay.toml" "$port" "$admin"
+  add_domain dest.example 127.0.0.1 2526 "$flag"
+  local src=(-s "$sessions" -l "$size" -M bench.example -f sender@src.example -t rcpt@dest.example "127.0.0.1:$port")
   smtp-source -m "$warm" "${src[@]}"
-  local q0 m0 n0 c0 k0 r0 a b n1 c1 k1 r1 q1 hwm
-  q0=$(queued); m0=$(metrics)
-  n0=$(cpu $pid); k0=$(cpu $cpid); r0=$(rcpu)
+  local q0 m0 n0 k0 r0 a b n1 k1 r1 q1 hwm
+  q0=$(queued_in_redis); m0=$(metrics)
+  n0=$(cpu_seconds "$node_pid"); k0=$(cpu_seconds "$cpid"); r0=$(rcpu)
   a=$(date +%s.%N)
   smtp-source -m "$n" "${src[@]}"
   b=$(date +%s.%N)
-  n1=$(cpu $pid); k1=$(cpu $cpid); r1=$(rcpu)
-  q1=$(queued)
-  hwm=$(awk '/VmHWM/{print int($2/1024)}' /proc/$pid/status)
+  n1=$(cpu_seconds "$node_pid"); k1=$(cpu_seconds "$cpid"); r1=$(rcpu)
+  q1=$(queued_in_redis)
+  hwm=$(peak_rss_mib "$node_pid")
   echo "== $label: enable_virus_spam_scan='$flag' scan.clamd=\"$ca\" scan.rspamd=\"$ru\""
   local line
   line=$(awk -v l="$label" -v n="$n" -v a="$a" -v b="$b" -v nc="$n0" -v nd="$n1" -v kc="$k0" -v kd="$k1" \
@@ -305,10 +259,8 @@ TOML
   local errs
   errs=$(metrics | awk '/^mxrelay_scan_errors_total/{t+=$2} END{print t+0}')
   echo "  scan errors: $errs; queued entries in Redis for the timed run: $((q1 - q0)) of $n"
-  local w; w=$(grep -c . "$d/log" || true)
-  echo "  node log lines (warn and above): $w"
-  [ "$w" -gt 0 ] && sed -E 's/^[^ ]+ +//' "$d/log" | cut -c1-120 | sort | uniq -c | sort -rn | head -5 || true
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  log_summary "$node_log" "  "
+  stop_node
 }
 run_case off 0 "127.0.0.1:$cport" "http://127.0.0.1:$rport"
 run_case clamd 1 "127.0.0.1:$cport" ""

@@ -13,66 +13,29 @@
 # Usage: scripts/bench-tls.sh [MESSAGES] [SESSIONS] [S_TIME_SECONDS]
 #        Prints figures; asserts nothing.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=bench-lib.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/bench-lib.sh"
 n=${1:-5000}; sessions=${2:-20}; stime=${3:-10}
-cargo build --release -q
-bin=${CARGO_TARGET_DIR:-target}/release/mxrelay
-work=$(mktemp -d)
-db="mxr_btls_$$"
-prefix="mxrbtls$$"
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(freeport); tport=$(freeport); admin=$(freeport)
-pid=
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS $db" || true
-  redis-cli --scan --pattern "$prefix:*" | xargs -r -n 500 redis-cli del >/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mysql -h 127.0.0.1 -u root -e "CREATE DATABASE $db"
+release_binary
+bench_init btls
+port=$(free_port); tport=$(free_port); admin=$(free_port)
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -keyout "$work/key.pem" -out "$work/cert.pem" -subj /CN=localhost \
   -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
 
-# As bench.sh: no DNS checks, 127.0.0.1 not in mynetworks (every recipient
-# goes through the relay check). queue.url is explicit (without it the node
-# runs on the embedded SQLite store) and data_dir is in the temp dir. Delivery
-# off, so only acceptance is timed; the per-IP connection limit is raised
-# since every client is 127.0.0.1.
-cat > "$work/mxrelay.toml" <<TOML
-node_id = "bench-tls"
-data_dir = "$work/data"
-mynetworks = ["127.0.0.255/32"]
-reject_unknown_sender_domain = false
-reject_unknown_recipient_domain = false
-log.level = "warn"
-[smtp]
-listen = "127.0.0.1:$port"
-peername_lookup = false
-max_connections_per_ip = 1000
+# The per-IP connection limit is raised since every client is 127.0.0.1.
+{ node_config_base bench-tls "$port" "$admin"
+  echo 'smtp.max_connections_per_ip = 1000'
+  cat <<TOML
 [tls]
 cert = "$work/cert.pem"
 key = "$work/key.pem"
 security_level = "may"
 implicit_listen = "127.0.0.1:$tport"
-[admin]
-listen = "127.0.0.1:$admin"
-[domains]
-url = "mysql://root@127.0.0.1:3306/$db"
-[queue]
-url = "redis://127.0.0.1:6379"
-prefix = "$prefix"
-[delivery]
-enabled = false
 TOML
-$bin serve --config "$work/mxrelay.toml" 2>"$work/log" &
-pid=$!
-for p in $port $tport; do
-  for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
-done
-mysql -h 127.0.0.1 -u root "$db" -e "INSERT INTO domains VALUES ('dest.example','127.0.0.1',2526,'0')"
-kill -HUP $pid; sleep 0.5
+} > "$work/mxrelay.toml"
+start_node "$work/mxrelay.toml" "$port" "$tport"
+add_domain dest.example 127.0.0.1 2526 0
 
 echo "machine: $(nproc) cores, $(uname -r); $(openssl version | cut -d' ' -f1-2); Python $(python3 -c 'import platform; print(platform.python_version())')"
 handshakes() { # prints: ok failed
@@ -88,35 +51,39 @@ for l in m.splitlines():
 print(v["ok"], v["failed"])
 PY
 }
+handshakes_since() { # BEFORE (from handshakes): prints "ok=N failed=M" since then
+  local ok0 bad0 ok1 bad1 now
+  now=$(handshakes)
+  read -r ok0 bad0 <<<"$1"; read -r ok1 bad1 <<<"$now"
+  echo "ok=$((ok1 - ok0)) failed=$((bad1 - bad0))"
+}
 # Peak RSS per run: VmHWM is reset through clear_refs where the kernel allows it.
-reset_peak() { echo 5 > /proc/$pid/clear_refs 2>/dev/null || echo "(could not reset VmHWM: peak is since start)"; }
+reset_peak() { echo 5 > "/proc/$node_pid/clear_refs" 2>/dev/null || echo "(could not reset VmHWM: peak is since start)"; }
 maxpeak=0
-tck=$(getconf CLK_TCK)
-cpu() { awk -v t="$tck" '{printf "%.2f", ($14 + $15) / t}' /proc/$pid/stat; }
+cpu() { cpu_seconds "$node_pid"; }
 cpuper() { # label before after count: node CPU seconds and per item
   awk -v l="$1" -v a="$2" -v b="$3" -v c="$4" \
     'BEGIN{printf "  node CPU %.2fs (%.0f us per %s)\n", b-a, c ? (b-a)*1e6/c : 0, l}'
 }
 peak() {
-  local m; m=$(awk '/VmHWM/{print int($2/1024)}' /proc/$pid/status)
+  local m; m=$(peak_rss_mib "$node_pid")
   [ "$m" -gt "$maxpeak" ] && maxpeak=$m
   echo "  node peak RSS during this run: $m MiB"
 }
 
 s_time() { # label extra-openssl-args...
   local label=$1; shift
-  local before after t0 t1 out
+  local before counted t0 t1 out
   before=$(handshakes); reset_peak; c0=$(cpu)
   t0=$(date +%s.%N)
-  out=$(openssl s_time -connect 127.0.0.1:$tport -new -time "$stime" "$@" 2>&1 || true)
+  out=$(openssl s_time -connect "127.0.0.1:$tport" -new -time "$stime" "$@" 2>&1 || true)
   t1=$(date +%s.%N)
-  c1=$(cpu); after=$(handshakes)
+  c1=$(cpu); counted=$(handshakes_since "$before")
   echo "$out" | grep -E 'connections in|rror' | head -3 | sed 's/^/  s_time: /'
   local conns
   conns=$(echo "$out" | grep -oE '^[0-9]+ connections in [0-9.]+ real' | head -1 | cut -d' ' -f1 || true)
-  set -- $before $after
-  awk -v l="$label" -v c="${conns:-0}" -v a="$t0" -v b="$t1" -v ok=$(($3 - $1)) -v bad=$(($4 - $2)) \
-    'BEGIN{printf "%s handshakes (s_time -new): %d in %.2fs = %.0f/s; node counted ok=%d failed=%d\n", l, c, b-a, c/(b-a), ok, bad}'
+  awk -v l="$label" -v c="${conns:-0}" -v a="$t0" -v b="$t1" -v h="$counted" \
+    'BEGIN{printf "%s handshakes (s_time -new): %d in %.2fs = %.0f/s; node counted %s\n", l, c, b-a, c/(b-a), h}'
   # s_time closes right after its Finished without reading the server's
   # TLS 1.3 session tickets, so the node often reads a reset and counts the
   # handshake as failed: its share of the work (key exchange, signature) was
@@ -213,12 +180,11 @@ for e, c in errors.most_common(5):
     print("  error x%d: %s" % (c, e))
 PY
 accept() { # mode
-  local before after
+  local before counted
   before=$(handshakes); reset_peak; c0=$(cpu)
   python3 "$work/client.py" "$port" "$1" "$n" "$sessions"
-  c1=$(cpu); after=$(handshakes)
-  set -- $before $after
-  echo "  node counted TLS handshakes ok=$(($3 - $1)) failed=$(($4 - $2))"
+  c1=$(cpu); counted=$(handshakes_since "$before")
+  echo "  node counted TLS handshakes $counted"
   cpuper message "$c0" "$c1" "$n"
   peak
 }
@@ -229,7 +195,7 @@ accept plain-reuse
 srcref() { # label smtp-source-flags...
   local label=$1 t0 t1 c0 c1; shift
   t0=$(date +%s.%N); c0=$(cpu)
-  smtp-source "$@" -s "$sessions" -m "$n" -l 1024 -M bench.example -f sender@src.example -t rcpt@dest.example 127.0.0.1:$port
+  smtp-source "$@" -s "$sessions" -m "$n" -l 1024 -M bench.example -f sender@src.example -t rcpt@dest.example "127.0.0.1:$port"
   t1=$(date +%s.%N); c1=$(cpu)
   awk -v l="$label" -v n="$n" -v c="$sessions" -v a="$t0" -v b="$t1" \
     'BEGIN{printf "%-15s %5d x 1 KiB, %d sessions (smtp-source, reference): %.2fs = %.0f msg/s\n", l, n, c, b-a, n/(b-a)}'
@@ -242,9 +208,6 @@ fi
 accept starttls-reuse
 accept plain-each
 accept starttls-each
-queued=$(for s in 0 1 2 3; do redis-cli xlen "$prefix:{q$s}:ready"; done | awk '{t+=$1} END{print t}')
-echo "queued entries in Redis: $queued (the runs above sent $n each)"
+echo "queued entries in Redis: $(queued_in_redis) (the runs above sent $n each)"
 echo "node peak RSS, highest of the runs above: $maxpeak MiB"
-warn=$(grep -c . "$work/log" || true)
-echo "node log lines (warn and above): $warn"
-[ "$warn" -gt 0 ] && sed -E 's/^[^ ]+ +//' "$work/log" | cut -c1-120 | sort | uniq -c | sort -rn | head -5 || true
+log_summary "$node_log"
