@@ -3,7 +3,7 @@
 //! `smtpd_delay_reject = yes`), in the seed's order:
 //!
 //! `permit_mynetworks` → relay check (listed domain, else `454 4.7.1 Relay
-//! access denied`; `permit_sasl_authenticated` is a hook for AUTH) →
+//! access denied`; `permit_sasl_authenticated` for AUTH clients) →
 //! `reject_invalid_hostname` → `reject_non_fqdn_sender` →
 //! `reject_unknown_sender_domain` → `reject_non_fqdn_recipient` →
 //! `reject_unknown_recipient_domain`.
@@ -37,7 +37,7 @@ pub struct Restrictions {
 pub struct Client {
     pub ip: IpAddr,
     pub helo: Option<String>,
-    /// SMTP AUTH succeeded (`permit_sasl_authenticated`; AUTH comes later).
+    /// SMTP AUTH succeeded (`permit_sasl_authenticated`).
     pub authenticated: bool,
 }
 
