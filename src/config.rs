@@ -463,7 +463,6 @@ pub struct Resolved {
     /// The implicit-TLS listener, if any.
     pub tls_listen: Option<SocketAddr>,
     pub mynetworks: Vec<IpNet>,
-    pub proxy_networks: Vec<IpNet>,
     pub nameservers: Vec<SocketAddr>,
 }
 
@@ -526,28 +525,18 @@ impl Config {
         };
         let smtp_listen = addr("smtp.listen", &self.smtp.listen, &mut errors);
         let admin_listen = addr("admin.listen", &self.admin.listen, &mut errors);
-        let mut mynetworks = Vec::new();
-        for net in &self.mynetworks {
-            match parse_network(net) {
-                Some(n) => mynetworks.push(n),
-                None => errors.push(ConfigError::new(
-                    "mynetworks",
-                    format!("{net:?} is not an IP address or CIDR"),
-                    "use entries like 127.0.0.1/32, 192.0.2.0/24 or [::1]/128",
-                )),
-            }
-        }
-        let mut proxy_networks = Vec::new();
-        for net in &self.smtp.proxy_networks {
-            match parse_network(net) {
-                Some(n) => proxy_networks.push(n),
-                None => errors.push(ConfigError::new(
-                    "smtp.proxy_networks",
-                    format!("{net:?} is not an IP address or CIDR"),
-                    "list your load balancers' addresses, e.g. 10.0.0.0/24",
-                )),
-            }
-        }
+        let mynetworks = networks(
+            "mynetworks",
+            &self.mynetworks,
+            "use entries like 127.0.0.1/32, 192.0.2.0/24 or [::1]/128",
+            &mut errors,
+        );
+        networks(
+            "smtp.proxy_networks",
+            &self.smtp.proxy_networks,
+            "list your load balancers' addresses, e.g. 10.0.0.0/24",
+            &mut errors,
+        );
         if self.smtp.proxy_protocol && self.smtp.proxy_networks.is_empty() {
             errors.push(ConfigError::new(
                 "smtp.proxy_networks",
@@ -736,7 +725,7 @@ impl Config {
         }
         match (smtp_listen, admin_listen, errors.is_empty()) {
             (Ok(smtp_listen), Ok(admin_listen), true) => {
-                Ok(Resolved { smtp_listen, admin_listen, tls_listen, mynetworks, proxy_networks, nameservers })
+                Ok(Resolved { smtp_listen, admin_listen, tls_listen, mynetworks, nameservers })
             }
             _ => Err(errors),
         }
@@ -749,6 +738,19 @@ impl Config {
         shown.queue.url = mask_url(&shown.queue.url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Parses the address/CIDR list of `key`; each bad entry is an error
+/// naming the key, with `fix`.
+fn networks(key: &str, entries: &[String], fix: &str, errors: &mut Vec<ConfigError>) -> Vec<IpNet> {
+    let mut nets = Vec::new();
+    for net in entries {
+        match parse_network(net) {
+            Some(n) => nets.push(n),
+            None => errors.push(ConfigError::new(key, format!("{net:?} is not an IP address or CIDR"), fix)),
+        }
+    }
+    nets
 }
 
 /// Keys a running node takes over on SIGHUP; every other key needs a restart.

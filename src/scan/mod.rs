@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::ScanConfig;
 use crate::metrics::METRICS;
 use crate::smtp::reply::Reply;
-use crate::spool::{SpoolBody, SpoolError};
+use crate::spool::{QueueId, Spool, SpoolBody, SpoolError};
 
 /// A scanner failure: always temporary for the sender.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -109,28 +109,9 @@ impl Scanner {
             return self.failed(vec![("local", ScanError::Timeout("no free scanner slot".into()))]);
         };
         let path = buffer.path.clone();
-        let clamd = async {
-            if self.config.clamd.is_empty() {
-                return None;
-            }
-            let started = Instant::now();
-            let result = tokio::time::timeout(deadline, clamd::scan(&self.config.clamd, &path))
-                .await
-                .unwrap_or_else(|_| Err(ScanError::Timeout(format!("clamd at {}", self.config.clamd))));
-            METRICS.scan_duration_seconds.with_label_values(&["clamd"]).observe(started.elapsed().as_secs_f64());
-            Some(result)
-        };
-        let spam = async {
-            if self.config.rspamd.is_empty() {
-                return None;
-            }
-            let started = Instant::now();
-            let result = tokio::time::timeout(deadline, rspamd::scan(&self.http, &self.config.rspamd, &path, env))
-                .await
-                .unwrap_or_else(|_| Err(ScanError::Timeout(format!("rspamd at {}", self.config.rspamd))));
-            METRICS.scan_duration_seconds.with_label_values(&["rspamd"]).observe(started.elapsed().as_secs_f64());
-            Some(result)
-        };
+        let clamd = timed("clamd", &self.config.clamd, deadline, clamd::scan(&self.config.clamd, &path));
+        let spam =
+            timed("rspamd", &self.config.rspamd, deadline, rspamd::scan(&self.http, &self.config.rspamd, &path, env));
         let (virus, spam) = tokio::join!(clamd, spam);
         let verdict = decide(virus, spam, &self.config, &self.node);
         tracing::info!(queue_id = env.queue_id, "{}: scan: {}", env.queue_id, describe(&verdict));
@@ -147,6 +128,25 @@ impl Scanner {
         METRICS.scan.with_label_values(&["all", "skipped_size"]).inc();
         format!("X-Mxrelay-Scan: not scanned (message over scan.max_size) by node {}\r\n", self.node)
     }
+}
+
+/// Runs one scanner (`None` when `address` is not configured) within
+/// `deadline`, recording how long it took.
+async fn timed<T>(
+    scanner: &'static str,
+    address: &str,
+    deadline: std::time::Duration,
+    scan: impl Future<Output = Result<T, ScanError>>,
+) -> Option<Result<T, ScanError>> {
+    if address.is_empty() {
+        return None;
+    }
+    let started = Instant::now();
+    let result = tokio::time::timeout(deadline, scan)
+        .await
+        .unwrap_or_else(|_| Err(ScanError::Timeout(format!("{scanner} at {address}"))));
+    METRICS.scan_duration_seconds.with_label_values(&[scanner]).observe(started.elapsed().as_secs_f64());
+    Some(result)
 }
 
 fn describe(v: &Verdict) -> String {
@@ -268,10 +268,27 @@ impl ScanBuffer {
         Ok(())
     }
 
-    /// Copies the message into the spool `body` after `headers`, replacing
-    /// the Subject when `subject` is set (`{subject}` in it stands for the
-    /// original one).
-    pub async fn copy_into(
+    /// Opens the spool body of `id` and copies the message into it after
+    /// `headers`, replacing the Subject when `subject` is set (`{subject}` in
+    /// it stands for the original one). On failure the body is aborted.
+    pub async fn into_spool(
+        mut self,
+        spool: &dyn Spool,
+        id: &QueueId,
+        headers: &str,
+        subject: Option<&str>,
+    ) -> Result<Box<dyn SpoolBody>, SpoolError> {
+        let mut body = spool.open_body(id);
+        match self.copy_into(headers, subject, body.as_mut()).await {
+            Ok(()) => Ok(body),
+            Err(e) => {
+                body.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn copy_into(
         &mut self,
         headers: &str,
         subject: Option<&str>,

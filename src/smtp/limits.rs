@@ -61,6 +61,18 @@ pub enum Event {
     AuthFailure = 3,
 }
 
+impl Event {
+    /// The `limit` label of `mxrelay_smtp_limit_hits_total` when its rate trips.
+    pub fn label(self) -> &'static str {
+        match self {
+            Event::Connection => "connection_rate",
+            Event::Message => "message_rate",
+            Event::Recipient => "recipient_rate",
+            Event::AuthFailure => "auth_failures",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Window {
     started: Instant,

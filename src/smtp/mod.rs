@@ -176,12 +176,10 @@ async fn connection(
         };
         match stream.handshake(&acceptor, config.tls.handshake_timeout).await {
             Ok((s, info)) => {
-                METRICS.smtp_tls_handshakes.with_label_values(&["ok"]).inc();
                 stream = s;
                 tls = Some(info);
             }
             Err(e) => {
-                METRICS.smtp_tls_handshakes.with_label_values(&["failed"]).inc();
                 tracing::info!(client = %ip, "TLS handshake failed on the implicit-TLS listener: {e}");
                 return;
             }
@@ -190,7 +188,7 @@ async fn connection(
     let trusted = shared.policy.is_mynetworks(ip);
     if !trusted && !shared.anvil.hit(ip, Event::Connection, config.smtp.connection_rate_limit, config.smtp.rate_window)
     {
-        METRICS.smtp_limit_hits.with_label_values(&["connection_rate"]).inc();
+        METRICS.smtp_limit_hits.with_label_values(&[Event::Connection.label()]).inc();
         return refuse(stream, ip, "rate_limit", &format!("Error: too many connections from {ip}")).await;
     }
     let limit = (!trusted).then_some(config.smtp.max_connections_per_ip);

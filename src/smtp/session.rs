@@ -309,15 +309,15 @@ impl Incoming {
                 }
                 return;
             }
-            let (scanner, mut buffer) = self.scan.take().expect("matched above");
+            let (scanner, buffer) = self.scan.take().expect("matched above");
             tracing::info!(queue_id = %self.id, "{}: not scanned: over scan.max_size", self.id);
-            let mut body = self.spool.open_body(&self.id);
-            if let Err(e) = buffer.copy_into(&scanner.skipped_header(), None, body.as_mut()).await {
-                body.abort().await;
-                tracing::error!(queue_id = %self.id, error = %e, "queue write failed while receiving");
-                return self.fail(Reply::queue_unavailable(), "queue_error").await;
+            match buffer.into_spool(self.spool.as_ref(), &self.id, &scanner.skipped_header(), None).await {
+                Ok(body) => self.body = Some(body),
+                Err(e) => {
+                    tracing::error!(queue_id = %self.id, error = %e, "queue write failed while receiving");
+                    return self.fail(Reply::queue_unavailable(), "queue_error").await;
+                }
             }
-            self.body = Some(body);
         }
         if let Some(body) = self.body.as_mut()
             && let Err(e) = body.write(data).await
@@ -681,12 +681,7 @@ impl Session {
         }
         let ok = self.shared.anvil.hit(self.client.ip, event, limit, self.config().smtp.rate_window);
         if !ok {
-            let name = match event {
-                Event::Connection => "connection_rate",
-                Event::Message => "message_rate",
-                Event::Recipient => "recipient_rate",
-                Event::AuthFailure => "auth_failures",
-            };
+            let name = event.label();
             METRICS.smtp_limit_hits.with_label_values(&[name]).inc();
             tracing::warn!(client = %self.peer(), limit, "{name} limit exceeded");
         }
@@ -724,7 +719,6 @@ impl Session {
         let stream = std::mem::replace(&mut self.conn.stream, SmtpStream::Detached);
         match stream.handshake(&acceptor, self.config().tls.handshake_timeout).await {
             Ok((stream, info)) => {
-                METRICS.smtp_tls_handshakes.with_label_values(&["ok"]).inc();
                 tracing::info!("TLS connection established from {}: {info}", self.peer());
                 self.conn.stream = stream;
                 self.tls = Some(info);
@@ -735,7 +729,6 @@ impl Session {
                 Flow::Continue
             }
             Err(e) => {
-                METRICS.smtp_tls_handshakes.with_label_values(&["failed"]).inc();
                 tracing::info!(client = %self.peer(), "STARTTLS handshake failed: {e}");
                 Flow::Close(Outcome::TlsFailed)
             }
@@ -771,7 +764,7 @@ impl Session {
         };
         let failures = self.shared.anvil.count(self.client.ip, Event::AuthFailure, c.smtp.rate_window);
         if c.smtp.auth_failure_limit > 0 && failures >= c.smtp.auth_failure_limit {
-            METRICS.smtp_limit_hits.with_label_values(&["auth_failures"]).inc();
+            METRICS.smtp_limit_hits.with_label_values(&[Event::AuthFailure.label()]).inc();
             METRICS.smtp_auth.with_label_values(&["rate_limited"]).inc();
             tracing::warn!(client = %self.peer(), failures, "AUTH refused: too many failed attempts from this address");
             self.conn.queue(&Reply::new(
@@ -1212,15 +1205,18 @@ impl Session {
                     return self.reply(reply);
                 }
                 ScanVerdict::Accept { headers, subject } => {
-                    let mut body = self.shared.spool.open_body(&incoming.id);
-                    if let Err(e) = buffer.copy_into(&headers, subject.as_deref(), body.as_mut()).await {
-                        body.abort().await;
-                        METRICS.smtp_messages.with_label_values(&["queue_error"]).inc();
-                        tracing::error!(queue_id = %incoming.id, error = %e, "message not queued after scanning: 451");
-                        return self.reply(Reply::queue_unavailable());
+                    match buffer
+                        .into_spool(self.shared.spool.as_ref(), &incoming.id, &headers, subject.as_deref())
+                        .await
+                    {
+                        Ok(body) => incoming.body = Some(body),
+                        Err(e) => {
+                            METRICS.smtp_messages.with_label_values(&["queue_error"]).inc();
+                            tracing::error!(queue_id = %incoming.id, error = %e, "message not queued after scanning: 451");
+                            return self.reply(Reply::queue_unavailable());
+                        }
                     }
                     incoming.size += headers.len() as u64;
-                    incoming.body = Some(body);
                 }
             }
         }

@@ -86,7 +86,8 @@ pub enum SmtpStream {
 }
 
 impl SmtpStream {
-    /// Runs the server side of a TLS handshake over a plain stream.
+    /// Runs the server side of a TLS handshake over a plain stream and
+    /// counts it in `mxrelay_smtp_tls_handshakes_total`.
     pub async fn handshake(
         self,
         acceptor: &TlsAcceptor,
@@ -95,14 +96,17 @@ impl SmtpStream {
         let SmtpStream::Plain(tcp) = self else {
             return Err("TLS already active".into());
         };
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        let result = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
             Err(_) => Err("handshake timed out".into()),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(tls)) => {
                 let info = TlsInfo::of(tls.get_ref().1);
                 Ok((SmtpStream::Tls(Box::new(tls)), info))
             }
-        }
+        };
+        let label = if result.is_ok() { "ok" } else { "failed" };
+        crate::metrics::METRICS.smtp_tls_handshakes.with_label_values(&[label]).inc();
+        result
     }
 }
 
