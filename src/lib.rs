@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod policy;
 pub mod scan;
 pub mod server;
+pub mod shutdown;
 pub mod smtp;
 pub mod spool;
 pub mod users;

@@ -29,6 +29,12 @@ pub struct Metrics {
     pub domains_snapshot_size: IntGauge,
     pub domains_snapshot_age_seconds: IntGauge,
     pub queue_lease_takeovers: IntCounter,
+    pub queue_leases_lost: IntCounter,
+    pub queue_bookkeeping_retries: IntCounter,
+    pub queue_groups_recreated: IntCounter,
+    pub queue_commits_recovered: IntCounter,
+    pub queue_quarantined: IntCounter,
+    pub queue_maintenance: IntCounterVec,
     pub delivery_attempts: IntCounterVec,
     pub delivery_recipients: IntCounterVec,
     pub delivery_duration_seconds: Histogram,
@@ -97,6 +103,37 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "mxrelay_queue_lease_takeovers_total",
             "Queue entries taken over from a node that stopped renewing",
+        ),
+        queue_leases_lost: counter(
+            &r,
+            "mxrelay_queue_leases_lost_total",
+            "Deliveries this node stopped because its lease was no longer current (taken over, or the message left the queue)",
+        ),
+        queue_bookkeeping_retries: counter(
+            &r,
+            "mxrelay_queue_bookkeeping_retries_total",
+            "Retries of a delivery result (complete, defer, hand back) the queue did not take at first",
+        ),
+        queue_groups_recreated: counter(
+            &r,
+            "mxrelay_queue_groups_recreated_total",
+            "Consumer groups found missing (Redis restarted without its data) and recreated",
+        ),
+        queue_commits_recovered: counter(
+            &r,
+            "mxrelay_queue_commits_recovered_total",
+            "Commits whose reply was lost but which were found queued (answered 250, not 451)",
+        ),
+        queue_quarantined: counter(
+            &r,
+            "mxrelay_queue_quarantined_total",
+            "Messages held because their envelope is unreadable",
+        ),
+        queue_maintenance: counter_vec(
+            &r,
+            "mxrelay_queue_maintenance_total",
+            "What queue housekeeping removed (staged_removed, consumers_pruned, corrupt_removed)",
+            &["action"],
         ),
         delivery_attempts: counter_vec(
             &r,
@@ -232,6 +269,7 @@ impl Metrics {
         init(&self.delivery_recipients, &["delivered", "deferred", "bounced"]);
         init(&self.delivery_attempts, &["sent", "deferred", "bounced", "connect_error", "session_error", "dns_error"]);
         init(&self.queue_errors, &["enqueue"]);
+        init(&self.queue_maintenance, &["staged_removed", "consumers_pruned", "corrupt_removed"]);
         init(&self.scan_errors, &["clamd", "rspamd"]);
         for scanner in ["clamd", "rspamd"] {
             self.scan_duration_seconds.with_label_values(&[scanner]);

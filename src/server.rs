@@ -1,10 +1,10 @@
 //! `mxrelay serve`: wires config, domains, spool, policy, the SMTP and admin
 //! listeners and signals together. SIGHUP reloads the domain snapshot, the
 //! live configuration keys and the TLS certificate;
-//! SIGTERM/SIGINT stop accepting, let open sessions finish (bounded), exit.
+//! SIGTERM/SIGINT drain (see [`crate::shutdown`]): stop accepting, answer
+//! idle sessions 421, let messages being received finish (bounded), exit.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,11 +15,12 @@ use crate::config::Config;
 use crate::dns::Dns;
 use crate::domains::Domains;
 use crate::policy::{Policy, Restrictions};
+use crate::shutdown::Phase;
 use crate::smtp::Listener;
 use crate::smtp::session::Shared;
 use crate::spool::Spool;
 
-/// How long open sessions may run on after SIGTERM.
+/// How long a session receiving a message may run on after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
@@ -56,10 +57,10 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let admin = TcpListener::bind(resolved.admin_listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", resolved.admin_listen))?;
-    let draining = Arc::new(AtomicBool::new(false));
+    let (trigger, shutdown) = crate::shutdown::channel();
     tokio::spawn(crate::admin::http::serve(
         admin,
-        crate::admin::http::Health { spool: spool.clone(), domains: domains.clone(), draining: draining.clone() },
+        crate::admin::http::Health { spool: spool.clone(), domains: domains.clone(), shutdown: shutdown.clone() },
     ));
     tracing::info!(
         node = %config.node_id,
@@ -79,14 +80,12 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         );
     }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let reloader = domains.clone();
-    let drain = draining.clone();
     let users = crate::users::open(&config.domains.url)?;
-    let mut shared = Shared::new(config.clone(), policy, spool.clone(), users);
+    let mut shared = Shared::new(config.clone(), policy, spool.clone(), users, shutdown.clone());
     shared.scanner = crate::scan::Scanner::new(&config.scan, &config.data_dir, &config.node_id)
         .map_err(|e| anyhow::anyhow!("scan: {e}"))?;
     let shared = Arc::new(shared);
@@ -103,18 +102,19 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             }
         }
         tracing::info!("stopping: no new connections, draining open sessions");
-        drain.store(true, Ordering::Relaxed);
-        let _ = stop_tx.send(true);
+        trigger.advance(Phase::Draining);
+        tokio::time::sleep(DRAIN_GRACE).await;
+        tracing::info!("stopping: grace period over, closing the sessions still receiving");
+        trigger.advance(Phase::Closing);
     });
     let delivery = config.delivery.enabled.then(|| {
         let d =
             crate::delivery::Delivery::new(config.clone(), spool.clone(), domains.clone(), shared.policy.dns.clone());
-        tokio::spawn(d.run(stop_rx.clone()))
+        tokio::spawn(d.run(shutdown.clone()))
     });
-    let implicit = smtps.map(|listener| {
-        tokio::spawn(crate::smtp::serve(listener, Listener::ImplicitTls, shared.clone(), stop_rx.clone(), DRAIN_GRACE))
-    });
-    crate::smtp::serve(smtp, Listener::Smtp, shared, stop_rx, DRAIN_GRACE).await;
+    let implicit =
+        smtps.map(|listener| tokio::spawn(crate::smtp::serve(listener, Listener::ImplicitTls, shared.clone())));
+    crate::smtp::serve(smtp, Listener::Smtp, shared).await;
     if let Some(t) = implicit {
         let _ = t.await;
     }

@@ -52,17 +52,30 @@ fn metrics_count_a_known_workload_exactly() {
 }
 
 #[test]
-fn readyz_is_false_while_draining() {
+fn draining_fails_readyz_answers_idle_sessions_421_and_lets_a_message_finish() {
     let w = World::start();
     assert!(w.relay.http_get("/readyz").starts_with("HTTP/1.1 200"));
-    let mut open = Raw::ehlo(&w.relay.addr()); // keeps the node draining
+    let mut idle = Raw::ehlo(&w.relay.addr());
+    let mut sending = Raw::ehlo(&w.relay.addr());
+    assert!(sending.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
+    assert!(sending.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert_eq!(sending.code_after("DATA"), 354);
+    sending.send("Subject: drain\r\n\r\nfirst half\r\n");
     w.relay.signal("TERM");
-    wait_until("draining", Duration::from_secs(10), || w.relay.http_get("/readyz").contains("draining"));
+    // A session waiting for a command is told at once, and closed.
+    let told = idle.reply();
+    assert!(told.starts_with("421 4.3.0 relay.test Service shutting down"), "{told}");
+    assert!(idle.closed());
+    // The message being received keeps the node up, unready but alive.
     assert!(w.relay.http_get("/readyz").starts_with("HTTP/1.1 503"));
+    assert!(w.relay.http_get("/readyz").contains("draining"));
     assert!(w.relay.http_get("/healthz").starts_with("HTTP/1.1 200"), "alive while draining");
-    // The open session is served to its end.
-    assert!(open.cmd("NOOP").starts_with("250"));
-    assert!(open.cmd("QUIT").starts_with("221"));
+    sending.send("second half\r\n.\r\n");
+    let queued = sending.reply();
+    assert!(queued.starts_with("250 2.0.0 Ok: queued as"), "{queued}");
+    let id = queued.split("queued as ").nth(1).unwrap().trim().to_string();
+    assert!(sending.cmd("NOOP").starts_with("421 4.3.0"), "no new command once the message is in");
+    assert!(w.queue().ready_ids().contains(&id));
 }
 
 #[test]

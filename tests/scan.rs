@@ -60,6 +60,13 @@ impl Drop for Setup {
     }
 }
 
+/// The size the node queued message `id` with (its `… size=N, nrcpt=` log line).
+fn queued_size(relay: &Relay, id: &str) -> usize {
+    let log = relay.log();
+    let line = log.lines().find(|l| l.contains(&format!("{id}: client="))).expect("queued line");
+    line.split("size=").nth(1).and_then(|v| v.split(',').next()).and_then(|v| v.parse().ok()).expect("size")
+}
+
 fn text(r: &destination::Received) -> String {
     String::from_utf8_lossy(&r.data).into_owned()
 }
@@ -160,6 +167,8 @@ fn messages_over_the_scan_size_limit_are_accepted_unscanned_with_a_header() {
     assert_eq!(status, 0, "{out}");
     let got = s.dest.wait_for(1, Duration::from_secs(20));
     let delivered = text(&got[0]);
+    // The queued size counts the header the node added: delivery reads it all.
+    assert_eq!(queued_size(&s.relay, &queued_id(&out).unwrap()), got[0].data.len());
     assert!(
         delivered
             .starts_with("X-Mxrelay-Scan: not scanned (message over scan.max_size) by node test-node\r\nReceived: "),
@@ -196,6 +205,7 @@ fn rspamd_actions_below_reject_mark_tag_or_defer() {
     assert_eq!(status, 0, "{out}");
     let got = s.dest.wait_for(1, Duration::from_secs(20));
     let tagged = text(&got[0]);
+    assert_eq!(queued_size(&s.relay, &queued_id(&out).unwrap()), got[0].data.len(), "size after the rewrite");
     let headers = tagged.split("\r\n\r\n").next().unwrap();
     assert!(headers.contains("X-Spam-Status: Yes, score="), "{headers}");
     assert!(headers.contains("X-Spam-Flag: YES"), "{headers}");

@@ -114,11 +114,11 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     assert!(taken.iter().any(|l| l.id == id1) && taken.iter().any(|l| l.id == id2), "{taken:?}");
     // A renewed lease is not.
     let l = taken.iter().find(|l| l.id == id1).unwrap().clone();
-    spool.renew("n3", &l).await.unwrap();
+    spool.renew(&l).await.unwrap();
     assert!(spool.take_over("n4", Duration::from_secs(1), 10).await.unwrap().is_empty());
 
     // Done: gone.
-    spool.complete(&l, &["[127.0.0.1]:2526".into()]).await.unwrap();
+    spool.complete(&l).await.unwrap();
     assert!(spool.envelope(&l).await.unwrap().is_none());
     assert!(spool.locate(&id1).await.unwrap().is_none());
 

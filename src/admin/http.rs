@@ -1,9 +1,8 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz`
-//! (process alive) and `/readyz` (spool reachable, domain snapshot loaded,
-//! not draining) for load balancers and Kubernetes.
+//! (process alive) and `/readyz` (queue readable and writable, domain
+//! snapshot loaded, not draining) for load balancers and Kubernetes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -19,7 +18,7 @@ use crate::spool::Spool;
 pub struct Health {
     pub spool: Arc<dyn Spool>,
     pub domains: Arc<Domains>,
-    pub draining: Arc<AtomicBool>,
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 pub async fn serve(listener: TcpListener, health: Health) {
@@ -48,7 +47,7 @@ async fn metrics(State(h): State<Health>) -> String {
 }
 
 async fn ready(State(h): State<Health>) -> (StatusCode, String) {
-    if h.draining.load(Ordering::Relaxed) {
+    if h.shutdown.is_stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
     if h.domains.snapshot().is_none() {

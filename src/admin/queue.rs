@@ -22,7 +22,7 @@ pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usiz
     Ok(released)
 }
 
-use crate::spool::{AdminAction, Envelope, MessageState, QueueId, QueueStats};
+use crate::spool::{AdminAction, BodyReader, Envelope, MessageState, QueueId, QueueStats};
 
 fn age(received_at: i64) -> String {
     let secs = ((chrono::Utc::now().timestamp_millis() - received_at) / 1000).max(0) as u64;
@@ -104,15 +104,7 @@ pub async fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<(Enve
     let env = spool.envelope(&lease).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
     let state = spool.list().await?.into_iter().find(|(e, _)| e.id == qid).map_or(MessageState::Active, |(_, s)| s);
     let content = if body {
-        let mut all = Vec::with_capacity(env.size as usize);
-        while (all.len() as u64) < env.size {
-            let piece = spool.read_body(&lease, all.len() as u64, config.queue.chunk_size).await?;
-            if piece.is_empty() {
-                break;
-            }
-            all.extend_from_slice(&piece);
-        }
-        Some(all)
+        Some(BodyReader::new(spool.clone(), lease, env.size, config.queue.chunk_size).read_all().await?)
     } else {
         None
     };

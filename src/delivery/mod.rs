@@ -20,17 +20,19 @@ pub mod dsn;
 pub mod route;
 pub mod tls;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::dns::Dns;
 use crate::domains::Domains;
 use crate::metrics::METRICS;
-use crate::spool::{Envelope, Lease, QueueId, Recipient, RecipientState, Spool, SpoolError};
+use crate::shutdown::{Phase, Shutdown};
+use crate::spool::{BodyReader, Envelope, Lease, QueueId, Recipient, RecipientState, Spool, SpoolError};
 use client::{BodySource, ClientError, Connection, Outcome, RemoteReply, Timeouts};
 use route::{Route, RouteError, Target};
 use tls::{TlsClient, TlsPolicies, TlsPolicy};
@@ -43,6 +45,12 @@ const LEASE_BATCH: usize = 100;
 const LEASE_BLOCK: Duration = Duration::from_secs(1);
 /// Due deferred messages moved per shard per scheduler tick.
 const SCHEDULE_BATCH: usize = 500;
+/// How often a node runs the queue's housekeeping.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest wait between retries of a delivery result the queue did not take.
+const BOOKKEEPING_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Most of a failed message read back for the headers of its DSN.
+const DSN_HEADER_READ: usize = 64 * 1024;
 /// How long an idle session is kept for the next message to the same
 /// destination (Postfix `smtp_connection_cache_time_limit`).
 const CONNECTION_CACHE_TIME: Duration = Duration::from_secs(2);
@@ -140,49 +148,62 @@ impl Delivery {
     }
 
     /// Runs until `stop` turns true; then lets deliveries finish for a
-    /// grace period and hands back the rest.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// grace period and hands back the rest. Leases are taken only for free
+    /// delivery slots, so every lease this node holds is being worked on
+    /// (and renewed).
+    pub async fn run(self: Arc<Self>, mut stop: Shutdown) {
         let slots = Arc::new(Semaphore::new(self.config.delivery.concurrency));
-        let (taken_tx, mut taken_rx) = mpsc::channel::<Lease>(LEASE_BATCH);
-        let background = [
-            tokio::spawn(self.clone().schedule_loop()),
-            tokio::spawn(self.clone().takeover_loop(taken_tx)),
-            tokio::spawn(self.clone().probe_loop()),
-        ];
+        let background = [tokio::spawn(self.clone().schedule_loop()), tokio::spawn(self.clone().probe_loop())];
         let mut tasks = tokio::task::JoinSet::new();
         let mut failing = false;
-        while !*stop.borrow() {
+        let takeover_every = (self.config.queue.lease / 2).max(Duration::from_millis(500));
+        let mut next_takeover = Instant::now() + takeover_every;
+        while !stop.is_stopping() {
             while tasks.try_join_next().is_some() {}
-            let mut leases = Vec::new();
-            while let Ok(l) = taken_rx.try_recv() {
-                leases.push(l);
-            }
-            let free = slots.available_permits().saturating_sub(leases.len());
-            if free > 0 {
-                match self.spool.lease(self.node(), free.min(LEASE_BATCH), LEASE_BLOCK).await {
-                    Ok(l) => {
-                        if failing {
-                            tracing::info!("delivery: queue reachable again");
-                            failing = false;
-                        }
-                        leases.extend(l);
-                    }
-                    Err(e) => {
-                        if !failing {
-                            tracing::error!(error = %e, "delivery: cannot read the queue; retrying");
-                            failing = true;
-                        }
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+                () = stop.reached(Phase::Draining) => continue,
+            };
+            let mut permits = vec![first];
+            while permits.len() < LEASE_BATCH {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
                 }
+            }
+            let takeover = Instant::now() >= next_takeover;
+            let got = if takeover {
+                next_takeover = Instant::now() + takeover_every;
+                self.spool.take_over(self.node(), self.config.queue.lease, permits.len()).await
             } else {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    _ = stop.changed() => {}
+                self.spool.lease(self.node(), permits.len(), LEASE_BLOCK).await
+            };
+            let leases = match got {
+                Ok(l) => {
+                    if failing {
+                        tracing::info!("delivery: queue reachable again");
+                        failing = false;
+                    }
+                    l
                 }
-            }
-            for lease in leases {
-                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "delivery: cannot read the queue; retrying");
+                        failing = true;
+                    }
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        () = stop.reached(Phase::Draining) => {}
+                    }
+                    continue;
+                }
+            };
+            for (lease, permit) in leases.into_iter().zip(permits) {
+                if takeover {
+                    METRICS.queue_lease_takeovers.inc();
+                    tracing::info!(queue_id = %lease.id, "{}: lease expired on another node, taken over by {}", lease.id, self.node());
+                }
                 self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(lease.entry.clone(), lease.clone());
                 let me = self.clone();
                 tasks.spawn(async move {
@@ -198,6 +219,7 @@ impl Delivery {
             tokio::time::timeout(self.config.delivery.stop_grace, async { while tasks.join_next().await.is_some() {} })
                 .await;
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
         let cached: Vec<Connection> = self
             .idle
             .lock()
@@ -213,6 +235,7 @@ impl Delivery {
         for lease in left {
             match self.spool.hand_back(&lease).await {
                 Ok(()) => tracing::info!(queue_id = %lease.id, "{}: handed back to the cluster", lease.id),
+                Err(SpoolError::LeaseLost(_)) => {}
                 Err(e) => {
                     tracing::warn!(queue_id = %lease.id, error = %e, "hand back failed; another node takes it over after queue.lease")
                 }
@@ -220,7 +243,11 @@ impl Delivery {
         }
     }
 
+    /// Due deferred messages every second; housekeeping (half-committed
+    /// messages, consumers of nodes gone, expired unreadable messages)
+    /// every [`MAINTENANCE_INTERVAL`].
     async fn schedule_loop(self: Arc<Self>) {
+        let mut next_maintenance = Instant::now();
         loop {
             let now = chrono::Utc::now().timestamp_millis();
             match self.spool.schedule_due(now, SCHEDULE_BATCH).await {
@@ -228,27 +255,30 @@ impl Delivery {
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "delivery: scheduler could not reach the queue"),
             }
+            if Instant::now() >= next_maintenance {
+                next_maintenance = Instant::now() + MAINTENANCE_INTERVAL;
+                self.maintain().await;
+            }
             self.prune_cache();
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
-    async fn takeover_loop(self: Arc<Self>, to_reader: mpsc::Sender<Lease>) {
-        let lease = self.config.queue.lease;
-        loop {
-            tokio::time::sleep((lease / 2).max(Duration::from_millis(500))).await;
-            match self.spool.take_over(self.node(), lease, LEASE_BATCH).await {
-                Ok(taken) => {
-                    for l in taken {
-                        METRICS.queue_lease_takeovers.inc();
-                        tracing::info!(queue_id = %l.id, "{}: lease expired on another node, taken over by {}", l.id, self.node());
-                        if to_reader.send(l).await.is_err() {
-                            return;
-                        }
+    async fn maintain(&self) {
+        match self.spool.maintain(self.node(), self.config.delivery.max_queue_lifetime).await {
+            Ok(m) => {
+                for (action, n) in [
+                    ("staged_removed", m.staged_removed),
+                    ("consumers_pruned", m.consumers_pruned),
+                    ("corrupt_removed", m.corrupt_removed),
+                ] {
+                    if n > 0 {
+                        METRICS.queue_maintenance.with_label_values(&[action]).inc_by(n);
+                        tracing::info!(count = n, "queue housekeeping: {}", action.replace('_', " "));
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "delivery: takeover could not reach the queue"),
             }
+            Err(e) => tracing::debug!(error = %e, "delivery: housekeeping could not reach the queue"),
         }
     }
 
@@ -286,36 +316,102 @@ impl Delivery {
         }
     }
 
-    /// One delivery attempt of one message, start to finish.
+    /// One delivery attempt of one message, start to finish: the attempt
+    /// runs while its lease is renewed, then its result is stored, retried
+    /// until the queue takes it or says the lease is gone.
     async fn deliver(self: &Arc<Self>, lease: &Lease) {
-        let renewer = {
-            let me = self.clone();
-            let lease = lease.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(me.config.queue.lease / 3).await;
-                    if let Err(e) = me.spool.renew(me.node(), &lease).await {
-                        tracing::warn!(queue_id = %lease.id, error = %e, "lease renewal failed");
-                    }
-                }
-            })
+        let guard = LeaseGuard::new(self.config.queue.lease);
+        let work = async {
+            let settlement = self.attempt(lease, &guard).await;
+            self.settle(lease, settlement).await
         };
-        let result = self.attempt(lease).await;
-        renewer.abort();
-        if let Err(e) = result {
-            // Left leased: retried here or taken over by another node.
-            tracing::error!(queue_id = %lease.id, error = %e, "{}: delivery bookkeeping failed; will be retried", lease.id);
+        tokio::select! {
+            () = work => {}
+            () = self.keep_renewed(lease, &guard) => {}
         }
     }
 
-    async fn attempt(self: &Arc<Self>, lease: &Lease) -> Result<(), SpoolError> {
-        let Some(mut env) = self.spool.envelope(lease).await? else {
-            tracing::info!(queue_id = %lease.id, "{}: removed from the queue", lease.id);
-            return self.spool.complete(lease, &[]).await;
+    /// Renews the lease every third of `queue.lease` for as long as the
+    /// delivery runs; a lease found lost ends the renewals (and the
+    /// attempt stops before the final dot, see [`LeaseGuard`]).
+    async fn keep_renewed(&self, lease: &Lease, guard: &LeaseGuard) {
+        loop {
+            tokio::time::sleep(self.config.queue.lease / 3).await;
+            let sent = Instant::now();
+            match self.spool.renew(lease).await {
+                Ok(()) => guard.renewed(sent),
+                Err(SpoolError::LeaseLost(_)) => {
+                    guard.lose();
+                    tracing::warn!(queue_id = %lease.id, "{}: lease lost to another node; stopping this attempt", lease.id);
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => tracing::warn!(queue_id = %lease.id, error = %e, "lease renewal failed"),
+            }
+        }
+    }
+
+    /// Stores the result of an attempt; a queue that does not answer is
+    /// retried within seconds of answering again (the lease, still
+    /// renewed, keeps other nodes away meanwhile).
+    async fn settle(&self, lease: &Lease, settlement: Settlement) {
+        let mut wait = Duration::from_millis(250);
+        let mut logged = false;
+        loop {
+            let result = match &settlement {
+                Settlement::Complete => self.spool.complete(lease).await,
+                Settlement::Defer { env, due, destinations } => self.spool.defer(lease, env, *due, destinations).await,
+                Settlement::Skip => self.spool.skip(lease).await,
+                Settlement::HandBack => self.spool.hand_back(lease).await,
+                Settlement::Quarantine => self.spool.quarantine(lease).await,
+            };
+            match result {
+                Ok(()) => {
+                    if let Settlement::Defer { destinations, .. } = &settlement {
+                        self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).extend(destinations.iter().cloned());
+                    }
+                    if logged {
+                        tracing::info!(queue_id = %lease.id, "{}: delivery result stored after retrying", lease.id);
+                    }
+                    return;
+                }
+                Err(SpoolError::LeaseLost(_)) => {
+                    METRICS.queue_leases_lost.inc();
+                    tracing::warn!(queue_id = %lease.id, "{}: lease no longer ours; the result of this attempt is dropped (another node has the message, or it left the queue)", lease.id);
+                    return;
+                }
+                Err(e) => {
+                    METRICS.queue_bookkeeping_retries.inc();
+                    if !logged {
+                        tracing::error!(queue_id = %lease.id, error = %e, "{}: delivery bookkeeping failed; retrying", lease.id);
+                        logged = true;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(BOOKKEEPING_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    async fn attempt(self: &Arc<Self>, lease: &Lease, guard: &LeaseGuard) -> Settlement {
+        let mut env = match self.spool.envelope(lease).await {
+            Ok(Some(env)) => env,
+            Ok(None) => {
+                tracing::info!(queue_id = %lease.id, "{}: removed from the queue", lease.id);
+                return Settlement::Skip;
+            }
+            Err(SpoolError::Corrupt(_)) => {
+                METRICS.queue_quarantined.inc();
+                tracing::error!(queue_id = %lease.id, "{}: envelope unreadable; put on hold (queue show/delete), removed after delivery.max_queue_lifetime", lease.id);
+                return Settlement::Quarantine;
+            }
+            Err(e) => {
+                tracing::warn!(queue_id = %lease.id, error = %e, "{}: cannot load the message; handing it back", lease.id);
+                return Settlement::HandBack;
+            }
         };
         if env.held {
             tracing::info!(queue_id = %lease.id, "{}: on hold, not delivered", lease.id);
-            return self.spool.skip(lease).await;
+            return Settlement::Skip;
         }
         let started = Instant::now();
         let had_deferred = env.attempts > 0;
@@ -329,8 +425,6 @@ impl Delivery {
                 groups.entry((route.key(), level)).or_insert_with(|| (route, Vec::new())).1.push(i);
             }
         }
-        let all_destinations: Vec<String> =
-            groups.keys().map(|(key, _)| key.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         let mut fates: Vec<(usize, Fate)> = Vec::new();
         let mut recovered = Vec::new();
         for ((key, level), (route, idxs)) in &groups {
@@ -342,10 +436,15 @@ impl Delivery {
                 );
                 continue;
             }
+            if !guard.valid() {
+                let reason = "4.4.2 lease lost to another node before delivery".to_string();
+                fates.extend(idxs.iter().map(|i| (*i, Fate::Deferred { reason: reason.clone(), relay: None })));
+                continue;
+            }
             let slots = self.destination_slots(key);
             let Ok(_slot) = slots.acquire_owned().await else { continue };
             METRICS.delivery_destination_connections.inc();
-            let group_fates = self.attempt_route(route, *level, &env, lease, idxs).await;
+            let group_fates = self.attempt_route(route, *level, &env, lease, guard, idxs).await;
             METRICS.delivery_destination_connections.dec();
             if group_fates.iter().any(|f| matches!(f, Fate::Sent { .. })) {
                 recovered.push(key.clone());
@@ -412,13 +511,11 @@ impl Delivery {
         }
         if env.recipients.iter().any(|r| r.state == RecipientState::Pending) {
             let due = chrono::Utc::now().timestamp_millis() + self.backoff(env.attempts).as_millis() as i64;
-            let dests: Vec<String> = pending_destinations.into_iter().collect();
-            self.spool.defer(lease, &env, due, &dests).await?;
-            self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).extend(dests);
+            let destinations: Vec<String> = pending_destinations.into_iter().collect();
+            Settlement::Defer { env: Box::new(env), due, destinations }
         } else {
-            self.spool.complete(lease, &all_destinations).await?;
+            Settlement::Complete
         }
-        Ok(())
     }
 
     /// `retry_min` doubled per attempt up to `retry_max`, ±10 % jitter so a
@@ -438,13 +535,14 @@ impl Delivery {
         level: TlsPolicy,
         env: &Envelope,
         lease: &Lease,
+        guard: &LeaseGuard,
         idxs: &[usize],
     ) -> Vec<Fate> {
         let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();
         let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
         let key = session_key(&route.key(), level);
         if let Some(conn) = self.checkout(&key).await {
-            return self.transact(conn, &key, env, lease, &rcpts).await;
+            return self.transact(conn, &key, env, (lease, guard), &rcpts).await;
         }
         let targets = match route.resolve(&self.dns).await {
             Ok(t) => t,
@@ -460,7 +558,7 @@ impl Delivery {
         let mut last_error = String::from("no address to try");
         for target in &targets {
             match self.open(target, level).await {
-                Ok(conn) => return self.transact(conn, &key, env, lease, &rcpts).await,
+                Ok(conn) => return self.transact(conn, &key, env, (lease, guard), &rcpts).await,
                 Err(e) => {
                     METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
                     last_error = format!("{} {e}", e.status());
@@ -520,7 +618,7 @@ impl Delivery {
         mut conn: Connection,
         key: &str,
         env: &Envelope,
-        lease: &Lease,
+        (lease, guard): (&Lease, &LeaseGuard),
         rcpts: &[String],
     ) -> Vec<Fate> {
         let target = conn.target.clone();
@@ -543,12 +641,10 @@ impl Delivery {
                 relay: Some(relay),
             });
         }
-        let mut body = SpoolReader {
-            spool: self.spool.clone(),
-            lease: lease.clone(),
-            offset: 0,
-            size: env.size,
-            chunk: self.config.queue.chunk_size,
+        let mut body = LeasedBody {
+            reader: BodyReader::new(self.spool.clone(), lease.clone(), env.size, self.config.queue.chunk_size),
+            guard,
+            id: &lease.id,
         };
         let fates = match conn.send(env, rcpts, &mut body).await {
             Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref())),
@@ -656,7 +752,7 @@ impl Delivery {
             tracing::info!(queue_id = %env.id, "{}: not bouncing a message from the null sender", env.id);
             return Ok(());
         }
-        let headers = self.original_headers(lease).await?;
+        let headers = self.original_headers(lease, env.size).await?;
         let failed: Vec<dsn::FailedRecipient<'_>> = bounced
             .iter()
             .filter_map(|(i, f)| match f {
@@ -697,8 +793,10 @@ impl Delivery {
             received_at: chrono::Utc::now().timestamp_millis(),
             size: message.len() as u64,
             node: self.config.node_id.clone(),
-            smtputf8: false,
-            eight_bit: false,
+            // RFC 6533: a sender address in UTF-8 needs SMTPUTF8 to be
+            // reached; the returned headers may be 8-bit.
+            smtputf8: !env.sender.is_ascii(),
+            eight_bit: !message.is_ascii(),
             attempts: 0,
             held: false,
             bounce_requested: false,
@@ -712,33 +810,82 @@ impl Delivery {
     }
 
     /// The failed message's header section (bounded), for the DSN.
-    async fn original_headers(&self, lease: &Lease) -> Result<Vec<u8>, SpoolError> {
-        let head = self.spool.read_body(lease, 0, 64 * 1024).await?;
+    async fn original_headers(&self, lease: &Lease, size: u64) -> Result<Vec<u8>, SpoolError> {
+        let head_size = size.min(DSN_HEADER_READ as u64);
+        let mut reader = BodyReader::new(self.spool.clone(), lease.clone(), head_size, DSN_HEADER_READ);
+        let head = reader.next_chunk().await?.unwrap_or_default();
         let end = memchr::memmem::find(&head, b"\r\n\r\n").map_or(head.len(), |p| p + 2);
         Ok(head[..end].to_vec())
     }
 }
 
-/// The body of a leased message, read from the spool chunk by chunk.
-struct SpoolReader {
-    spool: Arc<dyn Spool>,
-    lease: Lease,
-    offset: u64,
-    size: u64,
-    chunk: usize,
+/// What an attempt leaves for the queue to store.
+enum Settlement {
+    /// Every recipient is final.
+    Complete,
+    Defer {
+        env: Box<Envelope>,
+        due: i64,
+        destinations: Vec<String>,
+    },
+    /// Held, or not this entry's message any more.
+    Skip,
+    /// Could not even be loaded: any node may try again at once.
+    HandBack,
+    /// The envelope is unreadable.
+    Quarantine,
+}
+
+/// This node's view of one lease. It is valid until a renewal reports it
+/// lost, or until 4/5 of `queue.lease` has passed since the last renewal
+/// the queue confirmed (counted from when that renewal was sent): another
+/// node may take an entry over only after a whole `queue.lease` without
+/// renewal, so a holder cut off from the queue stops first.
+struct LeaseGuard {
+    validity: Duration,
+    lost: AtomicBool,
+    renewed: Mutex<Instant>,
+}
+
+impl LeaseGuard {
+    fn new(lease: Duration) -> LeaseGuard {
+        LeaseGuard { validity: lease * 4 / 5, lost: AtomicBool::new(false), renewed: Mutex::new(Instant::now()) }
+    }
+
+    fn renewed(&self, sent: Instant) {
+        let mut at = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        *at = (*at).max(sent);
+    }
+
+    fn lose(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+    }
+
+    fn valid(&self) -> bool {
+        !self.lost.load(Ordering::Relaxed)
+            && self.renewed.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < self.validity
+    }
+}
+
+/// The body of a leased message for the outbound client: exactly the
+/// stored size, and no end of data (the final dot) unless the lease is
+/// still ours, so a node that lost its lease never completes a copy.
+struct LeasedBody<'a> {
+    reader: BodyReader,
+    guard: &'a LeaseGuard,
+    id: &'a QueueId,
 }
 
 #[async_trait::async_trait]
-impl BodySource for SpoolReader {
+impl BodySource for LeasedBody<'_> {
     async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SpoolError> {
-        if self.offset >= self.size {
-            return Ok(None);
+        match self.reader.next_chunk().await? {
+            None if !self.guard.valid() => {
+                METRICS.queue_leases_lost.inc();
+                tracing::warn!(queue_id = %self.id, "{}: lease no longer current; transaction abandoned before the final dot", self.id);
+                Err(SpoolError::LeaseLost(self.id.clone()))
+            }
+            piece => Ok(piece),
         }
-        let piece = self.spool.read_body(&self.lease, self.offset, self.chunk).await?;
-        if piece.is_empty() {
-            return Ok(None);
-        }
-        self.offset += piece.len() as u64;
-        Ok(Some(piece))
     }
 }

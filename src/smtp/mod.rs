@@ -22,15 +22,18 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::metrics::METRICS;
+use crate::shutdown::Phase;
 use limits::Event;
 use reply::Reply;
 use session::{ClientInfo, Session, Shared};
 use tls::SmtpStream;
 
+/// After [`Phase::Closing`], how long sessions may take to end (a commit
+/// in progress finishes within the queue's timeouts) before they are cut.
+const CLOSE_BACKSTOP: Duration = Duration::from_secs(30);
 /// Longest wait for a load balancer's PROXY header.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -70,21 +73,18 @@ pub enum Listener {
     ImplicitTls,
 }
 
-/// Accepts connections until `stop` turns true, then waits for open
-/// sessions to end (up to `grace`).
-pub async fn serve(
-    listener: TcpListener,
-    kind: Listener,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    grace: std::time::Duration,
-) {
+/// Accepts connections until the node drains, then waits for the open
+/// sessions: they end at their next command, or when they are cut at
+/// [`Phase::Closing`], never during a commit (a backstop aborts whatever
+/// is left [`CLOSE_BACKSTOP`] later).
+pub async fn serve(listener: TcpListener, kind: Listener, shared: Arc<Shared>) {
+    let mut stop = shared.shutdown.clone();
     let mut config = shared.config();
     let mut peers = Arc::new(Peers::new(&config));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.changed() => break,
+            () = stop.reached(Phase::Draining) => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -116,8 +116,17 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!(open = tasks.len(), "SMTP listener closed; waiting for open sessions");
-    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    tasks.abort_all();
+    let backstop = async {
+        stop.reached(Phase::Closing).await;
+        tokio::time::sleep(CLOSE_BACKSTOP).await;
+    };
+    tokio::select! {
+        () = async { while tasks.join_next().await.is_some() {} } => {}
+        () = backstop => {
+            tracing::warn!(open = tasks.len(), "sessions still open after the shutdown grace period: cut");
+            tasks.abort_all();
+        }
+    }
 }
 
 /// Address lists derived from the configuration, rebuilt on reload.

@@ -30,6 +30,7 @@ use crate::metrics::METRICS;
 use crate::policy::address::{self, AddressError, Path};
 use crate::policy::{Client, Policy, RcptResult, Verdict};
 use crate::scan::{Envelope as ScanEnvelope, ScanBuffer, Scanner, Verdict as ScanVerdict};
+use crate::shutdown::{Phase, Shutdown};
 use crate::spool::{Envelope, QueueId, Recipient, RecipientState, Spool, SpoolBody};
 use crate::users::UserStore;
 
@@ -55,10 +56,18 @@ pub struct Shared {
     pub anvil: Anvil,
     /// clamd/rspamd for domains with `enable_virus_spam_scan` (restart to change).
     pub scanner: Option<Arc<Scanner>>,
+    /// The node's stop signal.
+    pub shutdown: Shutdown,
 }
 
 impl Shared {
-    pub fn new(config: Config, policy: Policy, spool: Arc<dyn Spool>, users: Arc<dyn UserStore>) -> Shared {
+    pub fn new(
+        config: Config,
+        policy: Policy,
+        spool: Arc<dyn Spool>,
+        users: Arc<dyn UserStore>,
+        shutdown: Shutdown,
+    ) -> Shared {
         let shared = Shared {
             sessions: Arc::new(tokio::sync::Semaphore::new(config.smtp.max_connections)),
             config: std::sync::RwLock::new(Arc::new(config.clone())),
@@ -69,6 +78,7 @@ impl Shared {
             per_ip: PerIp::default(),
             anvil: Anvil::default(),
             scanner: None,
+            shutdown,
         };
         shared.reload_tls(&config.tls);
         shared
@@ -138,6 +148,8 @@ pub enum Outcome {
     IoError,
     TlsFailed,
     Refused,
+    /// The node is stopping: 421 sent.
+    Shutdown,
 }
 
 impl Outcome {
@@ -151,6 +163,7 @@ impl Outcome {
             Outcome::IoError => "io_error",
             Outcome::TlsFailed => "tls_failed",
             Outcome::Refused => "refused",
+            Outcome::Shutdown => "shutdown",
         }
     }
 }
@@ -159,6 +172,8 @@ enum ReadError {
     Eof,
     Timeout,
     Io,
+    /// The node reached the shutdown phase this read stops at.
+    Shutdown,
 }
 
 enum Line {
@@ -172,6 +187,10 @@ struct Conn<S> {
     inbuf: BytesMut,
     out: Vec<u8>,
     debug: bool,
+    shutdown: Shutdown,
+    /// Reads give up at this shutdown phase: `Draining` while waiting for a
+    /// command, `Closing` while a message is coming in.
+    stop_at: Phase,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -197,11 +216,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
         self.flush().await?;
         self.inbuf.reserve(READ_CHUNK);
-        match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.inbuf)).await {
-            Err(_) => Err(ReadError::Timeout),
-            Ok(Err(_)) => Err(ReadError::Io),
-            Ok(Ok(0)) => Err(ReadError::Eof),
-            Ok(Ok(_)) => Ok(()),
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            read = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.inbuf)) => match read {
+                Err(_) => Err(ReadError::Timeout),
+                Ok(Err(_)) => Err(ReadError::Io),
+                Ok(Ok(0)) => Err(ReadError::Eof),
+                Ok(Ok(_)) => Ok(()),
+            },
+            () = shutdown.reached(self.stop_at) => Err(ReadError::Shutdown),
         }
     }
 
@@ -362,7 +385,14 @@ impl Session {
     pub fn new(stream: SmtpStream, client: ClientInfo, shared: Arc<Shared>, tls: Option<TlsInfo>) -> Session {
         let debug = client.debug;
         Session {
-            conn: Conn { stream, inbuf: BytesMut::with_capacity(4096), out: Vec::new(), debug },
+            conn: Conn {
+                stream,
+                inbuf: BytesMut::with_capacity(4096),
+                out: Vec::new(),
+                debug,
+                shutdown: shared.shutdown.clone(),
+                stop_at: Phase::Draining,
+            },
             config: shared.config(),
             shared,
             client,
@@ -422,6 +452,12 @@ impl Session {
             self.greet();
         }
         loop {
+            // Between transactions, a stopping node takes no new command; a
+            // BDAT transfer may run to its LAST chunk.
+            self.conn.stop_at = if self.bdat.is_some() { Phase::Closing } else { Phase::Draining };
+            if self.conn.shutdown.phase() >= self.conn.stop_at {
+                return self.read_failed(ReadError::Shutdown, "command");
+            }
             let timeout = self.config().smtp.command_timeout;
             let line = match self.conn.read_line(timeout).await {
                 Ok(line) => line,
@@ -495,6 +531,11 @@ impl Session {
                 Outcome::Disconnected
             }
             ReadError::Io => Outcome::IoError,
+            ReadError::Shutdown => {
+                tracing::info!(client = %self.peer(), "node stopping: session closed during {during}");
+                self.conn.queue(&Reply::new(421, "4.3.0", format!("{} Service shutting down", self.config.myhostname)));
+                Outcome::Shutdown
+            }
         }
     }
 
@@ -1106,6 +1147,7 @@ impl Session {
             return Flow::Continue;
         }
         self.conn.queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+        self.conn.stop_at = Phase::Closing;
         let mut incoming = self.begin_incoming(Framing::Dot).await;
         let started = Instant::now();
         loop {
@@ -1138,6 +1180,7 @@ impl Session {
             self.bdat = Some(self.begin_incoming(Framing::Chunked).await);
         }
         // The chunk is read in full even when refused (RFC 3030 §2).
+        self.conn.stop_at = Phase::Closing;
         let started = Instant::now();
         let mut remaining = size;
         while remaining > 0 {
@@ -1216,7 +1259,6 @@ impl Session {
                             return self.reply(Reply::queue_unavailable());
                         }
                     }
-                    incoming.size += headers.len() as u64;
                 }
             }
         }
@@ -1231,7 +1273,8 @@ impl Session {
             client_name: self.client.name.clone(),
             helo: self.helo.clone().unwrap_or_default(),
             received_at: chrono::Utc::now().timestamp_millis(),
-            size: incoming.size,
+            // What the spool counted: scanning may have added headers.
+            size: body.written(),
             node: self.config().node_id.clone(),
             smtputf8: tx.smtputf8,
             eight_bit: tx.eight_bit,

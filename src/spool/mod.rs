@@ -1,10 +1,15 @@
 //! The durable queue shared by all nodes: the message/envelope model and
 //! the [`Spool`] trait; one file per back end.
 //!
-//! Invariant: [`SpoolBody::commit`] returns `Ok` only once the envelope,
-//! the whole body and the ready-stream entry are stored together; until
-//! then nothing of the message is visible to delivery, and a failed or
-//! abandoned body leaves nothing behind but an expiring temporary key.
+//! Invariants, on every back end:
+//! * [`SpoolBody::commit`] returns `Ok` only once the envelope, the whole
+//!   body (as many bytes as were written) and the message's one live entry
+//!   are stored; until then nothing of it is deliverable, and a failed or
+//!   abandoned body leaves nothing behind but an expiring temporary key.
+//! * A committed message is in exactly one place: its one live ready entry,
+//!   the deferred set, or the hold set; it leaves the queue exactly once.
+//! * Only the current lease holder ([`Lease`] is a fencing token) changes a
+//!   message; a body is never read short ([`BodyReader`]).
 
 pub mod redis;
 pub mod sqlite;
@@ -128,6 +133,18 @@ pub enum SpoolError {
     /// Written, but not acknowledged by enough replicas in time.
     #[error("queue write not acknowledged by {wanted} replica(s) (got {got})")]
     NotReplicated { wanted: u32, got: u32 },
+    /// The store holds fewer (or other) bytes of a body than were written
+    /// or than the envelope says: the message is never committed, or never
+    /// sent, short.
+    #[error("body of {id}: {found} bytes stored, {expected} expected")]
+    BodyMismatch { id: QueueId, expected: u64, found: u64 },
+    /// This node's lease is no longer the current one: another node took
+    /// the message over, or it left the queue. The holder stops at once.
+    #[error("lease of {0} lost: another node holds it now, or it left the queue")]
+    LeaseLost(QueueId),
+    /// The envelope cannot be decoded: no retry can help.
+    #[error("envelope of {0} is unreadable")]
+    Corrupt(QueueId),
 }
 
 /// Opens the queue `config.url` names: `redis://…` (cluster) or
@@ -140,45 +157,87 @@ pub fn open(config: &crate::config::QueueConfig) -> Result<std::sync::Arc<dyn Sp
     }
 }
 
-/// A queue entry leased to this node: while it holds the lease, no other
-/// node delivers the message; a lease not renewed within `queue.lease` is
-/// taken over by another node.
+/// A queue entry leased to one node. The lease is a fencing token: the
+/// owner plus a generation that every grant (lease or takeover) makes new.
+/// Renew, defer, complete, hand back and skip succeed only for the current
+/// token and answer [`SpoolError::LeaseLost`] otherwise, so a node that was
+/// taken over can never change the message again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub id: QueueId,
     pub shard: u32,
-    /// The stream entry id.
+    /// The entry this lease is for (Redis: the stream entry id; SQLite: the
+    /// generation). Empty for [`Spool::locate`], which leases nothing.
     pub entry: String,
+    /// The consumer (node) the entry is leased to.
+    pub owner: String,
+    /// Grant count of the entry (Redis: its delivery count).
+    pub generation: u64,
+}
+
+/// Findings of [`Spool::audit`]: what breaks the queue's invariants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QueueAudit {
+    /// Committed messages found.
+    pub messages: u64,
+    /// Messages in the wrong number of places (each should be in exactly one
+    /// of: a live ready entry, the deferred set, the hold set).
+    pub misplaced: Vec<(QueueId, u32)>,
+    /// Ready entries that are not their message's live entry.
+    pub stale_entries: u64,
+    /// Messages whose stored body is shorter or longer than their size.
+    pub bad_bodies: Vec<QueueId>,
+}
+
+impl QueueAudit {
+    pub fn is_clean(&self) -> bool {
+        self.misplaced.is_empty() && self.stale_entries == 0 && self.bad_bodies.is_empty()
+    }
+}
+
+/// What one maintenance pass ([`Spool::maintain`]) removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    /// Messages left half-committed (stored, never made deliverable).
+    pub staged_removed: u64,
+    /// Consumers of nodes gone for good (idle, owning nothing).
+    pub consumers_pruned: u64,
+    /// Unreadable messages past the queue lifetime.
+    pub corrupt_removed: u64,
 }
 
 /// The queue: receiving (`open_body`) and delivering (the rest).
 #[async_trait::async_trait]
 pub trait Spool: Send + Sync {
-    /// Prepares the queue (consumer groups); safe on every node at once.
+    /// Prepares the queue (consumer groups, migrations); safe on every node
+    /// at once. Read paths redo what is missing by themselves (a Redis that
+    /// came back empty), so a failure here is not fatal.
     async fn prepare(&self) -> Result<(), SpoolError>;
     /// Starts storing the body of message `id`.
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody>;
-    /// Whether the queue answers now (for `/readyz`).
+    /// Whether the queue can be read and written now (for `/readyz`).
     async fn ping(&self) -> Result<(), SpoolError>;
 
-    /// Up to `count` new entries for `consumer`, waiting up to `block`.
+    /// At most `count` new entries for `consumer` in all, waiting up to `block`.
     async fn lease(&self, consumer: &str, count: usize, block: std::time::Duration) -> Result<Vec<Lease>, SpoolError>;
-    /// Entries whose holder has not renewed them for `idle`, now leased to `consumer`.
+    /// At most `count` entries whose holder has not renewed them for `idle`,
+    /// now leased to `consumer` (the old holder's token is void).
     async fn take_over(
         &self,
         consumer: &str,
         idle: std::time::Duration,
         count: usize,
     ) -> Result<Vec<Lease>, SpoolError>;
-    /// Keeps a long delivery's lease alive.
-    async fn renew(&self, consumer: &str, lease: &Lease) -> Result<(), SpoolError>;
-    /// The envelope, or `None` when the message is gone (deleted meanwhile).
+    /// Keeps a long delivery's lease alive; `LeaseLost` when it is not ours.
+    async fn renew(&self, lease: &Lease) -> Result<(), SpoolError>;
+    /// The envelope; `None` when the message is gone or this entry is not
+    /// its live one; `Corrupt` when it cannot be decoded.
     async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError>;
-    /// Up to `len` bytes of the body from `offset` (fewer at its end).
+    /// Up to `len` bytes of the body from `offset` (fewer at its end). Use
+    /// [`BodyReader`], which checks the length against the envelope.
     async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError>;
-    /// Every recipient is final: the message leaves the queue. `destinations`
-    /// are the destination indexes it may still sit in.
-    async fn complete(&self, lease: &Lease, destinations: &[String]) -> Result<(), SpoolError>;
+    /// Every recipient is final: the message leaves the queue.
+    async fn complete(&self, lease: &Lease) -> Result<(), SpoolError>;
     /// Some recipients wait: store their state and schedule the next attempt
     /// at `due` (unix ms), indexed under each waiting destination.
     async fn defer(
@@ -190,16 +249,26 @@ pub trait Spool: Send + Sync {
     ) -> Result<(), SpoolError>;
     /// Gives an unfinished entry back at once, for any node to take.
     async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError>;
+    /// Acknowledges an entry without delivering: the message is held (it
+    /// stays held), gone, or lives in another entry.
+    async fn skip(&self, lease: &Lease) -> Result<(), SpoolError>;
+    /// Takes a message whose envelope is unreadable out of delivery: it is
+    /// held (`queue show`/`delete`) until [`Spool::maintain`] removes it
+    /// after the queue lifetime.
+    async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError>;
     /// Moves deferred messages that are due into the ready streams; safe on
     /// every node at once. Returns how many moved.
     async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError>;
     /// Makes up to `limit` deferred messages of `destination` due now (fast
     /// drain when a destination recovers, `queue flush`). Returns how many.
     async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError>;
-    /// Destinations that have deferred messages now.
+    /// Destinations that have deferred messages now (from an index, never a
+    /// keyspace scan).
     async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError>;
-    /// Acknowledges an entry whose message is held or gone.
-    async fn skip(&self, lease: &Lease) -> Result<(), SpoolError>;
+    /// Housekeeping, safe on every node at once: removes half-committed
+    /// messages, consumers of nodes gone for good (never `consumer`), and
+    /// unreadable messages older than `corrupt_max_age`.
+    async fn maintain(&self, consumer: &str, corrupt_max_age: std::time::Duration) -> Result<Maintenance, SpoolError>;
 
     // Operator commands (`mxrelay queue …`), from any node.
     /// Finds a message by id (the returned lease has no stream entry).
@@ -212,6 +281,53 @@ pub trait Spool: Send + Sync {
     async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError>;
     /// Every message with its state, oldest first.
     async fn list(&self) -> Result<Vec<(Envelope, MessageState)>, SpoolError>;
+    /// Checks the invariants over the whole queue (costly: reads every
+    /// entry; for `queue check` and the tests).
+    async fn audit(&self) -> Result<QueueAudit, SpoolError>;
+}
+
+/// Reads a message's body chunk by chunk, exactly `size` bytes: a store
+/// that holds fewer is an error ([`SpoolError::BodyMismatch`]), never an
+/// early end of data, so a body is never sent short.
+pub struct BodyReader {
+    spool: std::sync::Arc<dyn Spool>,
+    lease: Lease,
+    offset: u64,
+    size: u64,
+    chunk: usize,
+}
+
+impl BodyReader {
+    pub fn new(spool: std::sync::Arc<dyn Spool>, lease: Lease, size: u64, chunk: usize) -> BodyReader {
+        BodyReader { spool, lease, offset: 0, size, chunk: chunk.max(1) }
+    }
+
+    /// The next piece, or `None` once all `size` bytes were read.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SpoolError> {
+        if self.offset >= self.size {
+            return Ok(None);
+        }
+        let want = (self.size - self.offset).min(self.chunk as u64) as usize;
+        let piece = self.spool.read_body(&self.lease, self.offset, want).await?;
+        if piece.len() != want {
+            return Err(SpoolError::BodyMismatch {
+                id: self.lease.id.clone(),
+                expected: self.size,
+                found: self.offset + piece.len() as u64,
+            });
+        }
+        self.offset += want as u64;
+        Ok(Some(piece))
+    }
+
+    /// The whole body (for `queue show --body`; bounded by the message size).
+    pub async fn read_all(mut self) -> Result<Vec<u8>, SpoolError> {
+        let mut all = Vec::with_capacity(self.size.min(64 << 20) as usize);
+        while let Some(piece) = self.next_chunk().await? {
+            all.extend_from_slice(&piece);
+        }
+        Ok(all)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,7 +392,12 @@ pub struct QueueStats {
 #[async_trait::async_trait]
 pub trait SpoolBody: Send + Sync {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError>;
-    /// Stores the envelope, the body and the ready entry in one atomic step.
+    /// Bytes written so far: the size the message is stored with.
+    fn written(&self) -> u64;
+    /// Checks that the store holds every byte written, then stores the
+    /// envelope (its `size` replaced by [`SpoolBody::written`]) and makes
+    /// the message deliverable in one atomic step. `Ok` means committed;
+    /// after an error nothing of the message is deliverable.
     async fn commit(self: Box<Self>, envelope: &Envelope) -> Result<(), SpoolError>;
     /// Drops what was written so far.
     async fn abort(self: Box<Self>);

@@ -1,9 +1,10 @@
 //! The embedded queue: one SQLite database (WAL, `synchronous = FULL`, so a
 //! commit is on disk before 250), for a single node without Redis. Same
-//! semantics as the Redis back end: bodies written in chunks before the
-//! commit (orphans removed at start), leases with expiry and takeover,
-//! deferred with due times, a per-destination index for the fast drain,
-//! hold/release/bounce/delete.
+//! semantics as the Redis back end: bodies written in chunks and counted
+//! before the commit (orphans removed at start), one row per message (so
+//! never two live entries), leases fenced by owner and generation, expiry
+//! and takeover, deferred with due times, a per-destination index kept to
+//! deferred messages, hold/release/bounce/delete, quarantine.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -11,16 +12,29 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{AdminAction, Envelope, Lease, MessageState, QueueId, QueueStats, Spool, SpoolBody, SpoolError};
+use super::{
+    AdminAction, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId, QueueStats, Spool, SpoolBody,
+    SpoolError,
+};
 use crate::config::QueueConfig;
 use crate::metrics::METRICS;
 
 /// How often a blocked `lease` looks for new entries.
 const POLL: Duration = Duration::from_millis(50);
+/// A statement that applies only to the current lease: its binds end with
+/// id, owner and generation.
+macro_rules! fenced_sql {
+    ($sql:literal) => {
+        concat!($sql, " WHERE id = ? AND lease_owner = ? AND generation = ?")
+    };
+}
 
 pub struct SqliteSpool {
     pool: SqlitePool,
     config: QueueConfig,
+    /// Migrations ran (at start, or on first use if the file was not
+    /// writable then).
+    prepared: tokio::sync::OnceCell<()>,
 }
 
 fn failed(op: &'static str, e: impl std::fmt::Display) -> SpoolError {
@@ -30,6 +44,30 @@ fn failed(op: &'static str, e: impl std::fmt::Display) -> SpoolError {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+fn lease_of(id: String, owner: &str, generation: i64) -> Lease {
+    Lease {
+        id: QueueId::from(id),
+        shard: 0,
+        entry: generation.to_string(),
+        owner: owner.into(),
+        generation: generation as u64,
+    }
+}
+
+fn fenced(lease: &Lease, rows: u64) -> Result<(), SpoolError> {
+    if rows == 0 { Err(SpoolError::LeaseLost(lease.id.clone())) } else { Ok(()) }
+}
+
+fn decode(envelope: &str, state: &str, due: i64) -> Option<(Envelope, MessageState)> {
+    let env: Envelope = serde_json::from_str(envelope).ok()?;
+    let state = match state {
+        "held" | "corrupt" => MessageState::Held,
+        "deferred" => MessageState::Deferred { due },
+        _ => MessageState::Active,
+    };
+    Some((env, state))
 }
 
 impl SqliteSpool {
@@ -43,37 +81,47 @@ impl SqliteSpool {
             .busy_timeout(config.timeout);
         let pool =
             SqlitePoolOptions::new().max_connections(8).acquire_timeout(config.timeout).connect_lazy_with(options);
-        Ok(SqliteSpool { pool, config: config.clone() })
+        Ok(SqliteSpool { pool, config: config.clone(), prepared: tokio::sync::OnceCell::new() })
     }
 
-    async fn envelope_of(&self, id: &str) -> Result<Option<(Envelope, MessageState)>, SpoolError> {
-        let row = sqlx::query("SELECT envelope, state, due FROM queue_messages WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
+    async fn ready(&self) -> Result<(), SpoolError> {
+        self.prepared
+            .get_or_try_init(|| async {
+                crate::domains::sqlite::MIGRATOR.run(&self.pool).await.map_err(|e| failed("prepare", e))
+            })
             .await
-            .map_err(|e| failed("load", e))?;
-        Ok(row.and_then(|r| decode(r.get(0), r.get(1), r.get(2))))
+            .map(|_| ())
+    }
+
+    /// Runs a statement fenced by `lease` (its binds end with the fence).
+    async fn fenced_update(&self, op: &'static str, sql: &'static str, lease: &Lease) -> Result<(), SpoolError> {
+        let done = sqlx::query(sql)
+            .bind(lease.id.as_str())
+            .bind(&lease.owner)
+            .bind(lease.generation as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| failed(op, e))?;
+        fenced(lease, done.rows_affected())
+    }
+
+    fn lease_until(&self) -> i64 {
+        now_ms() + self.config.lease.as_millis() as i64
     }
 }
 
-fn decode(envelope: String, state: String, due: i64) -> Option<(Envelope, MessageState)> {
-    let env: Envelope = serde_json::from_str(&envelope).ok()?;
-    let state = match state.as_str() {
-        "held" => MessageState::Held,
-        "deferred" => MessageState::Deferred { due },
-        _ => MessageState::Active,
-    };
-    Some((env, state))
-}
-
-fn lease_of(id: String, generation: i64) -> Lease {
-    Lease { id: QueueId::from(id), shard: 0, entry: generation.to_string() }
+/// Removes the destination index rows of `ids` (they left the deferred state).
+async fn unindex(tx: &mut sqlx::SqliteConnection, ids: &[String]) -> Result<(), sqlx::Error> {
+    for id in ids {
+        sqlx::query("DELETE FROM queue_destinations WHERE id = ?").bind(id).execute(&mut *tx).await?;
+    }
+    Ok(())
 }
 
 #[async_trait::async_trait]
 impl Spool for SqliteSpool {
     async fn prepare(&self) -> Result<(), SpoolError> {
-        crate::domains::sqlite::MIGRATOR.run(&self.pool).await.map_err(|e| failed("prepare", e))?;
+        self.ready().await?;
         // Bodies of messages that were never committed (a crash mid-DATA).
         sqlx::query("DELETE FROM queue_bodies WHERE id NOT IN (SELECT id FROM queue_messages)")
             .execute(&self.pool)
@@ -87,16 +135,23 @@ impl Spool for SqliteSpool {
             pool: self.pool.clone(),
             id: id.clone(),
             buf: Vec::new(),
-            written: 0,
+            flushed: 0,
             chunk: self.config.chunk_size,
+            finished: false,
         })
     }
 
     async fn ping(&self) -> Result<(), SpoolError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(|e| failed("ping", e))
+        self.ready().await?;
+        sqlx::query("SELECT 1 FROM queue_messages LIMIT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| failed("ping", e))
     }
 
     async fn lease(&self, consumer: &str, count: usize, block: Duration) -> Result<Vec<Lease>, SpoolError> {
+        self.ready().await?;
         let until = tokio::time::Instant::now() + block;
         loop {
             // A read first: polling must not take the write lock for nothing.
@@ -106,61 +161,71 @@ impl Spool for SqliteSpool {
             .fetch_one(&self.pool)
             .await
             .map_err(|e| failed("lease", e))?;
-            if !waiting {
-                if tokio::time::Instant::now() >= until {
-                    return Ok(Vec::new());
+            if waiting && count > 0 {
+                let rows = sqlx::query(
+                    "UPDATE queue_messages SET lease_owner = ?, lease_until = ?, generation = generation + 1 \
+                     WHERE id IN (SELECT id FROM queue_messages WHERE state = 'ready' AND lease_owner IS NULL \
+                     ORDER BY received_at LIMIT ?) RETURNING id, generation",
+                )
+                .bind(consumer)
+                .bind(self.lease_until())
+                .bind(count as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| failed("lease", e))?;
+                if !rows.is_empty() {
+                    return Ok(rows.into_iter().map(|r| lease_of(r.get(0), consumer, r.get(1))).collect());
                 }
-                tokio::time::sleep(POLL).await;
-                continue;
             }
-            let rows = sqlx::query(
-                "UPDATE queue_messages SET lease_owner = ?, lease_until = ?, generation = generation + 1 \
-                 WHERE id IN (SELECT id FROM queue_messages WHERE state = 'ready' AND lease_owner IS NULL \
-                 ORDER BY received_at LIMIT ?) RETURNING id, generation",
-            )
-            .bind(consumer)
-            .bind(now_ms() + self.config.lease.as_millis() as i64)
-            .bind(count as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| failed("lease", e))?;
-            if !rows.is_empty() || tokio::time::Instant::now() >= until {
-                return Ok(rows.into_iter().map(|r| lease_of(r.get(0), r.get(1))).collect());
+            if tokio::time::Instant::now() >= until {
+                return Ok(Vec::new());
             }
             tokio::time::sleep(POLL).await;
         }
     }
 
-    async fn take_over(&self, consumer: &str, _idle: Duration, count: usize) -> Result<Vec<Lease>, SpoolError> {
+    async fn take_over(&self, consumer: &str, idle: Duration, count: usize) -> Result<Vec<Lease>, SpoolError> {
+        // Renewed at `lease_until - queue.lease`: idle for `idle` when
+        // `lease_until <= now + queue.lease - idle`.
+        let cutoff = self.lease_until() - idle.as_millis() as i64;
         let rows = sqlx::query(
             "UPDATE queue_messages SET lease_owner = ?, lease_until = ?, generation = generation + 1 \
              WHERE id IN (SELECT id FROM queue_messages WHERE state = 'ready' AND lease_owner IS NOT NULL \
-             AND lease_until < ? LIMIT ?) RETURNING id, generation",
+             AND lease_until <= ? ORDER BY lease_until LIMIT ?) RETURNING id, generation",
         )
         .bind(consumer)
-        .bind(now_ms() + self.config.lease.as_millis() as i64)
-        .bind(now_ms())
+        .bind(self.lease_until())
+        .bind(cutoff)
         .bind(count as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| failed("takeover", e))?;
-        Ok(rows.into_iter().map(|r| lease_of(r.get(0), r.get(1))).collect())
+        Ok(rows.into_iter().map(|r| lease_of(r.get(0), consumer, r.get(1))).collect())
     }
 
-    async fn renew(&self, consumer: &str, lease: &Lease) -> Result<(), SpoolError> {
-        sqlx::query("UPDATE queue_messages SET lease_until = ?, lease_owner = ? WHERE id = ? AND generation = ?")
-            .bind(now_ms() + self.config.lease.as_millis() as i64)
-            .bind(consumer)
+    async fn renew(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let done = sqlx::query(fenced_sql!("UPDATE queue_messages SET lease_until = ?"))
+            .bind(self.lease_until())
             .bind(lease.id.as_str())
-            .bind(lease.entry.parse::<i64>().unwrap_or(-1))
+            .bind(&lease.owner)
+            .bind(lease.generation as i64)
             .execute(&self.pool)
             .await
-            .map(|_| ())
-            .map_err(|e| failed("renew", e))
+            .map_err(|e| failed("renew", e))?;
+        fenced(lease, done.rows_affected())
     }
 
     async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
-        Ok(self.envelope_of(lease.id.as_str()).await?.map(|(e, _)| e))
+        let row = sqlx::query("SELECT envelope, generation FROM queue_messages WHERE id = ?")
+            .bind(lease.id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| failed("load", e))?;
+        let Some(row) = row else { return Ok(None) };
+        if !lease.entry.is_empty() && row.get::<i64, _>(1) != lease.generation as i64 {
+            return Ok(None);
+        }
+        serde_json::from_str(row.get::<&str, _>(0)).map(Some).map_err(|_| SpoolError::Corrupt(lease.id.clone()))
     }
 
     async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
@@ -178,7 +243,11 @@ impl Spool for SqliteSpool {
         for r in rows {
             let start: i64 = r.get(0);
             let data: Vec<u8> = r.get(1);
-            let from = offset.saturating_sub(start as u64) as usize;
+            // Contiguous only: a missing chunk ends the read there (short).
+            if start as u64 > offset + out.len() as u64 {
+                break;
+            }
+            let from = (offset + out.len() as u64 - start as u64) as usize;
             let to = ((end - start as u64) as usize).min(data.len());
             if from < to {
                 out.extend_from_slice(&data[from..to]);
@@ -187,13 +256,17 @@ impl Spool for SqliteSpool {
         Ok(out)
     }
 
-    async fn complete(&self, lease: &Lease, _destinations: &[String]) -> Result<(), SpoolError> {
+    async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
         let mut tx = self.pool.begin().await.map_err(|e| failed("complete", e))?;
-        for sql in [
-            "DELETE FROM queue_messages WHERE id = ?",
-            "DELETE FROM queue_bodies WHERE id = ?",
-            "DELETE FROM queue_destinations WHERE id = ?",
-        ] {
+        let done = sqlx::query(fenced_sql!("DELETE FROM queue_messages"))
+            .bind(lease.id.as_str())
+            .bind(&lease.owner)
+            .bind(lease.generation as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| failed("complete", e))?;
+        fenced(lease, done.rows_affected())?;
+        for sql in ["DELETE FROM queue_bodies WHERE id = ?", "DELETE FROM queue_destinations WHERE id = ?"] {
             sqlx::query(sql).bind(lease.id.as_str()).execute(&mut *tx).await.map_err(|e| failed("complete", e))?;
         }
         tx.commit().await.map_err(|e| failed("complete", e))
@@ -202,90 +275,115 @@ impl Spool for SqliteSpool {
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
         let json = serde_json::to_string(env).map_err(|e| failed("defer", e))?;
         let mut tx = self.pool.begin().await.map_err(|e| failed("defer", e))?;
-        // A message held meanwhile stays held (its envelope keeps the flag).
-        sqlx::query(
+        // A message held (or bounced) meanwhile keeps that flag.
+        let done = sqlx::query(concat!(
             "UPDATE queue_messages SET envelope = json_set(?, \
              '$.held', json(CASE WHEN json_extract(envelope, '$.held') THEN 'true' ELSE 'false' END), \
              '$.bounce_requested', json(CASE WHEN json_extract(envelope, '$.bounce_requested') THEN 'true' ELSE 'false' END)), \
              state = CASE WHEN json_extract(envelope, '$.held') THEN 'held' ELSE 'deferred' END, \
-             due = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
-        )
+             due = ?, lease_owner = NULL, lease_until = NULL",
+            fenced_sql!(""),
+            " RETURNING state"
+        ))
         .bind(json)
         .bind(due)
         .bind(lease.id.as_str())
-        .execute(&mut *tx)
+        .bind(&lease.owner)
+        .bind(lease.generation as i64)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(|e| failed("defer", e))?;
-        for d in destinations {
-            sqlx::query("INSERT OR IGNORE INTO queue_destinations (destination, id) VALUES (?, ?)")
-                .bind(d)
-                .bind(lease.id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| failed("defer", e))?;
+        let Some(state) = done else { return Err(SpoolError::LeaseLost(lease.id.clone())) };
+        if state.get::<&str, _>(0) == "deferred" {
+            for d in destinations {
+                sqlx::query("INSERT OR IGNORE INTO queue_destinations (destination, id) VALUES (?, ?)")
+                    .bind(d)
+                    .bind(lease.id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| failed("defer", e))?;
+            }
         }
         tx.commit().await.map_err(|e| failed("defer", e))
     }
 
     async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError> {
-        sqlx::query("UPDATE queue_messages SET lease_owner = NULL, lease_until = NULL WHERE id = ? AND generation = ?")
-            .bind(lease.id.as_str())
-            .bind(lease.entry.parse::<i64>().unwrap_or(-1))
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(|e| failed("hand_back", e))
+        let sql: &str = fenced_sql!("UPDATE queue_messages SET lease_owner = NULL, lease_until = NULL");
+        self.fenced_update("hand_back", sql, lease).await
+    }
+
+    async fn skip(&self, lease: &Lease) -> Result<(), SpoolError> {
+        // A held message stays held: it leaves the ready state.
+        let sql: &str = fenced_sql!(
+            "UPDATE queue_messages SET lease_owner = NULL, lease_until = NULL, \
+             state = CASE WHEN json_valid(envelope) AND json_extract(envelope, '$.held') THEN 'held' ELSE state END \
+            "
+        );
+        self.fenced_update("skip", sql, lease).await
+    }
+
+    async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let sql = fenced_sql!("UPDATE queue_messages SET state = 'corrupt', lease_owner = NULL, lease_until = NULL");
+        self.fenced_update("quarantine", sql, lease).await
     }
 
     async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError> {
-        let done = sqlx::query(
+        let mut tx = self.pool.begin().await.map_err(|e| failed("schedule", e))?;
+        let ids: Vec<String> = sqlx::query_scalar(
             "UPDATE queue_messages SET state = 'ready' WHERE id IN \
-             (SELECT id FROM queue_messages WHERE state = 'deferred' AND due <= ? LIMIT ?)",
+             (SELECT id FROM queue_messages WHERE state = 'deferred' AND due <= ? LIMIT ?) RETURNING id",
         )
         .bind(now)
         .bind(batch as i64)
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(|e| failed("schedule", e))?;
-        Ok(done.rows_affected() as usize)
+        unindex(&mut tx, &ids).await.map_err(|e| failed("schedule", e))?;
+        tx.commit().await.map_err(|e| failed("schedule", e))?;
+        Ok(ids.len())
     }
 
     async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
         let mut tx = self.pool.begin().await.map_err(|e| failed("release", e))?;
-        let done = sqlx::query(
+        let ids: Vec<String> = sqlx::query_scalar(
             "UPDATE queue_messages SET state = 'ready' WHERE state = 'deferred' AND id IN \
-             (SELECT id FROM queue_destinations WHERE destination = ? LIMIT ?)",
+             (SELECT id FROM queue_destinations WHERE destination = ? LIMIT ?) RETURNING id",
         )
         .bind(destination)
         .bind(limit as i64)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(|e| failed("release", e))?;
-        sqlx::query(
-            "DELETE FROM queue_destinations WHERE destination = ? AND id IN \
-             (SELECT id FROM queue_messages WHERE state = 'ready')",
-        )
-        .bind(destination)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| failed("release", e))?;
+        unindex(&mut tx, &ids).await.map_err(|e| failed("release", e))?;
         tx.commit().await.map_err(|e| failed("release", e))?;
-        Ok(done.rows_affected() as usize)
+        Ok(ids.len())
     }
 
     async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError> {
-        let rows = sqlx::query(
-            "SELECT DISTINCT d.destination FROM queue_destinations d JOIN queue_messages m ON m.id = d.id \
-             WHERE m.state = 'deferred' ORDER BY 1",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| failed("scan", e))?;
-        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+        sqlx::query_scalar("SELECT DISTINCT destination FROM queue_destinations ORDER BY 1")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| failed("dests", e))
     }
 
-    async fn skip(&self, lease: &Lease) -> Result<(), SpoolError> {
-        self.hand_back(lease).await
+    async fn maintain(&self, _consumer: &str, corrupt_max_age: Duration) -> Result<Maintenance, SpoolError> {
+        let cutoff = now_ms() - corrupt_max_age.as_millis() as i64;
+        let mut tx = self.pool.begin().await.map_err(|e| failed("maintain", e))?;
+        let ids: Vec<String> =
+            sqlx::query_scalar("DELETE FROM queue_messages WHERE state = 'corrupt' AND received_at < ? RETURNING id")
+                .bind(cutoff)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| failed("maintain", e))?;
+        for id in &ids {
+            sqlx::query("DELETE FROM queue_bodies WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| failed("maintain", e))?;
+        }
+        tx.commit().await.map_err(|e| failed("maintain", e))?;
+        Ok(Maintenance { corrupt_removed: ids.len() as u64, ..Maintenance::default() })
     }
 
     async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
@@ -294,31 +392,49 @@ impl Spool for SqliteSpool {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| failed("locate", e))?;
-        Ok(row.map(|_| Lease { id: id.clone(), shard: 0, entry: String::new() }))
+        Ok(row.map(|_| Lease { id: id.clone(), shard: 0, entry: String::new(), owner: String::new(), generation: 0 }))
     }
 
     async fn admin(&self, id: &QueueId, action: AdminAction) -> Result<bool, SpoolError> {
+        // One row per message: no action can give it a second live entry. A
+        // leased message keeps its lease; its holder skips it when held.
         let sql = match action {
             AdminAction::Hold => {
                 "UPDATE queue_messages SET envelope = json_set(envelope, '$.held', json('true')), \
-                 state = CASE WHEN lease_owner IS NULL THEN 'held' ELSE state END WHERE id = ?"
+                 state = CASE WHEN state = 'deferred' OR (state = 'ready' AND lease_owner IS NULL) THEN 'held' \
+                 ELSE state END WHERE id = ? AND json_valid(envelope)"
             }
             AdminAction::Release => {
-                "UPDATE queue_messages SET envelope = json_set(envelope, '$.held', json('false')), state = 'ready' \
-                 WHERE id = ? AND state = 'held'"
+                "UPDATE queue_messages SET \
+                 envelope = CASE WHEN json_valid(envelope) THEN json_set(envelope, '$.held', json('false')) ELSE envelope END, \
+                 state = CASE WHEN state IN ('held', 'corrupt') THEN 'ready' ELSE state END \
+                 WHERE id = ? AND (state = 'corrupt' OR (json_valid(envelope) AND json_extract(envelope, '$.held')))"
             }
             AdminAction::Bounce => {
                 "UPDATE queue_messages SET envelope = json_set(envelope, '$.bounce_requested', json('true'), '$.held', json('false')), \
-                 state = 'ready' WHERE id = ?"
+                 state = CASE WHEN state IN ('deferred', 'held') THEN 'ready' ELSE state END \
+                 WHERE id = ? AND json_valid(envelope)"
             }
             AdminAction::Delete => "DELETE FROM queue_messages WHERE id = ?",
         };
-        let done = sqlx::query(sql).bind(id.as_str()).execute(&self.pool).await.map_err(|e| failed("admin", e))?;
-        if action == AdminAction::Delete {
-            for sql in ["DELETE FROM queue_bodies WHERE id = ?", "DELETE FROM queue_destinations WHERE id = ?"] {
-                sqlx::query(sql).bind(id.as_str()).execute(&self.pool).await.map_err(|e| failed("admin", e))?;
-            }
+        let mut tx = self.pool.begin().await.map_err(|e| failed("admin", e))?;
+        let done = sqlx::query(sql).bind(id.as_str()).execute(&mut *tx).await.map_err(|e| failed("admin", e))?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM queue_messages WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| failed("admin", e))?;
+        if state.as_deref() != Some("deferred") {
+            unindex(&mut tx, &[id.to_string()]).await.map_err(|e| failed("admin", e))?;
         }
+        if action == AdminAction::Delete {
+            sqlx::query("DELETE FROM queue_bodies WHERE id = ?")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| failed("admin", e))?;
+        }
+        tx.commit().await.map_err(|e| failed("admin", e))?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -327,7 +443,7 @@ impl Spool for SqliteSpool {
             "SELECT COUNT(*), \
              COALESCE(SUM(state = 'ready' AND lease_owner IS NULL), 0), \
              COALESCE(SUM(state = 'ready' AND lease_owner IS NOT NULL), 0), \
-             COALESCE(SUM(state = 'deferred'), 0), COALESCE(SUM(state = 'held'), 0), MIN(received_at) \
+             COALESCE(SUM(state = 'deferred'), 0), COALESCE(SUM(state IN ('held', 'corrupt')), 0), MIN(received_at) \
              FROM queue_messages",
         )
         .fetch_one(&self.pool)
@@ -344,13 +460,10 @@ impl Spool for SqliteSpool {
             deferred_by_destination: Vec::new(),
         };
         if by_destination {
-            let rows = sqlx::query(
-                "SELECT d.destination, COUNT(*) FROM queue_destinations d JOIN queue_messages m ON m.id = d.id \
-                 WHERE m.state = 'deferred' GROUP BY 1 ORDER BY 1",
-            )
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| failed("stats", e))?;
+            let rows = sqlx::query("SELECT destination, COUNT(*) FROM queue_destinations GROUP BY 1 ORDER BY 1")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| failed("stats", e))?;
             stats.deferred_by_destination = rows.into_iter().map(|r| (r.get(0), r.get::<i64, _>(1) as u64)).collect();
         }
         Ok(stats)
@@ -363,6 +476,42 @@ impl Spool for SqliteSpool {
             .map_err(|e| failed("list", e))?;
         Ok(rows.into_iter().filter_map(|r| decode(r.get(0), r.get(1), r.get(2))).collect())
     }
+
+    async fn audit(&self) -> Result<QueueAudit, SpoolError> {
+        let rows = sqlx::query(
+            "SELECT m.id, m.state, m.lease_owner IS NOT NULL, \
+             CASE WHEN json_valid(m.envelope) THEN json_extract(m.envelope, '$.size') END, \
+             (SELECT COALESCE(SUM(length(data)), 0) FROM queue_bodies b WHERE b.id = m.id), \
+             (SELECT COUNT(*) FROM queue_destinations d WHERE d.id = m.id) \
+             FROM queue_messages m",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| failed("audit", e))?;
+        let mut audit = QueueAudit::default();
+        for r in rows {
+            let id = QueueId::from(r.get::<String, _>(0));
+            let state: String = r.get(1);
+            let leased: bool = r.get(2);
+            audit.messages += 1;
+            // One row is one place, unless its columns contradict each other.
+            let places = match state.as_str() {
+                "ready" => 1,
+                "deferred" | "held" | "corrupt" => 1 + u32::from(leased),
+                _ => 0,
+            };
+            if places != 1 {
+                audit.misplaced.push((id.clone(), places));
+            }
+            if state != "deferred" && r.get::<i64, _>(5) > 0 {
+                audit.stale_entries += r.get::<i64, _>(5) as u64;
+            }
+            if state != "corrupt" && r.get::<Option<i64>, _>(3) != Some(r.get::<i64, _>(4)) {
+                audit.bad_bodies.push(id);
+            }
+        }
+        Ok(audit)
+    }
 }
 
 struct SqliteBody {
@@ -370,8 +519,9 @@ struct SqliteBody {
     id: QueueId,
     buf: Vec<u8>,
     /// Bytes already written as chunks.
-    written: u64,
+    flushed: u64,
     chunk: usize,
+    finished: bool,
 }
 
 impl SqliteBody {
@@ -381,14 +531,43 @@ impl SqliteBody {
         }
         sqlx::query("INSERT INTO queue_bodies (id, offset, data) VALUES (?, ?, ?)")
             .bind(self.id.as_str())
-            .bind(self.written as i64)
+            .bind(self.flushed as i64)
             .bind(self.buf.as_slice())
             .execute(exec)
             .await
             .map_err(|e| failed("append", e))?;
-        self.written += self.buf.len() as u64;
+        self.flushed += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
+    }
+
+    async fn insert(&mut self, env: &Envelope) -> Result<(), SpoolError> {
+        let mut env = env.clone();
+        env.size = self.written();
+        let json = serde_json::to_string(&env).map_err(|e| failed("enqueue", e))?;
+        let mut tx = self.pool.begin().await.map_err(|e| failed("enqueue", e))?;
+        self.flush_chunk(&mut *tx).await?;
+        let stored: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(length(data)), 0) FROM queue_bodies WHERE id = ?")
+            .bind(self.id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| failed("enqueue", e))?;
+        if stored as u64 != env.size {
+            METRICS.queue_errors.with_label_values(&["short_body"]).inc();
+            return Err(SpoolError::BodyMismatch { id: self.id.clone(), expected: env.size, found: stored as u64 });
+        }
+        sqlx::query("INSERT INTO queue_messages (id, envelope, received_at, state) VALUES (?, ?, ?, 'ready')")
+            .bind(self.id.as_str())
+            .bind(json)
+            .bind(env.received_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| failed("enqueue", e))?;
+        tx.commit().await.map_err(|e| failed("enqueue", e))
+    }
+
+    async fn remove_chunks(&self) {
+        let _ = sqlx::query("DELETE FROM queue_bodies WHERE id = ?").bind(self.id.as_str()).execute(&self.pool).await;
     }
 }
 
@@ -403,24 +582,39 @@ impl SpoolBody for SqliteBody {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>, env: &Envelope) -> Result<(), SpoolError> {
-        let started = std::time::Instant::now();
-        let json = serde_json::to_string(env).map_err(|e| failed("enqueue", e))?;
-        let mut tx = self.pool.begin().await.map_err(|e| failed("enqueue", e))?;
-        self.flush_chunk(&mut *tx).await?;
-        sqlx::query("INSERT INTO queue_messages (id, envelope, received_at, state) VALUES (?, ?, ?, 'ready')")
-            .bind(self.id.as_str())
-            .bind(json)
-            .bind(env.received_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| failed("enqueue", e))?;
-        tx.commit().await.map_err(|e| failed("enqueue", e))?;
-        METRICS.queue_enqueue_seconds.observe(started.elapsed().as_secs_f64());
-        Ok(())
+    fn written(&self) -> u64 {
+        self.flushed + self.buf.len() as u64
     }
 
-    async fn abort(self: Box<Self>) {
-        let _ = sqlx::query("DELETE FROM queue_bodies WHERE id = ?").bind(self.id.as_str()).execute(&self.pool).await;
+    async fn commit(mut self: Box<Self>, env: &Envelope) -> Result<(), SpoolError> {
+        let started = std::time::Instant::now();
+        let result = self.insert(env).await;
+        self.finished = true;
+        match &result {
+            Ok(()) => METRICS.queue_enqueue_seconds.observe(started.elapsed().as_secs_f64()),
+            Err(_) => self.remove_chunks().await,
+        }
+        result
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        self.finished = true;
+        self.remove_chunks().await;
+    }
+}
+
+impl Drop for SqliteBody {
+    /// A session cut mid-transfer: its chunks are removed (best effort;
+    /// the start-up sweep is the fallback).
+    fn drop(&mut self) {
+        if self.finished || self.flushed == 0 {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (pool, id) = (self.pool.clone(), self.id.to_string());
+            runtime.spawn(async move {
+                let _ = sqlx::query("DELETE FROM queue_bodies WHERE id = ?").bind(id).execute(&pool).await;
+            });
+        }
     }
 }

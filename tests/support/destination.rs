@@ -47,6 +47,8 @@ pub struct Received {
     pub helo: String,
     /// The reverse path, inside `<>` ("" for the null sender).
     pub mail_from: String,
+    /// The ESMTP parameters of MAIL FROM as sent (e.g. `SIZE=120 SMTPUTF8`).
+    pub mail_params: String,
     /// Accepted recipients only, inside `<>`, in RCPT order.
     pub rcpts: Vec<String>,
     /// Content after dot-unstuffing, byte for byte (CRLF line endings as
@@ -246,8 +248,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 enum Command {
     Ehlo(String),
     Helo(String),
-    /// The address inside `<>`; `None` when the argument has no `FROM:`.
-    Mail(Option<String>),
+    /// The address inside `<>` and the parameters after it; `None` when
+    /// the argument has no `FROM:`.
+    Mail(Option<(String, String)>),
     /// The address inside `<>`; `None` when the argument has no `TO:`.
     Rcpt(Option<String>),
     Data,
@@ -267,7 +270,7 @@ impl Command {
         match verb.to_ascii_uppercase().as_str() {
             "EHLO" => Command::Ehlo(arg.to_string()),
             "HELO" => Command::Helo(arg.to_string()),
-            "MAIL" => Command::Mail(path_after(arg, "FROM:")),
+            "MAIL" => Command::Mail(path_after(arg, "FROM:").map(|p| (p, params_after_path(arg)))),
             "RCPT" => Command::Rcpt(path_after(arg, "TO:")),
             "DATA" => Command::Data,
             "RSET" => Command::Rset,
@@ -277,6 +280,11 @@ impl Command {
             _ => Command::Unknown,
         }
     }
+}
+
+/// `FROM:<a@b> SIZE=1 SMTPUTF8` → `SIZE=1 SMTPUTF8`.
+fn params_after_path(arg: &str) -> String {
+    arg.split_once('>').map_or("", |(_, rest)| rest).trim().to_string()
 }
 
 /// `FROM:<a@b> SIZE=1` → `a@b`. ESMTP parameters after the path are ignored;
@@ -364,6 +372,7 @@ struct Session<'a> {
     shared: &'a Shared,
     helo: String,
     mail_from: Option<String>,
+    mail_params: String,
     rcpts: Vec<String>,
     tls: bool,
     /// Replies not yet written: pipelined replies go out together.
@@ -372,7 +381,15 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn new(shared: &'a Shared) -> Session<'a> {
-        Session { shared, helo: String::new(), mail_from: None, rcpts: Vec::new(), tls: false, out: Vec::new() }
+        Session {
+            shared,
+            helo: String::new(),
+            mail_from: None,
+            mail_params: String::new(),
+            rcpts: Vec::new(),
+            tls: false,
+            out: Vec::new(),
+        }
     }
 
     fn reset(&mut self) {
@@ -476,8 +493,9 @@ impl<'a> Session<'a> {
             },
             Command::Mail(None) | Command::Rcpt(None) => self.reply("501 5.5.4 Syntax error in parameters"),
             Command::Mail(Some(_)) if self.mail_from.is_some() => self.reply("503 5.5.1 Error: nested MAIL command"),
-            Command::Mail(Some(from)) => {
+            Command::Mail(Some((from, params))) => {
                 self.mail_from = Some(from);
+                self.mail_params = params;
                 self.reply("250 2.1.0 Ok");
             }
             Command::Rcpt(Some(_)) if self.mail_from.is_none() => self.reply("503 5.5.1 Error: need MAIL command"),
@@ -498,6 +516,7 @@ impl<'a> Session<'a> {
                 let message = Received {
                     helo: self.helo.clone(),
                     mail_from: self.mail_from.take().unwrap_or_default(),
+                    mail_params: std::mem::take(&mut self.mail_params),
                     rcpts: std::mem::take(&mut self.rcpts),
                     data,
                     tls: self.tls,

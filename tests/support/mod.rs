@@ -320,6 +320,7 @@ pub struct Relay {
     child: Option<Child>,
     config: String,
     env: Vec<(String, String)>,
+    port_retries: u32,
 }
 
 /// Test defaults: 127.0.0.1 is NOT in mynetworks (so the relay rules apply
@@ -374,6 +375,7 @@ impl Relay {
             child: None,
             config: config.to_string(),
             env: env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            port_retries: 0,
         };
         r.start();
         r
@@ -400,6 +402,13 @@ impl Relay {
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                // Another test took a port between `free_port` and the bind:
+                // a race of the harness, not of the relay; pick new ones.
+                if self.log().contains("Address already in use") && self.port_retries < 3 {
+                    self.port_retries += 1;
+                    (self.port, self.admin_port) = (free_port(), free_port());
+                    return self.start();
+                }
                 panic!("mxrelay exited with {status}:\n{}", self.log());
             }
             assert!(start.elapsed() < Duration::from_secs(30), "mxrelay did not listen:\n{}", self.log());
@@ -455,6 +464,23 @@ impl Relay {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
+    }
+
+    /// Runs `mxrelay ARGS…` with this node's configuration file and
+    /// environment; returns (success, stdout and stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("mxrelay.toml"))
+            .env("MXRELAY_QUEUE_PREFIX", &self.prefix)
+            .envs(self.env.iter().map(|(a, b)| (a, b)))
+            .output()
+            .expect("mxrelay binary");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     }
 
     pub fn queue(&self, redis_url: &str) -> Queue {
@@ -535,6 +561,19 @@ impl Queue {
             redis::cmd("KEYS").arg(format!("{}:*:msg:{id}", self.prefix)).query(&mut self.conn).unwrap();
         let k = keys.into_iter().next()?;
         redis::cmd("HGETALL").arg(k).query(&mut self.conn).ok()
+    }
+
+    /// Entries leased to a node now (pending in the consumer groups).
+    pub fn leased(&mut self) -> usize {
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*:ready", self.prefix)).query(&mut self.conn).unwrap();
+        keys.iter()
+            .map(|k| {
+                let summary: redis::RedisResult<(usize, redis::Value, redis::Value, redis::Value)> =
+                    redis::cmd("XPENDING").arg(k).arg("delivery").query(&mut self.conn);
+                summary.map_or(0, |s| s.0)
+            })
+            .sum()
     }
 
     pub fn stray_keys(&mut self) -> Vec<String> {

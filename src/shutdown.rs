@@ -1,0 +1,59 @@
+//! One stop signal for every task of a node. SIGTERM/SIGINT move it to
+//! [`Phase::Draining`]: `/readyz` fails, listeners close, a session waiting
+//! for a command gets `421 4.3.0` at once, delivery leases nothing new.
+//! After the grace period it moves to [`Phase::Closing`]: a session still
+//! receiving a message is cut, while a commit in progress always runs to
+//! its reply (cutting it would leave the client without its 250, and its
+//! retry would queue a second copy).
+
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    Draining,
+    Closing,
+}
+
+/// Sets the phase (held by `server`).
+pub struct Trigger(watch::Sender<Phase>);
+
+/// Watches the phase (cloned into every task).
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<Phase>);
+
+pub fn channel() -> (Trigger, Shutdown) {
+    let (tx, rx) = watch::channel(Phase::Running);
+    (Trigger(tx), Shutdown(rx))
+}
+
+impl Trigger {
+    /// Moves forward to `phase` (never back).
+    pub fn advance(&self, phase: Phase) {
+        self.0.send_if_modified(|p| {
+            let moved = phase > *p;
+            if moved {
+                *p = phase;
+            }
+            moved
+        });
+    }
+}
+
+impl Shutdown {
+    pub fn phase(&self) -> Phase {
+        *self.0.borrow()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.phase() >= Phase::Draining
+    }
+
+    /// Returns once the phase is `phase` or later (never, if the trigger is gone
+    /// without getting there).
+    pub async fn reached(&mut self, phase: Phase) {
+        if self.0.wait_for(|p| *p >= phase).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,13 @@
+-- Acknowledges an entry without delivering it: the message is held (it
+-- moves to the hold set), gone, or lives in another entry (left alone).
+-- 0 when the entry is not pending to this holder.
+-- KEYS: ready, msg, hold   ARGV: entry, owner, generation, id
+if not pending_to(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+local live = redis.call('HGET', KEYS[2], 'entry')
+redis.call('XACK', KEYS[1], GROUP, ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+if live == ARGV[1] or live == false then
+  redis.call('HDEL', KEYS[2], 'entry')
+  if redis.call('HGET', KEYS[2], 'held') == '1' then redis.call('SADD', KEYS[3], ARGV[4]) end
+end
+return 1

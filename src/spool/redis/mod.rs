@@ -1,0 +1,852 @@
+//! The queue in Redis Streams (see the data model in the design and in
+//! `docs/ARCHITECTURE.md`). Per shard, under the hash tag `{qN}`: `ready`
+//! (stream, group `delivery`), `deferred`, `hold`, `arrivals`, `staged`,
+//! `corrupt`, `dests` (destinations with deferred mail), `dest:<d>`, and
+//! per message `msg:<id>` (envelope; `entry` names its one live stream
+//! entry), `body:<id>`, `tmp:<id>` (chunks being received) and `done:<id>`
+//! (a short-lived tombstone). Every step that changes a message is one Lua
+//! script ([`scripts`]) on one hash slot.
+//!
+//! Invariants kept here: a lease is fenced by (consumer, delivery count),
+//! checked in every script against XPENDING; no path adds a second live
+//! entry; a read that finds the consumer group missing (Redis restarted
+//! empty) recreates it and retries; the blocking read has a connection of
+//! its own, and so does every WAIT ([`body`]).
+
+mod body;
+mod scripts;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+
+use super::{
+    AdminAction, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId, QueueStats, Spool, SpoolBody,
+    SpoolError,
+};
+use crate::config::QueueConfig;
+use crate::metrics::METRICS;
+use scripts::*;
+
+/// Consumer group every node reads the ready streams through.
+pub const GROUP: &str = "delivery";
+/// XAUTOCLAIM rounds per shard in one takeover pass (each scans up to ten
+/// times the count of pending entries).
+const TAKEOVER_ROUNDS: usize = 4;
+/// Ids handled per shard by one maintenance pass.
+const MAINTAIN_BATCH: usize = 500;
+
+/// Key names of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardKeys {
+    base: String,
+}
+
+impl ShardKeys {
+    pub fn new(prefix: &str, shard: u32) -> ShardKeys {
+        ShardKeys { base: format!("{prefix}:{{q{shard}}}:") }
+    }
+    /// The shard's key prefix, `{prefix}:{qN}:` (scripts derive per-message
+    /// keys from it, always in the same hash slot).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.base)
+    }
+    pub fn ready(&self) -> String {
+        self.key("ready")
+    }
+    pub fn deferred(&self) -> String {
+        self.key("deferred")
+    }
+    pub fn msg(&self, id: &QueueId) -> String {
+        self.key(&format!("msg:{id}"))
+    }
+    pub fn body(&self, id: &QueueId) -> String {
+        self.key(&format!("body:{id}"))
+    }
+    fn tmp(&self, id: &QueueId) -> String {
+        self.key(&format!("tmp:{id}"))
+    }
+    /// Set shortly when a young message completes (see [`Link::tombstone`]).
+    fn done(&self, id: &QueueId) -> String {
+        self.key(&format!("done:{id}"))
+    }
+    /// Messages on hold (`queue hold`, unreadable ones), never delivered until released.
+    pub fn hold(&self) -> String {
+        self.key("hold")
+    }
+    /// Every message of the shard by arrival time (ms): counts and oldest age.
+    pub fn arrivals(&self) -> String {
+        self.key("arrivals")
+    }
+    /// A commit given up on (see `lua/landed.lua`).
+    fn void(&self, id: &QueueId) -> String {
+        self.key(&format!("void:{id}"))
+    }
+    /// Messages stored by the first phase of a replicated commit, by time.
+    fn staged(&self) -> String {
+        self.key("staged")
+    }
+    /// Messages whose envelope is unreadable, by arrival.
+    fn corrupt(&self) -> String {
+        self.key("corrupt")
+    }
+    /// Destinations that have deferred messages in this shard.
+    fn dests(&self) -> String {
+        self.key("dests")
+    }
+    /// Deferred messages of one destination (for the fast drain).
+    pub fn destination(&self, destination: &str) -> String {
+        self.key(&format!("dest:{destination}"))
+    }
+}
+
+/// Why a Redis call failed: it answered with an error (the command did not
+/// run, or failed as a whole), or it did not answer (the command may have
+/// run).
+enum Failure {
+    Answered(redis::RedisError),
+    NoAnswer(String),
+}
+
+impl Failure {
+    fn from_redis(e: redis::RedisError) -> Failure {
+        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+            Failure::NoAnswer(e.to_string())
+        } else {
+            Failure::Answered(e)
+        }
+    }
+
+    fn missing_group(&self) -> bool {
+        matches!(self, Failure::Answered(e) if e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP"))
+    }
+
+    fn into_error(self, op: &'static str) -> SpoolError {
+        match self {
+            Failure::Answered(e) => unavailable(op, e),
+            Failure::NoAnswer(e) => unavailable(op, e),
+        }
+    }
+}
+
+fn unavailable(op: &'static str, e: impl std::fmt::Display) -> SpoolError {
+    METRICS.queue_errors.with_label_values(&[op]).inc();
+    SpoolError::Unavailable(format!("{op}: {e}"))
+}
+
+/// One Redis operation, bounded by `limit`.
+async fn call<T>(limit: Duration, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, Failure> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::from_redis(e)),
+        Err(_) => Err(Failure::NoAnswer("timed out".into())),
+    }
+}
+
+async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    f: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, SpoolError> {
+    call(limit, f).await.map_err(|e| e.into_error(op))
+}
+
+/// Evaluates `$call` (a `Result<_, Failure>` future); when the consumer
+/// group is missing (Redis lost its data, or started after this node),
+/// recreates the groups and evaluates it again.
+macro_rules! healing {
+    ($spool:expr, $op:literal, $call:expr) => {
+        match $call.await {
+            Err(e) if e.missing_group() => {
+                $spool.recreate_groups($op).await?;
+                $call.await.map_err(|e| e.into_error($op))
+            }
+            r => r.map_err(|e| e.into_error($op)),
+        }
+    };
+}
+
+/// What the receiving side ([`body`]) shares with the spool.
+pub(super) struct Link {
+    conn: ConnectionManager,
+    waiters: Arc<body::WaitPool>,
+    config: QueueConfig,
+}
+
+impl Link {
+    /// How long a completed young message leaves its tombstone: longer than
+    /// a node waits for a commit reply and then checks whether it landed.
+    fn tombstone(&self) -> Duration {
+        (self.config.timeout + self.config.replicas_ack_timeout) * 3
+    }
+}
+
+pub struct RedisSpool {
+    link: Arc<Link>,
+    client: redis::Client,
+    /// The blocking XREADGROUP runs on a connection of its own.
+    reader: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// XAUTOCLAIM cursor per shard, so takeover reaches the whole pending list.
+    cursors: std::sync::Mutex<Vec<String>>,
+    /// Shard read first by the next lease or takeover (rotates).
+    next_shard: AtomicU32,
+}
+
+/// A script's fenced answer: 0 means the lease is not current.
+fn fenced(lease: &Lease, answer: i64) -> Result<(), SpoolError> {
+    if answer == 0 { Err(SpoolError::LeaseLost(lease.id.clone())) } else { Ok(()) }
+}
+
+impl RedisSpool {
+    /// Connects lazily: a node starts (and answers 451) while Redis is down,
+    /// and reconnects by itself when it is back.
+    pub fn connect(config: &QueueConfig) -> Result<RedisSpool, SpoolError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| unavailable("connect", e))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout.min(Duration::from_secs(2))))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| unavailable("connect", e))?;
+        let waiters = Arc::new(body::WaitPool::new(client.clone(), config));
+        Ok(RedisSpool {
+            link: Arc::new(Link { conn, waiters, config: config.clone() }),
+            client,
+            reader: tokio::sync::Mutex::new(None),
+            cursors: std::sync::Mutex::new(vec!["0-0".to_string(); config.shards as usize]),
+            next_shard: AtomicU32::new(0),
+        })
+    }
+
+    fn config(&self) -> &QueueConfig {
+        &self.link.config
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.link.conn.clone()
+    }
+
+    pub fn shard_keys(&self, shard: u32) -> ShardKeys {
+        ShardKeys::new(&self.config().prefix, shard)
+    }
+
+    /// Every shard once, starting with a different one on each call.
+    fn shard_order(&self) -> Vec<u32> {
+        let n = self.config().shards;
+        let first = self.next_shard.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).map(|i| (first + i) % n).collect()
+    }
+
+    fn shard_of(&self, stream_key: &str) -> Option<u32> {
+        let start = stream_key.find("{q")? + 2;
+        let end = start + stream_key[start..].find('}')?;
+        stream_key[start..end].parse().ok()
+    }
+
+    async fn script<T: redis::FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<T, Failure> {
+        let mut conn = self.conn();
+        call(self.config().timeout, invocation.invoke_async(&mut conn)).await
+    }
+
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, SpoolError> {
+        self.script(invocation).await.map_err(|e| e.into_error(op))
+    }
+
+    async fn recreate_groups(&self, op: &'static str) -> Result<(), SpoolError> {
+        METRICS.queue_groups_recreated.inc();
+        tracing::warn!(
+            "queue: consumer group {GROUP} missing during {op} (Redis restarted without its data?); recreating it"
+        );
+        self.create_groups().await
+    }
+
+    async fn create_groups(&self) -> Result<(), SpoolError> {
+        let mut conn = self.conn();
+        for shard in 0..self.config().shards {
+            let ready = self.shard_keys(shard).ready();
+            match call(self.config().timeout, conn.xgroup_create_mkstream::<_, _, _, ()>(&ready, GROUP, "0")).await {
+                Ok(()) => {}
+                Err(Failure::Answered(e)) if e.to_string().contains("BUSYGROUP") => {}
+                Err(e) => return Err(e.into_error("prepare")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues written before the `dests` index existed: adds their
+    /// destination indexes to it, once per shard (a start-up scan, never a
+    /// periodic one).
+    async fn index_legacy_destinations(&self) -> Result<(), SpoolError> {
+        let mut conn = self.conn();
+        for shard in 0..self.config().shards {
+            let k = self.shard_keys(shard);
+            let first_start: bool = bounded("prepare", self.config().timeout, conn.set_nx(k.key("schema"), 2)).await?;
+            if !first_start {
+                continue;
+            }
+            let prefix = k.destination("");
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = bounded(
+                    "prepare",
+                    self.config().timeout,
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{prefix}*"))
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+                let names: Vec<&str> = keys.iter().filter_map(|key| key.strip_prefix(&prefix)).collect();
+                if !names.is_empty() {
+                    bounded("prepare", self.config().timeout, conn.sadd::<_, _, ()>(k.dests(), names)).await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
+    fn leases_from(&self, owner: &str, replies: Vec<Option<redis::streams::StreamReadReply>>) -> Vec<Lease> {
+        replies
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| {
+                let shard = self.shard_of(&k.key);
+                k.ids.into_iter().filter_map(move |e| {
+                    let id: String = e.get("id")?;
+                    // A new entry (`>`) is delivered for the first time.
+                    Some(Lease {
+                        id: QueueId::from(id),
+                        shard: shard?,
+                        entry: e.id,
+                        owner: owner.into(),
+                        generation: 1,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    async fn reader_conn<'a>(
+        &self,
+        guard: &'a mut Option<MultiplexedConnection>,
+        block: Duration,
+    ) -> Result<&'a mut MultiplexedConnection, Failure> {
+        if guard.is_none() {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.config().timeout))
+                .set_response_timeout(Some(block + self.config().timeout));
+            let conn =
+                call(self.config().timeout, self.client.get_multiplexed_async_connection_with_config(&config)).await?;
+            *guard = Some(conn);
+        }
+        Ok(guard.as_mut().expect("just connected"))
+    }
+
+    /// One lease read: without blocking, up to `count` entries from the
+    /// shards in turn; if that finds nothing, a blocking read of one entry
+    /// per shard. XREADGROUP's COUNT applies per stream, so a blocking read
+    /// that returns more than `count` (entries arrived in several shards at
+    /// once) hands the extras back at once: this node never holds a lease
+    /// it is not working on.
+    async fn read_once(
+        &self,
+        guard: &mut Option<MultiplexedConnection>,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Lease>, Failure> {
+        let timeout = self.config().timeout;
+        let order = self.shard_order();
+        let conn = self.reader_conn(guard, block).await?;
+        let read = |shard: u32, n: usize| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(GROUP).arg(consumer).arg("COUNT").arg(n);
+            cmd.arg("STREAMS").arg(self.shard_keys(shard).ready()).arg(">");
+            cmd
+        };
+        // Per shard, so that an error in one shard (its group missing) does
+        // not hide entries another shard already leased to us.
+        let mut replies: Vec<Result<Option<redis::streams::StreamReadReply>, Failure>> = Vec::new();
+        if count >= order.len() {
+            // Busy: one round trip, `count` split over the shards.
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for (i, shard) in order.iter().enumerate() {
+                pipe.add_command(read(*shard, count / order.len() + usize::from(i < count % order.len())));
+            }
+            let all: Vec<redis::RedisResult<Option<redis::streams::StreamReadReply>>> =
+                call(timeout, pipe.query_async(conn)).await?;
+            replies.extend(all.into_iter().map(|r| r.map_err(Failure::from_redis)));
+        } else {
+            let mut got = 0;
+            for shard in &order {
+                if got >= count {
+                    break;
+                }
+                let reply = call(timeout, read(*shard, count - got).query_async(conn)).await;
+                got += reply
+                    .as_ref()
+                    .ok()
+                    .and_then(|r: &Option<redis::streams::StreamReadReply>| r.as_ref())
+                    .map_or(0, |r| r.keys.iter().map(|k| k.ids.len()).sum());
+                replies.push(reply);
+            }
+        }
+        let mut leases = Vec::new();
+        let mut failure = None;
+        for reply in replies {
+            match reply {
+                Ok(r) => leases.extend(self.leases_from(consumer, vec![r])),
+                Err(e) if failure.is_none() => failure = Some(e),
+                Err(_) => {}
+            }
+        }
+        match failure {
+            // Some shards lost their group: recreate now, keep what was read.
+            Some(e) if e.missing_group() && !leases.is_empty() => {
+                if let Err(e) = self.recreate_groups("lease").await {
+                    tracing::warn!(error = %e, "queue: recreating consumer groups failed");
+                }
+                return Ok(leases);
+            }
+            Some(_) if !leases.is_empty() => return Ok(leases),
+            Some(e) => return Err(e),
+            None => {}
+        }
+        if !leases.is_empty() || block.is_zero() {
+            return Ok(leases);
+        }
+        let keys: Vec<String> = order.iter().map(|s| self.shard_keys(*s).ready()).collect();
+        let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
+        let options = redis::streams::StreamReadOptions::default()
+            .group(GROUP, consumer)
+            .count(1)
+            .block(block.as_millis().max(1) as usize);
+        let reply: Option<redis::streams::StreamReadReply> =
+            call(block + timeout, conn.xread_options(&keys, &ids, &options)).await?;
+        let mut leases = self.leases_from(consumer, vec![reply]);
+        for extra in leases.split_off(count.min(leases.len())) {
+            if let Err(e) = self.hand_back(&extra).await {
+                tracing::warn!(queue_id = %extra.id, error = %e, "could not hand back an entry read beyond the free slots; taken over after queue.lease");
+            }
+        }
+        Ok(leases)
+    }
+
+    /// The shard of message `id`, if it is committed (staged ones are not).
+    async fn shard_holding(&self, id: &QueueId) -> Result<Option<u32>, SpoolError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..self.config().shards {
+            pipe.hget(self.shard_keys(shard).msg(id), "staged").exists(self.shard_keys(shard).msg(id));
+        }
+        let found: Vec<(Option<String>, bool)> =
+            bounded("locate", self.config().timeout, pipe.query_async(&mut self.conn())).await?;
+        Ok(found.iter().position(|(staged, exists)| *exists && staged.as_deref() != Some("1")).map(|s| s as u32))
+    }
+
+    /// The fencing arguments every lease script starts with.
+    fn fence<'a>(inv: &mut redis::ScriptInvocation<'a>, lease: &Lease) {
+        inv.arg(&lease.entry).arg(&lease.owner).arg(lease.generation);
+    }
+
+    async fn audit_shard(&self, shard: u32, audit: &mut QueueAudit) -> Result<(), SpoolError> {
+        use std::collections::{BTreeMap, HashSet};
+        let k = self.shard_keys(shard);
+        let mut conn = self.conn();
+        let t = self.config().timeout;
+        let entries: redis::streams::StreamRangeReply = bounded("audit", t, conn.xrange_all(k.ready())).await?;
+        let deferred: HashSet<String> = bounded("audit", t, conn.zrange(k.deferred(), 0, -1)).await?;
+        let hold: HashSet<String> = bounded("audit", t, conn.smembers(k.hold())).await?;
+        let arrivals: Vec<String> = bounded("audit", t, conn.zrange(k.arrivals(), 0, -1)).await?;
+        let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for e in entries.ids {
+            let id: String = e.get("id").unwrap_or_default();
+            by_id.entry(id).or_default().push(e.id);
+        }
+        let mut ids: Vec<String> = arrivals.clone();
+        ids.extend(by_id.keys().cloned());
+        ids.extend(deferred.iter().cloned());
+        ids.extend(hold.iter().cloned());
+        ids.sort();
+        ids.dedup();
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                let id = QueueId::from(id.clone());
+                pipe.cmd("HMGET")
+                    .arg(k.msg(&id))
+                    .arg("entry")
+                    .arg("size")
+                    .arg("staged")
+                    .exists(k.msg(&id))
+                    .strlen(k.body(&id));
+            }
+            type Row = ((Option<String>, Option<u64>, Option<String>), bool, u64);
+            let rows: Vec<Row> = bounded("audit", t, pipe.query_async(&mut conn)).await?;
+            for (id, ((live, size, staged), exists, stored)) in chunk.iter().zip(rows) {
+                let entries = by_id.get(id).map(Vec::as_slice).unwrap_or_default();
+                if !exists || staged.as_deref() == Some("1") {
+                    audit.stale_entries += entries.len() as u64;
+                    continue;
+                }
+                audit.messages += 1;
+                let live_entries = match &live {
+                    Some(live) => entries.iter().filter(|e| *e == live).count(),
+                    None => entries.len(),
+                };
+                audit.stale_entries += (entries.len() - live_entries) as u64;
+                let places = live_entries as u32 + u32::from(deferred.contains(id)) + u32::from(hold.contains(id));
+                let qid = QueueId::from(id.clone());
+                if places != 1 {
+                    audit.misplaced.push((qid.clone(), places));
+                }
+                if size != Some(stored) {
+                    audit.bad_bodies.push(qid);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Spool for RedisSpool {
+    async fn prepare(&self) -> Result<(), SpoolError> {
+        self.create_groups().await?;
+        self.index_legacy_destinations().await
+    }
+
+    fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody> {
+        let shard = rand::random_range(0..self.config().shards);
+        Box::new(body::RedisBody::new(self.link.clone(), self.shard_keys(shard), id.clone()))
+    }
+
+    async fn ping(&self) -> Result<(), SpoolError> {
+        let t = self.config().timeout;
+        let mut pipe = redis::pipe();
+        for shard in 0..self.config().shards {
+            pipe.cmd("XPENDING").arg(self.shard_keys(shard).ready()).arg(GROUP).ignore();
+        }
+        healing!(self, "ping", call(t, pipe.query_async::<()>(&mut self.conn())))
+    }
+
+    async fn lease(&self, consumer: &str, count: usize, block: Duration) -> Result<Vec<Lease>, SpoolError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let mut guard = self.reader.lock().await;
+        let mut read = self.read_once(&mut guard, consumer, count, block).await;
+        if matches!(&read, Err(e) if e.missing_group()) {
+            self.recreate_groups("lease").await?;
+            read = self.read_once(&mut guard, consumer, count, block).await;
+        }
+        read.map_err(|e| {
+            if matches!(e, Failure::NoAnswer(_)) {
+                // A broken blocking connection is replaced on the next call.
+                *guard = None;
+            }
+            e.into_error("lease")
+        })
+    }
+
+    async fn take_over(&self, consumer: &str, idle: Duration, count: usize) -> Result<Vec<Lease>, SpoolError> {
+        let mut taken = Vec::new();
+        for shard in self.shard_order() {
+            let k = self.shard_keys(shard);
+            for _ in 0..TAKEOVER_ROUNDS {
+                if taken.len() >= count {
+                    return Ok(taken);
+                }
+                let cursor = self.cursors.lock().unwrap_or_else(|e| e.into_inner())[shard as usize].clone();
+                let left = count - taken.len();
+                let mut inv = TAKEOVER.prepare_invoke();
+                inv.key(k.ready()).arg(consumer).arg(idle.as_millis() as u64).arg(&cursor).arg(left).arg(k.base());
+                let reply: Vec<redis::Value> = healing!(self, "takeover", self.script(&inv))?;
+                let mut values = reply.into_iter().map(|v| redis::from_redis_value::<String>(v).unwrap_or_default());
+                let next = values.next().unwrap_or_else(|| "0-0".into());
+                let rest: Vec<String> = values.collect();
+                for t in rest.chunks_exact(3) {
+                    taken.push(Lease {
+                        id: QueueId::from(t[1].clone()),
+                        shard,
+                        entry: t[0].clone(),
+                        owner: consumer.into(),
+                        generation: t[2].parse().unwrap_or(0),
+                    });
+                }
+                let wrapped = next == "0-0";
+                self.cursors.lock().unwrap_or_else(|e| e.into_inner())[shard as usize] = next;
+                if wrapped {
+                    break;
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let k = self.shard_keys(lease.shard);
+        let mut inv = RENEW.prepare_invoke();
+        inv.key(k.ready()).key(k.msg(&lease.id));
+        Self::fence(&mut inv, lease);
+        fenced(lease, self.run_script("renew", &inv).await?)
+    }
+
+    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
+        let key = self.shard_keys(lease.shard).msg(&lease.id);
+        let fields: std::collections::HashMap<String, String> =
+            bounded("load", self.config().timeout, self.conn().hgetall(key)).await?;
+        if fields.is_empty() || fields.get("staged").is_some_and(|s| s == "1") {
+            return Ok(None);
+        }
+        if !lease.entry.is_empty() && fields.get("entry").is_some_and(|live| *live != lease.entry) {
+            return Ok(None);
+        }
+        Envelope::from_fields(&fields).map(Some).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))
+    }
+
+    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.shard_keys(lease.shard).body(&lease.id);
+        let end = offset + len as u64 - 1;
+        bounded("body", self.config().timeout, self.conn().getrange(key, offset as isize, end as isize)).await
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let k = self.shard_keys(lease.shard);
+        let mut inv = COMPLETE.prepare_invoke();
+        inv.key(k.ready()).key(k.msg(&lease.id)).key(k.body(&lease.id)).key(k.arrivals()).key(k.hold());
+        inv.key(k.done(&lease.id));
+        Self::fence(&mut inv, lease);
+        inv.arg(lease.id.as_str()).arg(self.link.tombstone().as_millis() as u64);
+        fenced(lease, self.run_script("complete", &inv).await?)
+    }
+
+    async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
+        let k = self.shard_keys(lease.shard);
+        let recipients = serde_json::to_string(&env.recipients).map_err(|e| unavailable("defer", e))?;
+        let mut inv = DEFER.prepare_invoke();
+        inv.key(k.ready()).key(k.msg(&lease.id)).key(k.deferred()).key(k.hold()).key(k.dests());
+        for d in destinations {
+            inv.key(k.destination(d));
+        }
+        Self::fence(&mut inv, lease);
+        inv.arg(lease.id.as_str()).arg(due).arg(recipients).arg(env.attempts);
+        for d in destinations {
+            inv.arg(d);
+        }
+        fenced(lease, self.run_script("defer", &inv).await?)
+    }
+
+    async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let k = self.shard_keys(lease.shard);
+        let mut inv = HAND_BACK.prepare_invoke();
+        inv.key(k.ready()).key(k.msg(&lease.id));
+        Self::fence(&mut inv, lease);
+        inv.arg(lease.id.as_str());
+        fenced(lease, self.run_script("hand_back", &inv).await?)
+    }
+
+    async fn skip(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let k = self.shard_keys(lease.shard);
+        let mut inv = SKIP.prepare_invoke();
+        inv.key(k.ready()).key(k.msg(&lease.id)).key(k.hold());
+        Self::fence(&mut inv, lease);
+        inv.arg(lease.id.as_str());
+        fenced(lease, self.run_script("skip", &inv).await?)
+    }
+
+    async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError> {
+        let k = self.shard_keys(lease.shard);
+        let mut inv = QUARANTINE.prepare_invoke();
+        inv.key(k.ready()).key(k.msg(&lease.id)).key(k.hold()).key(k.corrupt()).key(k.arrivals());
+        Self::fence(&mut inv, lease);
+        inv.arg(lease.id.as_str());
+        fenced(lease, self.run_script("quarantine", &inv).await?)
+    }
+
+    async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError> {
+        let mut moved = 0;
+        for shard in 0..self.config().shards {
+            let k = self.shard_keys(shard);
+            let mut inv = SCHEDULE.prepare_invoke();
+            inv.key(k.deferred()).key(k.ready()).arg(now).arg(batch).arg(k.base());
+            moved += self.run_script::<usize>("schedule", &inv).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
+        let mut moved = 0;
+        for shard in 0..self.config().shards {
+            let k = self.shard_keys(shard);
+            let mut inv = RELEASE.prepare_invoke();
+            inv.key(k.destination(destination)).key(k.deferred()).key(k.ready()).key(k.dests());
+            inv.arg(limit).arg(k.base()).arg(destination);
+            moved += self.run_script::<usize>("release", &inv).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..self.config().shards {
+            pipe.smembers(self.shard_keys(shard).dests());
+        }
+        let sets: Vec<Vec<String>> =
+            bounded("dests", self.config().timeout, pipe.query_async(&mut self.conn())).await?;
+        let all: std::collections::BTreeSet<String> = sets.into_iter().flatten().collect();
+        Ok(all.into_iter().collect())
+    }
+
+    async fn maintain(&self, consumer: &str, corrupt_max_age: Duration) -> Result<Maintenance, SpoolError> {
+        let c = self.config();
+        // A replicated commit finishes within its timeouts; anything staged
+        // for much longer was abandoned by a crash, unanswered.
+        let staged_age = ((c.timeout + c.replicas_ack_timeout) * 4).max(Duration::from_secs(60));
+        let consumer_idle = c.lease * 10;
+        let cutoff = chrono::Utc::now().timestamp_millis() - corrupt_max_age.as_millis() as i64;
+        let mut done = Maintenance::default();
+        for shard in 0..c.shards {
+            let k = self.shard_keys(shard);
+            let mut inv = MAINTAIN.prepare_invoke();
+            inv.key(k.staged()).key(k.ready()).key(k.corrupt()).key(k.arrivals()).key(k.hold());
+            inv.arg(staged_age.as_millis() as u64).arg(consumer_idle.as_millis() as u64).arg(consumer);
+            inv.arg(cutoff).arg(k.base()).arg(MAINTAIN_BATCH);
+            let (staged, pruned, corrupt): (u64, u64, u64) = self.run_script("maintain", &inv).await?;
+            done.staged_removed += staged;
+            done.consumers_pruned += pruned;
+            done.corrupt_removed += corrupt;
+        }
+        Ok(done)
+    }
+
+    async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
+        Ok(self.shard_holding(id).await?.map(|shard| Lease {
+            id: id.clone(),
+            shard,
+            entry: String::new(),
+            owner: String::new(),
+            generation: 0,
+        }))
+    }
+
+    async fn admin(&self, id: &QueueId, action: AdminAction) -> Result<bool, SpoolError> {
+        let Some(shard) = self.shard_holding(id).await? else { return Ok(false) };
+        let k = self.shard_keys(shard);
+        let mut inv = ADMIN.prepare_invoke();
+        inv.key(k.msg(id)).key(k.body(id)).key(k.deferred()).key(k.hold()).key(k.ready()).key(k.arrivals());
+        inv.key(k.corrupt());
+        inv.arg(action.as_str()).arg(id.as_str()).arg(k.base());
+        Ok(self.run_script::<i64>("admin", &inv).await? == 1)
+    }
+
+    async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError> {
+        type Row = (u64, u64, redis::Value, u64, u64, Vec<(String, f64)>);
+        let t = self.config().timeout;
+        let mut stats = QueueStats::default();
+        let mut oldest: Option<i64> = None;
+        for shard in 0..self.config().shards {
+            let k = self.shard_keys(shard);
+            let mut pipe = redis::pipe();
+            pipe.zcard(k.arrivals()).xlen(k.ready()).cmd("XPENDING").arg(k.ready()).arg(GROUP);
+            pipe.zcard(k.deferred()).scard(k.hold()).zrange_withscores(k.arrivals(), 0, 0);
+            let (messages, xlen, pending, deferred, held, first): Row =
+                healing!(self, "stats", call(t, pipe.query_async(&mut self.conn())))?;
+            // XPENDING summary: [count, first, last, consumers].
+            let leased = match pending {
+                redis::Value::Array(ref items) => match items.first() {
+                    Some(redis::Value::Int(n)) => *n as u64,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            stats.messages += messages;
+            stats.leased += leased;
+            stats.ready += xlen.saturating_sub(leased);
+            stats.deferred += deferred;
+            stats.held += held;
+            if let Some((_, t)) = first.first() {
+                let t = *t as i64;
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
+        stats.oldest_received_at = oldest;
+        if !by_destination {
+            return Ok(stats);
+        }
+        let dests = self.deferred_destinations().await?;
+        if dests.is_empty() {
+            return Ok(stats);
+        }
+        let mut pipe = redis::pipe();
+        for d in &dests {
+            for shard in 0..self.config().shards {
+                pipe.zcard(self.shard_keys(shard).destination(d));
+            }
+        }
+        let counts: Vec<u64> = bounded("stats", t, pipe.query_async(&mut self.conn())).await?;
+        let per = self.config().shards as usize;
+        stats.deferred_by_destination =
+            dests.into_iter().zip(counts.chunks(per.max(1))).map(|(d, c)| (d, c.iter().sum())).collect();
+        Ok(stats)
+    }
+
+    async fn list(&self) -> Result<Vec<(Envelope, MessageState)>, SpoolError> {
+        let mut conn = self.conn();
+        let mut all = Vec::new();
+        for shard in 0..self.config().shards {
+            let k = self.shard_keys(shard);
+            let ids: Vec<String> = bounded("list", self.config().timeout, conn.zrange(k.arrivals(), 0, -1)).await?;
+            for chunk in ids.chunks(500) {
+                let mut pipe = redis::pipe();
+                for id in chunk {
+                    let id = QueueId::from(id.clone());
+                    pipe.hgetall(k.msg(&id)).zscore(k.deferred(), id.as_str());
+                }
+                let replies: Vec<(std::collections::HashMap<String, String>, Option<f64>)> =
+                    bounded("list", self.config().timeout, pipe.query_async(&mut conn)).await?;
+                for (fields, due) in replies {
+                    let Some(env) = Envelope::from_fields(&fields) else { continue };
+                    let state = match (env.held, due) {
+                        (true, _) => MessageState::Held,
+                        (false, Some(due)) => MessageState::Deferred { due: due as i64 },
+                        (false, None) => MessageState::Active,
+                    };
+                    all.push((env, state));
+                }
+            }
+        }
+        all.sort_by_key(|(e, _)| e.received_at);
+        Ok(all)
+    }
+
+    async fn audit(&self) -> Result<QueueAudit, SpoolError> {
+        let mut audit = QueueAudit::default();
+        for shard in 0..self.config().shards {
+            self.audit_shard(shard, &mut audit).await?;
+        }
+        Ok(audit)
+    }
+}
