@@ -92,6 +92,10 @@ fn bdat_chunks_lost_before_last_give_451_and_queue_nothing() {
     assert_eq!(tmp.len(), 1, "the first chunks are in a temporary key: {tmp:?}");
     let mut conn = redis::Client::open(SHARED_REDIS).unwrap().get_connection().unwrap();
     let _: () = redis::cmd("DEL").arg(&tmp).query(&mut conn).unwrap();
+    // The next chunk is large enough to be spilled: it recreates the key.
+    let more = "fedcba987654321\r\n".repeat(600);
+    c.send(&format!("BDAT {}\r\n{more}", more.len()));
+    assert!(c.reply().starts_with("250"), "BDAT answers per chunk; the loss shows at LAST");
     c.send("BDAT 7 LAST\r\nthe end");
     let r = c.reply();
     assert!(r.starts_with("451 4.3.0"), "a message without its start must not be queued: {r}");
@@ -273,4 +277,31 @@ fn a_dsn_to_a_utf8_sender_is_sent_with_smtputf8() {
     assert_eq!((dsn.mail_from.as_str(), dsn.rcpts.clone()), ("", vec!["jöe@sender.example".to_string()]));
     assert!(dsn.mail_params.split_whitespace().any(|p| p == "SMTPUTF8"), "MAIL FROM:<> {}", dsn.mail_params);
     clear_shared_queue(&relay.prefix);
+}
+
+#[test]
+fn a_result_the_queue_could_not_store_is_stored_once_redis_is_back() {
+    let dest = Destination::start();
+    dest.set_final_reply_delay(Duration::from_millis(1500));
+    let (dns, db) = dns_and_db();
+    db.add_domain(LISTED, "127.0.0.1", dest.port);
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    // queue.lease stays at its 60 s default: the node must not wait for it.
+    let relay = delivering(&db, &dns, &redis.url(), &[]);
+    wait_until("listed", Duration::from_secs(15), || send(&relay, "once@friet.pan").0 == 0);
+    // The destination has the message; Redis dies before the node can
+    // record the delivery, and comes back from its AOF.
+    dest.wait_for(1, Duration::from_secs(20));
+    redis.stop();
+    wait_until("the completion failed", Duration::from_secs(15), || {
+        relay.log().contains("delivery bookkeeping failed; retrying")
+    });
+    redis.resume();
+    let back = Instant::now();
+    let mut q = relay.queue(&redis.url());
+    wait_until("completed after Redis came back", Duration::from_secs(15), || q.message_count() == 0);
+    assert!(back.elapsed() < Duration::from_secs(15), "waited for the lease to expire");
+    assert!(relay.metric("mxrelay_queue_bookkeeping_retries_total") >= 1.0);
+    assert!(relay.log().contains("delivery result stored after retrying"), "{}", relay.log());
+    assert_eq!(dest.messages().len(), 1, "delivered once");
 }

@@ -62,7 +62,9 @@ fn fenced(lease: &Lease, rows: u64) -> Result<(), SpoolError> {
 
 fn decode(envelope: &str, state: &str, due: i64) -> Option<(Envelope, MessageState)> {
     let env: Envelope = serde_json::from_str(envelope).ok()?;
+    // Held while leased counts as held, as on Redis.
     let state = match state {
+        _ if env.held => MessageState::Held,
         "held" | "corrupt" => MessageState::Held,
         "deferred" => MessageState::Deferred { due },
         _ => MessageState::Active,
@@ -323,7 +325,10 @@ impl Spool for SqliteSpool {
     }
 
     async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let sql = fenced_sql!("UPDATE queue_messages SET state = 'corrupt', lease_owner = NULL, lease_until = NULL");
+        let sql = fenced_sql!(
+            "UPDATE queue_messages SET state = 'corrupt', lease_owner = NULL, lease_until = NULL, \
+             envelope = CASE WHEN json_valid(envelope) THEN json_set(envelope, '$.held', json('true')) ELSE envelope END"
+        );
         self.fenced_update("quarantine", sql, lease).await
     }
 
@@ -412,7 +417,7 @@ impl Spool for SqliteSpool {
             }
             AdminAction::Bounce => {
                 "UPDATE queue_messages SET envelope = json_set(envelope, '$.bounce_requested', json('true'), '$.held', json('false')), \
-                 state = CASE WHEN state IN ('deferred', 'held') THEN 'ready' ELSE state END \
+                 state = CASE WHEN state IN ('deferred', 'held', 'corrupt') THEN 'ready' ELSE state END \
                  WHERE id = ? AND json_valid(envelope)"
             }
             AdminAction::Delete => "DELETE FROM queue_messages WHERE id = ?",

@@ -82,6 +82,8 @@ struct Shared {
     received: Mutex<Vec<Received>>,
     connections: AtomicUsize,
     fail_all_temp: AtomicBool,
+    /// Milliseconds between recording a message and answering its final 250.
+    final_reply_delay: AtomicU64,
     stopping: AtomicBool,
     /// Open sessions, so `stop` can cut them.
     sessions: Mutex<HashMap<u64, TcpStream>>,
@@ -141,6 +143,7 @@ impl Destination {
             received: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             fail_all_temp: AtomicBool::new(false),
+            final_reply_delay: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
@@ -163,6 +166,12 @@ impl Destination {
     /// While on, every RCPT gets `451 4.2.0 <addr>: temporarily unavailable`.
     pub fn set_fail_all_temp(&self, on: bool) {
         self.shared.fail_all_temp.store(on, Ordering::SeqCst);
+    }
+
+    /// Records each message at once but answers its final `250` only after
+    /// `delay` (a slow destination, with the message already taken).
+    pub fn set_final_reply_delay(&self, delay: Duration) {
+        self.shared.final_reply_delay.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Every message received so far, in the order their DATA ended.
@@ -522,6 +531,7 @@ impl<'a> Session<'a> {
                     tls: self.tls,
                 };
                 lock(&self.shared.received).push(message);
+                std::thread::sleep(Duration::from_millis(self.shared.final_reply_delay.load(Ordering::SeqCst)));
                 self.reply("250 2.0.0 Ok: queued");
             }
             Command::Rset => {

@@ -28,7 +28,8 @@ elseif action == 'release' then
   if redis.call('SREM', KEYS[4], id) == 1 and not entry then publish(KEYS[5], KEYS[1], id) end
 elseif action == 'bounce' then
   redis.call('HSET', KEYS[1], 'bounce', '1')
-  redis.call('HDEL', KEYS[1], 'held')
+  redis.call('HDEL', KEYS[1], 'held', 'corrupt')
+  redis.call('ZREM', KEYS[7], id)
   local waiting = redis.call('ZREM', KEYS[3], id) + redis.call('SREM', KEYS[4], id)
   if waiting > 0 then
     unindex(ARGV[3], KEYS[1], id)

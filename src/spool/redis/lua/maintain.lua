@@ -27,6 +27,7 @@ if type(consumers) == 'table' and not consumers.err then
     end
   end
 end
+local removed = 0
 local corrupt = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, batch)
 for _, id in ipairs(corrupt) do
   local msg = base .. 'msg:' .. id
@@ -34,7 +35,8 @@ for _, id in ipairs(corrupt) do
     redis.call('DEL', msg, base .. 'body:' .. id)
     redis.call('ZREM', KEYS[4], id)
     redis.call('SREM', KEYS[5], id)
+    removed = removed + 1
   end
   redis.call('ZREM', KEYS[3], id)
 end
-return { #staged, pruned, #corrupt }
+return { #staged, pruned, removed }
