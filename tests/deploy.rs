@@ -93,7 +93,7 @@ fn promtool_accepts_the_config_the_rules_and_their_tests() {
     let dir = repo().join("deploy/prometheus");
     run_ok(&dir, "promtool", &["check", "config", "prometheus.yml"]);
     let out = run_ok(&dir, "promtool", &["check", "rules", "alerts.yml"]);
-    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
     run_ok(&dir, "promtool", &["test", "rules", "alerts.test.yml"]);
     // The config scrapes exactly the compose file's relay nodes.
     let config = std::fs::read_to_string(dir.join("prometheus.yml")).unwrap();
