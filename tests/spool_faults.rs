@@ -440,21 +440,46 @@ async fn redis_that_lost_its_data_is_read_again_without_a_restart() {
 }
 
 #[tokio::test]
-async fn a_commit_whose_reply_was_late_is_found_queued_once() {
+async fn a_commit_whose_reply_was_lost_is_found_queued_once() {
     let redis = RedisServer::start();
-    let spool = private_spool(&redis, |_| {});
+    let proxy = support::proxy::Proxy::start(&format!("127.0.0.1:{}", redis.port));
+    let spool = private_spool(&redis, |c| c.url = format!("redis://{}/", proxy.addr()));
     spool.prepare().await.unwrap();
     enqueue(&spool, 10).await; // the scripts are loaded
     let id = QueueId::new();
     let mut body = spool.open_body(&id);
     body.write(b"Subject: late\r\n\r\nbody\r\n").await.unwrap();
-    // Writes wait 1.7 s: longer than queue.timeout (1 s), so the commit's
-    // reply comes too late and the node must find out whether it landed.
-    redis_cmd(&redis, &["CLIENT", "PAUSE", "1700", "WRITE"]);
+    // The commit runs, its reply does not come within queue.timeout (1 s):
+    // the node must find out that it landed rather than answer 451.
+    proxy.hold_replies();
+    let healer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.heal();
+        proxy
+    });
     body.commit(&envelope(&id)).await.expect("landed, so 250");
+    let _proxy = healer.await.unwrap();
     let s = spool.stats(false).await.unwrap();
     assert_eq!((s.messages, s.ready), (2, 2), "queued once");
     assert!(spool.locate(&id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_commit_that_reaches_redis_after_its_deadline_is_refused() {
+    let redis = RedisServer::start();
+    let spool = private_spool(&redis, |_| {});
+    spool.prepare().await.unwrap();
+    enqueue(&spool, 10).await;
+    let id = QueueId::new();
+    let mut body = spool.open_body(&id);
+    body.write(b"Subject: held up\r\n\r\nbody\r\n").await.unwrap();
+    // Writes wait 1.7 s, beyond the commit's deadline (queue.timeout, 1 s):
+    // the writer gives up, and the commit must not land after its 451.
+    redis_cmd(&redis, &["CLIENT", "PAUSE", "1700", "WRITE"]);
+    assert!(body.commit(&envelope(&id)).await.is_err());
+    redis_cmd(&redis, &["SET", "after-the-pause", "1"]); // a write: returns once the pause is over
+    assert!(spool.locate(&id).await.unwrap().is_none(), "a refused commit landed later");
+    assert_eq!(spool.stats(false).await.unwrap().messages, 1);
 }
 
 #[tokio::test]

@@ -96,7 +96,8 @@ pub struct Delivery {
     /// Per-destination connection limits of this node.
     destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Leases being worked on, to hand back on stop.
-    in_flight: Mutex<HashMap<String, Lease>>,
+    /// By shard and stream entry: entry ids repeat across shards' streams.
+    in_flight: Mutex<HashMap<(u32, String), Lease>>,
     /// Destinations known to have deferred mail (from the prober's scan and
     /// this node's own deferrals): a success there triggers the fast drain.
     deferred_at: Mutex<HashSet<String>>,
@@ -204,11 +205,11 @@ impl Delivery {
                     METRICS.queue_lease_takeovers.inc();
                     tracing::info!(queue_id = %lease.id, "{}: lease expired on another node, taken over by {}", lease.id, self.node());
                 }
-                self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(lease.entry.clone(), lease.clone());
+                self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert((lease.shard, lease.entry.clone()), lease.clone());
                 let me = self.clone();
                 tasks.spawn(async move {
                     me.deliver(&lease).await;
-                    me.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&lease.entry);
+                    me.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&(lease.shard, lease.entry.clone()));
                     drop(permit);
                 });
             }

@@ -5,7 +5,9 @@
 #![allow(dead_code)]
 
 pub mod destination;
+pub mod fleet;
 pub mod pki;
+pub mod proxy;
 pub mod scanners;
 pub mod sink;
 

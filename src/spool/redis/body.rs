@@ -14,8 +14,9 @@
 //! acknowledgements withdraw it, so a client told 451 never has a copy
 //! delivered. Staged messages a crash left behind are swept (`maintain`).
 //!
-//! A commit whose reply never came (timeout, lost connection) may have run,
-//! or may still run: the writer then asks whether the message landed
+//! A commit carries a deadline (now + `queue.timeout`): one that reaches
+//! Redis later, held up in a partition, is refused. A commit whose reply
+//! never came may still have run in time: the writer then asks whether the message landed
 //! (envelope, or the tombstone of one already delivered), which also voids
 //! the id when it did not, and answers 250 or 451 accordingly, so a
 //! client's retry does not queue a second copy.
@@ -144,11 +145,17 @@ impl RedisBody {
         inv.key(k.staged()).key(k.void(&self.id));
         let spilled: i64 = if self.tmp_used { self.spilled as i64 } else { -1 };
         inv.arg(if stage { "1" } else { "0" }).arg(spilled).arg(self.buf.as_slice()).arg(self.id.as_str());
-        inv.arg(env.received_at);
+        inv.arg(env.received_at).arg(self.deadline());
         for (k, v) in &fields {
             inv.arg(*k).arg(v.as_str());
         }
         Ok(inv)
+    }
+
+    /// When a commit sent now must have run (unix ms): after that this
+    /// writer has given up on it, so the script refuses it.
+    fn deadline(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis() + self.config().timeout.as_millis() as i64
     }
 
     /// The commit script refused the body (a chunk went missing).
@@ -256,7 +263,7 @@ impl RedisBody {
         let k = &self.keys;
         let mut publish = PUBLISH.prepare_invoke();
         publish.key(k.msg(&self.id)).key(k.ready()).key(k.arrivals()).key(k.staged());
-        publish.arg(self.id.as_str()).arg(env.received_at);
+        publish.arg(self.id.as_str()).arg(env.received_at).arg(self.deadline());
         match script_then_wait::<i64>(waiter.conn(), &PUBLISH, &publish, wanted, ack, limit).await {
             Ok((1, got)) if got >= wanted => Ok(()),
             Ok((1, got)) => self.not_replicated(got).await,
