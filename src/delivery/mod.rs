@@ -205,7 +205,10 @@ impl Delivery {
                     METRICS.queue_lease_takeovers.inc();
                     tracing::info!(queue_id = %lease.id, "{}: lease expired on another node, taken over by {}", lease.id, self.node());
                 }
-                self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert((lease.shard, lease.entry.clone()), lease.clone());
+                self.in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((lease.shard, lease.entry.clone()), lease.clone());
                 let me = self.clone();
                 tasks.spawn(async move {
                     me.deliver(&lease).await;
