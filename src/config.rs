@@ -1,7 +1,11 @@
 //! One typed configuration: defaults, then the TOML file, then `MXRELAY_*`
 //! environment variables (key path upper-cased, `.` → `_`:
-//! `smtp.listen` → `MXRELAY_SMTP_LISTEN`). Validation names the key and the
-//! fix; nothing deeper in the code looks a key up by string.
+//! `smtp.listen` → `MXRELAY_SMTP_LISTEN`). Every error names the key (and
+//! the variable, when the value came from one) and the fix; a zero duration
+//! is refused unless 0 has a documented meaning for that key. Nothing deeper
+//! in the code looks a key up by string.
+
+mod load;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -34,6 +38,11 @@ pub struct Config {
     pub hop_count_limit: usize,
     /// Recipients per message (Postfix `smtpd_recipient_limit`).
     pub smtpd_recipient_limit: usize,
+    /// RCPTs past `smtpd_recipient_limit` answered `452 4.5.3` without
+    /// counting toward `smtp.error_limit`, so that a client pipelining more
+    /// recipients keeps the ones accepted and sends the rest later (Postfix
+    /// `smtpd_recipient_overshoot_limit`, RFC 5321 §4.5.3.1.10).
+    pub smtpd_recipient_overshoot_limit: usize,
     /// Postfix `disable_vrfy_command`: VRFY answers 502 5.5.1.
     pub disable_vrfy_command: bool,
     /// Postfix `smtpd_helo_required`.
@@ -82,6 +91,7 @@ pub struct DeliveryConfig {
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// Undeliverable after this long: bounced (Postfix `maximal_queue_lifetime`).
+    /// 0 = try once: the first temporary failure bounces, as in Postfix.
     #[serde(with = "humantime_serde")]
     pub max_queue_lifetime: Duration,
     /// Postfix `smtp_connect_timeout`.
@@ -96,12 +106,15 @@ pub struct DeliveryConfig {
     /// Postfix `smtp_data_xfer_timeout` / `smtp_data_done_timeout`.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// Longest line sent, CRLF not counted; longer ones are folded with
+    /// CRLF SPACE (Postfix `smtp_line_length_limit`; 0: never fold).
+    pub line_length_limit: usize,
     /// Each destination with deferred mail gets one attempt this often, so a
     /// recovered primary is noticed (and drained) quickly.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
     /// On SIGTERM, how long in-flight deliveries may finish before they are
-    /// handed back to the cluster.
+    /// handed back to the cluster; 0 = hand them back at once.
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
     /// Outbound STARTTLS security level (Postfix `smtp_tls_security_level`):
@@ -134,6 +147,7 @@ impl Default for DeliveryConfig {
             greeting_timeout: Duration::from_secs(300),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            line_length_limit: 998,
             probe_interval: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
             tls_policy: "may".into(),
@@ -150,6 +164,17 @@ pub struct SmtpConfig {
     pub listen: String,
     /// Concurrent SMTP sessions on this node (421 4.7.0 beyond).
     pub max_connections: usize,
+    /// Share of `max_connections` (percent) kept for `mynetworks` clients
+    /// once the rest is busy; half of it may go to clients that must
+    /// authenticate before MAIL (when AUTH is on). 0: no reserve.
+    pub reserved_connections_percent: u32,
+    /// Busy share of `max_connections` (percent) from which the node is
+    /// under stress: `stress_timeout` caps the command and data timeouts
+    /// (Postfix's `${stress?...}`). 0: never.
+    pub stress_threshold_percent: u32,
+    /// Longest wait for a command or for content while under stress.
+    #[serde(with = "humantime_serde")]
+    pub stress_timeout: Duration,
     /// Concurrent sessions per client IP (Postfix
     /// `smtpd_client_connection_count_limit`); `mynetworks` is exempt.
     pub max_connections_per_ip: usize,
@@ -163,7 +188,8 @@ pub struct SmtpConfig {
     /// `smtpd_hard_error_limit`).
     pub error_limit: u32,
     /// Wait this long before the greeting; a client that talks first is
-    /// refused (Postfix `reject_unauth_pipelining` / postscreen pregreet).
+    /// refused (Postfix `reject_unauth_pipelining` / postscreen pregreet);
+    /// 0 (the default) = greet at once.
     #[serde(with = "humantime_serde")]
     pub greet_pause: Duration,
     /// Reverse-resolve the client address for `Received:` and logs
@@ -329,6 +355,7 @@ pub struct QueueConfig {
 pub struct DnsConfig {
     /// Nameservers as `ip:port`; empty = the system's `/etc/resolv.conf`.
     pub nameservers: Vec<String>,
+    /// Longest wait for one DNS query.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -356,6 +383,7 @@ impl Default for Config {
             debug_peer_list: vec![],
             hop_count_limit: 50,
             smtpd_recipient_limit: 1000,
+            smtpd_recipient_overshoot_limit: 1000,
             disable_vrfy_command: true,
             smtpd_helo_required: true,
             strict_rfc821_envelopes: true,
@@ -384,6 +412,9 @@ impl Default for SmtpConfig {
             listen: "127.0.0.1:2525".into(),
             max_connections: 1000,
             max_connections_per_ip: 50,
+            reserved_connections_percent: 5,
+            stress_threshold_percent: 80,
+            stress_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(300),
             error_limit: 20,
@@ -442,18 +473,42 @@ impl Default for LogConfig {
 
 /// A configuration problem: the key, what is wrong, and how to fix it.
 #[derive(Debug, thiserror::Error)]
-#[error("{key}: {problem} (fix: {fix})")]
+#[error("{}: {problem} (fix: {fix})", self.named())]
 pub struct ConfigError {
+    /// The key path (`smtp.command_timeout`), or what else is at fault (an
+    /// unknown variable's name, the file).
     pub key: String,
+    /// The `MXRELAY_*` variable the bad value came from, if it did.
+    pub env: Option<String>,
+    /// What is wrong, with the bad value.
     pub problem: String,
     pub fix: String,
 }
 
 impl ConfigError {
     fn new(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        ConfigError { key: key.to_string(), problem: problem.into(), fix: fix.into() }
+        ConfigError { key: key.to_string(), env: None, problem: problem.into(), fix: fix.into() }
+    }
+
+    /// `smtp.command_timeout (MXRELAY_SMTP_COMMAND_TIMEOUT)`, or the key alone.
+    fn named(&self) -> String {
+        match &self.env {
+            Some(env) => format!("{} ({env})", self.key),
+            None => self.key.clone(),
+        }
     }
 }
+
+/// Duration keys whose floor is not "more than 0s": where 0 has a meaning
+/// (said in the key's doc), or where it must be longer still.
+const DURATION_FLOORS: &[(&str, Duration)] = &[
+    ("smtp.greet_pause", Duration::ZERO),            // 0: greet at once
+    ("delivery.stop_grace", Duration::ZERO),         // 0: hand back at once
+    ("delivery.max_queue_lifetime", Duration::ZERO), // 0: try once (Postfix)
+    ("smtp.rate_window", Duration::from_secs(1)),
+    ("domains.refresh", Duration::from_secs(1)),
+    ("queue.lease", Duration::from_secs(1)),
+];
 
 /// Settings derived from [`Config`] once it is validated.
 #[derive(Debug, Clone)]
@@ -471,44 +526,6 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigError>> {
         let env: Vec<(String, String)> = std::env::vars().collect();
         Self::load_from(file, &env)
-    }
-
-    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Vec<ConfigError>> {
-        let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    vec![ConfigError::new(
-                        "--config",
-                        format!("cannot read {}: {e}", path.display()),
-                        "pass the path of a readable TOML file",
-                    )]
-                })?;
-                text.parse::<toml::Table>().map_err(|e| {
-                    vec![ConfigError::new(
-                        &path.display().to_string(),
-                        format!("not valid TOML: {e}"),
-                        "correct the syntax at the position shown",
-                    )]
-                })?
-            }
-            None => toml::Table::new(),
-        };
-        let mut errors = Vec::new();
-        apply_env(&mut table, env, &mut errors);
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let mut config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-            vec![ConfigError::new("config", e.message().to_string(), "see the configuration reference in README.md")]
-        })?;
-        // Unset stores mean the embedded one, in data_dir.
-        let embedded = format!("sqlite://{}/mxrelay.db", config.data_dir.trim_end_matches('/'));
-        for url in [&mut config.domains.url, &mut config.queue.url] {
-            if url.trim().is_empty() {
-                *url = embedded.clone();
-            }
-        }
-        config.resolve().map(|_| config)
     }
 
     /// Checks every key and returns the derived settings, or every problem.
@@ -614,16 +631,10 @@ impl Config {
                 "use e.g. 127.0.0.1:3310 or unix:/run/clamav/clamd.ctl",
             ));
         }
-        if self.scan.concurrency == 0 || self.scan.timeout.is_zero() {
-            errors.push(ConfigError::new(
-                "scan.concurrency",
-                "scan.concurrency and scan.timeout must be positive",
-                "use e.g. 16 and \"30s\"",
-            ));
+        if self.scan.concurrency == 0 {
+            errors.push(ConfigError::new("scan.concurrency", "must be at least 1", "use e.g. 16"));
         }
-        if self.smtp.rate_window < Duration::from_secs(1) {
-            errors.push(ConfigError::new("smtp.rate_window", "shorter than 1s", "use e.g. \"60s\""));
-        }
+        self.check_durations(&mut errors);
         let mut nameservers = Vec::new();
         for ns in &self.dns.nameservers {
             match ns.parse::<SocketAddr>().or_else(|_| ns.parse::<IpAddr>().map(|ip| (ip, 53).into())) {
@@ -651,9 +662,6 @@ impl Config {
                 format!("unsupported scheme in {:?}", mask_url(&self.queue.url)),
                 "use redis://host:port/db (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
-        }
-        if self.domains.refresh < Duration::from_secs(1) {
-            errors.push(ConfigError::new("domains.refresh", "shorter than 1s", "use e.g. \"30s\""));
         }
         if self.queue.shards == 0 || self.queue.shards > 1024 {
             errors.push(ConfigError::new("queue.shards", "must be 1..=1024", "use a small number such as 4"));
@@ -685,8 +693,19 @@ impl Config {
                 "set smtp.max_connections and smtp.max_connections_per_ip to positive numbers",
             ));
         }
-        if self.queue.lease < Duration::from_secs(1) {
-            errors.push(ConfigError::new("queue.lease", "shorter than 1s", "use e.g. \"60s\""));
+        if self.smtp.reserved_connections_percent > 50 {
+            errors.push(ConfigError::new(
+                "smtp.reserved_connections_percent",
+                format!("{} is more than half of the slots", self.smtp.reserved_connections_percent),
+                "use a share from 0 to 50, e.g. 5",
+            ));
+        }
+        if self.smtp.stress_threshold_percent > 100 {
+            errors.push(ConfigError::new(
+                "smtp.stress_threshold_percent",
+                format!("{} is more than 100", self.smtp.stress_threshold_percent),
+                "use a share from 1 to 100, e.g. 80, or 0 for never",
+            ));
         }
         if self.delivery.concurrency == 0 || self.delivery.destination_concurrency == 0 {
             errors.push(ConfigError::new(
@@ -695,10 +714,14 @@ impl Config {
                 "set delivery.concurrency and delivery.destination_concurrency to positive numbers",
             ));
         }
-        if self.delivery.retry_min.is_zero() || self.delivery.retry_min > self.delivery.retry_max {
+        if self.delivery.retry_min > self.delivery.retry_max {
             errors.push(ConfigError::new(
                 "delivery.retry_min",
-                "must be positive and not above delivery.retry_max",
+                format!(
+                    "{} is above delivery.retry_max ({})",
+                    human(self.delivery.retry_min),
+                    human(self.delivery.retry_max)
+                ),
                 "use e.g. retry_min = \"60s\", retry_max = \"1h\"",
             ));
         }
@@ -728,6 +751,59 @@ impl Config {
                 Ok(Resolved { smtp_listen, admin_listen, tls_listen, mynetworks, nameservers })
             }
             _ => Err(errors),
+        }
+    }
+
+    /// Every duration key with its value.
+    fn durations(&self) -> [(&'static str, Duration); 21] {
+        let (s, d, q) = (&self.smtp, &self.delivery, &self.queue);
+        [
+            ("smtp.command_timeout", s.command_timeout),
+            ("smtp.data_timeout", s.data_timeout),
+            ("smtp.greet_pause", s.greet_pause),
+            ("smtp.rate_window", s.rate_window),
+            ("smtp.stress_timeout", s.stress_timeout),
+            ("tls.handshake_timeout", self.tls.handshake_timeout),
+            ("scan.timeout", self.scan.timeout),
+            ("domains.refresh", self.domains.refresh),
+            ("queue.replicas_ack_timeout", q.replicas_ack_timeout),
+            ("queue.timeout", q.timeout),
+            ("queue.lease", q.lease),
+            ("dns.timeout", self.dns.timeout),
+            ("delivery.retry_min", d.retry_min),
+            ("delivery.retry_max", d.retry_max),
+            ("delivery.max_queue_lifetime", d.max_queue_lifetime),
+            ("delivery.connect_timeout", d.connect_timeout),
+            ("delivery.greeting_timeout", d.greeting_timeout),
+            ("delivery.command_timeout", d.command_timeout),
+            ("delivery.data_timeout", d.data_timeout),
+            ("delivery.probe_interval", d.probe_interval),
+            ("delivery.stop_grace", d.stop_grace),
+        ]
+    }
+
+    /// A zero timeout fails every wait at once and a zero interval spins
+    /// (`smtp.command_timeout = "0s"` answered every client 421 right after
+    /// the greeting): each duration must be more than 0s, or its floor in
+    /// [`DURATION_FLOORS`].
+    fn check_durations(&self, errors: &mut Vec<ConfigError>) {
+        let defaults = Config::default().durations();
+        for ((key, value), (_, default)) in self.durations().into_iter().zip(defaults) {
+            let floor = DURATION_FLOORS.iter().find(|(k, _)| *k == key).map(|(_, f)| *f);
+            let example = human(default);
+            match floor {
+                Some(floor) if value < floor => errors.push(ConfigError::new(
+                    key,
+                    format!("{} is shorter than {}", human(value), human(floor)),
+                    format!("must be at least {}; e.g. \"{example}\"", human(floor)),
+                )),
+                None if value.is_zero() => errors.push(ConfigError::new(
+                    key,
+                    "0s is not allowed",
+                    format!("must be more than 0s; e.g. \"{example}\""),
+                )),
+                _ => {}
+            }
         }
     }
 
@@ -761,6 +837,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "debug_peer_list",
     "hop_count_limit",
     "smtpd_recipient_limit",
+    "smtpd_recipient_overshoot_limit",
     "disable_vrfy_command",
     "smtpd_helo_required",
     "strict_rfc821_envelopes",
@@ -769,6 +846,9 @@ pub const LIVE_KEYS: &[&str] = &[
     "reject_unknown_recipient_domain",
     "smtp.max_connections",
     "smtp.max_connections_per_ip",
+    "smtp.reserved_connections_percent",
+    "smtp.stress_threshold_percent",
+    "smtp.stress_timeout",
     "smtp.command_timeout",
     "smtp.data_timeout",
     "smtp.error_limit",
@@ -827,6 +907,11 @@ impl Config {
     }
 }
 
+/// `300s` → `5m`, as durations are written in the file.
+fn human(d: Duration) -> String {
+    humantime_serde::re::humantime::format_duration(d).to_string()
+}
+
 /// `user:secret@host` → `user:***@host`.
 pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -845,42 +930,6 @@ pub fn mask_url(url: &str) -> String {
 pub fn parse_network(s: &str) -> Option<IpNet> {
     let s = s.trim().replace(['[', ']'], "");
     s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-}
-
-/// Overlays `MXRELAY_*` variables on `table`. Every known key path (taken
-/// from the defaults) has one variable name; an unknown `MXRELAY_*` name is
-/// an error, so a typo never passes silently.
-fn apply_env(table: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<ConfigError>) {
-    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
-    let mut keys = Vec::new();
-    collect_keys(&defaults, &mut Vec::new(), &mut keys);
-    for (name, value) in env {
-        let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        if suffix == "CONFIG" {
-            continue; // MXRELAY_CONFIG names the file, it is not a key
-        }
-        let Some((path, default)) = keys.iter().find(|(path, _)| env_name(path) == suffix) else {
-            errors.push(ConfigError::new(
-                name,
-                "no configuration key has this environment name",
-                "check the spelling against the configuration reference (key path upper-cased, '.' → '_')",
-            ));
-            continue;
-        };
-        let parsed = match default {
-            toml::Value::String(_) => toml::Value::String(value.clone()),
-            toml::Value::Array(_) => toml::Value::Array(
-                value.split([',', ' ']).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
-            ),
-            _ => match format!("v = {value}").parse::<toml::Table>() {
-                Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(value.clone())),
-                Err(_) => toml::Value::String(value.clone()),
-            },
-        };
-        insert_path(table, path, parsed);
-    }
 }
 
 fn collect_keys(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
@@ -969,6 +1018,61 @@ mod tests {
         let applied = old.with_keys_from(&new, &live);
         assert_eq!((applied.message_size_limit, applied.smtp.error_limit), (1234567, 3));
         assert_eq!(applied.smtp.listen, old.smtp.listen);
+    }
+
+    #[test]
+    fn zero_command_timeout_is_refused_with_key_variable_and_fix() {
+        let e = Config::load_from(None, &env(&[("MXRELAY_SMTP_COMMAND_TIMEOUT", "0s")])).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert_eq!(
+            (e[0].key.as_str(), e[0].env.as_deref()),
+            ("smtp.command_timeout", Some("MXRELAY_SMTP_COMMAND_TIMEOUT"))
+        );
+        assert!(e[0].problem.contains("0s"), "{}", e[0]);
+        assert!(e[0].fix.contains("more than 0s") && e[0].fix.contains("\"5m\""), "{}", e[0]);
+    }
+
+    #[test]
+    fn every_zero_duration_is_refused_unless_zero_means_something() {
+        let mut zero = toml::Table::try_from(Config::default()).unwrap();
+        let keys: Vec<&str> = Config::default().durations().iter().map(|(k, _)| *k).collect();
+        for key in &keys {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            insert_path(&mut zero, &path, toml::Value::String("0s".into()));
+        }
+        let config: Config = toml::Value::Table(zero).try_into().unwrap();
+        let refused: Vec<String> = config.resolve().unwrap_err().into_iter().map(|e| e.key).collect();
+        let allowed = ["smtp.greet_pause", "delivery.stop_grace", "delivery.max_queue_lifetime"];
+        for key in keys {
+            assert_eq!(refused.iter().any(|k| k == key), !allowed.contains(&key), "{key}: {refused:?}");
+        }
+    }
+
+    #[test]
+    fn every_duration_key_is_checked() {
+        // A new Duration field must be added to `durations()`, or its zero passes.
+        let mut keys = Vec::new();
+        collect_keys(&toml::Table::try_from(Config::default()).unwrap(), &mut Vec::new(), &mut keys);
+        let looks_like_duration =
+            |v: &toml::Value| v.as_str().is_some_and(|s| humantime_serde::re::humantime::parse_duration(s).is_ok());
+        let mut found: Vec<String> =
+            keys.iter().filter(|(_, v)| looks_like_duration(v)).map(|(p, _)| p.join(".")).collect();
+        let mut listed: Vec<String> = Config::default().durations().iter().map(|(k, _)| k.to_string()).collect();
+        found.sort();
+        listed.sort();
+        assert_eq!(found, listed);
+    }
+
+    #[test]
+    fn retry_min_above_retry_max_is_refused() {
+        let e = Config::load_from(
+            None,
+            &env(&[("MXRELAY_DELIVERY_RETRY_MIN", "2h"), ("MXRELAY_DELIVERY_RETRY_MAX", "1h")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert_eq!(e[0].key, "delivery.retry_min");
+        assert!(e[0].problem.contains("2h"), "{}", e[0]);
     }
 
     #[test]

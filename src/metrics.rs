@@ -8,6 +8,11 @@ use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, I
 
 pub struct Metrics {
     pub registry: Registry,
+    pub smtp_reserved_slots: IntCounterVec,
+    pub smtp_auth_verifier_busy: IntCounter,
+    pub queue_leases_reclaimed: IntCounter,
+    pub smtp_stress: IntGauge,
+    pub smtp_stress_episodes: IntCounter,
     pub smtp_connections: IntCounter,
     pub smtp_connections_active: IntGauge,
     pub smtp_connections_refused: IntCounterVec,
@@ -40,6 +45,7 @@ pub struct Metrics {
     pub delivery_duration_seconds: Histogram,
     pub delivery_destination_connections: IntGauge,
     pub delivery_dsn: IntCounter,
+    pub delivery_lines_folded: IntCounter,
     pub delivery_connections_reused: IntCounter,
     pub delivery_tls: IntCounterVec,
     pub queue_messages: prometheus::IntGaugeVec,
@@ -178,7 +184,34 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "mxrelay_delivery_connections_reused_total",
             "Deliveries over a cached session (after RSET)",
         ),
+        smtp_reserved_slots: counter_vec(
+            &r,
+            "mxrelay_smtp_reserved_slots_total",
+            "Connections given a reserved slot because the general ones were busy, by client (mynetworks, probation)",
+            &["client"],
+        ),
+        smtp_auth_verifier_busy: counter(
+            &r,
+            "mxrelay_smtp_auth_verifier_busy_total",
+            "AUTH attempts answered 454 because every password verifier was busy and the queue full",
+        ),
+        queue_leases_reclaimed: counter(
+            &r,
+            "mxrelay_queue_leases_reclaimed_total",
+            "Entries leased to this node that it did not hold (a lost read reply, an earlier run), leased again at once",
+        ),
+        smtp_stress: gauge(
+            &r,
+            "mxrelay_smtp_stress",
+            "1 while the node is under stress (smtp.stress_threshold_percent of the slots busy)",
+        ),
+        smtp_stress_episodes: counter(&r, "mxrelay_smtp_stress_episodes_total", "Times the node went under stress"),
         delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
+        delivery_lines_folded: counter(
+            &r,
+            "mxrelay_delivery_lines_folded_total",
+            "Lines longer than delivery.line_length_limit folded when sent",
+        ),
         smtp_connections: counter(&r, "mxrelay_smtp_connections_total", "SMTP connections accepted"),
         smtp_connections_active: gauge(&r, "mxrelay_smtp_connections_active", "SMTP sessions open now"),
         smtp_connections_refused: counter_vec(
@@ -254,6 +287,7 @@ impl Metrics {
         init(&self.smtp_tls_handshakes, &["ok", "failed"]);
         init(&self.smtp_auth, &["success", "failure", "tempfail", "rate_limited"]);
         init(&self.smtp_proxy_headers, &["accepted", "local", "invalid", "untrusted"]);
+        init(&self.smtp_reserved_slots, &["mynetworks", "probation"]);
         init(
             &self.smtp_limit_hits,
             &[

@@ -60,6 +60,6 @@ fn migrate_creates_the_table_and_check_config_reports() {
     let (ok, out) =
         mxrelay(&["check-config"], &[("MXRELAY_SMTP_LISTEN", "nowhere"), ("MXRELAY_MYNETWORKS", "10.0.0.0/33")]);
     assert!(!ok);
-    assert!(out.contains("smtp.listen: \"nowhere\" is not an address"), "{out}");
-    assert!(out.contains("mynetworks: \"10.0.0.0/33\""), "{out}");
+    assert!(out.contains("smtp.listen (MXRELAY_SMTP_LISTEN): \"nowhere\" is not an address"), "{out}");
+    assert!(out.contains("mynetworks (MXRELAY_MYNETWORKS): \"10.0.0.0/33\""), "{out}");
 }

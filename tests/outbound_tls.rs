@@ -263,6 +263,12 @@ fn a_bad_tls_setting_is_refused_at_start_naming_the_key() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("delivery.tls_policy: \"secure\" is not a TLS security level"), "{text}");
-    assert!(text.contains("delivery.tls_ca_file: cannot read /nonexistent/ca.pem"), "{text}");
+    assert!(
+        text.contains("delivery.tls_policy (MXRELAY_DELIVERY_TLS_POLICY): \"secure\" is not a TLS security level"),
+        "{text}"
+    );
+    assert!(
+        text.contains("delivery.tls_ca_file (MXRELAY_DELIVERY_TLS_CA_FILE): cannot read /nonexistent/ca.pem"),
+        "{text}"
+    );
 }

@@ -30,20 +30,36 @@ fn smuggling_sequences_are_refused_by_default() {
         start_data(&mut c);
         c.send(&smuggled_body(seq));
         c.send(".\r\n");
+        // Every sequence holds a bare LF or a bare CR.
         let r = c.reply();
-        if seq.contains('\n') && !seq.starts_with("\r\n") || seq == "\n.\r\n" {
-            assert!(r.starts_with("554 5.6.0"), "{seq:?}: {r}");
-        } else {
-            // Bare CR alone is not a bare LF: one message, nothing injected.
-            assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{seq:?}: {r}");
-        }
+        assert!(r.starts_with("554 5.6.0"), "{seq:?}: {r}");
         // Exactly one reply for the whole DATA: the next one answers NOOP.
         assert!(c.cmd("NOOP").starts_with("250 2.0.0 Ok"), "{seq:?} desynchronised the session");
     }
-    let mut q = w.queue();
-    for id in q.ready_ids() {
-        assert_eq!(q.recipients(&id), vec!["t@friet.pan"], "an injected transaction was queued");
-    }
+    assert!(w.queue().ready_ids().is_empty(), "a smuggled message was queued");
+}
+
+#[test]
+fn bare_cr_in_bdat_is_refused_or_normalised() {
+    let body = "Subject: cr\r\n\r\nbody\r.\rMAIL FROM:<evil@sender.example>\r\nend\r";
+    let bdat = |c: &mut Raw| {
+        assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
+        assert!(c.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+        c.send(&format!("BDAT {} LAST\r\n{body}", body.len()));
+        c.reply()
+    };
+    let w = World::start();
+    let mut c = Raw::ehlo(&w.relay.addr());
+    let r = bdat(&mut c);
+    assert!(r.starts_with("554 5.6.0"), "{r}");
+    assert!(w.queue().ready_ids().is_empty());
+
+    let w = World::start_with(&[("MXRELAY_SMTPD_FORBID_BARE_NEWLINE", "false")]);
+    let mut c = Raw::ehlo(&w.relay.addr());
+    let r = bdat(&mut c);
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let body = String::from_utf8(w.queue().body(&queued_id(&r).unwrap())).unwrap();
+    assert!(body.ends_with("\r\n\r\nbody\r\n.\r\nMAIL FROM:<evil@sender.example>\r\nend\r\n"), "{body:?}");
 }
 
 #[test]
@@ -60,7 +76,8 @@ fn smuggling_sequences_never_split_a_message_when_normalising() {
         let mut q = w.queue();
         let body = String::from_utf8(q.body(&id)).unwrap();
         assert!(body.contains("RCPT TO:<victim@friet.pan>"), "the smuggled text stays content");
-        assert!(!body.contains("\n\n") && !body.replace("\r\n", "").contains('\n'), "bare LF left in {body:?}");
+        let lone = body.replace("\r\n", "");
+        assert!(!lone.contains('\n') && !lone.contains('\r'), "bare LF or CR left in {body:?}");
         assert!(c.cmd("NOOP").starts_with("250"));
     }
     assert_eq!(w.queue().ready_ids().len(), SMUGGLING.len(), "one message per DATA, none injected");

@@ -213,6 +213,32 @@ async fn only_the_current_holder_changes_a_message() {
 }
 
 #[tokio::test]
+async fn leases_a_node_does_not_hold_are_reclaimed_at_once_with_a_new_token() {
+    both(async |store| {
+        let spool = store.open(2).await;
+        let (a, b) = (enqueue(&spool, 100).await, enqueue(&spool, 100).await);
+        // Two reads ran; the node saw only the first (the second's reply was
+        // lost, or the node restarted).
+        let mut got = spool.lease("n1", 1, Duration::from_secs(1)).await.unwrap();
+        got.extend(spool.lease("n1", 1, Duration::from_secs(1)).await.unwrap());
+        let (seen, orphan) = (got.remove(0), got.remove(0));
+        let held = std::collections::HashSet::from([(seen.shard, seen.entry.clone())]);
+        // Not idle for queue.lease: a takeover would not find it yet.
+        assert!(spool.take_over("n2", Duration::from_secs(60), 10).await.unwrap().is_empty());
+        let reclaimed = spool.reclaim("n1", &held, 10).await.unwrap();
+        assert_eq!(reclaimed.iter().map(|l| l.id.clone()).collect::<Vec<_>>(), vec![orphan.id.clone()]);
+        assert!([a, b].contains(&orphan.id));
+        assert_ne!(reclaimed[0].generation, orphan.generation, "a new token");
+        assert!(lost(spool.complete(&orphan).await), "the lost read's token is void");
+        spool.complete(&reclaimed[0]).await.unwrap();
+        spool.complete(&seen).await.unwrap();
+        assert!(spool.reclaim("n1", &held, 10).await.unwrap().is_empty());
+        assert_clean(&spool).await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_lease_read_never_takes_more_entries_than_asked() {
     both(async |store| {
         let spool = store.open(4).await;

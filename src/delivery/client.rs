@@ -26,12 +26,16 @@ const REPLY_LINE_LIMIT: usize = 4096;
 /// Most lines in one multi-line reply.
 const REPLY_LINES_LIMIT: usize = 100;
 
+/// How the client waits and what it sends: the `delivery.*` timeouts and
+/// the longest line.
 #[derive(Debug, Clone)]
-pub struct Timeouts {
+pub struct Settings {
     pub connect: Duration,
     pub greeting: Duration,
     pub command: Duration,
     pub data: Duration,
+    /// Longer lines are folded when sent (0: never); see [`DotStuffer`].
+    pub line_length_limit: usize,
 }
 
 /// A reply from the remote server, all lines joined.
@@ -209,7 +213,7 @@ pub struct Connection {
     pub target: Target,
     /// `Some` once STARTTLS succeeded.
     pub tls: Option<TlsSession>,
-    timeouts: Timeouts,
+    settings: Settings,
 }
 
 impl Connection {
@@ -220,10 +224,10 @@ impl Connection {
     pub async fn open(
         target: &Target,
         helo: &str,
-        timeouts: &Timeouts,
+        settings: &Settings,
         tls: Option<&TlsRequest>,
     ) -> Result<Connection, ClientError> {
-        let stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(target.addr)).await {
+        let stream = match tokio::time::timeout(settings.connect, TcpStream::connect(target.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ClientError::Connect(target.addr.to_string(), e.to_string())),
             Err(_) => return Err(ClientError::Connect(target.addr.to_string(), "timed out".into())),
@@ -234,9 +238,9 @@ impl Connection {
             ext: Extensions::default(),
             target: target.clone(),
             tls: None,
-            timeouts: timeouts.clone(),
+            settings: settings.clone(),
         };
-        let greeting = c.reply(timeouts.greeting, "waiting for the greeting").await?;
+        let greeting = c.reply(settings.greeting, "waiting for the greeting").await?;
         if !greeting.is_success() {
             return Err(ClientError::Refused(greeting));
         }
@@ -250,7 +254,7 @@ impl Connection {
 
     /// EHLO, or HELO when EHLO is refused; sets the extensions.
     async fn hello(&mut self, helo: &str) -> Result<(), ClientError> {
-        let t = self.timeouts.greeting;
+        let t = self.settings.greeting;
         self.write(format!("EHLO {helo}\r\n").as_bytes(), "sending EHLO").await?;
         let ehlo = self.reply(t, "after EHLO").await?;
         if ehlo.is_success() {
@@ -272,7 +276,7 @@ impl Connection {
     async fn start_tls(mut self, request: &TlsRequest, helo: &str) -> Result<Connection, ClientError> {
         let peer = self.peer();
         self.write(b"STARTTLS\r\n", "sending STARTTLS").await?;
-        let reply = self.reply(self.timeouts.greeting, "after STARTTLS").await?;
+        let reply = self.reply(self.settings.greeting, "after STARTTLS").await?;
         if reply.code != 220 {
             return Err(ClientError::StartTlsRefused { host: peer, reply });
         }
@@ -299,7 +303,7 @@ impl Connection {
             None => self.target.addr.ip().into(),
         };
         let connector = TlsConnector::from(request.config.clone());
-        let handshake = tokio::time::timeout(self.timeouts.greeting, connector.connect(name, tcp)).await;
+        let handshake = tokio::time::timeout(self.settings.greeting, connector.connect(name, tcp)).await;
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return Err(handshake_error(&e, request.verify, peer)),
@@ -329,7 +333,7 @@ impl Connection {
     }
 
     async fn write(&mut self, bytes: &[u8], during: &'static str) -> Result<(), ClientError> {
-        match tokio::time::timeout(self.timeouts.command, self.stream.write_all(bytes)).await {
+        match tokio::time::timeout(self.settings.command, self.stream.write_all(bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(ClientError::Lost(during)),
             Err(_) => Err(ClientError::Timeout(during)),
@@ -388,7 +392,7 @@ impl Connection {
         }
         mail.push_str("\r\n");
         let rcpts: Vec<String> = recipients.iter().map(|r| format!("RCPT TO:<{r}>\r\n")).collect();
-        let t = self.timeouts.command;
+        let t = self.settings.command;
         let (mail_reply, rcpt_replies, data_reply) = if self.ext.pipelining {
             let mut batch = mail.into_bytes();
             rcpts.iter().for_each(|r| batch.extend_from_slice(r.as_bytes()));
@@ -422,7 +426,7 @@ impl Connection {
         if !mail_reply.is_success() {
             if data_reply.as_ref().is_some_and(|r| r.code == 354) {
                 self.write(b".\r\n", "ending empty DATA").await?;
-                self.reply(self.timeouts.data, "after end of data").await?;
+                self.reply(self.settings.data, "after end of data").await?;
             }
             return Ok(Outcome::MailRefused(mail_reply));
         }
@@ -430,12 +434,12 @@ impl Connection {
         let final_reply = match data_reply {
             Some(r) if r.code == 354 && accepted => {
                 self.stream_body(body).await?;
-                Some(self.reply(self.timeouts.data, "after end of data").await?)
+                Some(self.reply(self.settings.data, "after end of data").await?)
             }
             Some(r) if r.code == 354 => {
                 // A server that said 354 with no recipient: send nothing.
                 self.write(b".\r\n", "ending empty DATA").await?;
-                self.reply(self.timeouts.data, "after end of data").await?;
+                self.reply(self.settings.data, "after end of data").await?;
                 None
             }
             Some(r) if accepted => Some(r),
@@ -453,12 +457,12 @@ impl Connection {
 
     /// Copies the body with dot-stuffing, then `CRLF.CRLF`.
     async fn stream_body(&mut self, body: &mut dyn BodySource) -> Result<(), ClientError> {
-        let mut stuffer = DotStuffer::default();
+        let mut stuffer = DotStuffer::new(self.settings.line_length_limit);
         let mut out = Vec::new();
         while let Some(chunk) = body.next_chunk().await? {
             out.clear();
             stuffer.encode(&chunk, &mut out);
-            match tokio::time::timeout(self.timeouts.data, self.stream.write_all(&out)).await {
+            match tokio::time::timeout(self.settings.data, self.stream.write_all(&out)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(ClientError::Lost("sending message content")),
                 Err(_) => return Err(ClientError::Timeout("sending message content")),
@@ -466,19 +470,23 @@ impl Connection {
         }
         out.clear();
         stuffer.finish(&mut out);
+        if stuffer.folded > 0 {
+            crate::metrics::METRICS.delivery_lines_folded.inc_by(stuffer.folded as u64);
+            tracing::info!(peer = %self.peer(), folded = stuffer.folded, limit = self.settings.line_length_limit, "long lines folded");
+        }
         self.write(&out, "ending message content").await
     }
 
     /// RSET, to reuse the session for another message.
     pub async fn reset(&mut self) -> Result<(), ClientError> {
         self.write(b"RSET\r\n", "sending RSET").await?;
-        let r = self.reply(self.timeouts.command, "after RSET").await?;
+        let r = self.reply(self.settings.command, "after RSET").await?;
         if r.is_success() { Ok(()) } else { Err(ClientError::Protocol(format!("RSET refused: {r}"))) }
     }
 
     pub async fn quit(mut self) {
         if self.write(b"QUIT\r\n", "sending QUIT").await.is_ok() {
-            let _ = self.reply(Duration::from_secs(5).min(self.timeouts.command), "after QUIT").await;
+            let _ = self.reply(Duration::from_secs(5).min(self.settings.command), "after QUIT").await;
         }
         let _ = self.stream.shutdown().await;
     }
@@ -514,22 +522,50 @@ pub fn parse_extensions(text: &str) -> Extensions {
 }
 
 /// RFC 5321 §4.5.2 transparency, streaming: a `.` that starts a line gets a
-/// second one. A line start is any byte after LF.
+/// second one. A line start is any byte after LF. Lines longer than the
+/// limit (RFC 5321 §4.5.3.1.6: 998 octets without CRLF) are folded as
+/// Postfix's `smtp_line_length_limit` does, by inserting CRLF and a space
+/// (a header continuation; in a body, the least damage to MIME), before a
+/// UTF-8 character rather than inside one, so no strict destination
+/// refuses the message with "line too long".
 #[derive(Debug)]
 pub struct DotStuffer {
     line_start: bool,
     last: Option<u8>,
+    /// Octets of the current line so far, CR and LF not counted.
+    line_len: usize,
+    limit: usize,
+    /// Lines folded so far.
+    pub folded: usize,
 }
 
 impl Default for DotStuffer {
     fn default() -> Self {
-        DotStuffer { line_start: true, last: None }
+        DotStuffer::new(0)
     }
 }
 
 impl DotStuffer {
+    /// `limit`: longest line sent, CRLF not counted (0: no folding).
+    pub fn new(limit: usize) -> DotStuffer {
+        DotStuffer { line_start: true, last: None, line_len: 0, limit, folded: 0 }
+    }
+
     pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
         for &b in input {
+            match b {
+                b'\n' => self.line_len = 0,
+                b'\r' => {}
+                _ => {
+                    if self.limit > 0 && self.line_len + utf8_len(b) > self.limit && self.line_len > 0 {
+                        out.extend_from_slice(b"\r\n ");
+                        self.line_len = 1;
+                        self.line_start = false;
+                        self.folded += 1;
+                    }
+                    self.line_len += 1;
+                }
+            }
             if self.line_start && b == b'.' {
                 out.push(b'.');
             }
@@ -550,6 +586,17 @@ impl DotStuffer {
     }
 }
 
+/// Octets of the UTF-8 character that `lead` starts (1 for ASCII and for
+/// bytes that start none: continuation bytes and invalid ones).
+fn utf8_len(lead: u8) -> usize {
+    match lead {
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,6 +609,45 @@ mod tests {
         s.encode(b"\r\n.", &mut out);
         s.finish(&mut out);
         assert_eq!(out, b"..a\r\n...b\r\nc.\r\n..\r\n.\r\n");
+    }
+
+    fn stuffed(limit: usize, pieces: &[&[u8]]) -> (Vec<u8>, usize) {
+        let mut s = DotStuffer::new(limit);
+        let mut out = Vec::new();
+        for p in pieces {
+            s.encode(p, &mut out);
+        }
+        s.finish(&mut out);
+        (out, s.folded)
+    }
+
+    #[test]
+    fn long_lines_are_folded_at_the_limit() {
+        // A line of exactly the limit is sent as it is.
+        let (out, folded) = stuffed(5, &[b"abcde\r\n"]);
+        assert_eq!((out.as_slice(), folded), (&b"abcde\r\n.\r\n"[..], 0));
+        // Longer: CRLF SPACE, the continuation counting the space; split
+        // over chunks the same; a CR before its LF is not a character.
+        let (out, folded) = stuffed(5, &[b"abcdefghi", b"jk\r", b"\n.x\r\n"]);
+        assert_eq!(out, b"abcde\r\n fghi\r\n jk\r\n..x\r\n.\r\n");
+        assert_eq!(folded, 2);
+        // A dot after a fold is not at a line start: no stuffing needed.
+        assert_eq!(stuffed(3, &[b"abc.d\r\n"]).0, b"abc\r\n .d\r\n.\r\n");
+        // Never inside a UTF-8 character: "é" (2 octets) moves to the next line.
+        assert_eq!(stuffed(4, &["abcé".as_bytes()]).0, "abc\r\n é\r\n.\r\n".as_bytes());
+        // 0: no folding.
+        assert_eq!(stuffed(0, &[&[b'x'; 2000]]).0.len(), 2000 + 5);
+    }
+
+    #[test]
+    fn no_sent_line_exceeds_998_octets() {
+        let mut body = vec![b'a'; 65_536];
+        body.extend_from_slice(b"\r\n");
+        let (out, folded) = stuffed(998, &[&body[..1000], &body[1000..]]);
+        assert!(out.split(|b| *b == b'\n').all(|l| l.len() <= 999), "a line over 998 octets + CR");
+        assert_eq!(folded, (65_536 - 998usize).div_ceil(997));
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.replace("\r\n ", "").as_bytes(), [&body[..], b".\r\n"].concat());
     }
 
     #[test]

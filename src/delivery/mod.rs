@@ -33,7 +33,7 @@ use crate::domains::Domains;
 use crate::metrics::METRICS;
 use crate::shutdown::{Phase, Shutdown};
 use crate::spool::{BodyReader, Envelope, Lease, QueueId, Recipient, RecipientState, Spool, SpoolError};
-use client::{BodySource, ClientError, Connection, Outcome, RemoteReply, Timeouts};
+use client::{BodySource, ClientError, Connection, Outcome, RemoteReply, Settings};
 use route::{Route, RouteError, Target};
 use tls::{TlsClient, TlsPolicies, TlsPolicy};
 
@@ -157,6 +157,9 @@ impl Delivery {
         let background = [tokio::spawn(self.clone().schedule_loop()), tokio::spawn(self.clone().probe_loop())];
         let mut tasks = tokio::task::JoinSet::new();
         let mut failing = false;
+        // Leases of this node that it does not hold: left by its previous
+        // run, and after a read error (the read may have run in Redis).
+        let mut reclaim = true;
         let takeover_every = (self.config.queue.lease / 2).max(Duration::from_millis(500));
         let mut next_takeover = Instant::now() + takeover_every;
         while !stop.is_stopping() {
@@ -172,8 +175,13 @@ impl Delivery {
                     Err(_) => break,
                 }
             }
-            let takeover = Instant::now() >= next_takeover;
-            let got = if takeover {
+            let reclaiming = reclaim;
+            let takeover = !reclaiming && Instant::now() >= next_takeover;
+            let got = if reclaiming {
+                let held: HashSet<(u32, String)> =
+                    self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+                self.spool.reclaim(self.node(), &held, permits.len()).await
+            } else if takeover {
                 next_takeover = Instant::now() + takeover_every;
                 self.spool.take_over(self.node(), self.config.queue.lease, permits.len()).await
             } else {
@@ -185,6 +193,8 @@ impl Delivery {
                         tracing::info!("delivery: queue reachable again");
                         failing = false;
                     }
+                    // More may be left when every slot got one.
+                    reclaim = reclaiming && l.len() == permits.len();
                     l
                 }
                 Err(e) => {
@@ -192,6 +202,7 @@ impl Delivery {
                         tracing::error!(error = %e, "delivery: cannot read the queue; retrying");
                         failing = true;
                     }
+                    reclaim = true;
                     drop(permits);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -201,6 +212,10 @@ impl Delivery {
                 }
             };
             for (lease, permit) in leases.into_iter().zip(permits) {
+                if reclaiming {
+                    METRICS.queue_leases_reclaimed.inc();
+                    tracing::info!(queue_id = %lease.id, "{}: leased to {} but not held (a lost read reply or an earlier run): reclaimed", lease.id, self.node());
+                }
                 if takeover {
                     METRICS.queue_lease_takeovers.inc();
                     tracing::info!(queue_id = %lease.id, "{}: lease expired on another node, taken over by {}", lease.id, self.node());
@@ -310,13 +325,14 @@ impl Delivery {
             .clone()
     }
 
-    fn timeouts(&self) -> Timeouts {
+    fn client_settings(&self) -> Settings {
         let d = &self.config.delivery;
-        Timeouts {
+        Settings {
             connect: d.connect_timeout,
             greeting: d.greeting_timeout,
             command: d.command_timeout,
             data: d.data_timeout,
+            line_length_limit: d.line_length_limit,
         }
     }
 
@@ -576,10 +592,10 @@ impl Delivery {
     /// that was refused or failed is followed by one more connection in
     /// clear, as Postfix does; `encrypt` and `verify` never fall back.
     async fn open(&self, target: &Target, level: TlsPolicy) -> Result<Connection, ClientError> {
-        let (helo, timeouts) = (&self.config.myhostname, self.timeouts());
+        let (helo, settings) = (&self.config.myhostname, self.client_settings());
         let request = self.tls.request(level);
         let count = |result: &str| METRICS.delivery_tls.with_label_values(&[level.as_str(), result]).inc();
-        match Connection::open(target, helo, &timeouts, request.as_ref()).await {
+        match Connection::open(target, helo, &settings, request.as_ref()).await {
             Ok(conn) => {
                 match &conn.tls {
                     Some(tls) => {
@@ -608,7 +624,7 @@ impl Delivery {
                     target.addr.ip(),
                     target.addr.port()
                 );
-                let conn = Connection::open(target, helo, &timeouts, None).await?;
+                let conn = Connection::open(target, helo, &settings, None).await?;
                 count("fallback_clear");
                 Ok(conn)
             }

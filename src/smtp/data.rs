@@ -4,10 +4,13 @@
 //! Invariant: only `CRLF.CRLF` ends DATA (RFC 5321 §4.1.1.4). A bare LF or
 //! bare CR never starts a line for this purpose, so `\n.\n`, `\n.\r\n`,
 //! `\r.\r` and `\r\n.\r` cannot end a message early or smuggle a second one
-//! (the CVE-2023-51764 class). A bare LF is recorded so that the session can
-//! refuse the message (Postfix `smtpd_forbid_bare_newline`) or, when asked,
-//! is rewritten to CRLF. BDAT content goes through the same decoder without
-//! the dot rules.
+//! (the CVE-2023-51764 class). A bare LF or bare CR (RFC 5321 §2.3.8: CR and
+//! LF only as CRLF) is recorded so that the session can refuse the message
+//! (Postfix `smtpd_forbid_bare_newline`) or, when asked, is rewritten to
+//! CRLF, so that no next hop that ends DATA at `<CR>.<CR>` or `<LF>.<LF>`
+//! sees a second message in what we relay. A rewritten line break never
+//! starts a line for the end-of-data rule. BDAT content goes through the
+//! same decoder without the dot rules.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -35,14 +38,15 @@ pub enum Framing {
 pub struct DataDecoder {
     state: State,
     framing: Framing,
-    normalise_bare_lf: bool,
-    /// A bare LF was seen in the content.
-    pub bare_lf: bool,
+    normalise: bool,
+    /// A bare LF or bare CR was seen in the content.
+    pub bare_newline: bool,
 }
 
 impl DataDecoder {
-    pub fn new(framing: Framing, normalise_bare_lf: bool) -> DataDecoder {
-        DataDecoder { state: State::LineStart, framing, normalise_bare_lf, bare_lf: false }
+    /// `normalise`: rewrite a bare LF or CR to CRLF (else kept as it came).
+    pub fn new(framing: Framing, normalise: bool) -> DataDecoder {
+        DataDecoder { state: State::LineStart, framing, normalise, bare_newline: false }
     }
 
     /// Decodes `input`, appending content to `out`. Returns `Some(n)` when
@@ -60,19 +64,13 @@ impl DataDecoder {
                     self.state = State::LineStart;
                     return Some(i + 1);
                 }
-                (State::DotCr, _) => {
-                    out.push(b'\r');
-                    self.state = State::Text;
-                    self.text(b, out);
-                }
                 (State::Cr, b'\n') => {
                     out.extend_from_slice(b"\r\n");
                     self.state = State::LineStart;
                 }
-                (State::Cr, b'\r') => out.push(b'\r'),
-                (State::Cr, _) => {
-                    out.push(b'\r');
-                    self.state = State::Text;
+                // The CR before `b` was not followed by LF: a bare CR.
+                (State::DotCr | State::Cr, _) => {
+                    self.bare(b'\r', out);
                     self.text(b, out);
                 }
             }
@@ -83,16 +81,7 @@ impl DataDecoder {
     fn text(&mut self, b: u8, out: &mut Vec<u8>) {
         match b {
             b'\r' => self.state = State::Cr,
-            b'\n' => {
-                // A bare LF: never a line start for the end-of-data rule.
-                self.bare_lf = true;
-                if self.normalise_bare_lf {
-                    out.extend_from_slice(b"\r\n");
-                } else {
-                    out.push(b'\n');
-                }
-                self.state = State::Text;
-            }
+            b'\n' => self.bare(b'\n', out),
             _ => {
                 out.push(b);
                 self.state = State::Text;
@@ -100,11 +89,22 @@ impl DataDecoder {
         }
     }
 
-    /// For BDAT: content that ended with a CR whose LF has not come yet.
+    /// A bare LF or CR: recorded, rewritten to CRLF when asked, and never a
+    /// line start for the end-of-data rule.
+    fn bare(&mut self, b: u8, out: &mut Vec<u8>) {
+        self.bare_newline = true;
+        if self.normalise {
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.push(b);
+        }
+        self.state = State::Text;
+    }
+
+    /// For BDAT LAST: content that ended with a CR whose LF never came.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if self.state == State::Cr {
-            out.push(b'\r');
-            self.state = State::Text;
+            self.bare(b'\r', out);
         }
     }
 }
@@ -156,7 +156,7 @@ mod tests {
         let mut d = DataDecoder::new(Framing::Dot, false);
         let mut out = Vec::new();
         let end = d.feed(input, &mut out);
-        (out, end, d.bare_lf)
+        (out, end, d.bare_newline)
     }
 
     #[test]
@@ -181,17 +181,35 @@ mod tests {
             let (_, end, _) = decode(body);
             assert_eq!(end, None, "{body:?} ended DATA");
         }
-        let (_, _, bare) = decode(b"a\n.\nb");
-        assert!(bare);
-        let (_, _, bare) = decode(b"a\r.\rb");
-        assert!(!bare, "a bare CR is not a bare LF");
+        for body in [&b"a\n.\nb"[..], b"a\r.\rb", b"a\r\n.\rb", b"a\rb\r\n", b"a\r\r\n"] {
+            assert!(decode(body).2, "{body:?}: bare newline not seen");
+        }
+        assert!(!decode(b"a\r\nb\r\n").2);
     }
 
     #[test]
-    fn normalises_bare_lf_when_asked() {
+    fn normalises_bare_lf_and_cr_when_asked() {
         let mut d = DataDecoder::new(Framing::Dot, true);
         let mut out = Vec::new();
-        assert_eq!(d.feed(b"a\nb\r\n.\r\n", &mut out), Some(8));
+        assert_eq!(d.feed(b"a\nb\rc\r\r\n.\rd\r\n.\r\n", &mut out), Some(16));
+        // The rewritten breaks start no line: `.` after one is content.
+        assert_eq!(out, b"a\r\nb\r\nc\r\n\r\n\r\nd\r\n");
+        let mut d = DataDecoder::new(Framing::Dot, true);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b"x\r.\ry\r\n.\r\n", &mut out), Some(10));
+        assert_eq!(out, b"x\r\n.\r\ny\r\n");
+    }
+
+    #[test]
+    fn chunked_trailing_cr_is_bare() {
+        let mut d = DataDecoder::new(Framing::Chunked, true);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b"a\r", &mut out), None);
+        // A CR at the end of one chunk and LF at the start of the next: CRLF.
+        d.feed(b"\nb\r", &mut out);
+        assert!(!d.bare_newline);
+        d.finish(&mut out);
+        assert!(d.bare_newline);
         assert_eq!(out, b"a\r\nb\r\n");
     }
 
@@ -225,7 +243,7 @@ mod tests {
             };
             prop_assert_eq!(end, end_whole);
             prop_assert_eq!(out, whole);
-            prop_assert_eq!(d.bare_lf, bare_whole);
+            prop_assert_eq!(d.bare_newline, bare_whole);
         }
 
         /// Whatever the content, an end found is always a real CRLF.CRLF.

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod proxy;
 pub mod reply;
 pub mod session;
+pub mod slots;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +30,7 @@ use crate::shutdown::Phase;
 use limits::Event;
 use reply::Reply;
 use session::{ClientInfo, Session, Shared};
+use slots::Slot;
 use tls::SmtpStream;
 
 /// After [`Phase::Closing`], how long sessions may take to end (a commit
@@ -106,13 +108,8 @@ pub async fn serve(listener: TcpListener, kind: Listener, shared: Arc<Shared>) {
         let shared = shared.clone();
         let config = config.clone();
         let peers = peers.clone();
-        let permit = shared.sessions.clone().try_acquire_owned();
-        tasks.spawn(async move {
-            let Ok(_permit) = permit else {
-                return refuse(stream, peer.ip(), "node_limit", "Error: too many connections").await;
-            };
-            connection(stream, peer, kind, shared, config, peers).await;
-        });
+        let slot = shared.slots.take();
+        tasks.spawn(connection(stream, peer, kind, shared, config, peers, slot));
     }
     drop(listener);
     tracing::info!(open = tasks.len(), "SMTP listener closed; waiting for open sessions");
@@ -144,8 +141,9 @@ impl Peers {
     }
 }
 
-/// One accepted connection: the PROXY header, TLS for the implicit
-/// listener, the per-client limits, then the session.
+/// One accepted connection: the PROXY header, a reserved slot if `slot`
+/// (a general one, taken at accept) is `None` (before any TLS work), TLS
+/// for the implicit listener, the per-client limits, then the session.
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -153,8 +151,18 @@ async fn connection(
     shared: Arc<Shared>,
     config: Arc<Config>,
     peers: Arc<Peers>,
+    slot: Option<Slot>,
 ) {
     let mut ip = canonical(peer.ip());
+    if slot.is_none()
+        && !peers.proxies.iter().any(|n| n.contains(&ip))
+        && !shared.policy.is_mynetworks(ip)
+        && !config.auth.enabled
+    {
+        // The reserve is for mynetworks (and, with AUTH on, for clients on
+        // probation): a client that is neither hears no at once.
+        return refuse(stream, ip, "node_limit", "Error: too many connections").await;
+    }
     let mut proxy_guard = false;
     if config.smtp.proxy_protocol {
         if peers.proxies.iter().any(|n| n.contains(&ip)) {
@@ -176,6 +184,16 @@ async fn connection(
             proxy_guard = true;
         }
     }
+    let trusted = shared.policy.is_mynetworks(ip);
+    let reserve_open = trusted || config.auth.enabled;
+    let Some(slot) = slot.or_else(|| reserve_open.then(|| shared.slots.take_reserved(trusted)).flatten()) else {
+        return refuse(stream, ip, "node_limit", "Error: too many connections").await;
+    };
+    if slot.reserved {
+        METRICS.smtp_reserved_slots.with_label_values(&[if trusted { "mynetworks" } else { "probation" }]).inc();
+        tracing::info!(client = %ip, trusted, "general slots all busy: reserved slot taken");
+    }
+    let probation = slot.reserved && !trusted;
     let mut stream = SmtpStream::Plain(stream);
     let mut tls = None;
     if kind == Listener::ImplicitTls {
@@ -194,7 +212,6 @@ async fn connection(
             }
         }
     }
-    let trusted = shared.policy.is_mynetworks(ip);
     if !trusted && !shared.anvil.hit(ip, Event::Connection, config.smtp.connection_rate_limit, config.smtp.rate_window)
     {
         METRICS.smtp_limit_hits.with_label_values(&[Event::Connection.label()]).inc();
@@ -210,7 +227,7 @@ async fn connection(
     } else {
         "unknown".into()
     };
-    let client = ClientInfo { ip, debug: peers.debug.matches(ip, &name), name, proxy_guard };
+    let client = ClientInfo { ip, debug: peers.debug.matches(ip, &name), name, proxy_guard, probation };
     tracing::info!("connect from {}[{}]", client.name, client.ip);
     if let Some(info) = &tls {
         tracing::info!("TLS connection established from {}[{}]: {info}", client.name, client.ip);

@@ -63,7 +63,7 @@ impl Reply {
         Reply::new(552, "5.3.4", "Error: message file too big")
     }
     pub fn bare_newline() -> Reply {
-        Reply::new(554, "5.6.0", "Error: bare <LF> received (message refused, see RFC 5321 section 2.3.8)")
+        Reply::new(554, "5.6.0", "Error: bare <CR> or <LF> received (message refused, see RFC 5321 section 2.3.8)")
     }
     pub fn timeout(host: &str) -> Reply {
         Reply::new(421, "4.4.2", format!("{host} Error: timeout exceeded"))

@@ -24,6 +24,7 @@ use super::command::{self, COMMAND_LINE_LIMIT, Command};
 use super::data::{DataDecoder, Framing, HeaderScan};
 use super::limits::{Anvil, Event, PerIp};
 use super::reply::Reply;
+use super::slots::{Slots, Stress};
 use super::tls::{SmtpStream, TlsInfo};
 use crate::config::{Config, TlsConfig};
 use crate::metrics::METRICS;
@@ -50,8 +51,8 @@ pub struct Shared {
     /// `relay_users` (AUTH may be switched on by SIGHUP, so always open;
     /// the pool connects on first use).
     pub users: Arc<dyn UserStore>,
-    /// Sessions on this node, all listeners together (`smtp.max_connections`).
-    pub sessions: Arc<tokio::sync::Semaphore>,
+    /// Connection slots on this node, all listeners together, and stress.
+    pub slots: Arc<Slots>,
     pub per_ip: PerIp,
     pub anvil: Anvil,
     /// clamd/rspamd for domains with `enable_virus_spam_scan` (restart to change).
@@ -69,7 +70,7 @@ impl Shared {
         shutdown: Shutdown,
     ) -> Shared {
         let shared = Shared {
-            sessions: Arc::new(tokio::sync::Semaphore::new(config.smtp.max_connections)),
+            slots: Slots::new(&config.smtp),
             config: std::sync::RwLock::new(Arc::new(config.clone())),
             tls: std::sync::RwLock::new(None),
             policy,
@@ -91,12 +92,7 @@ impl Shared {
     /// Installs a new configuration for sessions that start from now on.
     pub fn set_config(&self, config: Config) {
         let mut current = self.config.write().unwrap_or_else(|e| e.into_inner());
-        let (old, new) = (current.smtp.max_connections, config.smtp.max_connections);
-        if new > old {
-            self.sessions.add_permits(new - old);
-        } else if new < old {
-            self.sessions.forget_permits(old - new);
-        }
+        self.slots.resize(&config.smtp);
         *current = Arc::new(config);
     }
 
@@ -135,6 +131,9 @@ pub struct ClientInfo {
     /// On a PROXY-protocol listener, from an address that may not send a
     /// header: refuse one if it comes.
     pub proxy_guard: bool,
+    /// In a reserved slot without being in `mynetworks`: must authenticate
+    /// before MAIL.
+    pub probation: bool,
 }
 
 /// How a session ended, for `mxrelay_smtp_sessions_total{outcome}`.
@@ -191,6 +190,8 @@ struct Conn<S> {
     /// Reads give up at this shutdown phase: `Draining` while waiting for a
     /// command, `Closing` while a message is coming in.
     stop_at: Phase,
+    /// Under stress, no read waits longer than its timeout.
+    stress: Stress,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -213,18 +214,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Reads more input; pending replies go out first, since the client
     /// may be waiting for them before it sends more.
+    /// Waits at most `timeout`, or the stress timeout while the node is
+    /// under stress (also when stress starts during the wait).
     async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
         self.flush().await?;
         self.inbuf.reserve(READ_CHUNK);
         let mut shutdown = self.shutdown.clone();
-        tokio::select! {
-            read = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.inbuf)) => match read {
-                Err(_) => Err(ReadError::Timeout),
-                Ok(Err(_)) => Err(ReadError::Io),
-                Ok(Ok(0)) => Err(ReadError::Eof),
-                Ok(Ok(_)) => Ok(()),
-            },
-            () = shutdown.reached(self.stop_at) => Err(ReadError::Shutdown),
+        let mut stressed = self.stress.on.clone();
+        let started = tokio::time::Instant::now();
+        let limits = self.stress.clone();
+        let deadline = |on: bool| started + limits.limit(timeout, on);
+        let expiry = tokio::time::sleep_until(deadline(*stressed.borrow_and_update()));
+        tokio::pin!(expiry);
+        let read = self.stream.read_buf(&mut self.inbuf);
+        tokio::pin!(read);
+        loop {
+            tokio::select! {
+                read = &mut read => return match read {
+                    Err(_) => Err(ReadError::Io),
+                    Ok(0) => Err(ReadError::Eof),
+                    Ok(_) => Ok(()),
+                },
+                () = &mut expiry => return Err(ReadError::Timeout),
+                Ok(()) = stressed.changed() => {
+                    let on = *stressed.borrow_and_update();
+                    expiry.as_mut().reset(deadline(on));
+                }
+                () = shutdown.reached(self.stop_at) => return Err(ReadError::Shutdown),
+            }
         }
     }
 
@@ -268,6 +285,8 @@ struct Transaction {
     smtputf8: bool,
     eight_bit: bool,
     recipients: Vec<Recipient>,
+    /// RCPTs refused for the recipient limit so far.
+    overshoot: usize,
     /// Sender checks run once, at the first RCPT that needs them.
     sender_verdict: Option<Verdict>,
 }
@@ -287,7 +306,7 @@ struct Incoming {
     received_header_len: u64,
     size: u64,
     limit: u64,
-    forbid_bare_lf: bool,
+    forbid_bare_newline: bool,
     failure: Option<(Reply, &'static str)>,
     decoded: Vec<u8>,
 }
@@ -309,7 +328,7 @@ impl Incoming {
         if self.failure.is_none() {
             if self.size - self.received_header_len > self.limit {
                 self.fail(Reply::too_big(), "too_big").await;
-            } else if self.forbid_bare_lf && self.decoder.bare_lf {
+            } else if self.forbid_bare_newline && self.decoder.bare_newline {
                 self.fail(Reply::bare_newline(), "bare_newline").await;
             } else {
                 let decoded = std::mem::take(&mut self.decoded);
@@ -392,6 +411,7 @@ impl Session {
                 debug,
                 shutdown: shared.shutdown.clone(),
                 stop_at: Phase::Draining,
+                stress: shared.slots.stress(&shared.config().smtp),
             },
             config: shared.config(),
             shared,
@@ -648,6 +668,19 @@ impl Session {
                 let host = self.config().myhostname.clone();
                 self.reply(Reply::new(250, "", host));
             }
+            Command::Mail { .. } if self.client.probation && self.auth.is_none() => {
+                // A reserved slot is for mynetworks, or for whoever logs in.
+                tracing::info!(client = %self.peer(), "MAIL without AUTH in a reserved slot: closed");
+                self.conn.queue(&Reply::new(
+                    421,
+                    "4.7.0",
+                    format!(
+                        "{} Error: too many connections; authenticate first or try later",
+                        self.config().myhostname
+                    ),
+                ));
+                return Flow::Close(Outcome::Refused);
+            }
             Command::Mail { path, params } => self.mail(&path, &params).await,
             Command::Rcpt { path, params } => self.rcpt(&path, &params).await,
             Command::Data => return self.data().await,
@@ -847,7 +880,11 @@ impl Session {
             }
             Err(e) => {
                 METRICS.smtp_auth.with_label_values(&["tempfail"]).inc();
-                tracing::error!(client = %self.peer(), error = %e, "AUTH: user database unavailable");
+                if matches!(e, crate::users::UserError::Busy) {
+                    tracing::warn!(client = %self.peer(), "AUTH: {e}; answered 454");
+                } else {
+                    tracing::error!(client = %self.peer(), error = %e, "AUTH: user database unavailable");
+                }
                 self.reply(Reply::new(454, "4.7.0", "Temporary authentication failure"));
             }
         }
@@ -956,8 +993,35 @@ impl Session {
                 return self.reply(reply);
             }
         };
-        self.tx = Some(Transaction { sender, smtputf8, eight_bit, recipients: Vec::new(), sender_verdict: None });
+        self.tx = Some(Transaction {
+            sender,
+            smtputf8,
+            eight_bit,
+            recipients: Vec::new(),
+            overshoot: 0,
+            sender_verdict: None,
+        });
         self.reply(Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    /// `452 4.5.3`: the client sends the rest in a later transaction. Only
+    /// RCPTs past `smtpd_recipient_overshoot_limit` count as errors, so a
+    /// client that pipelines many recipients keeps those accepted.
+    fn too_many_recipients(&mut self) {
+        METRICS.smtp_rcpt.with_label_values(&["too_many"]).inc();
+        let reply = Reply::new(452, "4.5.3", "Error: too many recipients");
+        let overshoot = self.tx.as_mut().map_or(0, |t| {
+            t.overshoot += 1;
+            t.overshoot
+        });
+        if overshoot == 1 {
+            tracing::info!(client = %self.peer(), limit = self.config().smtpd_recipient_limit, "recipient limit reached; further recipients get 452");
+        }
+        if overshoot > self.config().smtpd_recipient_overshoot_limit {
+            self.reply(reply);
+        } else {
+            self.conn.queue(&reply);
+        }
     }
 
     async fn rcpt(&mut self, path: &str, params: &[(String, Option<String>)]) {
@@ -971,8 +1035,7 @@ impl Session {
             return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}")));
         }
         if count >= self.config().smtpd_recipient_limit {
-            METRICS.smtp_rcpt.with_label_values(&["too_many"]).inc();
-            return self.reply(Reply::new(452, "4.5.3", "Error: too many recipients"));
+            return self.too_many_recipients();
         }
         let mailbox = match address::parse_path(path, self.config().strict_rfc821_envelopes, smtputf8) {
             Ok(Path::Mailbox(m)) => m,
@@ -1081,7 +1144,7 @@ impl Session {
             received_header_len: 0,
             size: 0,
             limit: self.config().message_size_limit,
-            forbid_bare_lf: self.config().smtpd_forbid_bare_newline,
+            forbid_bare_newline: self.config().smtpd_forbid_bare_newline,
             failure: None,
             decoded: Vec::new(),
             id,

@@ -228,6 +228,17 @@ pub trait Spool: Send + Sync {
         idle: std::time::Duration,
         count: usize,
     ) -> Result<Vec<Lease>, SpoolError>;
+    /// At most `count` entries leased to `consumer` that it does not hold
+    /// (`held`: shard and stream entry of the leases it works on), leased to
+    /// it again with a new token: left by a lease read that ran but whose
+    /// reply was lost, or by this node's previous run. Without this they
+    /// would wait `queue.lease` for a takeover.
+    async fn reclaim(
+        &self,
+        consumer: &str,
+        held: &std::collections::HashSet<(u32, String)>,
+        count: usize,
+    ) -> Result<Vec<Lease>, SpoolError>;
     /// Keeps a long delivery's lease alive; `LeaseLost` when it is not ours.
     async fn renew(&self, lease: &Lease) -> Result<(), SpoolError>;
     /// The envelope; `None` when the message is gone or this entry is not

@@ -48,9 +48,10 @@ fn now_ms() -> i64 {
 
 fn lease_of(id: String, owner: &str, generation: i64) -> Lease {
     Lease {
+        // One row per message: the id names its one live entry.
+        entry: id.clone(),
         id: QueueId::from(id),
         shard: 0,
-        entry: generation.to_string(),
         owner: owner.into(),
         generation: generation as u64,
     }
@@ -184,6 +185,45 @@ impl Spool for SqliteSpool {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Leases of this node's previous run (in-process, a lease is never
+    /// granted without its caller seeing it); `held` names them by id.
+    async fn reclaim(
+        &self,
+        consumer: &str,
+        held: &std::collections::HashSet<(u32, String)>,
+        count: usize,
+    ) -> Result<Vec<Lease>, SpoolError> {
+        let rows =
+            sqlx::query("SELECT id, generation FROM queue_messages WHERE state = 'ready' AND lease_owner = ? LIMIT ?")
+                .bind(consumer)
+                .bind((count + held.len()) as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| failed("reclaim", e))?;
+        let mut taken = Vec::new();
+        for row in rows {
+            let (id, generation): (String, i64) = (row.get(0), row.get(1));
+            if taken.len() >= count || held.contains(&(0, id.clone())) {
+                continue;
+            }
+            let bumped = sqlx::query(
+                "UPDATE queue_messages SET lease_until = ?, generation = generation + 1 \
+                 WHERE id = ? AND lease_owner = ? AND generation = ? RETURNING generation",
+            )
+            .bind(self.lease_until())
+            .bind(&id)
+            .bind(consumer)
+            .bind(generation)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| failed("reclaim", e))?;
+            if let Some(row) = bumped {
+                taken.push(lease_of(id, consumer, row.get(0)));
+            }
+        }
+        Ok(taken)
     }
 
     async fn take_over(&self, consumer: &str, idle: Duration, count: usize) -> Result<Vec<Lease>, SpoolError> {

@@ -5,14 +5,16 @@
 //! Invariants: a password is never stored or logged in clear; an unknown
 //! user costs the same Argon2 verification as a wrong password, so timing
 //! does not reveal which names exist; a database fault is temporary
-//! ([`UserError::Unavailable`] → 454), never a rejection.
+//! ([`UserError::Unavailable`] → 454), never a rejection; memory for
+//! Argon2 is bounded by the verifier threads ([`verifier`]).
 
 pub mod sql;
+pub mod verifier;
 
 use std::sync::{Arc, LazyLock};
 
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::password_hash::PasswordHasher;
 
 /// Longest user name accepted (the column is VARCHAR(255)).
 pub const USERNAME_LIMIT: usize = 255;
@@ -30,6 +32,8 @@ pub enum UserError {
     InvalidName(String, &'static str),
     #[error("cannot hash the password: {0}")]
     Hash(String),
+    #[error("every password verifier is busy and {} attempts wait", verifier::QUEUE)]
+    Busy,
 }
 
 /// Where the credentials live. One file per back end.
@@ -83,34 +87,21 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
 /// takes as long as a wrong password.
 static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| hash_password("mxrelay-timing-equaliser").unwrap_or_default());
 
-/// Argon2 verifications running at once on this node.
-pub const VERIFY_CONCURRENCY: usize = 4;
-static VERIFY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(VERIFY_CONCURRENCY);
-
 /// Checks `password` for `username`; `Ok(false)` for an unknown user and a
-/// wrong password alike, after the same amount of work.
+/// wrong password alike, after the same amount of work. `Busy` when every
+/// verifier is at work and [`verifier::QUEUE`] attempts already wait.
 pub async fn verify(store: &dyn UserStore, username: &str, password: &str) -> Result<bool, UserError> {
     let stored = if username.len() > USERNAME_LIMIT { None } else { store.password_hash(username).await? };
     let known = stored.is_some();
     let hash = stored.unwrap_or_else(|| DUMMY_HASH.clone());
-    let password = password.to_owned();
-    // Each verification takes Argon2's 19 MiB and tens of milliseconds of
-    // CPU: a bounded number at once, so that many clients trying AUTH
-    // together queue up instead of exhausting memory.
-    let _slot = VERIFY_SLOTS.acquire().await.map_err(|_| UserError::Unavailable("verifier closed".into()))?;
-    // Argon2 is CPU-bound by design: keep it off the async workers.
-    let matches = tokio::task::spawn_blocking(move || {
-        let verified = Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok();
-        verified && password.len() <= PASSWORD_LIMIT
-    })
-    .await
-    .unwrap_or(false);
-    Ok(known && matches)
+    let matches = verifier::verify(password.as_bytes().to_vec(), hash).await?;
+    Ok(known && matches && password.len() <= PASSWORD_LIMIT)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use argon2::password_hash::PasswordVerifier;
 
     #[test]
     fn hashes_verify_and_differ_per_salt() {

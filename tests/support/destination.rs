@@ -84,6 +84,9 @@ struct Shared {
     fail_all_temp: AtomicBool,
     /// Milliseconds between recording a message and answering its final 250.
     final_reply_delay: AtomicU64,
+    /// Longest line accepted in DATA, CRLF not counted (0: any), as a
+    /// strict server checks RFC 5321 §4.5.3.1.6.
+    line_limit: AtomicUsize,
     stopping: AtomicBool,
     /// Open sessions, so `stop` can cut them.
     sessions: Mutex<HashMap<u64, TcpStream>>,
@@ -144,6 +147,7 @@ impl Destination {
             connections: AtomicUsize::new(0),
             fail_all_temp: AtomicBool::new(false),
             final_reply_delay: AtomicU64::new(0),
+            line_limit: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
@@ -172,6 +176,12 @@ impl Destination {
     /// `delay` (a slow destination, with the message already taken).
     pub fn set_final_reply_delay(&self, delay: Duration) {
         self.shared.final_reply_delay.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, a message with a line longer than `limit` octets (CRLF
+    /// not counted) is refused `500 5.5.0 Line too long` and not recorded.
+    pub fn set_line_limit(&self, limit: usize) {
+        self.shared.line_limit.store(limit, Ordering::SeqCst);
     }
 
     /// Every message received so far, in the order their DATA ended.
@@ -522,6 +532,12 @@ impl<'a> Session<'a> {
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
                 self.flush(reader.get_mut())?;
                 let data = read_data(reader)?;
+                let limit = self.shared.line_limit.load(Ordering::SeqCst);
+                if limit > 0 && data.split(|b| *b == b'\n').any(|l| l.strip_suffix(b"\r").unwrap_or(l).len() > limit) {
+                    self.reset();
+                    self.reply("500 5.5.0 Line too long");
+                    return Ok(Next::Continue);
+                }
                 let message = Received {
                     helo: self.helo.clone(),
                     mail_from: self.mail_from.take().unwrap_or_default(),

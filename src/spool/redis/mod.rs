@@ -603,6 +603,37 @@ impl Spool for RedisSpool {
         Ok(taken)
     }
 
+    async fn reclaim(
+        &self,
+        consumer: &str,
+        held: &std::collections::HashSet<(u32, String)>,
+        count: usize,
+    ) -> Result<Vec<Lease>, SpoolError> {
+        let mut taken = Vec::new();
+        for shard in self.shard_order() {
+            if taken.len() >= count {
+                break;
+            }
+            let k = self.shard_keys(shard);
+            let mut inv = RECLAIM.prepare_invoke();
+            inv.key(k.ready()).arg(consumer).arg(count - taken.len()).arg(k.base());
+            for (_, entry) in held.iter().filter(|(s, _)| *s == shard) {
+                inv.arg(entry);
+            }
+            let reply: Vec<String> = healing!(self, "reclaim", self.script(&inv))?;
+            for t in reply.chunks_exact(3) {
+                taken.push(Lease {
+                    id: QueueId::from(t[1].clone()),
+                    shard,
+                    entry: t[0].clone(),
+                    owner: consumer.into(),
+                    generation: t[2].parse().unwrap_or(0),
+                });
+            }
+        }
+        Ok(taken)
+    }
+
     async fn renew(&self, lease: &Lease) -> Result<(), SpoolError> {
         let k = self.shard_keys(lease.shard);
         let mut inv = RENEW.prepare_invoke();

@@ -20,6 +20,7 @@ script!(PUBLISH, "lua/publish.lua");
 script!(WITHDRAW, "lua/withdraw.lua");
 script!(RENEW, "lua/renew.lua");
 script!(TAKEOVER, "lua/takeover.lua");
+script!(RECLAIM, "lua/reclaim.lua");
 script!(COMPLETE, "lua/complete.lua");
 script!(DEFER, "lua/defer.lua");
 script!(HAND_BACK, "lua/hand_back.lua");
