@@ -213,9 +213,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Reads more input; pending replies go out first, since the client
-    /// may be waiting for them before it sends more.
-    /// Waits at most `timeout`, or the stress timeout while the node is
-    /// under stress (also when stress starts during the wait).
+    /// may be waiting for them before it sends more. Waits at most
+    /// `timeout`, or the stress timeout while the node is under stress
+    /// (also when stress starts during the wait).
     async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
         self.flush().await?;
         self.inbuf.reserve(READ_CHUNK);
