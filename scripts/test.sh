@@ -91,3 +91,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast "$@"
 fi
+
+# Then the fuzz targets (fuzz/): each parser that faces the network or
+# stored data, MXRELAY_FUZZ_SECONDS each (default 30; 0 skips them).
+./scripts/fuzz.sh "${MXRELAY_FUZZ_SECONDS:-30}"

@@ -354,14 +354,13 @@ impl Connection {
                 if n == 0 {
                     return Err(ClientError::Lost(during));
                 }
-                let line = String::from_utf8_lossy(&line).trim_end().to_string();
-                let code = line.get(..3).and_then(|c| c.parse::<u16>().ok()).filter(|c| (200..600).contains(c));
-                let Some(code) = code else {
+                let Some(reply_line) = parse_reply_line(&line) else {
+                    let line = String::from_utf8_lossy(&line).trim_end().to_string();
                     return Err(ClientError::Protocol(format!("malformed reply {line:?} {during}")));
                 };
-                text.push(line.get(4..).unwrap_or("").to_string());
-                if line.as_bytes().get(3) != Some(&b'-') {
-                    return Ok(RemoteReply { code, text: text.join(" ") });
+                text.push(reply_line.text);
+                if !reply_line.more {
+                    return Ok(RemoteReply { code: reply_line.code, text: text.join(" ") });
                 }
             }
             Err(ClientError::Protocol(format!("reply too long {during}")))
@@ -501,6 +500,25 @@ fn handshake_error(e: &std::io::Error, verify: bool, host: String) -> ClientErro
         Some(rustls::Error::InvalidCertificate(_)) if verify => ClientError::TlsVerify { host, reason },
         _ => ClientError::TlsHandshake { host, reason },
     }
+}
+
+/// One line of a reply (RFC 5321 §4.2.1) as read, line ending included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyLine {
+    pub code: u16,
+    /// `250-`: more lines of the same reply follow.
+    pub more: bool,
+    pub text: String,
+}
+
+/// Parses one reply line; `None` when it does not start with a code
+/// from 200 to 599. The reply's code is that of its last line.
+pub fn parse_reply_line(raw: &[u8]) -> Option<ReplyLine> {
+    let line = String::from_utf8_lossy(raw);
+    let line = line.trim_end();
+    let code = line.get(..3).and_then(|c| c.parse::<u16>().ok()).filter(|c| (200..600).contains(c))?;
+    let more = line.as_bytes().get(3) == Some(&b'-');
+    Some(ReplyLine { code, more, text: line.get(4..).unwrap_or("").to_string() })
 }
 
 /// EHLO keywords (RFC 5321 §4.1.1.1), from the reply text after the first line.
@@ -656,6 +674,16 @@ mod tests {
         assert!(e.pipelining && e.eight_bit && e.smtputf8 && e.starttls);
         assert_eq!(e.size, Some(10240000));
         assert_eq!(parse_extensions("mx SIZE").size, Some(0));
+    }
+
+    #[test]
+    fn reply_lines() {
+        let l = parse_reply_line(b"250-mx.example\r\n").unwrap();
+        assert_eq!((l.code, l.more, l.text.as_str()), (250, true, "mx.example"));
+        let l = parse_reply_line(b"550 5.1.1 unknown\r\n").unwrap();
+        assert_eq!((l.code, l.more, l.text.as_str()), (550, false, "5.1.1 unknown"));
+        assert_eq!(parse_reply_line(b"250").map(|l| l.more), Some(false));
+        assert!(parse_reply_line(b"199 x\r\n").is_none() && parse_reply_line(b"ok\r\n").is_none());
     }
 
     #[test]

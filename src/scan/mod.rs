@@ -328,25 +328,29 @@ impl Drop for ScanBuffer {
 /// Replaces the first `Subject:` header (with its continuation lines) in
 /// the header section; the body is passed through untouched. Bounded: only
 /// the header section is held, and at most [`HEADER_LIMIT`] of it.
-struct SubjectRewrite {
+pub struct SubjectRewrite {
     template: String,
     pending: Vec<u8>,
     done: bool,
 }
 
-const HEADER_LIMIT: usize = 256 * 1024;
+pub const HEADER_LIMIT: usize = 256 * 1024;
 
 impl SubjectRewrite {
-    fn new(template: String) -> SubjectRewrite {
+    pub fn new(template: String) -> SubjectRewrite {
         SubjectRewrite { template, pending: Vec::new(), done: false }
     }
 
-    fn feed(&mut self, data: &[u8]) -> Vec<u8> {
+    pub fn feed(&mut self, data: &[u8]) -> Vec<u8> {
         if self.done {
             return data.to_vec();
         }
         self.pending.extend_from_slice(data);
-        match find(&self.pending, b"\r\n\r\n") {
+        // The header section ends with its last CRLF, before the empty line
+        // (RFC 5322 §2.1), which may be the message's first line.
+        let end =
+            if self.pending.starts_with(b"\r\n") { Some(0) } else { find(&self.pending, b"\r\n\r\n").map(|i| i + 2) };
+        match end {
             Some(end) => {
                 let rest = self.pending.split_off(end);
                 let mut out = rewrite_headers(&self.pending, &self.template);
@@ -363,7 +367,7 @@ impl SubjectRewrite {
         }
     }
 
-    fn finish(&mut self) -> Vec<u8> {
+    pub fn finish(&mut self) -> Vec<u8> {
         if self.done {
             return Vec::new();
         }
@@ -381,6 +385,9 @@ fn rewrite_headers(headers: &[u8], template: &str) -> Vec<u8> {
     let text = String::from_utf8_lossy(headers);
     let mut out = String::with_capacity(text.len() + template.len());
     let mut original = None;
+    // Where the new Subject goes: in the old one's place, else first. (A
+    // position, not a marker string, which the headers could contain.)
+    let mut at = 0;
     let mut skipping = false;
     for line in text.split_inclusive("\r\n") {
         let continuation = line.starts_with([' ', '\t']);
@@ -389,23 +396,18 @@ fn rewrite_headers(headers: &[u8], template: &str) -> Vec<u8> {
             continue;
         }
         skipping = false;
-        if original.is_none() && line.len() >= 8 && line[..8].eq_ignore_ascii_case("subject:") {
+        // Bytes, not `line[..8]`: the 8th byte may be inside a character.
+        if original.is_none() && line.as_bytes().get(..8).is_some_and(|p| p.eq_ignore_ascii_case(b"subject:")) {
             original = Some(line[8..].trim_end_matches("\r\n").trim_start().to_string());
             skipping = true;
-            out.push_str("\u{0}SUBJECT\u{0}");
+            at = out.len();
             continue;
         }
         out.push_str(line);
     }
     let new = template.replace("{subject}", original.as_deref().unwrap_or(""));
-    let new_line = format!("Subject: {}\r\n", new.replace(['\r', '\n'], " "));
-    if out.contains("\u{0}SUBJECT\u{0}") {
-        out.replace("\u{0}SUBJECT\u{0}", &new_line).into_bytes()
-    } else {
-        let mut bytes = new_line.into_bytes();
-        bytes.extend_from_slice(out.as_bytes());
-        bytes
-    }
+    out.insert_str(at, &format!("Subject: {}\r\n", new.replace(['\r', '\n'], " ")));
+    out.into_bytes()
 }
 
 #[cfg(test)]
@@ -498,5 +500,25 @@ mod tests {
         );
         let added = rewrite_headers(b"From: a\r\n", "[SPAM] {subject}");
         assert_eq!(added, b"Subject: [SPAM] \r\nFrom: a\r\n");
+    }
+
+    /// Found by fuzz/fuzz_targets/scan_headers.rs.
+    #[test]
+    fn the_rewrite_keeps_the_body_and_the_other_headers() {
+        let rewrite = |msg: &[u8]| {
+            let mut r = SubjectRewrite::new("[SPAM] {subject}".into());
+            let mut out = r.feed(msg);
+            out.extend(r.finish());
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        // A Subject as the last header gained a second empty line: the
+        // body started with one more line than was sent.
+        assert_eq!(rewrite(b"From: a\r\nSubject: hi\r\n\r\nbody"), "From: a\r\nSubject: [SPAM] hi\r\n\r\nbody");
+        // No header section at all: a Subject line in the body is body.
+        assert_eq!(rewrite(b"\r\nSubject: b\r\n\r\n"), "Subject: [SPAM] \r\n\r\nSubject: b\r\n\r\n");
+        // A character across the 8th byte panicked (`line[..8]`).
+        assert_eq!(rewrite("Subjecté x\r\n\r\n".as_bytes()), "Subject: [SPAM] \r\nSubjecté x\r\n\r\n");
+        // The placeholder the rewrite used could be sent in a header.
+        assert_eq!(rewrite(b"X: \0SUBJECT\0\r\nSubject: a\r\n\r\n"), "X: \0SUBJECT\0\r\nSubject: [SPAM] a\r\n\r\n");
     }
 }

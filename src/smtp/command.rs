@@ -140,7 +140,8 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
 
 /// `FROM:<a>` / `FROM: <a>` (the space is tolerated as Postfix does).
 fn strip_keyword<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
-    if rest.len() < keyword.len() || !rest[..keyword.len()].eq_ignore_ascii_case(keyword) {
+    // `get`: the bytes at the keyword's end may be inside a UTF-8 character.
+    if !rest.get(..keyword.len()).is_some_and(|p| p.eq_ignore_ascii_case(keyword)) {
         return None;
     }
     Some(rest[keyword.len()..].trim_start())
@@ -210,6 +211,13 @@ mod tests {
         assert!(parse(b"BDAT 99999999999999999999999").is_err());
         assert_eq!(parse(b"MAIL FROM:<>").unwrap(), Command::Mail { path: "<>".into(), params: vec![] });
         assert!(parse(b"MAIL TO:<a@b>").is_err());
+    }
+
+    #[test]
+    fn a_character_across_the_keyword_end_is_a_syntax_error() {
+        // Found by fuzz/fuzz_targets/smtp_command.rs: slicing panicked here.
+        assert_eq!(parse("RCPT TOˮU".as_bytes()), Err(CommandError::Syntax("RCPT TO:<address>")));
+        assert_eq!(parse("MAIL FROMé:<a@b>".as_bytes()), Err(CommandError::Syntax("MAIL FROM:<address>")));
     }
 
     #[test]

@@ -123,22 +123,10 @@ impl RedisBody {
     }
 
     fn invocation<'a>(&'a self, env: &Envelope, stage: bool) -> Result<redis::ScriptInvocation<'a>, SpoolError> {
-        let recipients = serde_json::to_string(&env.recipients).map_err(|e| unavailable("enqueue", e))?;
-        let fields: [(&str, String); 13] = [
-            ("id", env.id.to_string()),
-            ("sender", env.sender.clone()),
-            ("recipients", recipients),
-            ("client_ip", env.client_ip.clone()),
-            ("client_name", env.client_name.clone()),
-            ("helo", env.helo.clone()),
-            ("received_at", env.received_at.to_string()),
-            ("size", self.written.to_string()),
-            ("node", env.node.clone()),
-            ("smtputf8", u8::from(env.smtputf8).to_string()),
-            ("eight_bit", u8::from(env.eight_bit).to_string()),
-            ("attempts", env.attempts.to_string()),
-            ("body", self.keys.body(&self.id)),
-        ];
+        // Stored with the size of what was written (SpoolBody::commit).
+        let env = Envelope { size: self.written, ..env.clone() };
+        let mut fields = env.to_fields().map_err(|e| unavailable("enqueue", e))?;
+        fields.push(("body", self.keys.body(&self.id)));
         let k = &self.keys;
         let mut inv = COMMIT.prepare_invoke();
         inv.key(k.tmp(&self.id)).key(k.body(&self.id)).key(k.msg(&self.id)).key(k.ready()).key(k.arrivals());
