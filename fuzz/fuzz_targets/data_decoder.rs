@@ -8,8 +8,8 @@
 //!   CRLF counting as the first CRLF), and only there; BDAT never ends.
 //! * The output is exactly the content undone of its stuffing: a dot that
 //!   starts a line (after CRLF; a bare CR or LF never starts one) is
-//!   dropped, every other byte kept, a bare LF rewritten to CRLF only when
-//!   asked; only a CR whose LF may still come is held back.
+//!   dropped, every other byte kept, a bare LF or bare CR rewritten to CRLF
+//!   only when asked; only a CR whose LF may still come is held back.
 //! * Fed in pieces, split anywhere, the decoder gives the same output and
 //!   the same end; so does the `Received:` count.
 //! * Relayed on, the content survives: what the delivery client's
@@ -75,8 +75,9 @@ fuzz_target!(|data: &[u8]| {
     // Relayed on: the delivery client's stuffing and our own decoder agree.
     if normalise {
         assert!(
-            finished.windows(2).all(|w| w[1] != b'\n' || w[0] == b'\r') && finished.first() != Some(&b'\n'),
-            "bare LF left after normalising"
+            finished.windows(2).all(|w| (w[1] != b'\n' || w[0] == b'\r') && (w[0] != b'\r' || w[1] == b'\n'))
+                && finished.first() != Some(&b'\n'),
+            "bare LF or CR left after normalising"
         );
         let mut sent = Vec::new();
         let mut stuffer = DotStuffer::default();
@@ -125,6 +126,18 @@ fn unstuff(content: &[u8], dots: bool, normalise: bool) -> Vec<u8> {
                 line_start = true;
             } else if normalise {
                 out.push(b'\r');
+            }
+        }
+        if b == b'\r' && normalise {
+            // A CR without its LF is bare; at the very end only BDAT LAST
+            // makes it one (DATA still waits for the LF).
+            let bare = match content.get(i + 1) {
+                Some(next) => *next != b'\n',
+                None => !dots,
+            };
+            if bare {
+                out.extend_from_slice(b"\r\n");
+                continue;
             }
         }
         out.push(b);
