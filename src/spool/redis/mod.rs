@@ -584,15 +584,7 @@ impl Spool for RedisSpool {
                 let mut values = reply.into_iter().map(|v| redis::from_redis_value::<String>(v).unwrap_or_default());
                 let next = values.next().unwrap_or_else(|| "0-0".into());
                 let rest: Vec<String> = values.collect();
-                for t in rest.chunks_exact(3) {
-                    taken.push(Lease {
-                        id: QueueId::from(t[1].clone()),
-                        shard,
-                        entry: t[0].clone(),
-                        owner: consumer.into(),
-                        generation: t[2].parse().unwrap_or(0),
-                    });
-                }
+                taken.extend(claimed_leases(&rest, shard, consumer));
                 let wrapped = next == "0-0";
                 self.cursors.lock().unwrap_or_else(|e| e.into_inner())[shard as usize] = next;
                 if wrapped {
@@ -621,15 +613,7 @@ impl Spool for RedisSpool {
                 inv.arg(entry);
             }
             let reply: Vec<String> = healing!(self, "reclaim", self.script(&inv))?;
-            for t in reply.chunks_exact(3) {
-                taken.push(Lease {
-                    id: QueueId::from(t[1].clone()),
-                    shard,
-                    entry: t[0].clone(),
-                    owner: consumer.into(),
-                    generation: t[2].parse().unwrap_or(0),
-                });
-            }
+            taken.extend(claimed_leases(&reply, shard, consumer));
         }
         Ok(taken)
     }
@@ -880,4 +864,18 @@ impl Spool for RedisSpool {
         }
         Ok(audit)
     }
+}
+
+/// The leases TAKEOVER and RECLAIM answer with: entry, id, generation each.
+fn claimed_leases(triples: &[String], shard: u32, owner: &str) -> Vec<Lease> {
+    triples
+        .chunks_exact(3)
+        .map(|t| Lease {
+            id: QueueId::from(t[1].clone()),
+            shard,
+            entry: t[0].clone(),
+            owner: owner.into(),
+            generation: t[2].parse().unwrap_or(0),
+        })
+        .collect()
 }

@@ -60,3 +60,24 @@ local function unindex(base, msg, id)
   end
   redis.call('HDEL', msg, 'dests')
 end
+
+-- An entry just claimed (XAUTOCLAIM, XCLAIM) with its fields: when it is
+-- its message's live entry, appends entry, id and delivery count to
+-- `out`; otherwise (message gone, or a stale second entry) drops it.
+local function keep_claimed(ready, base, entry, fields, out)
+  local id = nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'id' then id = fields[i + 1] end
+  end
+  local msg = base .. 'msg:' .. (id or '')
+  local live = id and redis.call('HGET', msg, 'entry')
+  if id and redis.call('EXISTS', msg) == 1 and (live == false or live == entry) then
+    local p = redis.call('XPENDING', ready, GROUP, entry, entry, 1)
+    table.insert(out, entry)
+    table.insert(out, id)
+    table.insert(out, p[1][4])
+  else
+    redis.call('XACK', ready, GROUP, entry)
+    redis.call('XDEL', ready, entry)
+  end
+end

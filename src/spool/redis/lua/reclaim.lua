@@ -16,21 +16,7 @@ for _, p in ipairs(pending) do
     local claimed = redis.call('XCLAIM', KEYS[1], GROUP, ARGV[1], 0, entry)
     local e = claimed[1]
     if type(e) == 'table' then
-      local fields, id = e[2], nil
-      for i = 1, #fields, 2 do
-        if fields[i] == 'id' then id = fields[i + 1] end
-      end
-      local msg = ARGV[3] .. 'msg:' .. (id or '')
-      local live = id and redis.call('HGET', msg, 'entry')
-      if id and redis.call('EXISTS', msg) == 1 and (live == false or live == entry) then
-        local q = redis.call('XPENDING', KEYS[1], GROUP, entry, entry, 1)
-        table.insert(out, entry)
-        table.insert(out, id)
-        table.insert(out, q[1][4])
-      else
-        redis.call('XACK', KEYS[1], GROUP, entry)
-        redis.call('XDEL', KEYS[1], entry)
-      end
+      keep_claimed(KEYS[1], ARGV[3], entry, e[2], out)
     else
       -- The entry is gone from the stream: nothing to deliver.
       redis.call('XACK', KEYS[1], GROUP, entry)
