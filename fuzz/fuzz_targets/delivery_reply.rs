@@ -7,8 +7,7 @@
 //! Asserts: a line parses exactly when it starts with three digits from
 //! 200 to 599, its continuation mark is the fourth byte `-`, its text has
 //! no line ending; a reply's code is its last line's; the enhanced status
-//! is always `class.subject.detail` digits, of the reply's own class when
-//! derived; EHLO keywords are case-insensitive and SIZE is the number that
+//! is always `class.subject.detail` digits of the reply's own class; EHLO keywords are case-insensitive and SIZE is the number that
 //! follows it.
 #![no_main]
 
@@ -64,6 +63,7 @@ fn check_reply(reply: RemoteReply) {
         parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())),
         "{enhanced:?}"
     );
+    assert_eq!(parts[0], (reply.code / 100).to_string(), "{enhanced:?} for {}", reply.code);
     if reply.text.split_whitespace().next() != Some(enhanced.as_str()) {
         assert_eq!(enhanced, format!("{}.0.0", reply.code / 100));
     }

@@ -6,7 +6,8 @@
 //! looks like one from its first bytes; a header built from addresses and
 //! ports parses to exactly the source address and port sent (never the
 //! destination's, ports in network order), whatever TLVs follow; v1
-//! `UNKNOWN` and v2 `LOCAL` leave the socket's address (`Local`).
+//! `UNKNOWN`, v2 `LOCAL` and v2 `PROXY` with an unspecified family leave
+//! the socket's address (`Local`).
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -79,6 +80,12 @@ fn v2(parts: &[u8]) {
     assert!(looks_like_header(&h));
     let want = if local { Proxied::Local } else { Proxied::Client(src) };
     assert_eq!(parse(&h), Ok(want), "{h:?}");
+
+    let mut unspec = V2_SIGNATURE.to_vec();
+    unspec.extend_from_slice(&[0x21, 0x00]);
+    unspec.extend_from_slice(&(tlvs.len() as u16).to_be_bytes());
+    unspec.extend_from_slice(tlvs);
+    assert_eq!(parse(&unspec), Ok(Proxied::Local), "{unspec:?}");
 }
 
 fn take<const N: usize>(bytes: &[u8]) -> Option<&[u8]> {

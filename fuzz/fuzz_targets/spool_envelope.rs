@@ -6,7 +6,8 @@
 //! Asserts: decoding never panics; a hash decodes only with an `id`, a
 //! `recipients` JSON list and numeric `received_at`/`size`, and gives
 //! back what it was given (id, sender, recipients with their states,
-//! flags as `1`); an envelope that decoded, written back with the commit's
+//! flags as `1`, a stored attempt count clamped to `u32`, never wrapped);
+//! an envelope that decoded, written back with the commit's
 //! encoder (and the operator's `held`/`bounce` flags), decodes to the same
 //! envelope; the JSON form round-trips too, as does the recipients list.
 #![no_main]
@@ -38,6 +39,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(env.recipients, recipients);
     assert_eq!(env.smtputf8, fields.get("smtputf8").is_some_and(|v| v == "1"));
     assert_eq!(env.held, fields.get("held").is_some_and(|v| v == "1"));
+    if let Some(n) = fields.get("attempts").and_then(|v| v.parse::<i64>().ok()) {
+        assert_eq!(i64::from(env.attempts), n.clamp(0, i64::from(u32::MAX)), "attempts {n}");
+    }
     round_trip(&env);
 });
 

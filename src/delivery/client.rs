@@ -55,9 +55,13 @@ impl RemoteReply {
     /// The enhanced status code in the reply, or one derived from the class.
     pub fn enhanced(&self) -> String {
         let first = self.text.split_whitespace().next().unwrap_or("");
+        let class = self.code / 100;
+        // RFC 3463: the class must be 2, 4 or 5 and agree with the reply's
+        // first digit; a "550 2.0.0" keeps its 5 and gets 5.0.0.
         let looks_enhanced = first.split('.').count() == 3
-            && first.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        if looks_enhanced { first.to_string() } else { format!("{}.0.0", self.code / 100) }
+            && first.split('.').all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && first.split('.').next() == Some(class.to_string().as_str());
+        if looks_enhanced { first.to_string() } else { format!("{class}.0.0") }
     }
 }
 
@@ -692,5 +696,9 @@ mod tests {
         assert_eq!(r.enhanced(), "5.1.1");
         let r = RemoteReply { code: 451, text: "try later".into() };
         assert_eq!(r.enhanced(), "4.0.0");
+        let r = RemoteReply { code: 550, text: "2.0.0 nonsense".into() };
+        assert_eq!(r.enhanced(), "5.0.0", "a class that disagrees with the code is not used");
+        let r = RemoteReply { code: 452, text: "4.5.3 too many".into() };
+        assert_eq!(r.enhanced(), "4.5.3");
     }
 }

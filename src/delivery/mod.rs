@@ -472,7 +472,7 @@ impl Delivery {
             fates.extend(idxs.iter().copied().zip(group_fates));
         }
         METRICS.delivery_duration_seconds.observe(started.elapsed().as_secs_f64());
-        env.attempts += 1;
+        env.attempts = env.attempts.saturating_add(1);
         let age = Duration::from_millis((chrono::Utc::now().timestamp_millis() - env.received_at).max(0) as u64);
         let expired = age > self.config.delivery.max_queue_lifetime;
         let mut bounced = Vec::new();

@@ -381,33 +381,62 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The header section with its Subject replaced (or added when absent).
+/// Bytes in, bytes out: headers that are not UTF-8 (raw 8-bit, as old
+/// clients send) pass unchanged, and so does the original subject text.
 fn rewrite_headers(headers: &[u8], template: &str) -> Vec<u8> {
-    let text = String::from_utf8_lossy(headers);
-    let mut out = String::with_capacity(text.len() + template.len());
-    let mut original = None;
+    let mut out = Vec::with_capacity(headers.len() + template.len() + 11);
+    let mut original: Option<Vec<u8>> = None;
     // Where the new Subject goes: in the old one's place, else first. (A
     // position, not a marker string, which the headers could contain.)
     let mut at = 0;
     let mut skipping = false;
-    for line in text.split_inclusive("\r\n") {
-        let continuation = line.starts_with([' ', '\t']);
+    for line in split_inclusive_crlf(headers) {
+        let continuation = line.first().is_some_and(|b| matches!(b, b' ' | b'\t'));
+        let value = line.strip_suffix(b"\r\n").unwrap_or(line);
         if skipping && continuation {
-            original = original.map(|o: String| o + line.trim_end_matches("\r\n"));
+            if let Some(o) = original.as_mut() {
+                o.extend_from_slice(value);
+            }
             continue;
         }
         skipping = false;
-        // Bytes, not `line[..8]`: the 8th byte may be inside a character.
-        if original.is_none() && line.as_bytes().get(..8).is_some_and(|p| p.eq_ignore_ascii_case(b"subject:")) {
-            original = Some(line[8..].trim_end_matches("\r\n").trim_start().to_string());
+        if original.is_none() && line.get(..8).is_some_and(|p| p.eq_ignore_ascii_case(b"subject:")) {
+            original = Some(value[8..].trim_ascii_start().to_vec());
             skipping = true;
             at = out.len();
             continue;
         }
-        out.push_str(line);
+        out.extend_from_slice(line);
     }
-    let new = template.replace("{subject}", original.as_deref().unwrap_or(""));
-    out.insert_str(at, &format!("Subject: {}\r\n", new.replace(['\r', '\n'], " ")));
-    out.into_bytes()
+    let mut subject = b"Subject: ".to_vec();
+    let mut parts = template.split("{subject}");
+    subject.extend_from_slice(parts.next().unwrap_or("").as_bytes());
+    for part in parts {
+        subject.extend_from_slice(original.as_deref().unwrap_or(b""));
+        subject.extend_from_slice(part.as_bytes());
+    }
+    for b in &mut subject {
+        if matches!(*b, b'\r' | b'\n') {
+            *b = b' ';
+        }
+    }
+    subject.extend_from_slice(b"\r\n");
+    out.splice(at..at, subject);
+    out
+}
+
+/// Lines with their CRLF (the last one may have none).
+fn split_inclusive_crlf(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = find(rest, b"\r\n").map_or(rest.len(), |i| i + 2);
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        Some(line)
+    })
 }
 
 #[cfg(test)]
@@ -518,6 +547,12 @@ mod tests {
         assert_eq!(rewrite(b"\r\nSubject: b\r\n\r\n"), "Subject: [SPAM] \r\n\r\nSubject: b\r\n\r\n");
         // A character across the 8th byte panicked (`line[..8]`).
         assert_eq!(rewrite("Subjecté x\r\n\r\n".as_bytes()), "Subject: [SPAM] \r\nSubjecté x\r\n\r\n");
+        // Raw 8-bit headers (Latin-1 here) and subject text pass unchanged,
+        // where they used to become U+FFFD.
+        let mut r = SubjectRewrite::new("[SPAM] {subject}".into());
+        let mut out = r.feed(b"From: J\xf6rg\r\nSubject: Gr\xfc\xdfe\r\n\r\nb");
+        out.extend(r.finish());
+        assert_eq!(out, b"From: J\xf6rg\r\nSubject: [SPAM] Gr\xfc\xdfe\r\n\r\nb");
         // The placeholder the rewrite used could be sent in a header.
         assert_eq!(rewrite(b"X: \0SUBJECT\0\r\nSubject: a\r\n\r\n"), "X: \0SUBJECT\0\r\nSubject: [SPAM] a\r\n\r\n");
     }

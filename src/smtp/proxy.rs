@@ -27,7 +27,9 @@ pub enum Proxied {
     /// Relayed for this client.
     Client(SocketAddr),
     /// The balancer's own connection (v2 LOCAL, v1 UNKNOWN), e.g. a health
-    /// check: the socket's address stands.
+    /// check, or a relayed one whose family the balancer left unspecified
+    /// (v2 PROXY with AF_UNSPEC, which receivers must accept): the socket's
+    /// address stands, as in Postfix.
     Local,
 }
 
@@ -57,7 +59,7 @@ pub fn parse(header: &[u8]) -> Result<Proxied, ProxyError> {
             v1::Addresses::Unknown => Proxied::Local,
         }),
         HeaderResult::V2(Ok(h)) => match (h.command, h.addresses) {
-            (v2::Command::Local, _) => Ok(Proxied::Local),
+            (v2::Command::Local, _) | (v2::Command::Proxy, v2::Addresses::Unspecified) => Ok(Proxied::Local),
             (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
                 Ok(Proxied::Client((a.source_address, a.source_port).into()))
             }
@@ -143,6 +145,12 @@ mod tests {
         let addrs = [192, 0, 2, 9, 127, 0, 0, 1, 0x9c, 0x40, 0, 25];
         assert_eq!(parse(&v2(1, 0x11, &addrs)), Ok(Proxied::Client("192.0.2.9:40000".parse().unwrap())));
         assert_eq!(parse(&v2(0, 0x00, &[])), Ok(Proxied::Local));
+        // PROXY with AF_UNSPEC: "the receiver must accept this connection
+        // as valid and must use the real connection endpoints".
+        assert_eq!(parse(&v2(1, 0x00, &[])), Ok(Proxied::Local));
+        // A UNIX socket's path is no client address: refused, by name.
+        let unix = parse(&v2(1, 0x31, &[0; 216])).unwrap_err();
+        assert!(unix.to_string().contains("unsupported address family"), "{unix}");
         assert!(parse(&v2(1, 0x11, &addrs[..4])).is_err());
     }
 

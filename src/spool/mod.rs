@@ -118,7 +118,8 @@ impl Envelope {
             node: get("node"),
             smtputf8: get("smtputf8") == "1",
             eight_bit: get("eight_bit") == "1",
-            attempts: num("attempts").unwrap_or(0) as u32,
+            // Stored by us as a u32; anything outside is clamped, not wrapped.
+            attempts: num("attempts").map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)),
             held: get("held") == "1",
             bounce_requested: get("bounce") == "1",
         })
@@ -482,5 +483,16 @@ mod tests {
         let mut fields = stored(&envelope(1));
         fields.insert("size".into(), "-831".into());
         assert_eq!(Envelope::from_fields(&fields), None);
+    }
+
+    /// A stored attempt count beyond `u32` (only a hand-edited or foreign
+    /// hash has one) is clamped, not wrapped back to a first attempt.
+    #[test]
+    fn an_oversized_attempt_count_is_clamped() {
+        let mut fields = stored(&envelope(1));
+        for (raw, read) in [("4294967301", u32::MAX), ("-4", 0), ("7", 7)] {
+            fields.insert("attempts".into(), raw.into());
+            assert_eq!(Envelope::from_fields(&fields).unwrap().attempts, read, "{raw}");
+        }
     }
 }
