@@ -140,9 +140,8 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
     assert!(s["oldest_received_at"].is_i64(), "{out}");
     let (ok, out) = queue_cmd(&relay, &db, &["stats"]);
     assert!(ok && out.contains("deferred 3") && out.contains(&dest_key), "{out}");
-    let metrics = relay.http_get("/metrics");
-    assert!(metrics.contains("mxrelay_queue_messages{state=\"deferred\"} 3"), "{metrics}");
-    assert!(metrics.contains("mxrelay_queue_oldest_message_age_seconds"), "{metrics}");
+    assert_eq!(relay.value("mxrelay_queue_messages{state=\"deferred\"}"), 3.0);
+    assert!(relay.value("mxrelay_queue_oldest_message_age_seconds") >= 0.0);
 
     let (_, out) = queue_cmd(&relay, &db, &["list", "--state", "deferred", "--json"]);
     assert_eq!(json(&out).as_array().unwrap().len(), 3, "{out}");

@@ -226,8 +226,7 @@ fn sessions_are_reused_for_the_next_message_to_the_same_destination() {
         dest.wait_for(i + 1, Duration::from_secs(20));
     }
     assert!(dest.connections() < 5, "{} connections for 5 messages", dest.connections());
-    let metrics = c.relays[0].http_get("/metrics");
-    assert!(metrics.contains("mxrelay_delivery_connections_reused_total"), "{metrics}");
+    assert!(c.relays[0].value("mxrelay_delivery_connections_reused_total") >= 1.0);
 }
 
 #[test]

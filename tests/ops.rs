@@ -32,9 +32,9 @@ fn metrics_count_a_known_workload_exactly() {
     ];
     // The start-up port probe is a connection too: let it be counted first.
     wait_until("probe counted", Duration::from_secs(10), || {
-        relay.metric("mxrelay_smtp_connections_total") >= 1.0 && relay.metric("mxrelay_smtp_connections_active") == 0.0
+        relay.value("mxrelay_smtp_connections_total") >= 1.0 && relay.value("mxrelay_smtp_connections_active") == 0.0
     });
-    let before: Vec<f64> = samples.iter().map(|s| relay.metric(s)).collect();
+    let before: Vec<f64> = samples.iter().map(|s| relay.value(s)).collect();
     // 3 messages (4 accepted recipients), 2 relay-denied recipients, 1 too big: 4 sessions.
     swaks(&relay.addr(), &["--from", SENDER, "--to", "a@friet.pan,x@other.example", "--helo", "client.example"]);
     swaks(&relay.addr(), &["--from", SENDER, "--to", "b@friet.pan,c@friet.pan", "--helo", "client.example"]);
@@ -43,12 +43,12 @@ fn metrics_count_a_known_workload_exactly() {
     swaks(&relay.addr(), &["--from", SENDER, "--to", "e@friet.pan", "--helo", "client.example", "--body", &big]);
     sink.wait_for(3, Duration::from_secs(20));
     wait_until("delivery counted", Duration::from_secs(10), || {
-        relay.metric("mxrelay_delivery_recipients_total{result=\"delivered\"}") - before[6] >= 4.0
+        relay.value("mxrelay_delivery_recipients_total{result=\"delivered\"}") - before[6] >= 4.0
     });
-    let after: Vec<f64> = samples.iter().map(|s| relay.metric(s)).collect();
+    let after: Vec<f64> = samples.iter().map(|s| relay.value(s)).collect();
     let delta: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(delta, vec![4.0, 3.0, 1.0, 5.0, 2.0, 4.0, 4.0, 4.0, 3.0, 3.0], "{samples:?}");
-    assert!(relay.metric("mxrelay_smtp_received_bytes_total") > 0.0);
+    assert!(relay.value("mxrelay_smtp_received_bytes_total") > 0.0);
 }
 
 #[test]

@@ -291,7 +291,7 @@ impl Fleet {
 
     /// Sum of one metric sample over `nodes` (which must be running).
     pub fn metric(&self, nodes: &[usize], sample: &str) -> f64 {
-        nodes.iter().map(|i| self.nodes[*i].metric(sample)).sum()
+        nodes.iter().map(|i| self.nodes[*i].value(sample)).sum()
     }
 
     fn connection(&self) -> Option<redis::Connection> {
@@ -395,7 +395,7 @@ impl Fleet {
         while Instant::now() < deadline {
             let empty = self.queued() == Some(0);
             if empty
-                && live.iter().all(|i| self.nodes[*i].metric("mxrelay_delivery_destination_connections") == 0.0)
+                && live.iter().all(|i| self.nodes[*i].value("mxrelay_delivery_destination_connections") == 0.0)
                 && self.queued() == Some(0)
             {
                 return Some(Instant::now());

@@ -425,12 +425,19 @@ impl Relay {
     }
 
     /// The value of one sample in `/metrics` (0 when absent).
-    pub fn metric(&self, sample: &str) -> f64 {
+    /// One sample (`name` or `name{labels}` exactly as exported) from
+    /// `/metrics`; `None` when the node does not export it.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
         let text = self.http_get("/metrics");
         text.lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+            .map(|v| v.trim().parse().unwrap_or_else(|e| panic!("sample {sample}: {v:?}: {e}")))
+    }
+
+    /// A sample the node must export (known label values start at 0):
+    /// panics naming it when it is absent, rather than reading it as 0.
+    pub fn value(&self, sample: &str) -> f64 {
+        self.metric(sample).unwrap_or_else(|| panic!("{} exports no sample {sample}", self.addr()))
     }
 
     pub fn log_path(&self) -> PathBuf {
