@@ -607,6 +607,34 @@ pub fn queued_id(transcript: &str) -> Option<String> {
     transcript.lines().find_map(|l| l.split("queued as ").nth(1).map(|s| s.trim().to_string()))
 }
 
+/// A delivered message split into our `Received:` field (the first header
+/// with its continuation lines, CRLF included) and everything after it.
+/// Panics when the message does not start with a `Received:` field.
+pub fn split_our_received(data: &[u8]) -> (String, &[u8]) {
+    assert!(data.starts_with(b"Received: from "), "no Received: first: {:?}", String::from_utf8_lossy(data));
+    let mut end = 0;
+    while let Some(i) = data[end..].windows(2).position(|w| w == b"\r\n") {
+        end += i + 2;
+        if !matches!(data.get(end), Some(b' ' | b'\t')) {
+            break;
+        }
+    }
+    (String::from_utf8(data[..end].to_vec()).expect("our Received: is ASCII"), &data[end..])
+}
+
+/// Asserts that `data`, as a destination received it, is our `Received:`
+/// field for queue id `id` and then exactly `sent`, byte for byte.
+pub fn assert_relayed_exactly(data: &[u8], sent: &[u8], id: &str) {
+    let (received, rest) = split_our_received(data);
+    assert!(received.contains(&format!(" id {id}")), "{received}");
+    assert!(
+        rest == sent,
+        "relayed content differs from what was sent:\n{:?}\nsent:\n{:?}",
+        String::from_utf8_lossy(rest),
+        String::from_utf8_lossy(sent)
+    );
+}
+
 /// One whole (possibly multi-line) SMTP reply from `reader`; what was read
 /// up to EOF or an error otherwise.
 pub fn read_reply(reader: &mut impl BufRead) -> String {
