@@ -188,11 +188,16 @@ pub fn report(scenario: &str, t: &Tally, drain: Duration, extra: &str) {
 /// `len` bytes. `-A`: a 4xx (the node cannot reach Redis) does not stop the
 /// run; a refused or cut connection (the node is gone) does.
 pub fn inject(addr: &str, sessions: u32, messages: u32, len: usize) -> JoinHandle<Output> {
-    let addr = addr.to_string();
+    inject_to(addr, sessions, messages, len, RCPT)
+}
+
+/// [`inject`] with one recipient `rcpt` of the test's choosing.
+pub fn inject_to(addr: &str, sessions: u32, messages: u32, len: usize, rcpt: &str) -> JoinHandle<Output> {
+    let (addr, rcpt) = (addr.to_string(), rcpt.to_string());
     std::thread::spawn(move || {
         Command::new("/usr/sbin/smtp-source")
             .args(["-A", "-s", &sessions.to_string(), "-m", &messages.to_string(), "-l", &len.to_string()])
-            .args(["-S", &format!("{SUBJECT}{len}"), "-M", "client.example", "-f", SENDER, "-t", RCPT])
+            .args(["-S", &format!("{SUBJECT}{len}"), "-M", "client.example", "-f", SENDER, "-t", &rcpt])
             .arg(addr)
             .output()
             .expect("smtp-source (scripts/test.sh installs postfix)")
@@ -228,7 +233,9 @@ pub struct Fleet {
 impl Fleet {
     /// Everything but the nodes; `friet.pan` is relayed to 127.0.0.1:`dest_port`.
     pub fn prepare(dest_port: u16) -> Fleet {
-        let dns = Dns::start(&["sender.example", "client.example"], &[LISTED]);
+        // named.example resolves too, for a test that lists it (the relay
+        // answers 450 for a recipient domain without DNS).
+        let dns = Dns::start(&["sender.example", "client.example"], &[LISTED, "named.example"]);
         let db = TestDb::create(&MysqlServer::shared());
         db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
         db.add_domain(LISTED, "127.0.0.1", dest_port);
