@@ -271,7 +271,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 
 impl Metrics {
     /// Creates the label values dashboards and alerts rely on at 0, so a
-    /// series exists (and `rate()` works) before the first event.
+    /// series exists (and `rate()` works) before the first event: every
+    /// value README.md lists (tests/ops.rs checks that against a node).
     fn init_known_labels(&self) {
         let init = |vec: &IntCounterVec, values: &[&str]| {
             for v in values {
@@ -279,13 +280,40 @@ impl Metrics {
             }
         };
         init(&self.smtp_messages, &["accepted", "too_big", "bare_newline", "too_many_hops", "queue_error"]);
-        init(&self.smtp_rcpt, &["accepted", "relay_denied", "unknown_domain", "tempfail"]);
+        init(
+            &self.smtp_rcpt,
+            &[
+                "accepted",
+                "relay_denied",
+                "unknown_domain",
+                "non_fqdn",
+                "invalid_helo",
+                "tempfail",
+                "no_snapshot",
+                "syntax",
+                "too_many",
+            ],
+        );
         init(
             &self.smtp_connections_refused,
             &["node_limit", "ip_limit", "rate_limit", "early_talker", "proxy_untrusted"],
         );
+        init(
+            &self.smtp_sessions,
+            &[
+                "quit",
+                "disconnected",
+                "timeout",
+                "too_many_errors",
+                "early_talker",
+                "io_error",
+                "tls_failed",
+                "refused",
+                "shutdown",
+            ],
+        );
         init(&self.smtp_tls_handshakes, &["ok", "failed"]);
-        init(&self.smtp_auth, &["success", "failure", "tempfail", "rate_limited"]);
+        init(&self.smtp_auth, &["success", "failure", "tempfail", "aborted", "malformed", "rate_limited"]);
         init(&self.smtp_proxy_headers, &["accepted", "local", "invalid", "untrusted"]);
         init(&self.smtp_reserved_slots, &["mynetworks", "probation"]);
         init(

@@ -646,15 +646,15 @@ fn rendered_config_and_env_pass_mxrelay_check_config() {
         assert_eq!(toml_str(&effective, "smtp.listen"), "0.0.0.0:2525");
         assert_eq!(toml_at(&effective, "smtp.proxy_protocol").as_bool(), Some(sets.contains(&PROXY[0])));
 
-        // The migration Job's container: no file, the same Secret.
-        if let Some(job) = all_of(&objects, "Job").first() {
-            let out =
-                run(Command::new(env!("CARGO_BIN_EXE_mxrelay")).env_clear().arg("check-config").envs(resolve_env(
-                    container(job, "migrate"),
-                    &[("domains-url", FAKE_DOMAINS_URL), ("queue-url", FAKE_QUEUE_URL)],
-                )));
-            assert!(out.ok, "migration Job's environment {sets:?}:\n{}", out.stderr);
-        }
+        // The migration Job's container: no file, the same Secret. (On in
+        // every render here: migration.enabled defaults to true.)
+        let jobs = all_of(&objects, "Job");
+        assert_eq!(jobs.len(), 1, "one migration Job with {sets:?}");
+        let out = run(Command::new(env!("CARGO_BIN_EXE_mxrelay")).env_clear().arg("check-config").envs(resolve_env(
+            container(jobs[0], "migrate"),
+            &[("domains-url", FAKE_DOMAINS_URL), ("queue-url", FAKE_QUEUE_URL)],
+        )));
+        assert!(out.ok, "migration Job's environment {sets:?}:\n{}", out.stderr);
     }
 }
 

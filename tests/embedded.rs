@@ -161,7 +161,9 @@ fn readme_quickstart_with_no_configuration() {
         .stderr(std::fs::File::create(cwd.path().join("log")).unwrap())
         .spawn()
         .unwrap();
-    wait_until("listening", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", smtp)).is_ok());
+    wait_until("listening", Duration::from_secs(20), || {
+        [smtp, admin].iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+    });
     let log = std::fs::read_to_string(cwd.path().join("log")).unwrap();
     assert!(log.contains("data in ./mxrelay-data") && log.contains("mxrelay domains add"), "{log}");
     let out = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
@@ -171,7 +173,9 @@ fn readme_quickstart_with_no_configuration() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = Command::new("kill").args(["-HUP", &serve.id().to_string()]).status();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("the domain loaded", Duration::from_secs(10), || {
+        http_get(admin, "/metrics").lines().any(|l| l == "mxrelay_domains_snapshot_size 1")
+    });
     let (code, out) =
         swaks(&format!("127.0.0.1:{smtp}"), &["--from", "you@example.net", "--to", "someone@example.org"]);
     assert_eq!(code, 0, "{out}");

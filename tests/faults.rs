@@ -33,17 +33,41 @@ fn mariadb_outage_keeps_the_last_snapshot() {
     wait_until("listed", Duration::from_secs(15), || rcpt_reply(&relay, "t@friet.pan").starts_with("250"));
     assert!(rcpt_reply(&relay, "t@other.example").starts_with("454 4.7.1"));
 
+    let errors = relay.value("mxrelay_database_errors_total");
     maria.stop();
     wait_until("refresh failure noticed", Duration::from_secs(20), || {
         rcpt_reply(&relay, "t@other.example").starts_with("451 4.3.0")
     });
     assert!(rcpt_reply(&relay, "t@friet.pan").starts_with("250 2.1.5"), "known domain must keep working");
     assert!(send(&relay).starts_with("250 2.0.0 Ok: queued as"));
+    // What an operator sees: failed refreshes counted, the snapshot aging
+    // past domains.refresh (1 s here).
+    assert!(relay.value("mxrelay_database_errors_total") > errors);
+    wait_until("snapshot older than 3 refresh intervals", Duration::from_secs(20), || {
+        relay.value("mxrelay_domains_snapshot_age_seconds") >= 3.0
+    });
 
     maria.resume();
     wait_until("database back", Duration::from_secs(30), || {
         rcpt_reply(&relay, "t@other.example").starts_with("454 4.7.1")
     });
+    wait_until("snapshot fresh again", Duration::from_secs(10), || {
+        relay.value("mxrelay_domains_snapshot_age_seconds") < 3.0
+    });
+}
+
+#[test]
+fn a_dns_outage_is_a_451_4_4_3_and_counted() {
+    let mut w = World::start();
+    let errors = w.relay.value("mxrelay_dns_errors_total");
+    w.dns.stop();
+    // A sender domain the node has not looked up (and cached) before.
+    let mut c = Raw::ehlo(&w.relay.addr());
+    assert!(c.cmd("MAIL FROM:<a@uncached.example>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<t@friet.pan>");
+    assert!(r.starts_with("451 4.4.3 <a@uncached.example>: Sender address rejected: Temporary DNS lookup failure"), "{r}");
+    assert!(w.relay.value("mxrelay_dns_errors_total") > errors);
+    assert!(w.relay.log().contains("DNS lookup failed; deferring"));
 }
 
 #[test]
@@ -71,11 +95,13 @@ fn redis_outage_gives_451_never_250_and_recovers_without_restart() {
     wait_until("listed", Duration::from_secs(15), || rcpt_reply(&relay, "t@friet.pan").starts_with("250"));
     assert!(send(&relay).starts_with("250 2.0.0"));
 
+    let errors = relay.value("mxrelay_queue_errors_total{op=\"enqueue\"}");
     redis.stop();
     for _ in 0..3 {
         let r = send(&relay);
         assert!(r.starts_with("451 4.3.0"), "{r}");
     }
+    assert!(relay.value("mxrelay_queue_errors_total{op=\"enqueue\"}") >= errors + 3.0);
     assert!(relay.http_get("/readyz").starts_with("HTTP/1.1 503"));
 
     redis.resume();

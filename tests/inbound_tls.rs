@@ -6,8 +6,9 @@
 
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::pki::{TestPki, TlsClient};
@@ -45,26 +46,52 @@ fn users(w: &World, args: &[&str], stdin: &str) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-/// `openssl s_client` with `args`, sending `input`; returns its output.
+/// `openssl s_client` with `args`, sending `input`; returns its output
+/// once the server closed the connection (input ending in QUIT) or
+/// s_client gave up (a failed verification). `-ign_eof`: s_client keeps
+/// reading replies after our input ends, however long they take. On the
+/// implicit-TLS port the input waits for the greeting (a client that talks
+/// first is refused); with `-starttls`, s_client reads it only once TLS is
+/// up, after its own EHLO exchange.
 fn s_client(args: &[&str], input: &str) -> String {
     let mut child = Command::new("openssl")
         .arg("s_client")
+        .arg("-ign_eof")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("openssl (scripts/test.sh installs it)");
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|mut pipe| {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                output.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    })
+    .collect();
+    let text = || String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
     let mut stdin = child.stdin.take().unwrap();
-    // After the greeting: a client that talks first is refused.
-    std::thread::sleep(Duration::from_millis(300));
+    if !args.contains(&"-starttls") {
+        wait_until("the greeting, or s_client giving up", Duration::from_secs(20), || {
+            text().contains("220 ") || child.try_wait().ok().flatten().is_some()
+        });
+    }
     // s_client may already have given up (a failed verification).
     let _ = stdin.write_all(input.as_bytes());
-    // Let the replies arrive before closing our side.
-    std::thread::sleep(Duration::from_millis(700));
     drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    wait_until("s_client to finish", Duration::from_secs(30), || child.try_wait().ok().flatten().is_some());
+    readers.into_iter().for_each(|r| r.join().unwrap());
+    text()
 }
 
 #[test]
@@ -187,7 +214,8 @@ fn auth_plain_and_login_let_a_user_relay_and_nobody_else() {
 fn failed_auth_is_rate_limited_per_client() {
     let pki = TestPki::localhost();
     let w = world(&pki, &[("MXRELAY_SMTP_AUTH_FAILURE_LIMIT", "2".into())]);
-    users(&w, &["add", "bob"], "pw\n");
+    let (ok, out) = users(&w, &["add", "bob"], "pw\n");
+    assert!(ok, "{out}");
     let tls_session = || {
         let mut c = Raw::ehlo(&w.relay.addr());
         assert!(c.cmd("STARTTLS").starts_with("220"));

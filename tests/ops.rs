@@ -237,3 +237,61 @@ fn mail_log_in_json_carries_the_queue_id() {
     assert_eq!(accepted.len(), 1, "one 'queue active' event");
     assert!(accepted[0]["fields"]["message"].as_str().unwrap().contains("from=<sender@sender.example>, size="));
 }
+
+/// A label's name and the values the README lists for it.
+type LabelValues = (String, Vec<String>);
+
+/// The metrics README.md's Operations section promises: every name, and
+/// for a metric with one label every value listed after it in
+/// parentheses, e.g. `` `mxrelay_smtp_rcpt_total{result}` (accepted, …) ``.
+fn readme_metrics() -> Vec<(String, Option<LabelValues>)> {
+    let readme = include_str!("../README.md");
+    let start = readme.find("* **Metrics** on").expect("the README's metrics list");
+    let section = &readme[start..];
+    let section = &section[..section[2..].find("\n* **").map_or(section.len(), |e| e + 2)];
+    let mut out = Vec::new();
+    for (i, _) in section.match_indices("`mxrelay_") {
+        let rest = &section[i + 1..];
+        let Some(end) = rest.find('`') else { continue };
+        let name = &rest[..end];
+        let (metric, label) = match name.split_once('{') {
+            Some((m, l)) => (m, Some(l.trim_end_matches('}'))),
+            None => (name, None),
+        };
+        let after = rest[end + 1..].trim_start();
+        let values = match label {
+            Some(l) if !l.contains(',') && after.starts_with('(') => {
+                let list = &after[1..after.find(')').expect("closing parenthesis")];
+                let values: Vec<String> = list.split(',').map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+                // A prose remark in parentheses is not a list of values.
+                values.iter().all(|v| v.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')).then(|| (l.to_string(), values))
+            }
+            _ => None,
+        };
+        out.push((metric.to_string(), values));
+    }
+    out
+}
+
+#[test]
+fn every_metric_the_readme_lists_is_exported_with_its_label_values() {
+    let w = World::start_with(&[("MXRELAY_DELIVERY_ENABLED", "true")]);
+    let exported = w.relay.http_get("/metrics");
+    let promised = readme_metrics();
+    assert!(promised.len() >= 40, "the README list was not found whole: {promised:?}");
+    let mut missing = Vec::new();
+    for (metric, values) in &promised {
+        if !exported.lines().any(|l| l.starts_with(&format!("# TYPE {metric} "))) {
+            missing.push(metric.clone());
+        }
+        for (label, values) in values.iter() {
+            for v in values {
+                let sample = format!("{metric}{{{label}=\"{v}\"}}");
+                if !exported.lines().any(|l| l.starts_with(&format!("{sample} "))) {
+                    missing.push(sample);
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "promised by the README, not exported by a fresh node: {missing:?}");
+}

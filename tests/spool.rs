@@ -162,5 +162,16 @@ async fn redis_spool() {
 async fn sqlite_spool() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("mxrelay.db").display());
-    behaves_like_a_spool(mxrelay::spool::open(&config(url, "mxr")).unwrap()).await;
+    behaves_like_a_spool(mxrelay::spool::open(&config(url.clone(), "mxr")).unwrap()).await;
+    // Only the big message is left, so only its chunks: the aborted body's
+    // are gone (as on Redis, above).
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let (orphans,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM queue_bodies WHERE id NOT IN (SELECT id FROM queue_messages)")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(orphans, 0, "aborted chunks left");
+    let (kept,): (i64,) = sqlx::query_as("SELECT COUNT(DISTINCT id) FROM queue_bodies").fetch_one(&db).await.unwrap();
+    assert_eq!(kept, 1, "the big message's chunks");
 }

@@ -542,7 +542,7 @@ async fn wait_for_replicas_has_its_own_connection_and_refused_mail_is_withdrawn(
     let mut replica = RedisServer::replica_of(&primary);
     let spool = private_spool(&primary, |c| {
         c.min_replicas_ack = 1;
-        c.replicas_ack_timeout = Duration::from_secs(2);
+        c.replicas_ack_timeout = Duration::from_secs(5);
     });
     spool.prepare().await.unwrap();
     wait_until("replica in sync", Duration::from_secs(20), || {
@@ -565,11 +565,21 @@ async fn wait_for_replicas_has_its_own_connection_and_refused_mail_is_withdrawn(
             })
         })
         .collect();
-    // While ten commits wait for a replica, the rest of the node's traffic
-    // does not wait behind them.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // While ten commits wait for a replica (blocked in WAIT, as Redis counts
+    // them), the rest of the node's traffic does not wait behind them.
+    let blocked = || {
+        let info = format!("{:?}", redis_cmd(&primary, &["INFO", "clients"]));
+        info.split("blocked_clients:").nth(1).and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok())
+    };
+    // (Polled with an async sleep: the commits run on this runtime.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while blocked() != Some(10) {
+        assert!(std::time::Instant::now() < deadline, "ten commits never waited for the replica: {:?}", blocked());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     spool.ping().await.unwrap();
     spool.stats(false).await.unwrap();
+    assert_eq!(blocked(), Some(10), "the commits are still waiting for their replica");
     assert!(commits.iter().all(|c| !c.is_finished()), "the commits are still waiting for their replica");
     for c in commits {
         assert!(matches!(c.await.unwrap(), Err(SpoolError::NotReplicated { wanted: 1, got: 0 })));

@@ -258,6 +258,22 @@ impl Drop for RedisServer {
     }
 }
 
+/// Whether a DNS server on 127.0.0.1:`port` answers a query (for
+/// `ready.test`, type A) within 200 ms.
+fn dns_answers(port: u16) -> bool {
+    let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else { return false };
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut query = vec![0x4d, 0x58, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["ready", "test"] {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut reply = [0u8; 512];
+    socket.send_to(&query, ("127.0.0.1", port)).is_ok()
+        && matches!(socket.recv(&mut reply), Ok(n) if n >= 12 && reply[..2] == query[..2] && reply[2] & 0x80 != 0)
+}
+
 /// A DNS server on loopback (dnsmasq) serving the tests' own names.
 /// Everything not configured is answered NXDOMAIN.
 pub struct Dns {
@@ -273,32 +289,46 @@ impl Dns {
     }
 
     /// As [`Dns::start`], plus raw dnsmasq options (e.g. `--mx-host=…`).
+    /// Ready once it answers a query; started again on another port when
+    /// another test took this one between `free_port` and dnsmasq's bind.
     pub fn start_with(hosts: &[&str], mx: &[&str], extra: &[&str]) -> Dns {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut cmd = Command::new("/usr/sbin/dnsmasq");
-        cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
-            .args(["--listen-address=127.0.0.1", "--interface=lo", "--user=root"])
-            .arg(format!("--port={port}"))
-            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
-            .arg(format!("--log-facility={}", dir.path().join("log").display()));
-        for h in hosts {
-            cmd.arg(format!("--host-record={h},127.0.0.1"));
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let mut cmd = Command::new("/usr/sbin/dnsmasq");
+            cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+                .args(["--listen-address=127.0.0.1", "--interface=lo", "--user=root"])
+                .arg(format!("--port={port}"))
+                .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+                .arg(format!("--log-facility={}", dir.path().join("log").display()));
+            for h in hosts {
+                cmd.arg(format!("--host-record={h},127.0.0.1"));
+            }
+            for m in mx {
+                cmd.arg(format!("--mx-host={m},mx.{m},10"));
+                cmd.arg(format!("--host-record=mx.{m},127.0.0.1"));
+            }
+            cmd.args(extra);
+            // Everything else: authoritative "no such domain".
+            cmd.arg("--address=/#/");
+            let mut child =
+                cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("dnsmasq (scripts/test.sh installs it)");
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(10) {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let mut err = String::new();
+                    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                    assert!(err.contains("Address already in use"), "dnsmasq exited with {status}: {err}");
+                    break;
+                }
+                if dns_answers(port) {
+                    return Dns { port, _dir: dir, child };
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        for m in mx {
-            cmd.arg(format!("--mx-host={m},mx.{m},10"));
-            cmd.arg(format!("--host-record=mx.{m},127.0.0.1"));
-        }
-        cmd.args(extra);
-        // Everything else: authoritative "no such domain".
-        cmd.arg("--address=/#/");
-        let child =
-            cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq (scripts/test.sh installs it)");
-        wait_until("dnsmasq", Duration::from_secs(10), || {
-            std::net::UdpSocket::bind("127.0.0.1:0").is_ok() && dir.path().join("pid").exists()
-        });
-        std::thread::sleep(Duration::from_millis(100));
-        Dns { port, _dir: dir, child }
+        panic!("dnsmasq did not answer on three ports in a row");
     }
 
     pub fn addr(&self) -> String {
@@ -306,10 +336,17 @@ impl Dns {
     }
 }
 
-impl Drop for Dns {
-    fn drop(&mut self) {
+impl Dns {
+    /// Kills dnsmasq: every query to it then times out.
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -400,9 +437,11 @@ impl Relay {
             .spawn()
             .expect("mxrelay binary");
         self.child = Some(child);
-        let port = self.port;
+        // Ready once both listeners are bound: tests query the admin port
+        // (metrics, readiness) as soon as this returns.
+        let (port, admin) = (self.port, self.admin_port);
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", port)).is_err() || TcpStream::connect(("127.0.0.1", admin)).is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 // Another test took a port between `free_port` and the bind:
                 // a race of the harness, not of the relay; pick new ones.
@@ -424,7 +463,6 @@ impl Relay {
         std::fs::write(self.dir.path().join("mxrelay.toml"), config).unwrap();
     }
 
-    /// The value of one sample in `/metrics` (0 when absent).
     /// One sample (`name` or `name{labels}` exactly as exported) from
     /// `/metrics`; `None` when the node does not export it.
     pub fn metric(&self, sample: &str) -> Option<f64> {
@@ -468,11 +506,7 @@ impl Relay {
     }
 
     pub fn http_get(&self, path: &str) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
+        http_get(self.admin_port, path)
     }
 
     /// Runs `mxrelay ARGS…` with this node's configuration file and
@@ -498,8 +532,11 @@ impl Relay {
 }
 
 impl Drop for Relay {
+    /// Kills the node and removes its queue's keys from the shared Redis
+    /// (none there when it ran on a private one).
     fn drop(&mut self) {
         self.kill();
+        clear_shared_queue(&self.prefix);
         if std::thread::panicking() {
             eprintln!("--- mxrelay log ---\n{}", self.log());
         }
@@ -589,6 +626,16 @@ impl Queue {
         let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.prefix)).query(&mut self.conn).unwrap();
         keys.into_iter().filter(|k| k.contains(":tmp:")).collect()
     }
+}
+
+/// GET `path` from an admin listener on 127.0.0.1:`port`: the whole
+/// response, status line first.
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 /// `swaks` with the given arguments; returns (exit status, transcript).
@@ -756,11 +803,12 @@ pub fn clear_shared_queue(prefix: &str) {
 }
 
 /// The standard test world: DNS, a fresh database with one listed domain,
-/// and a relay on the shared Redis.
+/// and a relay on the shared Redis (or on one of the test's own).
 pub struct World {
     pub dns: Dns,
     pub db: TestDb,
     pub relay: Relay,
+    queue_url: String,
 }
 
 pub const LISTED: &str = "friet.pan";
@@ -773,13 +821,20 @@ impl World {
 
     /// `env`: `MXRELAY_*` overrides on top of the test configuration.
     pub fn start_with(env: &[(&str, &str)]) -> World {
+        Self::start_on(SHARED_REDIS, env)
+    }
+
+    /// As [`World::start_with`], queueing in the Redis at `queue_url`:
+    /// a test that fills the queue keeps it out of the shared one, which
+    /// other tests inspect with KEYS.
+    pub fn start_on(queue_url: &str, env: &[(&str, &str)]) -> World {
         let dns =
             Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"]);
         let db = TestDb::create(&MysqlServer::shared());
-        let relay = Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), env);
+        let relay = Relay::spawn_with_env(&base_config(&db.url(), queue_url, &dns), env);
         db.add_domain(LISTED, "127.0.0.1", 2526);
         relay.signal("HUP");
-        let world = World { dns, db, relay };
+        let world = World { dns, db, relay, queue_url: queue_url.to_string() };
         world.wait_rcpt(&format!("probe@{LISTED}"), 250);
         world
     }
@@ -795,13 +850,6 @@ impl World {
     }
 
     pub fn queue(&self) -> Queue {
-        self.relay.queue(SHARED_REDIS)
-    }
-}
-
-impl Drop for World {
-    /// Leaves the shared Redis as it found it.
-    fn drop(&mut self) {
-        clear_shared_queue(&self.relay.prefix);
+        self.relay.queue(&self.queue_url)
     }
 }
