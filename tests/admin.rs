@@ -104,12 +104,12 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
     use std::time::Duration;
     use support::destination::Destination;
     let home = Destination::start();
-    let down = free_port();
+    let down = DownPort::new();
     let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
     let db = TestDb::create(&MysqlServer::shared());
     db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
     db.add_domain(LISTED, "127.0.0.1", home.port);
-    db.add_domain("named.example", "127.0.0.1", down);
+    db.add_domain("named.example", "127.0.0.1", down.port);
     let relay = Relay::spawn_with_env(
         &base_config(&db.url(), SHARED_REDIS, &dns),
         &[
@@ -131,7 +131,7 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
         .collect();
     let mut q = relay.queue(SHARED_REDIS);
     wait_until("3 deferred", Duration::from_secs(20), || q.deferred_count() == 3);
-    let dest_key = format!("[127.0.0.1]:{down}");
+    let dest_key = format!("[127.0.0.1]:{}", down.port);
 
     let (ok, out) = queue_cmd(&relay, &db, &["stats", "--json"]);
     let s = json(&out);
@@ -189,7 +189,7 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
     assert!(!ok && out.contains("is not in the queue"), "{out}");
     let (ok, out) = queue_cmd(&relay, &db, &["delete", "no-such-id"]);
     assert!(!ok && out.contains("not found"), "{out}");
-    let up = Destination::start_on(down);
+    let up = Destination::start_on(down.release());
     let (ok, out) = queue_cmd(&relay, &db, &["release", &ids[0]]);
     assert!(ok, "{out}");
     let got = up.wait_for(1, Duration::from_secs(20));

@@ -27,9 +27,9 @@ fn three_nodes_one_killed_while_delivering_destination_down_at_first_nothing_los
     // stay in flight, so the node killed below holds leases when it dies.
     let up = Destination::start();
     up.set_final_reply_delay(Duration::from_secs(1));
-    let down_port = free_port();
+    let down_port = DownPort::new();
     let mut fleet = Fleet::prepare(up.port);
-    fleet.db.add_domain("named.example", "127.0.0.1", down_port);
+    fleet.db.add_domain("named.example", "127.0.0.1", down_port.port);
     fleet.spawn_nodes(&[], |_| None);
     let load: Vec<_> = fleet
         .nodes
@@ -47,7 +47,7 @@ fn three_nodes_one_killed_while_delivering_destination_down_at_first_nothing_los
     let accepted = fleet.accepted();
     assert!(accepted.len() >= 1600, "only {} accepted", accepted.len());
     // The destination that was down comes up.
-    let down = Destination::start_on(down_port);
+    let down = Destination::start_on(down_port.release());
     let recovered = Instant::now();
     let drained = fleet.drained(&[0, 2], recovered + DRAIN).expect("queue drained");
     let copies: Vec<Copy> = up.messages().iter().chain(&down.messages()).map(Copy::from_destination).collect();

@@ -159,13 +159,13 @@ fn a_bounce_is_never_bounced() {
 
 #[test]
 fn a_down_primary_is_drained_fast_once_it_is_back() {
-    let port = free_port();
+    let down = DownPort::new();
     // Backoff and probes far longer than the test: only the fast drain,
     // which the first message delivered after the outage triggers, can
     // deliver the other 19 in time.
     let c = Cluster::start(
         1,
-        &[(LISTED, "127.0.0.1", port)],
+        &[(LISTED, "127.0.0.1", down.port)],
         &[
             ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
             ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
@@ -179,7 +179,7 @@ fn a_down_primary_is_drained_fast_once_it_is_back() {
     }
     let mut q = c.relays[0].queue(SHARED_REDIS);
     wait_until("all deferred", Duration::from_secs(20), || q.ready_ids().is_empty() && q.deferred_count() == 20);
-    let dest = Destination::start_on(port);
+    let dest = Destination::start_on(down.release());
     // A new message to the same destination is tried at once, succeeds,
     // and releases the deferred ones.
     let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", "trigger@friet.pan", "--helo", "client.example"]);
@@ -252,10 +252,10 @@ fn sessions_are_reused_for_the_next_message_to_the_same_destination() {
 
 #[test]
 fn etrn_and_queue_flush_release_deferred_mail() {
-    let (port_a, port_b) = (free_port(), free_port());
+    let (down_a, down_b) = (DownPort::new(), DownPort::new());
     let c = Cluster::start(
         1,
-        &[(LISTED, "127.0.0.1", port_a), ("named.example", "127.0.0.1", port_b)],
+        &[(LISTED, "127.0.0.1", down_a.port), ("named.example", "127.0.0.1", down_b.port)],
         &[
             ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
             ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
@@ -268,8 +268,8 @@ fn etrn_and_queue_flush_release_deferred_mail() {
     }
     let mut q = c.relays[0].queue(SHARED_REDIS);
     wait_until("both deferred", Duration::from_secs(20), || q.deferred_count() == 2);
-    let a = Destination::start_on(port_a);
-    let b = Destination::start_on(port_b);
+    let a = Destination::start_on(down_a.release());
+    let b = Destination::start_on(down_b.release());
 
     let mut untrusted = Raw::ehlo(&c.addr());
     assert!(untrusted.cmd("ETRN friet.pan").starts_with("459 4.7.1"));
@@ -296,9 +296,10 @@ fn etrn_and_queue_flush_release_deferred_mail() {
 #[test]
 fn mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
     let home = Destination::start();
+    let down = DownPort::new();
     let c = Cluster::start(
         1,
-        &[(LISTED, "127.0.0.1", home.port), ("named.example", "127.0.0.1", free_port())],
+        &[(LISTED, "127.0.0.1", home.port), ("named.example", "127.0.0.1", down.port)],
         &[("MXRELAY_DELIVERY_MAX_QUEUE_LIFETIME", "2s")],
     );
     let (code, out) =

@@ -244,7 +244,8 @@ fn the_healthcheck_command_reports_the_node() {
             .unwrap()
     };
     assert!(check(&format!("0.0.0.0:{}", w.relay.admin_port)).status.success());
-    let down = check(&format!("127.0.0.1:{}", free_port()));
+    let nothing = DownPort::new();
+    let down = check(&format!("127.0.0.1:{}", nothing.port));
     assert!(!down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
 }

@@ -66,10 +66,10 @@ const MESSAGE: &str = "From: bob@friet.pan\r\nSubject: embedded\r\n\r\n.leading 
 fn embedded_accepts_delivers_defers_and_bounces() {
     // The scripted destination keeps every byte (smtp-sink drops CRs).
     let sink = Destination::start();
-    let down = free_port();
+    let down = DownPort::new();
     let e = Embedded::start(&[("MXRELAY_DELIVERY_RETRY_MIN", "120s"), ("MXRELAY_DELIVERY_RETRY_MAX", "1h")]);
     e.add_domain(LISTED, sink.port);
-    e.add_domain("named.example", down);
+    e.add_domain("named.example", down.port);
 
     // Accepted and delivered byte-exact.
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +103,7 @@ fn embedded_accepts_delivers_defers_and_bounces() {
     );
     assert_eq!(code, 0, "{out}");
     wait_until("deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 1);
-    let dest = Destination::start_on(down);
+    let dest = Destination::start_on(down.release());
     let got = dest.wait_for(1, Duration::from_secs(20));
     assert_eq!(got[0].rcpts, vec!["ok@named.example"]);
     // perm9 bounced: the DSN goes to bob@friet.pan, i.e. to the sink.
@@ -116,9 +116,9 @@ fn embedded_accepts_delivers_defers_and_bounces() {
 
 #[test]
 fn embedded_kill_9_with_mail_queued_loses_nothing() {
-    let down = free_port();
+    let down = DownPort::new();
     let mut e = Embedded::start(&[("MXRELAY_QUEUE_LEASE", "2s")]);
-    e.add_domain(LISTED, down);
+    e.add_domain(LISTED, down.port);
     let mut ids = Vec::new();
     for i in 0..20 {
         let (_, out) =
@@ -126,7 +126,7 @@ fn embedded_kill_9_with_mail_queued_loses_nothing() {
         ids.push(queued_id(&out).unwrap_or_else(|| panic!("{out}")));
     }
     e.relay.kill(); // SIGKILL
-    let dest = Destination::start_on(down);
+    let dest = Destination::start_on(down.release());
     e.relay.start();
     let got = dest.wait_for(20, Duration::from_secs(60));
     let delivered: std::collections::HashSet<String> = got

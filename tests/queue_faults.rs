@@ -225,9 +225,9 @@ fn a_node_holds_only_the_leases_it_works_on() {
 
 #[test]
 fn the_prober_finds_deferred_destinations_without_scanning_the_keyspace() {
-    let down = free_port();
+    let down = DownPort::new();
     let (dns, db) = dns_and_db();
-    db.add_domain(LISTED, "127.0.0.1", down);
+    db.add_domain(LISTED, "127.0.0.1", down.port);
     let redis = RedisServer::start();
     let relay = delivering(
         &db,

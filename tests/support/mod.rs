@@ -33,6 +33,37 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A loopback port that stays down: bound (without SO_REUSEADDR) but not
+/// listening, so a connection to it is refused, as by a destination that
+/// is down, and no other test can bind it meanwhile, as one could a port
+/// from [`free_port`] left unbound for seconds.
+pub struct DownPort {
+    socket: socket2::Socket,
+    pub port: u16,
+}
+
+impl DownPort {
+    pub fn new() -> DownPort {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind 127.0.0.1:0");
+        let port = socket.local_addr().unwrap().as_socket().expect("an inet address").port();
+        DownPort { socket, port }
+    }
+
+    /// Frees the port for the test's own listener, to be bound at once.
+    pub fn release(self) -> u16 {
+        drop(self.socket);
+        self.port
+    }
+}
+
+impl Default for DownPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while start.elapsed() < timeout {
