@@ -339,3 +339,54 @@ fn proxy_header_ahead_of_the_implicit_tls_handshake() {
     assert!(log.contains("TLS connection established from unknown[127.0.0.9]: TLSv1.3"), "{log}");
     assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"accepted\"}"), 2.0);
 }
+
+/// A real HAProxy (`send-proxy-v2`, connecting from the balancer's address)
+/// in front of the implicit-TLS listener: swaks speaks TLS through it from
+/// 127.0.0.5 and from 127.0.0.9 (mynetworks), and the node sees those
+/// addresses; HAProxy's own health checks (`check-send-proxy`, v2 LOCAL) to
+/// the plain listener keep the balancer's address.
+#[test]
+fn haproxy_send_proxy_v2_in_front_of_the_implicit_tls_listener() {
+    use support::haproxy::Haproxy;
+    let pki = TestPki::localhost();
+    let implicit = format!("127.0.0.1:{}", free_port());
+    let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
+    let w = World::start_with(&[
+        ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
+        ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32"),
+        ("MXRELAY_TLS_CERT", &cert),
+        ("MXRELAY_TLS_KEY", &key),
+        ("MXRELAY_TLS_IMPLICIT_LISTEN", &implicit),
+    ]);
+    let lb = Haproxy::start(&implicit, BALANCER, w.relay.port);
+    wait_until("a health check from haproxy", Duration::from_secs(20), || {
+        w.relay.metric("mxrelay_smtp_proxy_headers_total{result=\"local\"}").is_some_and(|n| n >= 1.0)
+    });
+    let via_lb = |from: &str, to: &str| {
+        swaks(
+            &lb.addr(),
+            &["--tlsc", "--local-interface", from, "--from", SENDER, "--to", to, "--ehlo", "client.example"],
+        )
+    };
+
+    let (status, out) = via_lb("127.0.0.5", "t@friet.pan");
+    assert_eq!(status, 0, "{out}");
+    let id = queued_id(&out).expect("queued");
+    let body = String::from_utf8(w.queue().body(&id)).unwrap();
+    let received = body.split("\r\n\r\n").next().unwrap();
+    assert!(received.contains("(unknown [127.0.0.5])"), "{received}");
+    assert!(received.contains("(using TLSv1.3 with cipher TLS13_"), "{received}");
+    let (status, out) = via_lb("127.0.0.5", "someone@other.example");
+    assert_ne!(status, 0);
+    assert!(out.contains("454 4.7.1"), "{out}");
+    // The proxied address decides: 127.0.0.9 may relay anywhere.
+    let (status, out) = via_lb("127.0.0.9", "someone@other.example");
+    assert_eq!(status, 0, "{out}");
+
+    let log = w.relay.log();
+    assert!(log.contains("TLS connection established from unknown[127.0.0.5]: TLSv1.3"), "{log}");
+    assert!(log.contains("TLS connection established from unknown[127.0.0.9]: TLSv1.3"), "{log}");
+    assert!(log.contains(" connect from unknown[127.0.0.2]"), "health checks: {log}");
+    assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"accepted\"}"), 3.0);
+    assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"invalid\"}"), 0.0);
+}

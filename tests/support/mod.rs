@@ -6,6 +6,7 @@
 
 pub mod destination;
 pub mod fleet;
+pub mod haproxy;
 pub mod pki;
 pub mod proxy;
 pub mod scanners;
