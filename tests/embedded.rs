@@ -383,3 +383,22 @@ fn embedded_partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
     assert!(log.matches("to=<temp1@friet.pan>").count() >= 3, "{log}");
     assert_eq!(log.matches("to=<ok@friet.pan>").count(), 1, "ok was sent again: {log}");
 }
+
+/// `delivery.max_queue_lifetime` on the embedded store: mail still
+/// deferred after it is bounced (`4.4.7`) to the sender and removed.
+#[test]
+fn embedded_mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
+    let home = Destination::start();
+    let e = Embedded::start(&[("MXRELAY_DELIVERY_MAX_QUEUE_LIFETIME", "2s")]);
+    e.add_domain(LISTED, home.port);
+    e.add_domain("named.example", free_port());
+    let id = e.send("bob@friet.pan", "x@named.example");
+    let got = home.wait_for(1, Duration::from_secs(30));
+    assert_eq!((got[0].mail_from.as_str(), got[0].rcpts.clone()), ("", vec!["bob@friet.pan".to_string()]));
+    let dsn = String::from_utf8_lossy(&got[0].data);
+    assert!(dsn.contains("Final-Recipient: rfc822; x@named.example") && dsn.contains("Status: 4.4.7"), "{dsn}");
+    wait_until("expired message removed", Duration::from_secs(10), || e.queue_stats()["messages"] == 0);
+    let (ok, out) = e.cli(&["queue", "show", &id]);
+    assert!(!ok && out.contains("is not in the queue"), "{out}");
+    assert!(e.relay.log().contains("message expired after"), "{}", e.relay.log());
+}
