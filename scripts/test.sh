@@ -22,6 +22,8 @@ command -v swaks >/dev/null || need+=(swaks)
 [ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
 command -v sigtool >/dev/null || need+=(clamav)
 command -v rspamd >/dev/null || need+=(rspamd)
+# The PROXY protocol from a real load balancer (tests/support/haproxy.rs).
+[ -x /usr/sbin/haproxy ] || need+=(haproxy)
 # swaks --tls needs Perl's TLS modules; openssl s_client talks to STARTTLS.
 perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 command -v openssl >/dev/null || need+=(openssl)

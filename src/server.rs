@@ -24,6 +24,12 @@ use crate::spool::Spool;
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    // Before anything listens: until a handler is installed, SIGHUP's
+    // default action kills the process, and an operator (or a script)
+    // reloading right after the port opened would stop the node instead.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let resolved = config
         .resolve()
         .map_err(|errors| anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
@@ -80,9 +86,6 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         );
     }
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let reloader = domains.clone();
     let users = crate::users::open(&config.domains.url)?;
     let mut shared = Shared::new(config.clone(), policy, spool.clone(), users, shutdown.clone());

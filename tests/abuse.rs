@@ -235,3 +235,158 @@ fn slow_clients_are_cut_off_while_others_are_served() {
     assert!(r.starts_with("421 4.4.2"), "slow content not cut off: {r:?}");
     assert!(w.relay.value("mxrelay_smtp_limit_hits_total{limit=\"slow_client\"}") >= 2.0);
 }
+
+use support::pki::{TestPki, TlsClient};
+
+/// A v2 header with `command` (0 LOCAL, 1 PROXY) and no addresses (AF_UNSPEC).
+fn v2_unspec(command: u8) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x20 | command, 0x00, 0, 0]);
+    h
+}
+
+/// Sends one message for a listed domain; the queued body.
+fn queue_one(w: &World, c: &mut Raw) -> String {
+    assert_eq!(c.code(), 220);
+    assert!(c.cmd("EHLO lb.example").starts_with("250"));
+    assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
+    assert!(c.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert_eq!(c.code_after("DATA"), 354);
+    c.send("Subject: local\r\n\r\nhello\r\n.\r\n");
+    let r = c.reply();
+    let id = queued_id(&r).unwrap_or_else(|| panic!("not queued: {r}"));
+    String::from_utf8(w.queue().body(&id)).unwrap()
+}
+
+/// v2 LOCAL (a health check), v2 PROXY with AF_UNSPEC and v1 UNKNOWN (bare
+/// and with the addresses the spec lets a sender add): the balancer's own
+/// socket address stands, in policy, `Received:` and the log.
+#[test]
+fn proxy_local_and_unknown_headers_keep_the_socket_address() {
+    let w = proxy_world();
+    let addr = w.relay.addr();
+    let headers: [(&str, Vec<u8>); 4] = [
+        ("v2 LOCAL", v2_unspec(0)),
+        ("v2 PROXY AF_UNSPEC", v2_unspec(1)),
+        ("v1 UNKNOWN", b"PROXY UNKNOWN\r\n".to_vec()),
+        ("v1 UNKNOWN with addresses", b"PROXY UNKNOWN ffff:f::1 ffff:f::2 40000 25\r\n".to_vec()),
+    ];
+    for (what, header) in &headers {
+        let mut c = Raw::connect_from(BALANCER, &addr);
+        c.send_bytes(header);
+        let body = queue_one(&w, &mut c);
+        let received = body.lines().next().unwrap_or("");
+        assert!(received.contains("(unknown [127.0.0.2])"), "{what}: {received}");
+        // 127.0.0.2 is not in mynetworks: no relaying on its behalf either.
+        let mut c = Raw::connect_from(BALANCER, &addr);
+        c.send_bytes(header);
+        assert!(relay_attempt(&mut c).starts_with("454 4.7.1"), "{what}");
+    }
+    assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"local\"}"), 8.0);
+    assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"invalid\"}"), 0.0);
+    let log = w.relay.log();
+    assert_eq!(log.matches(" connect from unknown[127.0.0.2]").count(), 8, "{log}");
+}
+
+/// The PROXY header comes before the TLS handshake on the implicit-TLS
+/// listener (as HAProxy's `send-proxy` sends it): the proxied address is
+/// the client's, inside TLS, for policy, `Received:` and the log.
+#[test]
+fn proxy_header_ahead_of_the_implicit_tls_handshake() {
+    let pki = TestPki::localhost();
+    let implicit = format!("127.0.0.1:{}", free_port());
+    let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
+    let w = World::start_with(&[
+        ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
+        ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32"),
+        ("MXRELAY_TLS_CERT", &cert),
+        ("MXRELAY_TLS_KEY", &key),
+        ("MXRELAY_TLS_IMPLICIT_LISTEN", &implicit),
+    ]);
+    let tls_after = |header: &[u8]| {
+        let mut raw = Raw::connect_from(BALANCER, &implicit);
+        raw.send_bytes(header);
+        let mut t = TlsClient::handshake(raw.into_tcp(), &pki, "localhost").expect("TLS after the PROXY header");
+        let greeting = t.reply();
+        assert!(greeting.starts_with("220 relay.test ESMTP"), "{greeting}");
+        assert!(t.cmd("EHLO lb.example").starts_with("250"));
+        assert!(t.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
+        t
+    };
+
+    // v2 from an outside address: a listed domain only.
+    let mut t = tls_after(&v2_header([192, 0, 2, 44], 40100));
+    assert!(t.cmd("RCPT TO:<someone@other.example>").starts_with("454 4.7.1"));
+    assert!(t.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert!(t.cmd("DATA").starts_with("354"));
+    let r = t.cmd("Subject: proxied TLS\r\n\r\nhello\r\n.");
+    let id = queued_id(&r).unwrap_or_else(|| panic!("not queued: {r}"));
+    let body = String::from_utf8(w.queue().body(&id)).unwrap();
+    let received = body.split("\r\n\r\n").next().unwrap();
+    assert!(received.contains("(unknown [192.0.2.44])"), "{received}");
+    assert!(
+        received.contains("(using TLSv1.3 with cipher TLS13_") && received.contains("with ESMTPS id"),
+        "{received}"
+    );
+
+    // v1 carrying a mynetworks address: relaying allowed, inside TLS.
+    let mut t = tls_after(b"PROXY TCP4 127.0.0.9 127.0.0.1 40101 465\r\n");
+    let r = t.cmd("RCPT TO:<someone@other.example>");
+    assert!(r.starts_with("250"), "policy did not use the proxied address: {r}");
+
+    let log = w.relay.log();
+    assert!(log.contains("TLS connection established from unknown[192.0.2.44]: TLSv1.3"), "{log}");
+    assert!(log.contains("TLS connection established from unknown[127.0.0.9]: TLSv1.3"), "{log}");
+    assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"accepted\"}"), 2.0);
+}
+
+/// A real HAProxy (`send-proxy-v2`, connecting from the balancer's address)
+/// in front of the implicit-TLS listener: swaks speaks TLS through it from
+/// 127.0.0.5 and from 127.0.0.9 (mynetworks), and the node sees those
+/// addresses; HAProxy's own health checks (`check-send-proxy`, v2 LOCAL) to
+/// the plain listener keep the balancer's address.
+#[test]
+fn haproxy_send_proxy_v2_in_front_of_the_implicit_tls_listener() {
+    use support::haproxy::Haproxy;
+    let pki = TestPki::localhost();
+    let implicit = format!("127.0.0.1:{}", free_port());
+    let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
+    let w = World::start_with(&[
+        ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
+        ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32"),
+        ("MXRELAY_TLS_CERT", &cert),
+        ("MXRELAY_TLS_KEY", &key),
+        ("MXRELAY_TLS_IMPLICIT_LISTEN", &implicit),
+    ]);
+    let lb = Haproxy::start(&implicit, BALANCER, w.relay.port);
+    wait_until("a health check from haproxy", Duration::from_secs(20), || {
+        w.relay.metric("mxrelay_smtp_proxy_headers_total{result=\"local\"}").is_some_and(|n| n >= 1.0)
+    });
+    let via_lb = |from: &str, to: &str| {
+        swaks(
+            &lb.addr(),
+            &["--tlsc", "--local-interface", from, "--from", SENDER, "--to", to, "--ehlo", "client.example"],
+        )
+    };
+
+    let (status, out) = via_lb("127.0.0.5", "t@friet.pan");
+    assert_eq!(status, 0, "{out}");
+    let id = queued_id(&out).expect("queued");
+    let body = String::from_utf8(w.queue().body(&id)).unwrap();
+    let received = body.split("\r\n\r\n").next().unwrap();
+    assert!(received.contains("(unknown [127.0.0.5])"), "{received}");
+    assert!(received.contains("(using TLSv1.3 with cipher TLS13_"), "{received}");
+    let (status, out) = via_lb("127.0.0.5", "someone@other.example");
+    assert_ne!(status, 0);
+    assert!(out.contains("454 4.7.1"), "{out}");
+    // The proxied address decides: 127.0.0.9 may relay anywhere.
+    let (status, out) = via_lb("127.0.0.9", "someone@other.example");
+    assert_eq!(status, 0, "{out}");
+
+    let log = w.relay.log();
+    assert!(log.contains("TLS connection established from unknown[127.0.0.5]: TLSv1.3"), "{log}");
+    assert!(log.contains("TLS connection established from unknown[127.0.0.9]: TLSv1.3"), "{log}");
+    assert!(log.contains(" connect from unknown[127.0.0.2]"), "health checks: {log}");
+    assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"accepted\"}"), 3.0);
+    assert_eq!(w.relay.value("mxrelay_smtp_proxy_headers_total{result=\"invalid\"}"), 0.0);
+}

@@ -198,3 +198,110 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
     wait_until("queue empty", Duration::from_secs(20), || q.message_count() == 0);
     assert_eq!(up.messages().len(), 1, "the deleted and the bounced message were never delivered");
 }
+
+/// `queue flush --domain D` (`postqueue -s D`): only D's deferred mail is
+/// made due; the other destination's stays deferred, untried.
+#[test]
+fn queue_flush_domain_releases_only_that_domains_deferred_mail() {
+    use std::time::Duration;
+    use support::destination::Destination;
+    let (port_a, port_b) = (free_port(), free_port());
+    let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.add_domain(LISTED, "127.0.0.1", port_a);
+    db.add_domain("named.example", "127.0.0.1", port_b);
+    let relay = Relay::spawn_with_env(
+        &base_config(&db.url(), SHARED_REDIS, &dns),
+        &[
+            ("MXRELAY_DELIVERY_ENABLED", "true"),
+            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
+    );
+    for to in ["a1@friet.pan", "a2@friet.pan", "b@named.example"] {
+        let (code, out) = swaks(&relay.addr(), &["--from", SENDER, "--to", to, "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+    }
+    let mut q = relay.queue(SHARED_REDIS);
+    wait_until("3 deferred", Duration::from_secs(20), || q.deferred_count() == 3);
+    let a = Destination::start_on(port_a);
+    let b = Destination::start_on(port_b);
+
+    let (ok, out) = queue_cmd(&relay, &db, &["flush", "--domain", "named.example"]);
+    assert!(ok && out.contains("released 1 deferred message(s)"), "{out}");
+    let got = b.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got[0].rcpts, vec!["b@named.example"]);
+    wait_until("named.example's message gone", Duration::from_secs(10), || q.message_count() == 2);
+    assert_eq!(q.deferred_count(), 2, "friet.pan's mail left the deferred set");
+    assert_eq!(a.connections(), 0, "friet.pan's destination was tried");
+    let (_, out) = queue_cmd(&relay, &db, &["list", "--state", "deferred", "--domain", "friet.pan", "--json"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 2, "{out}");
+
+    // Any case, as a domain is written in mail.
+    let (ok, out) = queue_cmd(&relay, &db, &["flush", "--domain", "FRIET.pan"]);
+    assert!(ok && out.contains("released 2 deferred message(s)"), "{out}");
+    let got = a.wait_for(2, Duration::from_secs(20));
+    let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, vec!["a1@friet.pan", "a2@friet.pan"]);
+    assert_eq!(b.messages().len(), 1, "named.example got a second copy");
+    let (ok, out) = queue_cmd(&relay, &db, &["flush", "--domain", "bad..example"]);
+    assert!(!ok && out.contains("--domain"), "{out}");
+    wait_until("queue empty", Duration::from_secs(10), || q.message_count() == 0);
+    clear_shared_queue(&relay.prefix);
+}
+
+/// `queue list --state active|held|deferred`: each state lists exactly its
+/// messages (delivery off, so queued mail stays active).
+#[test]
+fn queue_list_by_state_active_and_held() {
+    let w = World::start();
+    let ids: Vec<String> = ["x", "y", "z"]
+        .iter()
+        .map(|l| {
+            let (_, out) = swaks(
+                &w.relay.addr(),
+                &["--from", SENDER, "--to", &format!("{l}@friet.pan"), "--helo", "client.example"],
+            );
+            queued_id(&out).unwrap_or_else(|| panic!("{out}"))
+        })
+        .collect();
+    // The ids listed under `state`, each checked to carry that state.
+    let listed = |state: &str| -> Vec<String> {
+        let (ok, out) = queue_cmd(&w.relay, &w.db, &["list", "--state", state, "--json"]);
+        assert!(ok, "{out}");
+        let rows = json(&out);
+        let mut ids: Vec<String> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert_eq!(r["state"]["state"], state, "{out}");
+                r["envelope"]["id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(listed("active"), all);
+    assert!(listed("held").is_empty() && listed("deferred").is_empty());
+
+    let (ok, out) = queue_cmd(&w.relay, &w.db, &["hold", &ids[1]]);
+    assert!(ok, "{out}");
+    assert_eq!(listed("held"), vec![ids[1].clone()]);
+    let mut others = vec![ids[0].clone(), ids[2].clone()];
+    others.sort();
+    assert_eq!(listed("active"), others);
+    let (ok, out) = queue_cmd(&w.relay, &w.db, &["list", "--state", "held"]);
+    assert!(ok && out.contains(&ids[1]) && out.contains("held") && out.contains("1 message(s)"), "{out}");
+    assert!(!out.contains(&ids[0]) && !out.contains(&ids[2]), "{out}");
+
+    let (ok, out) = queue_cmd(&w.relay, &w.db, &["release", &ids[1]]);
+    assert!(ok, "{out}");
+    assert!(listed("held").is_empty());
+    assert_eq!(listed("active").len(), 3);
+}

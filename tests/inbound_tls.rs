@@ -303,3 +303,149 @@ fn sighup_loads_a_renewed_certificate() {
     });
     assert!(!verify(&pki.ca).contains("Verify return code: 0 (ok)"), "the old certificate is still served");
 }
+
+/// `mxrelay users …` against the database at `url`; `stdin` is piped in.
+fn users_at(url: &str, args: &[&str], stdin: &str) -> (bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+        .arg("users")
+        .args(args)
+        .env("MXRELAY_DOMAINS_URL", url)
+        .env("MXRELAY_QUEUE_URL", SHARED_REDIS)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `AUTH PLAIN` with `user` and `password` as one initial response.
+fn auth_plain(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!("AUTH PLAIN {}", base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}")))
+}
+
+/// The user database (a private MariaDB) killed: AUTH answers `454 4.7.0`,
+/// the session goes on (the domain snapshot still serves), and AUTH works
+/// again once the database is back.
+#[test]
+fn auth_with_the_user_database_down_is_454_and_works_again_when_it_is_back() {
+    let pki = TestPki::localhost();
+    let mut maria = MariaDb::start();
+    let db = TestDb::create(&maria.server);
+    let dns = Dns::start(&["sender.example", "client.example"], &[LISTED]);
+    let env = tls_env(&pki);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let relay = Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), &env);
+    db.add_domain(LISTED, "127.0.0.1", 2526);
+    relay.signal("HUP");
+    wait_until("friet.pan listed", Duration::from_secs(10), || {
+        rcpt_reply(&relay.addr(), "probe@friet.pan").starts_with("250")
+    });
+    let (ok, out) = users_at(&db.url(), &["add", "carol"], "carol's pw\n");
+    assert!(ok, "{out}");
+    let tls_session = || {
+        let mut c = Raw::ehlo(&relay.addr());
+        assert!(c.cmd("STARTTLS").starts_with("220"));
+        let mut t = TlsClient::handshake(c.into_tcp(), &pki, "localhost").unwrap();
+        assert!(t.cmd("EHLO client.example").starts_with("250"));
+        t
+    };
+    let r = tls_session().cmd(&auth_plain("carol", "carol's pw"));
+    assert!(r.starts_with("235 2.7.0"), "database up: {r}");
+
+    maria.stop();
+    let mut t = tls_session();
+    let r = t.cmd(&auth_plain("carol", "carol's pw"));
+    assert!(r.starts_with("454 4.7.0 Temporary authentication failure"), "database down: {r}");
+    assert!(t.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"), "the session ends after a 454");
+    assert!(t.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert!(relay.value("mxrelay_smtp_auth_total{result=\"tempfail\"}") >= 1.0);
+    assert_eq!(
+        relay.value("mxrelay_smtp_auth_total{result=\"failure\"}"),
+        0.0,
+        "an outage counted as a wrong password"
+    );
+    assert!(relay.log().contains("AUTH: user database unavailable"), "{}", relay.log());
+
+    maria.resume();
+    wait_until("AUTH with the database back", Duration::from_secs(30), || {
+        tls_session().cmd(&auth_plain("carol", "carol's pw")).starts_with("235")
+    });
+    clear_shared_queue(&relay.prefix);
+}
+
+/// `mxrelay users passwd` (password on stdin): the old password is refused
+/// with 535 from then on and the new one lets the user relay.
+#[test]
+fn users_passwd_replaces_the_password() {
+    let pki = TestPki::localhost();
+    let w = world(&pki, &[]);
+    let (ok, out) = users(&w, &["add", "dave@sender.example"], "old secret\n");
+    assert!(ok, "{out}");
+    let relay_as = |password: &str| {
+        let auth = ["--auth", "PLAIN", "--auth-user", "dave@sender.example", "--auth-password", password];
+        let to = ["--from", SENDER, "--to", "someone@other.example", "--ehlo", "client.example"];
+        swaks(&w.relay.addr(), &[&["--tls"][..], &auth[..], &to[..]].concat())
+    };
+    let (status, out) = relay_as("old secret");
+    assert!(status == 0 && out.contains("235 2.7.0"), "{out}");
+    let before = w.db.exec("SELECT password_hash FROM relay_users WHERE username = 'dave@sender.example'");
+
+    let (ok, out) = users(&w, &["passwd", "dave@sender.example"], "new secret\n");
+    assert!(ok, "{out}");
+    let after = w.db.exec("SELECT password_hash FROM relay_users WHERE username = 'dave@sender.example'");
+    assert!(after != before && after.contains("$argon2id$") && !after.contains("new secret"), "{after}");
+    let (status, out) = relay_as("old secret");
+    assert_ne!(status, 0);
+    assert!(out.contains("535 5.7.8 Error: authentication failed"), "the old password still works: {out}");
+    let (status, out) = relay_as("new secret");
+    assert!(status == 0 && out.contains("235 2.7.0"), "the new password is refused: {out}");
+    assert!(queued_id(&out).is_some(), "{out}");
+
+    let (ok, out) = users(&w, &["passwd", "nobody@sender.example"], "whatever\n");
+    assert!(
+        !ok && out.contains("nobody@sender.example does not exist"),
+        "passwd for a user that does not exist: {out}"
+    );
+}
+
+/// `auth.tls_only = false` (`smtpd_tls_auth_only = no`): AUTH is offered and
+/// accepted without TLS (no certificate configured at all).
+#[test]
+fn auth_tls_only_false_allows_auth_in_clear() {
+    let w = World::start_with(&[("MXRELAY_AUTH_ENABLED", "true"), ("MXRELAY_AUTH_TLS_ONLY", "false")]);
+    let (ok, out) = users(&w, &["add", "erin"], "clear pw\n");
+    assert!(ok, "{out}");
+    let mut c = Raw::connect(&w.relay.addr());
+    assert_eq!(c.code(), 220);
+    let ehlo = c.cmd("EHLO client.example");
+    assert!(ehlo.contains("250-AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"), "{ehlo}");
+    for mech in ["PLAIN", "LOGIN"] {
+        let (status, out) = swaks(
+            &w.relay.addr(),
+            &[
+                "--auth",
+                mech,
+                "--auth-user",
+                "erin",
+                "--auth-password",
+                "clear pw",
+                "--from",
+                SENDER,
+                "--to",
+                "someone@other.example",
+                "--ehlo",
+                "client.example",
+            ],
+        );
+        assert_eq!(status, 0, "{mech}: {out}");
+        assert!(out.contains("235 2.7.0 Authentication successful"), "{out}");
+        let id = queued_id(&out).expect("queued");
+        let body = String::from_utf8(w.queue().body(&id)).unwrap();
+        assert!(body.contains("with ESMTPA id"), "{body}");
+    }
+    assert_eq!(w.relay.value("mxrelay_smtp_auth_total{result=\"success\"}"), 2.0);
+}

@@ -297,3 +297,90 @@ fn slow_or_garbled_scanners_tempfail_and_never_pass_silently() {
     assert!(s.relay.log().contains("timed out: clamd"), "{}", s.relay.log());
     assert_eq!(s.dest.connections(), 0, "nothing may be delivered");
 }
+
+/// rspamd's `soft reject` (threshold so low every message reaches it):
+/// `451 4.7.1` while the sender is connected, nothing delivered.
+#[test]
+fn rspamd_soft_reject_is_a_451() {
+    let rspamd = RspamdServer::start_with(&[(
+        "actions.conf",
+        "reject = 50; soft_reject = -100; greylist = null; add_header = null; rewrite_subject = null;",
+    )]);
+    let s = Setup::start(&[("MXRELAY_SCAN_RSPAMD", rspamd.url())]);
+    let (status, out) = s.send(&[&format!("s@{SCANNED}")], "hello\n");
+    assert_ne!(status, 0);
+    assert!(out.contains("451 4.7.1 Error: message deferred by the spam filter, try again later"), "{out}");
+    assert_eq!(s.relay.value("mxrelay_scan_total{result=\"soft_reject\",scanner=\"rspamd\"}"), 1.0);
+    // An unscanned domain is not asked about.
+    let (status, out) = s.send(&[&format!("p@{PLAIN}")], "hello\n");
+    assert_eq!(status, 0, "{out}");
+    let got = s.dest.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got[0].rcpts, vec![format!("p@{PLAIN}")], "the soft-rejected message was delivered");
+}
+
+/// rspamd's `add header`: accepted and delivered with the spam headers
+/// (`X-Spam-Status: Yes`, `X-Spam-Score`, `X-Spam-Flag: YES`), the subject
+/// left alone.
+#[test]
+fn rspamd_add_header_marks_the_delivered_message() {
+    let rspamd = RspamdServer::start_with(&[(
+        "actions.conf",
+        "reject = 50; add_header = -100; greylist = null; rewrite_subject = null;",
+    )]);
+    let s = Setup::start(&[("MXRELAY_SCAN_RSPAMD", rspamd.url())]);
+    let (status, out) = swaks(
+        &s.relay.addr(),
+        &[
+            "--from",
+            SENDER,
+            "--to",
+            &format!("a@{SCANNED}"),
+            "--ehlo",
+            "client.example",
+            "--header",
+            "Subject: quarterly report",
+            "--body",
+            "hello\n",
+        ],
+    );
+    assert_eq!(status, 0, "{out}");
+    let got = s.dest.wait_for(1, Duration::from_secs(20));
+    let delivered = text(&got[0]);
+    let headers = delivered.split("\r\n\r\n").next().unwrap();
+    assert!(headers.starts_with("X-Mxrelay-Scan: rspamd: add header by node test-node\r\n"), "{headers}");
+    let status_line = headers.lines().find(|l| l.starts_with("X-Spam-Status: ")).unwrap_or_else(|| panic!("{headers}"));
+    assert!(status_line.starts_with("X-Spam-Status: Yes, score="), "{headers}");
+    let score: f64 = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Spam-Score: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no numeric X-Spam-Score: {headers}"));
+    assert!(status_line.contains(&format!("score={score:.2} ")), "score differs between the headers: {headers}");
+    assert!(headers.contains("\r\nX-Spam-Flag: YES\r\n"), "{headers}");
+    assert!(headers.contains("\r\nSubject: quarterly report\r\n"), "{headers}");
+    assert_eq!(queued_size(&s.relay, &queued_id(&out).unwrap()), got[0].data.len());
+    assert_eq!(s.relay.value("mxrelay_scan_total{result=\"add_header\",scanner=\"rspamd\"}"), 1.0);
+}
+
+/// rspamd down with `scan.on_failure = accept`: scanned while it runs,
+/// then accepted and delivered marked as not scanned once it is killed.
+#[test]
+fn rspamd_down_with_on_failure_accept_still_accepts() {
+    let mut rspamd = RspamdServer::start();
+    let s = Setup::start(&[("MXRELAY_SCAN_RSPAMD", rspamd.url()), ("MXRELAY_SCAN_ON_FAILURE", "accept".into())]);
+    let (status, out) = s.send(&[&format!("up@{SCANNED}")], "Hello,\n\nthe meeting is at ten tomorrow.\n\nBob\n");
+    assert_eq!(status, 0, "{out}");
+    let got = s.dest.wait_for(1, Duration::from_secs(20));
+    assert!(text(&got[0]).starts_with("X-Mxrelay-Scan: rspamd: no action by node test-node\r\n"), "{}", text(&got[0]));
+
+    rspamd.stop();
+    let (status, out) = s.send(&[&format!("down@{SCANNED}")], &format!("Buy now\n{GTUBE}\n"));
+    assert_eq!(status, 0, "rspamd down with on_failure = accept: {out}");
+    let got = s.dest.wait_for(2, Duration::from_secs(20));
+    let marked = text(&got[1]);
+    assert_eq!(got[1].rcpts, vec![format!("down@{SCANNED}")]);
+    assert!(marked.starts_with("X-Mxrelay-Scan: not scanned (rspamd: "), "{marked}");
+    assert!(marked.lines().next().unwrap().ends_with(" by node test-node"), "{marked}");
+    assert!(!marked.contains("X-Spam-"), "spam headers without a scan: {marked}");
+    assert!(s.relay.value("mxrelay_scan_errors_total{scanner=\"rspamd\"}") >= 1.0);
+}

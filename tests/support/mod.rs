@@ -6,6 +6,7 @@
 
 pub mod destination;
 pub mod fleet;
+pub mod haproxy;
 pub mod pki;
 pub mod proxy;
 pub mod scanners;
@@ -883,4 +884,30 @@ impl World {
     pub fn queue(&self) -> Queue {
         self.relay.queue(&self.queue_url)
     }
+}
+
+impl Relay {
+    /// Waits up to `timeout` for the node to exit by itself (after a stop
+    /// signal); its exit status, or `None` while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if status.is_some() {
+                self.child = None;
+                return status;
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The reply to `RCPT TO:<rcpt>` in a new session from an untrusted client.
+pub fn rcpt_reply(addr: &str, rcpt: &str) -> String {
+    let mut c = Raw::ehlo(addr);
+    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+    c.cmd(&format!("RCPT TO:<{rcpt}>"))
 }

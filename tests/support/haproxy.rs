@@ -1,0 +1,63 @@
+//! `Haproxy`: a real HAProxy in TCP mode on loopback, in front of a node,
+//! sending the PROXY protocol (`send-proxy-v2`) from a source address of
+//! the test's choosing, with health checks that carry a PROXY header too
+//! (`check-send-proxy`: v2 LOCAL, as a balancer's own connection). Runs in
+//! the foreground (`-db`) from a configuration in a temporary directory;
+//! killed on drop. `scripts/test.sh` installs the Debian package.
+
+use std::process::{Child, Command, Stdio};
+
+use super::free_port;
+
+pub struct Haproxy {
+    /// The frontend clients connect to (127.0.0.1).
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Haproxy {
+    /// Forwards 127.0.0.1:`port` to `upstream` (ip:port), connecting from
+    /// `source`; health checks go to `check_port` on the upstream's address.
+    pub fn start(upstream: &str, source: &str, check_port: u16) -> Haproxy {
+        let dir = tempfile::tempdir().expect("temporary directory for haproxy");
+        let port = free_port();
+        let config = format!(
+            "global\n  log stderr format raw local0 info\n\
+             defaults\n  mode tcp\n  log global\n  option tcplog\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend front\n  bind 127.0.0.1:{port}\n  default_backend relay\n\
+             backend relay\n  source {source}\n  \
+             server node {upstream} send-proxy-v2 check check-send-proxy port {check_port} inter 300ms\n"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let log = std::fs::File::create(dir.path().join("haproxy.log")).expect("haproxy.log");
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("haproxy (scripts/test.sh installs it)");
+        Haproxy { port, dir, child }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("haproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- haproxy log ---\n{}", self.log());
+        }
+    }
+}
