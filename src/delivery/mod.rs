@@ -577,6 +577,9 @@ impl Delivery {
                 Ok(conn) => return self.transact(conn, &key, env, (lease, guard), &rcpts).await,
                 Err(e) => {
                     METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
+                    // One line per address, as Postfix's "connect to …" lines:
+                    // the final deferral names only the last one.
+                    tracing::info!(queue_id = %env.id, "{}: {}[{}]:{}: {e}", env.id, target.host, target.addr.ip(), target.addr.port());
                     last_error = format!("{} {e}", e.status());
                 }
             }
