@@ -6,6 +6,7 @@
 
 pub mod destination;
 pub mod fleet;
+pub mod meter;
 pub mod pki;
 pub mod proxy;
 pub mod scanners;
@@ -776,4 +777,22 @@ impl Drop for World {
     fn drop(&mut self) {
         clear_shared_queue(&self.relay.prefix);
     }
+}
+
+/// A /24 of loopback (`127.a.b.0`) where `port` is free on `.1` to `.hosts`,
+/// for peers that must sit on a fixed port (MX hosts on 25). Each test gets
+/// its own block, so tests running at once never meet on one address.
+pub fn loopback_block(port: u16, hosts: u8) -> [u8; 2] {
+    let seed = std::process::id() as usize * 7919 + COUNTER.fetch_add(1, Ordering::Relaxed) * 104_729;
+    for i in 0..1000 {
+        let n = seed + i * 6_700_417;
+        // 127.100.0.0 to 127.199.255.255: clear of 127.0.0.x that other tests use.
+        let block = [100 + (n % 100) as u8, ((n / 100) % 250 + 1) as u8];
+        let free =
+            (1..=hosts).all(|h| TcpListener::bind((std::net::Ipv4Addr::new(127, block[0], block[1], h), port)).is_ok());
+        if free {
+            return block;
+        }
+    }
+    panic!("no loopback block with port {port} free");
 }
