@@ -8,6 +8,7 @@ pub mod destination;
 pub mod fleet;
 pub mod meter;
 pub mod pki;
+pub mod postfix;
 pub mod proxy;
 pub mod scanners;
 pub mod sink;
