@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use support::destination::Destination;
 use support::meter::ConnectionMeter;
+use support::postfix::{Postfix, PostfixOptions};
 use support::sink::SmtpSink;
 use support::*;
 
@@ -142,6 +143,55 @@ fn body_8bitmime_is_passed_on_when_received_with_it_and_offered() {
     let got = without.wait_for(1, WAIT);
     assert_eq!(got[0].rcpts, ["eight@other.example"]);
     assert!(!got[0].mail_params.contains("BODY="), "MAIL args: {:?}", got[0].mail_params);
+}
+
+#[test]
+fn a_message_above_the_size_a_peer_announces_is_not_sent_and_bounces_5_3_4() {
+    // Postfix's smtpd announces "SIZE 20000".
+    let postfix = Postfix::start(&PostfixOptions {
+        domains: &[LISTED],
+        main_cf: &["message_size_limit = 20000"],
+        ..Default::default()
+    });
+    let home = SmtpSink::start();
+    let dns = Dns::start(&["sender.example"], &[LISTED, "home.example"]);
+    let d =
+        Delivering::start(&dns, &[(LISTED, "127.0.0.1", postfix.port), ("home.example", "127.0.0.1", home.port)], &[]);
+    submit(&d.relay, "bob@home.example", "small@friet.pan");
+    let got = postfix.wait_delivered(1, WAIT);
+    assert!(String::from_utf8_lossy(&got[0]).contains("Delivered-To: small@friet.pan"));
+
+    let mut big = String::from("From: bob@home.example\r\nSubject: big\r\n\r\n");
+    (0..300).for_each(|_| big.push_str(&format!("{}\r\n", "x".repeat(98))));
+    let id = submit_raw(&d.relay, "MAIL FROM:<bob@home.example>", "RCPT TO:<big@friet.pan>", big.as_bytes());
+    let dsn = home.wait_for(1, WAIT);
+    assert_eq!((dsn[0].mail_from.as_str(), dsn[0].rcpts.as_slice()), ("", &["bob@home.example".to_string()][..]));
+    let text = String::from_utf8_lossy(&dsn[0].content);
+    assert!(text.contains("Final-Recipient: rfc822; big@friet.pan") && text.contains("Status: 5.3.4"), "{text}");
+    assert!(text.contains(&id), "{text}");
+    let lines = lines_for(&d.relay.log(), "big@friet.pan");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("dsn=5.3.4, status=bounced (message size") && lines[0].contains("exceeds the limit 20000")
+    );
+    // What Postfix saw: once the relay's cached session is closed (after
+    // 2 s idle), the per-session command counts add up to one MAIL only.
+    let smtpd = |what: &str| postfix.log().lines().filter(|l| l.contains("postfix/smtpd[") && l.contains(what)).count();
+    wait_until("the relay's sessions with Postfix closed", WAIT, || {
+        smtpd("]: connect from") == smtpd("]: disconnect from")
+    });
+    let mails: u32 = postfix
+        .log()
+        .lines()
+        .filter(|l| l.contains("]: disconnect from"))
+        .flat_map(|l| {
+            l.split_whitespace().filter_map(|w| w.strip_prefix("mail=")).map(str::to_string).collect::<Vec<_>>()
+        })
+        // "mail=1" or, with refusals, "mail=1/2" (accepted/sent).
+        .map(|n| n.rsplit('/').next().unwrap_or("0").parse::<u32>().unwrap_or(0))
+        .sum();
+    assert_eq!(mails, 1, "MAIL commands Postfix received:\n{}", postfix.log());
+    assert_eq!(postfix.delivered().len(), 1);
 }
 
 #[test]
