@@ -104,8 +104,9 @@ fn a_peer_without_esmtp_gets_mail_after_helo_and_smtputf8_mail_to_it_bounces_5_6
         submit_raw(&d.relay, "MAIL FROM:<bob@friet.pan> SMTPUTF8", "RCPT TO:<jürgen@friet.pan>", content.as_bytes());
     // The DSN comes back to bob, through the same HELO-only peer.
     let got = sink.wait_for(2, WAIT);
+    // smtp-sink dumps the envelope's non-ASCII octets as '?': "j??rgen@…".
     assert!(
-        got.iter().all(|m| !m.rcpts.iter().any(|r| r.starts_with("jürgen"))),
+        got.iter().all(|m| !m.rcpts.iter().any(|r| r.ends_with("rgen@friet.pan"))),
         "the UTF-8 message was sent: {got:#?}"
     );
     let dsn = got.iter().find(|m| m.mail_from.is_empty()).unwrap_or_else(|| panic!("no DSN from <>: {got:#?}"));

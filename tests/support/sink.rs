@@ -36,7 +36,8 @@ pub struct SinkMessage {
     pub mail_params: String,
     /// `SMTP` after HELO, `ESMTP` after EHLO (`X-Client-Proto`).
     pub proto: String,
-    /// Every RCPT TO address (smtp-sink accepts all), in order, without `<>`.
+    /// Every RCPT TO address (smtp-sink accepts all), in order, without `<>`;
+    /// smtp-sink writes non-ASCII octets of the envelope as `?`.
     pub rcpts: Vec<String>,
     /// Argument of the last EHLO/HELO ("" if the client sent none).
     pub helo: String,
