@@ -5,9 +5,13 @@
 //! offered), a private Postfix smtpd announcing `SIZE` (a message above it
 //! is not sent: 5.3.4), `delivery.destination_concurrency` as the peer sees
 //! it (a connection meter in front of smtp-sink), every A/AAAA address of a
-//! relay host tried in turn (dnsmasq), and MX delivery on port 25 of
-//! private loopback addresses for mail relayed for `mynetworks` and for
-//! DSNs to outside senders (preference order, equal preferences shuffled).
+//! relay host tried in turn (dnsmasq), an IPv6 literal relay host, and MX
+//! delivery on port 25 of private loopback addresses for mail relayed for
+//! `mynetworks` and for DSNs to outside senders (preference order, equal
+//! preferences shuffled, A fallback without MX, null MX → 5.1.10).
+//!
+//! Runs as root, as `scripts/test.sh` does: MX hosts listen on port 25 and
+//! Postfix's master starts as root.
 
 mod support;
 
@@ -326,4 +330,57 @@ fn mx_delivery_for_mynetworks_and_dsns_prefers_low_preference_and_shuffles_equal
     let text = String::from_utf8_lossy(&got[0].content);
     assert!(text.contains("Final-Recipient: rfc822; perm1@friet.pan") && text.contains("Status: 5.1.1"), "{text}");
     assert!(d.relay.log().contains(&format!("to=<bob@far.example>, relay=mx4.peers.test[{}]:25", ip(4))));
+}
+
+#[test]
+fn a_domain_without_mx_gets_mail_at_its_address_and_a_null_mx_bounces_5_1_10() {
+    let [x, y] = loopback_block(25, 2);
+    let (plain_ip, far_ip) = (Ipv4Addr::new(127, x, y, 1), Ipv4Addr::new(127, x, y, 2));
+    let plain = SmtpSink::start_at(IpAddr::V4(plain_ip), 25, &[]);
+    let far = SmtpSink::start_at(IpAddr::V4(far_ip), 25, &[]);
+    let dns = Dns::start_with(
+        &["sender.example"],
+        &[LISTED],
+        &[
+            // No MX: RFC 5321 §5.1, the name's own address.
+            &format!("--host-record=plain.example,{plain_ip}"),
+            // RFC 7505: "MX 0 ." says the domain takes no mail.
+            "--mx-host=nullmx.example,.,0",
+            "--mx-host=far.example,mx.far.example,10",
+            &format!("--host-record=mx.far.example,{far_ip}"),
+        ],
+    );
+    let d = Delivering::start(&dns, &[], &[]);
+    let from_mynetworks = |to: &str| {
+        let args =
+            ["--local-interface", "127.0.0.9", "--from", "bob@far.example", "--to", to, "--helo", "client.example"];
+        let (code, out) = swaks(&d.relay.addr(), &args);
+        assert_eq!(code, 0, "{out}");
+    };
+    from_mynetworks("u@plain.example");
+    from_mynetworks("u@nullmx.example");
+    let got = plain.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["u@plain.example"]);
+    // The DSN for the null MX goes to bob by far.example's MX.
+    let got = far.wait_for(1, WAIT);
+    assert_eq!((got[0].mail_from.as_str(), got[0].rcpts.as_slice()), ("", &["bob@far.example".to_string()][..]));
+    let text = String::from_utf8_lossy(&got[0].content);
+    assert!(text.contains("Final-Recipient: rfc822; u@nullmx.example") && text.contains("Status: 5.1.10"), "{text}");
+    let lines = lines_for(&d.relay.log(), "u@nullmx.example");
+    assert_eq!(lines.len(), 1, "bounced at once, never deferred: {lines:#?}");
+    assert!(lines[0].contains("relay=none") && lines[0].contains("dsn=5.1.10, status=bounced"), "{}", lines[0]);
+    assert_eq!(plain.messages().len() + far.messages().len(), 2, "nothing else was sent");
+}
+
+#[test]
+fn an_ipv6_literal_relay_host_is_delivered_to() {
+    let port = TcpListener::bind("[::1]:0").expect("IPv6 loopback").local_addr().unwrap().port();
+    let sink = SmtpSink::start_at(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port, &[]);
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let d = Delivering::start(&dns, &[(LISTED, "::1", port)], &[]);
+    submit(&d.relay, SENDER, "six@friet.pan");
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["six@friet.pan"]);
+    let log = d.relay.log();
+    assert!(log.contains(&format!("to=<six@friet.pan>, relay=::1[::1]:{port}")), "{log}");
 }
