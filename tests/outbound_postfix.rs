@@ -5,6 +5,8 @@
 //! name the certificate does not carry). The failure modes a real server
 //! will not produce on demand (broken handshakes, refused STARTTLS) stay in
 //! `outbound_tls.rs` with the scripted destination.
+//!
+//! Runs as root, as `scripts/test.sh` does: Postfix's master starts as root.
 
 mod support;
 
@@ -93,6 +95,20 @@ fn encrypt_delivers_over_starttls_to_postfix() {
         "{sent}"
     );
     assert_eq!(s.tls_count("encrypt", "tls"), 1.0);
+}
+
+#[test]
+fn may_the_default_uses_starttls_when_postfix_offers_it() {
+    let pki = TestPki::localhost();
+    let postfix = postfix_with_tls(&pki);
+    let s = Setup::start(&[(LISTED, "127.0.0.1", postfix.port)], "");
+    s.send("m@friet.pan");
+    let got = postfix.wait_delivered(1, WAIT);
+    let received = postfix_received(&got[0]);
+    assert!(received.contains("with ESMTPS") && received.contains("(using TLSv1.3 with cipher"), "{received}");
+    assert_eq!(s.tls_count("may", "tls"), 1.0);
+    let fallback = s.relay.metric("mxrelay_delivery_tls_total{policy=\"may\",result=\"fallback_clear\"}");
+    assert!(fallback.is_none_or(|n| n == 0.0), "no fallback to clear: {fallback:?}");
 }
 
 #[test]
