@@ -177,7 +177,9 @@ fn a_message_above_the_size_a_peer_announces_is_not_sent_and_bounces_5_3_4() {
     let lines = lines_for(&d.relay.log(), "big@friet.pan");
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
-        lines[0].contains("dsn=5.3.4, status=bounced (message size") && lines[0].contains("exceeds the limit 20000")
+        lines[0].contains("dsn=5.3.4, status=bounced (message size") && lines[0].contains("exceeds the limit 20000"),
+        "{}",
+        lines[0]
     );
     // What Postfix saw: once the relay's cached session is closed (after
     // 2 s idle), the per-session command counts add up to one MAIL only.
