@@ -116,7 +116,9 @@ fn a_peer_without_esmtp_gets_mail_after_helo_and_smtputf8_mail_to_it_bounces_5_6
     let dsn = got.iter().find(|m| m.mail_from.is_empty()).unwrap_or_else(|| panic!("no DSN from <>: {got:#?}"));
     assert_eq!(dsn.rcpts, ["bob@friet.pan"]);
     let text = String::from_utf8_lossy(&dsn.content);
-    assert!(text.contains("Status: 5.6.7\n") && text.contains("jürgen@friet.pan"), "{text}");
+    // RFC 6533 §3: the UTF-8 address in 7-bit form, exactly.
+    assert!(text.contains("Final-Recipient: utf-8; j\\x{FC}rgen@friet.pan\nAction: failed\nStatus: 5.6.7\n"), "{text}");
+    assert!(text.contains("does not support SMTPUTF8"), "{text}");
     assert!(text.contains(&id), "the DSN names the queue id {id}: {text}");
     let lines = lines_for(&d.relay.log(), "jürgen@friet.pan");
     assert_eq!(lines.len(), 1, "one attempt, final: {lines:#?}");
