@@ -294,6 +294,7 @@ fn every_metric_the_readme_lists_is_exported_with_its_label_values() {
         }
     }
     assert!(missing.is_empty(), "promised by the README, not exported by a fresh node: {missing:?}");
+}
 
 /// SIGHUP reloads the domain snapshot at once. The periodic refresh is an
 /// hour away, so only the signal can make the new domain visible within

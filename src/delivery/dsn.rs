@@ -6,7 +6,8 @@
 //! since bouncing a bounce can loop (RFC 5321 §4.5.5). Callers check first;
 //! `build` also asserts it in debug builds. Every value we write into a header
 //! or status field is printable ASCII (CR, LF and other controls become
-//! spaces, so a remote reply cannot inject fields), no line is longer than
+//! spaces, so a remote reply cannot inject fields; a UTF-8 recipient is
+//! written in RFC 6533's 7-bit `utf-8;` form), no line is longer than
 //! 998 octets (longer ones are truncated) and the output has no bare LF.
 
 use chrono::{DateTime, Utc};
@@ -124,7 +125,7 @@ fn delivery_status(input: &DsnInput<'_>, host: &str) -> Lines {
     status.line(&format!("Arrival-Date: {}", input.arrival_date.to_rfc2822()));
     for rcpt in input.failed {
         status.line("");
-        status.line(&format!("Final-Recipient: rfc822; {}", clean(rcpt.address)));
+        status.line(&format!("Final-Recipient: {}", final_recipient(rcpt.address)));
         status.line("Action: failed");
         status.line(&format!("Status: {}", status_code(rcpt.status, input.expired)));
         if let Some(mta) = rcpt.remote_mta {
@@ -184,6 +185,25 @@ fn boundary(queue_id: &str, host: &str, parts: &[&[u8]]) -> String {
 
 /// Printable ASCII only: controls (CR, LF, tab, …) become spaces so a value
 /// cannot start a new field; non-ASCII becomes '?' since the report is 7-bit.
+/// `rfc822; addr`, or for an address with non-ASCII characters (received
+/// with SMTPUTF8) RFC 6533 §3's `utf-8; ` with the 7-bit utf-8-addr-xtext
+/// form: every character but QCHAR (printable ASCII except `+`, `=`, `\`)
+/// as `\x{HEX}`, so the field stays ASCII and still names the address
+/// exactly (`clean` would turn `ü` into `?`).
+fn final_recipient(address: &str) -> String {
+    if address.is_ascii() {
+        return format!("rfc822; {}", clean(address));
+    }
+    let mut out = String::from("utf-8; ");
+    for c in address.chars() {
+        match c {
+            '!'..='~' if !matches!(c, '+' | '=' | '\\') => out.push(c),
+            c => out.push_str(&format!("\\x{{{:02X}}}", u32::from(c))),
+        }
+    }
+    out
+}
+
 fn clean(value: &str) -> String {
     value
         .chars()
@@ -247,6 +267,16 @@ mod tests {
              Diagnostic-Code: smtp; no MX\r\n"
         ));
         assert!(out.contains("<b@x.org>: host mx.example.org said: 550 5.1.1 unknown\r\n"));
+    }
+
+    #[test]
+    fn a_utf8_recipient_is_named_exactly_in_7_bit_form() {
+        let out = render(&[rcpt("jürgen+a=b@bücher.example", "does not support SMTPUTF8")], HEADERS, false);
+        assert!(out.contains("Final-Recipient: utf-8; j\\x{FC}rgen\\x{2B}a\\x{3D}b@b\\x{FC}cher.example\r\n"), "{out}");
+        // Even a control character cannot break the field.
+        let out = render(&[rcpt("é\r\nBcc: x@y", "no")], HEADERS, false);
+        assert!(out.contains("Final-Recipient: utf-8; \\x{E9}\\x{0D}\\x{0A}Bcc:\\x{20}x@y\r\n"), "{out}");
+        assert!(out.is_ascii());
     }
 
     #[test]

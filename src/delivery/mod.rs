@@ -541,11 +541,7 @@ impl Delivery {
     /// `retry_min` doubled per attempt up to `retry_max`, ±10 % jitter so a
     /// cluster's retries do not arrive in lockstep.
     fn backoff(&self, attempts: u32) -> Duration {
-        let d = &self.config.delivery;
-        let exp = attempts.saturating_sub(1).min(20);
-        let base = d.retry_min.saturating_mul(1 << exp).min(d.retry_max);
-        let jitter = rand::random_range(0.9..1.1);
-        base.mul_f64(jitter)
+        retry_delay(self.config.delivery.retry_min, self.config.delivery.retry_max, attempts)
     }
 
     /// Delivers to one destination; one fate per recipient index.
@@ -581,6 +577,9 @@ impl Delivery {
                 Ok(conn) => return self.transact(conn, &key, env, (lease, guard), &rcpts).await,
                 Err(e) => {
                     METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
+                    // One line per address, as Postfix's "connect to …" lines:
+                    // the final deferral names only the last one.
+                    tracing::info!(queue_id = %env.id, "{}: {}[{}]:{}: {e}", env.id, target.host, target.addr.ip(), target.addr.port());
                     last_error = format!("{} {e}", e.status());
                 }
             }
@@ -839,6 +838,16 @@ impl Delivery {
     }
 }
 
+/// The wait after `attempts` attempts: `min` doubled per attempt after the
+/// first, at most `max`, then ±10 % jitter (Postfix's backoff, spread out).
+fn retry_delay(min: Duration, max: Duration, attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(20);
+    let base = min.saturating_mul(1 << exp).min(max);
+    let jitter: f64 = rand::random_range(0.9..1.1);
+    // Saturates instead of panicking near `Duration::MAX` (a huge retry_max).
+    Duration::try_from_secs_f64(base.as_secs_f64() * jitter).unwrap_or(Duration::MAX)
+}
+
 /// What an attempt leaves for the queue to store.
 enum Settlement {
     /// Every recipient is final.
@@ -906,6 +915,64 @@ impl BodySource for LeasedBody<'_> {
                 Err(SpoolError::LeaseLost(self.id.clone()))
             }
             piece => Ok(piece),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `min` doubled per attempt after the first, capped at `max`.
+    fn base(min: Duration, max: Duration, attempts: u32) -> Duration {
+        let mut d = min;
+        for _ in 1..attempts {
+            d = (d * 2).min(max);
+        }
+        d.min(max)
+    }
+
+    fn within_jitter(got: Duration, base: Duration) -> bool {
+        // ±10 %, with a nanosecond of slack for the float conversion.
+        let (lo, hi) = (base.mul_f64(0.9), base.mul_f64(1.1));
+        got + Duration::from_nanos(1) >= lo && got <= hi + Duration::from_nanos(1)
+    }
+
+    #[test]
+    fn retry_delay_doubles_from_retry_min_to_retry_max_within_jitter() {
+        let (min, max) = (Duration::from_secs(60), Duration::from_secs(3600));
+        // 60, 120, 240, 480, 960, 1920, then 3600 for ever (no overflow
+        // past the 20th doubling either).
+        assert_eq!(base(min, max, 1), min);
+        assert_eq!(base(min, max, 6), Duration::from_secs(1920));
+        assert_eq!(base(min, max, 7), max);
+        for attempts in 0..=200 {
+            let expected = base(min, max, attempts.max(1));
+            for _ in 0..50 {
+                let got = retry_delay(min, max, attempts);
+                assert!(within_jitter(got, expected), "attempt {attempts}: {got:?} not within 10 % of {expected:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn retry_delay_jitter_varies_over_the_whole_band() {
+        let (min, max) = (Duration::from_secs(60), Duration::from_secs(3600));
+        let samples: Vec<Duration> = (0..1000).map(|_| retry_delay(min, max, 3)).collect();
+        let (lo, hi) = (samples.iter().min().unwrap(), samples.iter().max().unwrap());
+        let distinct: HashSet<Duration> = samples.iter().copied().collect();
+        assert!(distinct.len() > 900, "only {} distinct delays in 1000", distinct.len());
+        // Uniform over 216 s..264 s: 1000 draws all inside 222 s..258 s would
+        // happen with probability 0.75^1000.
+        assert!(*lo < Duration::from_secs(222) && *hi > Duration::from_secs(258), "band {lo:?}..{hi:?}");
+    }
+
+    #[test]
+    fn retry_delay_saturates_instead_of_panicking_for_huge_bounds() {
+        // With the jitter above 1.0, `Duration::mul_f64` would overflow.
+        for attempts in [1, 2, 30, u32::MAX] {
+            let got = retry_delay(Duration::MAX, Duration::MAX, attempts);
+            assert!(got >= Duration::MAX.mul_f64(0.9), "{got:?}");
         }
     }
 }

@@ -7,7 +7,9 @@
 pub mod destination;
 pub mod fleet;
 pub mod haproxy;
+pub mod meter;
 pub mod pki;
+pub mod postfix;
 pub mod proxy;
 pub mod scanners;
 pub mod sink;
@@ -910,4 +912,22 @@ pub fn rcpt_reply(addr: &str, rcpt: &str) -> String {
     let mut c = Raw::ehlo(addr);
     c.cmd(&format!("MAIL FROM:<{SENDER}>"));
     c.cmd(&format!("RCPT TO:<{rcpt}>"))
+}
+
+/// A /24 of loopback (`127.a.b.0`) where `port` is free on `.1` to `.hosts`,
+/// for peers that must sit on a fixed port (MX hosts on 25). Each test gets
+/// its own block, so tests running at once never meet on one address.
+pub fn loopback_block(port: u16, hosts: u8) -> [u8; 2] {
+    let seed = std::process::id() as usize * 7919 + COUNTER.fetch_add(1, Ordering::Relaxed) * 104_729;
+    for i in 0..1000 {
+        let n = seed + i * 6_700_417;
+        // 127.100.0.0 to 127.199.255.255: clear of 127.0.0.x that other tests use.
+        let block = [100 + (n % 100) as u8, ((n / 100) % 250 + 1) as u8];
+        let free =
+            (1..=hosts).all(|h| TcpListener::bind((std::net::Ipv4Addr::new(127, block[0], block[1], h), port)).is_ok());
+        if free {
+            return block;
+        }
+    }
+    panic!("no loopback block with port {port} free");
 }

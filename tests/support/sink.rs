@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,13 +25,19 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const BIND_RETRY: Duration = Duration::from_secs(5);
 /// Ephemeral ports tried by `start` before giving up.
 const START_ATTEMPTS: usize = 5;
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// One mail transaction as smtp-sink dumped it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SinkMessage {
     /// The MAIL FROM address without `<>` and ESMTP parameters ("" for `<>`).
     pub mail_from: String,
-    /// Every RCPT TO address (smtp-sink accepts all), in order, without `<>`.
+    /// The ESMTP parameters after the MAIL FROM path, as sent (`BODY=8BITMIME`).
+    pub mail_params: String,
+    /// `SMTP` after HELO, `ESMTP` after EHLO (`X-Client-Proto`).
+    pub proto: String,
+    /// Every RCPT TO address (smtp-sink accepts all), in order, without `<>`;
+    /// smtp-sink writes non-ASCII octets of the envelope as `?`.
     pub rcpts: Vec<String>,
     /// Argument of the last EHLO/HELO ("" if the client sent none).
     pub helo: String,
@@ -51,6 +57,8 @@ impl SinkMessage {
 /// A running `smtp-sink` capturing to a private directory.
 pub struct SmtpSink {
     pub port: u16,
+    /// The address it listens on (127.0.0.1 unless started with `start_at`).
+    pub ip: IpAddr,
     dir: tempfile::TempDir,
     /// Canonical path of the dump directory, as `/proc/<pid>/fd` shows it.
     dump_dir: PathBuf,
@@ -69,7 +77,7 @@ impl SmtpSink {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
             let port = super::free_port();
-            match Self::try_start(port, options) {
+            match Self::try_start(LOCALHOST, port, options) {
                 Ok(sink) => return sink,
                 // Another process took the port between probe and bind.
                 Err(e) => last_error = e,
@@ -83,7 +91,7 @@ impl SmtpSink {
     pub fn start_on(port: u16) -> SmtpSink {
         let started = Instant::now();
         loop {
-            match Self::try_start(port, &[]) {
+            match Self::try_start(LOCALHOST, port, &[]) {
                 Ok(sink) => return sink,
                 Err(e) if started.elapsed() >= BIND_RETRY => panic!("smtp-sink on 127.0.0.1:{port}: {e}"),
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -91,7 +99,20 @@ impl SmtpSink {
         }
     }
 
-    fn try_start(port: u16, options: &[&str]) -> Result<SmtpSink, String> {
+    /// Starts on `ip:port` (any loopback address, e.g. `127.4.0.2:25` for
+    /// an MX host), retrying for a few seconds while the port is busy.
+    pub fn start_at(ip: IpAddr, port: u16, options: &[&str]) -> SmtpSink {
+        let started = Instant::now();
+        loop {
+            match Self::try_start(ip, port, options) {
+                Ok(sink) => return sink,
+                Err(e) if started.elapsed() >= BIND_RETRY => panic!("smtp-sink on {ip}:{port}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    fn try_start(ip: IpAddr, port: u16, options: &[&str]) -> Result<SmtpSink, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let dump = dir.path().join("dump");
         fs::create_dir(&dump).map_err(|e| format!("create {}: {e}", dump.display()))?;
@@ -111,14 +132,14 @@ impl SmtpSink {
         // `-d`: one file per transaction, named by the template plus a random
         // hex id; created at MAIL, written through, closed after the final dot.
         let template = format!("{}/%Y%m%d%H%M%S.", dump_dir.display());
-        cmd.arg("-d").arg(&template).args(options).arg(format!("127.0.0.1:{port}")).arg("100");
+        cmd.arg("-d").arg(&template).args(options).arg(SocketAddr::new(ip, port).to_string()).arg("100");
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .spawn()
             .map_err(|e| format!("{SMTP_SINK} (scripts/test.sh installs postfix): {e}"))?;
-        let mut sink = SmtpSink { port, dir, dump_dir, child: Some(child) };
+        let mut sink = SmtpSink { port, ip, dir, dump_dir, child: Some(child) };
         sink.wait_ready()?;
         Ok(sink)
     }
@@ -136,7 +157,7 @@ impl SmtpSink {
             if started.elapsed() >= READY_TIMEOUT {
                 return Err(format!("smtp-sink not ready within {READY_TIMEOUT:?}: {}", self.log().trim()));
             }
-            if greets(self.port) {
+            if greets(SocketAddr::new(self.ip, self.port)) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -144,7 +165,7 @@ impl SmtpSink {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        SocketAddr::new(self.ip, self.port).to_string()
     }
 
     /// Every finished transaction so far, oldest first (by the time its dump
@@ -244,9 +265,9 @@ fn running_as_root() -> bool {
     fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
-/// True when something on `port` sends an SMTP greeting.
-fn greets(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+/// True when something on `addr` sends an SMTP greeting.
+fn greets(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut greeting = String::new();
     let ok = stream.try_clone().map(BufReader::new).and_then(|mut r| r.read_line(&mut greeting)).is_ok();
@@ -274,14 +295,20 @@ fn parse_dump(bytes: &[u8]) -> Option<SinkMessage> {
     let mut rest = bytes;
     let mut helo = String::new();
     let mut mail_from = None;
+    let mut mail_params = String::new();
+    let mut proto = String::new();
     let mut rcpts = Vec::new();
     loop {
         let line = String::from_utf8_lossy(next_line(&mut rest)?).into_owned();
         let (name, value) = line.split_once(": ").unwrap_or((&line, ""));
         match name {
-            "X-Client-Addr" | "X-Client-Proto" => {}
+            "X-Client-Addr" => {}
+            "X-Client-Proto" => proto = value.to_string(),
             "X-Helo-Args" => helo = value.to_string(),
-            "X-Mail-Args" => mail_from = Some(address(value)),
+            "X-Mail-Args" => {
+                mail_from = Some(address(value));
+                mail_params = value.split_once('>').map_or("", |(_, rest)| rest).trim().to_string();
+            }
             "X-Rcpt-Args" => rcpts.push(address(value)),
             "Received" => break,
             _ => return None,
@@ -295,7 +322,7 @@ fn parse_dump(bytes: &[u8]) -> Option<SinkMessage> {
     }
     // The terminator's LF is the last byte; without it the file is cut short.
     let content = rest.strip_suffix(b"\n")?.to_vec();
-    Some(SinkMessage { mail_from: mail_from?, rcpts, helo, content })
+    Some(SinkMessage { mail_from: mail_from?, mail_params, proto, rcpts, helo, content })
 }
 
 /// The next LF-terminated line, without its LF; `None` if there is none.
