@@ -313,3 +313,38 @@ fn mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
     let mut q = c.relays[0].queue(SHARED_REDIS);
     wait_until("expired message removed", Duration::from_secs(10), || q.message_count() == 0);
 }
+
+/// A destination that took some recipients and refused one with 4xx (a
+/// full mailbox) is up: its later successes do not release that message
+/// early (fast drain is for destinations that were down), it waits for
+/// its backoff.
+#[test]
+fn a_recipient_4xx_at_a_destination_that_is_up_waits_for_its_backoff() {
+    let dest = Destination::start();
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", dest.port)],
+        &[
+            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
+    );
+    let (code, out) =
+        swaks(&c.addr(), &["--from", SENDER, "--to", "ok@friet.pan,temp1@friet.pan", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("deferred for temp1", Duration::from_secs(20), || q.deferred_count() == 1);
+    for i in 0..3 {
+        let (code, out) =
+            swaks(&c.addr(), &["--from", SENDER, "--to", &format!("later{i}@friet.pan"), "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+        dest.wait_for(2 + i, Duration::from_secs(20));
+    }
+    // Each later message was delivered and settled before the next was sent.
+    wait_until("later messages settled", Duration::from_secs(10), || q.message_count() == 1);
+    let log = c.relays[0].log();
+    assert_eq!(log.matches("to=<temp1@friet.pan>").count(), 1, "temp1 retried before its backoff:\n{log}");
+    assert!(!log.contains("releasing its deferred messages"), "{log}");
+    assert_eq!(q.deferred_count(), 1);
+}

@@ -379,15 +379,15 @@ impl Delivery {
         loop {
             let result = match &settlement {
                 Settlement::Complete => self.spool.complete(lease).await,
-                Settlement::Defer { env, due, destinations } => self.spool.defer(lease, env, *due, destinations).await,
+                Settlement::Defer { env, due, destinations, .. } => self.spool.defer(lease, env, *due, destinations).await,
                 Settlement::Skip => self.spool.skip(lease).await,
                 Settlement::HandBack => self.spool.hand_back(lease).await,
                 Settlement::Quarantine => self.spool.quarantine(lease).await,
             };
             match result {
                 Ok(()) => {
-                    if let Settlement::Defer { destinations, .. } = &settlement {
-                        self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).extend(destinations.iter().cloned());
+                    if let Settlement::Defer { down, .. } = &settlement {
+                        self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).extend(down.iter().cloned());
                     }
                     if logged {
                         tracing::info!(queue_id = %lease.id, "{}: delivery result stored after retrying", lease.id);
@@ -517,10 +517,10 @@ impl Delivery {
         }
         // Fast drain: a destination that had deferred mail and now accepts.
         // (Before this message is deferred again, so it cannot release itself.)
-        for key in recovered {
-            let known = self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        for key in &recovered {
+            let known = self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
             if had_deferred || known {
-                match self.spool.release(&key, self.config.delivery.destination_concurrency).await {
+                match self.spool.release(key, self.config.delivery.destination_concurrency).await {
                     Ok(n) if n > 0 => {
                         tracing::info!(destination = %key, released = n, "destination accepts mail again: releasing its deferred messages")
                     }
@@ -532,7 +532,8 @@ impl Delivery {
         if env.recipients.iter().any(|r| r.state == RecipientState::Pending) {
             let due = chrono::Utc::now().timestamp_millis() + self.backoff(env.attempts).as_millis() as i64;
             let destinations: Vec<String> = pending_destinations.into_iter().collect();
-            Settlement::Defer { env: Box::new(env), due, destinations }
+            let down = destinations.iter().filter(|d| !recovered.contains(d)).cloned().collect();
+            Settlement::Defer { env: Box::new(env), due, destinations, down }
         } else {
             Settlement::Complete
         }
@@ -855,7 +856,14 @@ enum Settlement {
     Defer {
         env: Box<Envelope>,
         due: i64,
+        /// Every destination with a pending recipient (the spool's index:
+        /// ETRN and `queue flush --domain` release by it).
         destinations: Vec<String>,
+        /// Those of them that took nothing in this attempt: down, as far
+        /// as this node knows. Only these arm the fast drain; a recipient
+        /// refused with 4xx by a destination that took others (a full
+        /// mailbox) waits for its backoff, not for the next success there.
+        down: Vec<String>,
     },
     /// Held, or not this entry's message any more.
     Skip,
