@@ -53,11 +53,20 @@ fn three_nodes_one_killed_while_delivering_destination_down_at_first_nothing_los
     let copies: Vec<Copy> = up.messages().iter().chain(&down.messages()).map(Copy::from_destination).collect();
     let t = tally(&accepted, &fleet.refused(), &copies);
     let takeovers = fleet.metric(&[0, 2], "mxrelay_queue_lease_takeovers_total");
-    report("cluster_node_killed", &t, drained - recovered, &format!("in_flight={} takeovers={takeovers}", in_flight.len()));
+    report(
+        "cluster_node_killed",
+        &t,
+        drained - recovered,
+        &format!("in_flight={} takeovers={takeovers}", in_flight.len()),
+    );
     assert!(t.lost.is_empty(), "{} accepted messages never delivered: {:?}", t.lost.len(), t.lost);
     assert_eq!(t.truncated, 0, "copies not intact");
     assert!(down.messages().len() >= 400, "{} copies for the destination that was down", down.messages().len());
-    assert!(takeovers >= in_flight.len() as f64, "{} leases of the killed node, {takeovers} taken over", in_flight.len());
+    assert!(
+        takeovers >= in_flight.len() as f64,
+        "{} leases of the killed node, {takeovers} taken over",
+        in_flight.len()
+    );
     assert!(t.duplicated <= in_flight.len(), "{} duplicates, {} in flight at the kill", t.duplicated, in_flight.len());
     let unexplained: Vec<&String> = t.duplicated_ids.iter().filter(|id| !in_flight.contains(*id)).collect();
     assert!(unexplained.is_empty(), "duplicates of messages not in flight at the kill: {unexplained:?}");
@@ -92,7 +101,8 @@ fn redis_restart_with_aof_loses_no_accepted_message() {
     let deadline = Instant::now() + DRAIN;
     for i in 0.. {
         assert!(Instant::now() < deadline, "stuck: {} accepted, {refused} refused, Redis down={down}", ids.len());
-        let (_, out) = swaks(&relay.addr(), &["--from", SENDER, "--to", &format!("r{i}@friet.pan"), "--helo", "client.example"]);
+        let (_, out) =
+            swaks(&relay.addr(), &["--from", SENDER, "--to", &format!("r{i}@friet.pan"), "--helo", "client.example"]);
         codes.extend(reply_codes(&out));
         match queued_id(&out) {
             Some(id) => {
@@ -127,5 +137,8 @@ fn redis_restart_with_aof_loses_no_accepted_message() {
         assert!(Instant::now() < deadline, "accepted but never delivered: {missing:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("redis restart: {} accepted (all delivered), {refused} answered 451 4.3.0 while Redis was down", ids.len());
+    eprintln!(
+        "redis restart: {} accepted (all delivered), {refused} answered 451 4.3.0 while Redis was down",
+        ids.len()
+    );
 }

@@ -65,7 +65,10 @@ fn a_dns_outage_is_a_451_4_4_3_and_counted() {
     let mut c = Raw::ehlo(&w.relay.addr());
     assert!(c.cmd("MAIL FROM:<a@uncached.example>").starts_with("250"));
     let r = c.cmd("RCPT TO:<t@friet.pan>");
-    assert!(r.starts_with("451 4.4.3 <a@uncached.example>: Sender address rejected: Temporary DNS lookup failure"), "{r}");
+    assert!(
+        r.starts_with("451 4.4.3 <a@uncached.example>: Sender address rejected: Temporary DNS lookup failure"),
+        "{r}"
+    );
     assert!(w.relay.value("mxrelay_dns_errors_total") > errors);
     assert!(w.relay.log().contains("DNS lookup failed; deferring"));
 }

@@ -31,19 +31,7 @@ fn world(pki: &TestPki, extra: &[(&'static str, String)]) -> World {
 
 /// `mxrelay users …` against the world's database; `stdin` is piped in.
 fn users(w: &World, args: &[&str], stdin: &str) -> (bool, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
-        .arg("users")
-        .args(args)
-        .env("MXRELAY_DOMAINS_URL", w.db.url())
-        .env("MXRELAY_QUEUE_URL", SHARED_REDIS)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    users_at(&w.db.url(), args, stdin)
 }
 
 /// `openssl s_client` with `args`, sending `input`; returns its output
@@ -64,21 +52,19 @@ fn s_client(args: &[&str], input: &str) -> String {
         .spawn()
         .expect("openssl (scripts/test.sh installs it)");
     let output = Arc::new(Mutex::new(Vec::new()));
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .into_iter()
-    .map(|mut pipe| {
-        let output = output.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                output.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        })
-    })
-    .collect();
+    let readers: Vec<_> =
+        [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+            .into_iter()
+            .map(|mut pipe| {
+                let output = output.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                        output.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                })
+            })
+            .collect();
     let text = || String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
     let mut stdin = child.stdin.take().unwrap();
     if !args.contains(&"-starttls") {

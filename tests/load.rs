@@ -75,5 +75,9 @@ fn a_200_mb_message_is_queued_whole() {
     assert_eq!(q.body(&id).len(), size);
     let received = size - 200 * block.len() - "Subject: big\r\n\r\n".len();
     assert!((100..1000).contains(&received), "{size} bytes stored: more or less than our Received: and the message");
-    eprintln!("200 MB message: peak RSS {} MiB (before: {} MiB; measured by scripts/bench.sh)", peak / 1024, before / 1024);
+    eprintln!(
+        "200 MB message: peak RSS {} MiB (before: {} MiB; measured by scripts/bench.sh)",
+        peak / 1024,
+        before / 1024
+    );
 }

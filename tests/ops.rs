@@ -262,9 +262,13 @@ fn readme_metrics() -> Vec<(String, Option<LabelValues>)> {
         let values = match label {
             Some(l) if !l.contains(',') && after.starts_with('(') => {
                 let list = &after[1..after.find(')').expect("closing parenthesis")];
-                let values: Vec<String> = list.split(',').map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+                let values: Vec<String> =
+                    list.split(',').map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
                 // A prose remark in parentheses is not a list of values.
-                values.iter().all(|v| v.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')).then(|| (l.to_string(), values))
+                values
+                    .iter()
+                    .all(|v| v.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                    .then(|| (l.to_string(), values))
             }
             _ => None,
         };

@@ -10,58 +10,14 @@
 
 mod support;
 
-use std::time::Duration;
-
+use support::outbound::{Outbound, WAIT};
 use support::pki::TestPki;
 use support::postfix::{Postfix, PostfixOptions};
 use support::*;
 
-const WAIT: Duration = Duration::from_secs(30);
-
 /// A private Postfix with STARTTLS taking mail for `friet.pan`.
 fn postfix_with_tls(pki: &TestPki) -> Postfix {
     Postfix::start(&PostfixOptions { domains: &[LISTED, "other.example"], tls: Some(pki), ..Default::default() })
-}
-
-/// A delivering relay whose `[delivery]` section ends with `delivery_toml`,
-/// with `dest.test` and `wrong.test` resolving to 127.0.0.1.
-struct Setup {
-    relay: Relay,
-    _db: TestDb,
-    _dns: Dns,
-}
-
-impl Setup {
-    fn start(domains: &[(&str, &str, u16)], delivery_toml: &str) -> Setup {
-        let dns = Dns::start(&["sender.example", "dest.test", "wrong.test"], &[LISTED, "other.example"]);
-        let db = TestDb::create(&MysqlServer::shared());
-        db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
-        for (domain, host, port) in domains {
-            db.add_domain(domain, host, *port);
-        }
-        // base_config ends inside [delivery].
-        let config = format!("{}{delivery_toml}", base_config(&db.url(), SHARED_REDIS, &dns));
-        let relay = Relay::spawn_with_env(&config, &[("MXRELAY_DELIVERY_ENABLED", "true")]);
-        Setup { relay, _db: db, _dns: dns }
-    }
-
-    fn send(&self, to: &str) -> String {
-        let (code, out) =
-            swaks(&self.relay.addr(), &["--from", "bob@friet.pan", "--to", to, "--helo", "client.example"]);
-        assert_eq!(code, 0, "{out}");
-        queued_id(&out).expect("queue id in the transcript")
-    }
-
-    fn tls_count(&self, policy: &str, result: &str) -> f64 {
-        self.relay.value(&format!("mxrelay_delivery_tls_total{{policy=\"{policy}\",result=\"{result}\"}}"))
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.relay.kill();
-        clear_shared_queue(&self.relay.prefix);
-    }
 }
 
 /// The `Received:` header Postfix's smtpd put on a delivered message.
@@ -81,7 +37,7 @@ fn postfix_received(message: &[u8]) -> String {
 fn encrypt_delivers_over_starttls_to_postfix() {
     let pki = TestPki::localhost();
     let postfix = postfix_with_tls(&pki);
-    let s = Setup::start(&[(LISTED, "127.0.0.1", postfix.port)], "tls_policy = \"encrypt\"\n");
+    let s = Outbound::start(&[(LISTED, "127.0.0.1", postfix.port)], "tls_policy = \"encrypt\"\n");
     s.send("t@friet.pan");
     let got = postfix.wait_delivered(1, WAIT);
     let received = postfix_received(&got[0]);
@@ -101,7 +57,7 @@ fn encrypt_delivers_over_starttls_to_postfix() {
 fn may_the_default_uses_starttls_when_postfix_offers_it() {
     let pki = TestPki::localhost();
     let postfix = postfix_with_tls(&pki);
-    let s = Setup::start(&[(LISTED, "127.0.0.1", postfix.port)], "");
+    let s = Outbound::start(&[(LISTED, "127.0.0.1", postfix.port)], "");
     s.send("m@friet.pan");
     let got = postfix.wait_delivered(1, WAIT);
     let received = postfix_received(&got[0]);
@@ -117,7 +73,8 @@ fn verify_delivers_to_postfix_whose_certificate_chains_to_tls_ca_file_and_matche
     let postfix = postfix_with_tls(&pki);
     let toml = format!("tls_policy = \"verify\"\ntls_ca_file = \"{}\"\n", pki.ca.display());
     // dest.test is in the certificate; wrong.test (same address) is not.
-    let s = Setup::start(&[(LISTED, "dest.test", postfix.port), ("other.example", "wrong.test", postfix.port)], &toml);
+    let s =
+        Outbound::start(&[(LISTED, "dest.test", postfix.port), ("other.example", "wrong.test", postfix.port)], &toml);
     s.send("v@friet.pan");
     let got = postfix.wait_delivered(1, WAIT);
     let received = postfix_received(&got[0]);

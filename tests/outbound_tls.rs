@@ -5,62 +5,12 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::destination::Destination;
+use support::outbound::{Outbound, WAIT};
 use support::pki::TestPki;
 use support::*;
 
 const OTHER: &str = "other.example";
-const WAIT: Duration = Duration::from_secs(20);
-
-/// DNS (`dest.test` → 127.0.0.1), a database listing `domains`, and one
-/// delivering relay whose `[delivery]` section ends with `delivery_toml`.
-struct Setup {
-    relay: Relay,
-    _db: TestDb,
-    _dns: Dns,
-}
-
-impl Setup {
-    fn start(domains: &[(&str, &str, u16)], delivery_toml: &str) -> Setup {
-        let dns = Dns::start(&["sender.example", "dest.test"], &[LISTED, OTHER]);
-        let db = TestDb::create(&MysqlServer::shared());
-        db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
-        for (domain, host, port) in domains {
-            db.add_domain(domain, host, *port);
-        }
-        // base_config ends inside [delivery].
-        let config = format!("{}{delivery_toml}", base_config(&db.url(), SHARED_REDIS, &dns));
-        let relay = Relay::spawn_with_env(&config, &[("MXRELAY_DELIVERY_ENABLED", "true")]);
-        Setup { relay, _db: db, _dns: dns }
-    }
-
-    /// Submits one message from bob@friet.pan; its queue id.
-    fn send(&self, to: &str) -> String {
-        let (code, out) =
-            swaks(&self.relay.addr(), &["--from", "bob@friet.pan", "--to", to, "--helo", "client.example"]);
-        assert_eq!(code, 0, "{out}");
-        queued_id(&out).expect("queue id in the transcript")
-    }
-
-    fn tls_count(&self, policy: &str, result: &str) -> f64 {
-        self.relay.value(&format!("mxrelay_delivery_tls_total{{policy=\"{policy}\",result=\"{result}\"}}"))
-    }
-
-    /// Waits until `id` has been tried `n` times and is still queued.
-    fn wait_attempts(&self, id: &str, n: u32) -> std::collections::HashMap<String, String> {
-        let mut q = self.relay.queue(SHARED_REDIS);
-        wait_until_value(&format!("{n} delivery attempts of {id}"), WAIT, || {
-            q.try_envelope(id).filter(|e| e.get("attempts").and_then(|a| a.parse::<u32>().ok()).unwrap_or(0) >= n)
-        })
-    }
-
-    fn wait_queue_empty(&self) {
-        let mut q = self.relay.queue(SHARED_REDIS);
-        wait_until("queue empty", WAIT, || q.message_count() == 0);
-    }
-}
 
 /// Every recipient of a queued message is still pending, with a reply
 /// containing `text`.
@@ -77,7 +27,7 @@ fn assert_pending_with(envelope: &std::collections::HashMap<String, String>, tex
 fn none_sends_in_clear_although_starttls_is_offered_and_the_map_overrides_per_domain() {
     let pki = TestPki::localhost();
     let dest = Destination::start_tls(&pki);
-    let s = Setup::start(
+    let s = Outbound::start(
         &[(LISTED, "127.0.0.1", dest.port), (OTHER, "127.0.0.1", dest.port)],
         &format!("tls_policy = \"may\"\n[delivery.tls_policy_map]\n\"{LISTED}\" = \"none\"\n"),
     );
@@ -102,7 +52,7 @@ fn may_delivers_over_tls_and_reuses_the_encrypted_session() {
     let dest = Destination::start_tls(&pki);
     // The default level is may; the certificate's CA is not trusted and
     // does not need to be.
-    let s = Setup::start(&[(LISTED, "127.0.0.1", dest.port)], "");
+    let s = Outbound::start(&[(LISTED, "127.0.0.1", dest.port)], "");
     for i in 0..4 {
         s.send(&format!("m{i}@{LISTED}"));
         dest.wait_for(i + 1, WAIT);
@@ -127,7 +77,7 @@ fn may_delivers_over_tls_and_reuses_the_encrypted_session() {
 fn may_falls_back_to_clear_when_starttls_fails_or_is_refused() {
     let broken = Destination::start_tls_broken();
     let refused = Destination::start_tls_refused();
-    let s = Setup::start(
+    let s = Outbound::start(
         &[(LISTED, "127.0.0.1", broken.port), (OTHER, "127.0.0.1", refused.port)],
         "tls_policy = \"may\"\n",
     );
@@ -149,7 +99,7 @@ fn may_falls_back_to_clear_when_starttls_fails_or_is_refused() {
 fn encrypt_defers_when_tls_is_not_offered_or_fails_and_never_falls_back_or_bounces() {
     let plain = Destination::start();
     let broken = Destination::start_tls_broken();
-    let s = Setup::start(
+    let s = Outbound::start(
         &[(LISTED, "127.0.0.1", plain.port), (OTHER, "127.0.0.1", broken.port)],
         "tls_policy = \"encrypt\"\n",
     );
@@ -189,7 +139,7 @@ fn encrypt_delivers_over_tls_without_checking_the_certificate() {
     // Neither trusted nor issued for the host: encrypt does not care.
     let pki = TestPki::new(&["elsewhere.test"]);
     let dest = Destination::start_tls(&pki);
-    let s = Setup::start(&[(LISTED, "127.0.0.1", dest.port)], "tls_policy = \"encrypt\"\n");
+    let s = Outbound::start(&[(LISTED, "127.0.0.1", dest.port)], "tls_policy = \"encrypt\"\n");
     s.send(&format!("e@{LISTED}"));
     assert!(dest.wait_for(1, WAIT)[0].tls);
     s.wait_queue_empty();
@@ -201,7 +151,7 @@ fn encrypt_delivers_over_tls_without_checking_the_certificate() {
 fn verify_delivers_to_an_ip_literal_and_a_named_relay_host_with_the_ca_from_tls_ca_file() {
     let pki = TestPki::localhost();
     let dest = Destination::start_tls(&pki);
-    let s = Setup::start(
+    let s = Outbound::start(
         &[(LISTED, "127.0.0.1", dest.port), (OTHER, "dest.test", dest.port)],
         &format!("tls_policy = \"verify\"\ntls_ca_file = \"{}\"\n", pki.ca.display()),
     );
@@ -226,7 +176,7 @@ fn verify_defers_an_untrusted_certificate_and_one_for_another_name() {
     // other.example: a trusted CA, but the certificate is for another name.
     let misnamed = TestPki::new(&["elsewhere.test"]);
     let misnamed_dest = Destination::start_tls(&misnamed);
-    let s = Setup::start(
+    let s = Outbound::start(
         &[(LISTED, "127.0.0.1", untrusted_dest.port), (OTHER, "127.0.0.1", misnamed_dest.port)],
         &format!("tls_policy = \"verify\"\ntls_ca_file = \"{}\"\n", misnamed.ca.display()),
     );
@@ -244,7 +194,7 @@ fn verify_defers_an_untrusted_certificate_and_one_for_another_name() {
 fn verify_without_tls_ca_file_trusts_only_the_public_roots() {
     let pki = TestPki::localhost();
     let dest = Destination::start_tls(&pki);
-    let s = Setup::start(&[(LISTED, "127.0.0.1", dest.port)], "tls_policy = \"verify\"\n");
+    let s = Outbound::start(&[(LISTED, "127.0.0.1", dest.port)], "tls_policy = \"verify\"\n");
     let id = s.send(&format!("v@{LISTED}"));
     assert_pending_with(
         &s.wait_attempts(&id, 2),

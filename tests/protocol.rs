@@ -3,7 +3,6 @@
 
 mod support;
 
-
 use support::*;
 
 fn start_data(c: &mut Raw) {

@@ -155,7 +155,9 @@ fn mail_the_replicas_did_not_confirm_is_never_delivered_and_wait_blocks_nothing_
         .collect();
     // Asked while commits are blocked in WAIT (as Redis counts them), and
     // answered while they still are: /readyz did not wait behind them.
-    let waiting = || info(&primary, "clients").lines().find_map(|l| l.strip_prefix("blocked_clients:")?.trim().parse::<u32>().ok());
+    let waiting = || {
+        info(&primary, "clients").lines().find_map(|l| l.strip_prefix("blocked_clients:")?.trim().parse::<u32>().ok())
+    };
     wait_until("commits waiting for the replica", Duration::from_secs(4), || waiting() >= Some(1));
     assert!(relay.http_get("/readyz").starts_with("HTTP/1.1 200"), "readyz waited behind WAIT");
     assert!(waiting() >= Some(1), "/readyz answered only once no commit was waiting");

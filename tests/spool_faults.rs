@@ -569,7 +569,9 @@ async fn wait_for_replicas_has_its_own_connection_and_refused_mail_is_withdrawn(
     // them), the rest of the node's traffic does not wait behind them.
     let blocked = || {
         let info = format!("{:?}", redis_cmd(&primary, &["INFO", "clients"]));
-        info.split("blocked_clients:").nth(1).and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok())
+        info.split("blocked_clients:")
+            .nth(1)
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok())
     };
     // (Polled with an async sleep: the commits run on this runtime.)
     let deadline = std::time::Instant::now() + Duration::from_secs(4);

@@ -379,7 +379,9 @@ impl Delivery {
         loop {
             let result = match &settlement {
                 Settlement::Complete => self.spool.complete(lease).await,
-                Settlement::Defer { env, due, destinations, .. } => self.spool.defer(lease, env, *due, destinations).await,
+                Settlement::Defer { env, due, destinations, .. } => {
+                    self.spool.defer(lease, env, *due, destinations).await
+                }
                 Settlement::Skip => self.spool.skip(lease).await,
                 Settlement::HandBack => self.spool.hand_back(lease).await,
                 Settlement::Quarantine => self.spool.quarantine(lease).await,

@@ -8,6 +8,7 @@ pub mod destination;
 pub mod fleet;
 pub mod haproxy;
 pub mod meter;
+pub mod outbound;
 pub mod pki;
 pub mod postfix;
 pub mod proxy;
@@ -330,11 +331,17 @@ impl Dns {
             let dir = tempfile::tempdir().unwrap();
             let port = free_port();
             let mut cmd = Command::new("/usr/sbin/dnsmasq");
-            cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
-                .args(["--listen-address=127.0.0.1", "--interface=lo", "--user=root"])
-                .arg(format!("--port={port}"))
-                .arg(format!("--pid-file={}", dir.path().join("pid").display()))
-                .arg(format!("--log-facility={}", dir.path().join("log").display()));
+            cmd.args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+            ])
+            .args(["--listen-address=127.0.0.1", "--interface=lo", "--user=root"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!("--log-facility={}", dir.path().join("log").display()));
             for h in hosts {
                 cmd.arg(format!("--host-record={h},127.0.0.1"));
             }
@@ -345,8 +352,11 @@ impl Dns {
             cmd.args(extra);
             // Everything else: authoritative "no such domain".
             cmd.arg("--address=/#/");
-            let mut child =
-                cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("dnsmasq (scripts/test.sh installs it)");
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("dnsmasq (scripts/test.sh installs it)");
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(10) {
                 if let Some(status) = child.try_wait().unwrap() {
