@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::destination::Destination;
+use support::destination::{Destination, assert_one_copy_and_one_dsn};
 use support::sink::SmtpSink;
 use support::*;
 
@@ -113,16 +113,7 @@ fn partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
     let id = queued_id(&out).unwrap();
     // The delivered copy (ok) and the DSN to bob for perm1.
     let got = dest.wait_for(2, Duration::from_secs(20));
-    let delivered: Vec<_> = got.iter().filter(|m| !m.mail_from.is_empty()).collect();
-    let dsns: Vec<_> = got.iter().filter(|m| m.mail_from.is_empty()).collect();
-    assert_eq!(delivered.len(), 1);
-    assert_eq!(delivered[0].rcpts, vec!["ok@friet.pan"]);
-    assert_eq!(dsns.len(), 1, "one DSN");
-    assert_eq!(dsns[0].rcpts, vec!["bob@friet.pan"]);
-    let dsn = String::from_utf8_lossy(&dsns[0].data);
-    assert!(dsn.contains("multipart/report") && dsn.contains("Final-Recipient: rfc822; perm1@friet.pan"), "{dsn}");
-    assert!(dsn.contains("Status: 5.1.1") && dsn.contains("Action: failed"), "{dsn}");
-    assert!(!dsn.contains("Final-Recipient: rfc822; temp1@friet.pan"));
+    assert_one_copy_and_one_dsn(&got, "ok@friet.pan", "bob@friet.pan", "perm1@friet.pan");
     assert_eq!(c.relays[0].value("mxrelay_delivery_dsn_total"), 1.0);
     // temp1 is retried (retry_min 1s) while ok and perm1 are never sent again.
     let mut q = c.relays[0].queue(SHARED_REDIS);

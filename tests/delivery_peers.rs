@@ -4,7 +4,7 @@
 //! without 8BITMIME (BODY=8BITMIME passed on only when received with it and
 //! offered), a private Postfix smtpd announcing `SIZE` (a message above it
 //! is not sent: 5.3.4), `delivery.destination_concurrency` as the peer sees
-//! it (a connection meter in front of smtp-sink), every A/AAAA address of a
+//! it (counted by a proxy in front of smtp-sink), every A/AAAA address of a
 //! relay host tried in turn (dnsmasq), an IPv6 literal relay host, and MX
 //! delivery on port 25 of private loopback addresses for mail relayed for
 //! `mynetworks` and for DSNs to outside senders (preference order, equal
@@ -19,8 +19,8 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::time::Duration;
 
 use support::destination::Destination;
-use support::meter::ConnectionMeter;
 use support::postfix::{Postfix, PostfixOptions};
+use support::proxy::Proxy;
 use support::sink::SmtpSink;
 use support::*;
 
@@ -209,15 +209,13 @@ fn destination_concurrency_caps_the_sessions_the_peer_sees() {
     const LIMIT: usize = 2;
     // smtp-sink waits 1 s before answering DATA, so sessions overlap.
     let sink = SmtpSink::start_with(&["-w", "1"]);
-    let meter = ConnectionMeter::start(sink.addr().parse().unwrap());
+    let meter = Proxy::start(&sink.addr());
     let dns = Dns::start(&["sender.example"], &[LISTED]);
     let db = listing(&[(LISTED, "127.0.0.1", meter.port)]);
     let config = base_config(&db.url(), SHARED_REDIS, &dns);
     let prefix = unique("mxrq");
     // Queued first on a node that does not deliver, so the delivering node
     // finds all of them at once and only the limit holds it back.
-    // Declared first, dropped last: after both nodes are stopped.
-    let _cleanup = QueueCleanup(prefix.clone());
     let receiver = Relay::spawn_in_queue(&config, &[], &prefix);
     for i in 0..MESSAGES {
         submit(&receiver, SENDER, &format!("c{i}@friet.pan"));
@@ -229,16 +227,7 @@ fn destination_concurrency_caps_the_sessions_the_peer_sees() {
         &prefix,
     );
     sink.wait_for(MESSAGES, WAIT);
-    assert_eq!(meter.max_open(), LIMIT, "most sessions open at once ({} accepted)", meter.accepted());
-}
-
-/// Removes a queue prefix's keys from the shared Redis on drop.
-struct QueueCleanup(String);
-
-impl Drop for QueueCleanup {
-    fn drop(&mut self) {
-        clear_shared_queue(&self.0);
-    }
+    assert_eq!(meter.max_open(), LIMIT, "most sessions open at once ({} accepted)", meter.connections());
 }
 
 #[test]

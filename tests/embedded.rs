@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::destination::Destination;
+use support::destination::{Destination, assert_one_copy_and_one_dsn};
 use support::sink::SmtpSink;
 use support::*;
 
@@ -361,16 +361,7 @@ fn embedded_partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
     e.add_domain(LISTED, dest.port);
     let id = e.send("bob@friet.pan", "ok@friet.pan,temp1@friet.pan,perm1@friet.pan");
     let got = dest.wait_for(2, Duration::from_secs(20));
-    let delivered: Vec<_> = got.iter().filter(|m| !m.mail_from.is_empty()).collect();
-    let dsns: Vec<_> = got.iter().filter(|m| m.mail_from.is_empty()).collect();
-    assert_eq!(delivered.len(), 1);
-    assert_eq!(delivered[0].rcpts, vec!["ok@friet.pan"]);
-    assert_eq!(dsns.len(), 1, "one DSN");
-    assert_eq!(dsns[0].rcpts, vec!["bob@friet.pan"]);
-    let dsn = String::from_utf8_lossy(&dsns[0].data);
-    assert!(dsn.contains("multipart/report") && dsn.contains("Final-Recipient: rfc822; perm1@friet.pan"), "{dsn}");
-    assert!(dsn.contains("Status: 5.1.1") && dsn.contains("Action: failed"), "{dsn}");
-    assert!(!dsn.contains("Final-Recipient: rfc822; temp1@friet.pan"), "{dsn}");
+    assert_one_copy_and_one_dsn(&got, "ok@friet.pan", "bob@friet.pan", "perm1@friet.pan");
 
     wait_until("three attempts", Duration::from_secs(30), || e.attempts(&id) >= 3);
     let shown = e.json(&["queue", "show", &id, "--json"]);

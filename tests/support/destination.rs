@@ -235,6 +235,23 @@ impl Drop for Destination {
     }
 }
 
+/// Asserts that `got` is one copy for `delivered` alone and one DSN from
+/// `<>` to `sender` reporting `bounced` failed with 5.1.1 (and naming no
+/// other recipient, such as one still pending). Returns the DSN's text.
+pub fn assert_one_copy_and_one_dsn(got: &[Received], delivered: &str, sender: &str, bounced: &str) -> String {
+    let copies: Vec<_> = got.iter().filter(|m| !m.mail_from.is_empty()).collect();
+    let dsns: Vec<_> = got.iter().filter(|m| m.mail_from.is_empty()).collect();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].rcpts, vec![delivered]);
+    assert_eq!(dsns.len(), 1, "one DSN");
+    assert_eq!(dsns[0].rcpts, vec![sender]);
+    let dsn = String::from_utf8_lossy(&dsns[0].data).into_owned();
+    assert!(dsn.contains("multipart/report") && dsn.contains(&format!("Final-Recipient: rfc822; {bounced}")), "{dsn}");
+    assert!(dsn.contains("Status: 5.1.1") && dsn.contains("Action: failed"), "{dsn}");
+    assert_eq!(dsn.matches("Final-Recipient:").count(), 1, "{dsn}");
+    dsn
+}
+
 /// Owns the listener: returning drops it, which closes the port.
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     while !shared.stopping.load(Ordering::SeqCst) {

@@ -7,7 +7,6 @@
 pub mod destination;
 pub mod fleet;
 pub mod haproxy;
-pub mod meter;
 pub mod outbound;
 pub mod pki;
 pub mod postfix;

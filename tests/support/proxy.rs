@@ -1,5 +1,7 @@
 //! `Proxy`: a TCP proxy on 127.0.0.1 in front of one upstream (a node's
-//! Redis), under the test's control. `partition()` stalls both directions
+//! Redis, or a destination whose sessions a test counts), under the test's
+//! control. It records the most connections open through it at once
+//! (from accept until both directions ended), i.e. what the upstream saw. `partition()` stalls both directions
 //! of every connection, open or new, without closing any: nothing is
 //! forwarded, not even a close, so the client sees its commands time out as
 //! if the packets were dropped on the way. `heal()` resumes forwarding, and
@@ -48,6 +50,8 @@ struct Shared {
     open: Mutex<HashMap<u64, Vec<TcpStream>>>,
     next_id: AtomicU64,
     accepted: AtomicUsize,
+    /// The most entries `open` ever held at once.
+    max_open: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -72,6 +76,7 @@ impl Proxy {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             accepted: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         });
         let acceptor = {
@@ -113,6 +118,11 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The most connections that were open through the proxy at once.
+    pub fn max_open(&self) -> usize {
+        self.shared.max_open.load(Ordering::SeqCst)
     }
 }
 
@@ -190,7 +200,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 }
                 let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
                 if let Ok(clone) = client.try_clone() {
-                    lock(&shared.open).insert(id, vec![clone]);
+                    let mut open = lock(&shared.open);
+                    open.insert(id, vec![clone]);
+                    shared.max_open.fetch_max(open.len(), Ordering::SeqCst);
                 }
                 let conn_shared = Arc::clone(&shared);
                 shared.spawn(format!("proxy-conn-{id}"), move || connect(id, client, conn_shared));
