@@ -288,12 +288,10 @@ fn proxy_local_and_unknown_headers_keep_the_socket_address() {
     assert_eq!(log.matches(" connect from unknown[127.0.0.2]").count(), 8, "{log}");
 }
 
-/// The PROXY header comes before the TLS handshake on the implicit-TLS
-/// listener (as HAProxy's `send-proxy` sends it): the proxied address is
-/// the client's, inside TLS, for policy, `Received:` and the log.
-#[test]
-fn proxy_header_ahead_of_the_implicit_tls_handshake() {
-    let pki = TestPki::localhost();
+/// A world whose node takes PROXY headers from the balancer (127.0.0.2)
+/// and has an implicit-TLS listener with `pki`'s certificate, at the
+/// address returned.
+fn implicit_tls_behind_balancer(pki: &TestPki) -> (World, String) {
     let implicit = format!("127.0.0.1:{}", free_port());
     let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
     let w = World::start_with(&[
@@ -303,6 +301,16 @@ fn proxy_header_ahead_of_the_implicit_tls_handshake() {
         ("MXRELAY_TLS_KEY", &key),
         ("MXRELAY_TLS_IMPLICIT_LISTEN", &implicit),
     ]);
+    (w, implicit)
+}
+
+/// The PROXY header comes before the TLS handshake on the implicit-TLS
+/// listener (as HAProxy's `send-proxy` sends it): the proxied address is
+/// the client's, inside TLS, for policy, `Received:` and the log.
+#[test]
+fn proxy_header_ahead_of_the_implicit_tls_handshake() {
+    let pki = TestPki::localhost();
+    let (w, implicit) = implicit_tls_behind_balancer(&pki);
     let tls_after = |header: &[u8]| {
         let mut raw = Raw::connect_from(BALANCER, &implicit);
         raw.send_bytes(header);
@@ -349,15 +357,7 @@ fn proxy_header_ahead_of_the_implicit_tls_handshake() {
 fn haproxy_send_proxy_v2_in_front_of_the_implicit_tls_listener() {
     use support::haproxy::Haproxy;
     let pki = TestPki::localhost();
-    let implicit = format!("127.0.0.1:{}", free_port());
-    let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
-    let w = World::start_with(&[
-        ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
-        ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32"),
-        ("MXRELAY_TLS_CERT", &cert),
-        ("MXRELAY_TLS_KEY", &key),
-        ("MXRELAY_TLS_IMPLICIT_LISTEN", &implicit),
-    ]);
+    let (w, implicit) = implicit_tls_behind_balancer(&pki);
     let lb = Haproxy::start(&implicit, BALANCER, w.relay.port);
     wait_until("a health check from haproxy", Duration::from_secs(20), || {
         w.relay.metric("mxrelay_smtp_proxy_headers_total{result=\"local\"}").is_some_and(|n| n >= 1.0)

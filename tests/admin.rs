@@ -99,17 +99,16 @@ fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-#[test]
-fn queue_commands_on_mail_deferred_to_a_down_destination() {
-    use std::time::Duration;
-    use support::destination::Destination;
-    let home = Destination::start();
-    let down = DownPort::new();
+/// DNS, a database relaying friet.pan to 127.0.0.1:`friet` and
+/// named.example to 127.0.0.1:`named`, and a delivering node whose
+/// deferred mail waits (retries after 120 s, probes hourly) until an
+/// operator releases it.
+fn deferring_node(friet: u16, named: u16) -> (Dns, TestDb, Relay) {
     let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
     let db = TestDb::create(&MysqlServer::shared());
     db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
-    db.add_domain(LISTED, "127.0.0.1", home.port);
-    db.add_domain("named.example", "127.0.0.1", down.port);
+    db.add_domain(LISTED, "127.0.0.1", friet);
+    db.add_domain("named.example", "127.0.0.1", named);
     let relay = Relay::spawn_with_env(
         &base_config(&db.url(), SHARED_REDIS, &dns),
         &[
@@ -119,6 +118,16 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
             ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
         ],
     );
+    (dns, db, relay)
+}
+
+#[test]
+fn queue_commands_on_mail_deferred_to_a_down_destination() {
+    use std::time::Duration;
+    use support::destination::Destination;
+    let home = Destination::start();
+    let down = DownPort::new();
+    let (_dns, db, relay) = deferring_node(home.port, down.port);
     let ids: Vec<String> = ["a", "b", "c"]
         .iter()
         .map(|l| {
@@ -205,29 +214,16 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
 fn queue_flush_domain_releases_only_that_domains_deferred_mail() {
     use std::time::Duration;
     use support::destination::Destination;
-    let (port_a, port_b) = (free_port(), free_port());
-    let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
-    let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
-    db.add_domain(LISTED, "127.0.0.1", port_a);
-    db.add_domain("named.example", "127.0.0.1", port_b);
-    let relay = Relay::spawn_with_env(
-        &base_config(&db.url(), SHARED_REDIS, &dns),
-        &[
-            ("MXRELAY_DELIVERY_ENABLED", "true"),
-            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
-            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
-            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
-        ],
-    );
+    let (down_a, down_b) = (DownPort::new(), DownPort::new());
+    let (_dns, db, relay) = deferring_node(down_a.port, down_b.port);
     for to in ["a1@friet.pan", "a2@friet.pan", "b@named.example"] {
         let (code, out) = swaks(&relay.addr(), &["--from", SENDER, "--to", to, "--helo", "client.example"]);
         assert_eq!(code, 0, "{out}");
     }
     let mut q = relay.queue(SHARED_REDIS);
     wait_until("3 deferred", Duration::from_secs(20), || q.deferred_count() == 3);
-    let a = Destination::start_on(port_a);
-    let b = Destination::start_on(port_b);
+    let a = Destination::start_on(down_a.release());
+    let b = Destination::start_on(down_b.release());
 
     let (ok, out) = queue_cmd(&relay, &db, &["flush", "--domain", "named.example"]);
     assert!(ok && out.contains("released 1 deferred message(s)"), "{out}");
