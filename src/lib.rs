@@ -1,6 +1,7 @@
 //! mxrelay: a clustered, closed SMTP relay. One message's path through the
 //! code: `smtp` (session) → `policy` (relay decision, checks; `domains`
-//! snapshot, `dns`) → `spool` (durable shared queue) → delivery.
+//! snapshot, `dns`) → `spool` (durable shared queue) → delivery. Below
+//! them all, `proto`: the SMTP vocabulary every layer speaks.
 
 pub mod admin;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod dns;
 pub mod domains;
 pub mod metrics;
 pub mod policy;
+pub mod proto;
 pub mod scan;
 pub mod server;
 pub mod shutdown;

@@ -214,7 +214,7 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
             println!("added {} → [{}]:{}; {refresh}", row.domain, row.relay_host, row.relay_port);
         }
         DomainsCmd::Remove { domain } => {
-            let name = mxrelay::policy::address::normalise_domain(&domain)
+            let name = mxrelay::proto::address::normalise_domain(&domain)
                 .ok_or_else(|| anyhow::anyhow!("{domain:?} is not a valid domain name"))?;
             if !store.remove(&name).await? {
                 anyhow::bail!("{name} is not listed (see `mxrelay domains list`)");
@@ -230,7 +230,7 @@ async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
             }
         }
         DomainsCmd::Show { domain, json } => {
-            let name = mxrelay::policy::address::normalise_domain(&domain)
+            let name = mxrelay::proto::address::normalise_domain(&domain)
                 .ok_or_else(|| anyhow::anyhow!("{domain:?} is not a valid domain name"))?;
             let rows = cmd::list(store).await?;
             let row = rows

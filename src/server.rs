@@ -17,7 +17,7 @@ use crate::domains::Domains;
 use crate::policy::{Policy, Restrictions};
 use crate::shutdown::Phase;
 use crate::smtp::Listener;
-use crate::smtp::session::Shared;
+use crate::smtp::shared::Shared;
 use crate::spool::Spool;
 
 /// How long a session receiving a message may run on after SIGTERM.
@@ -88,10 +88,9 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
 
     let reloader = domains.clone();
     let users = crate::users::open(&config.domains.url)?;
-    let mut shared = Shared::new(config.clone(), policy, spool.clone(), users, shutdown.clone());
-    shared.scanner = crate::scan::Scanner::new(&config.scan, &config.data_dir, &config.node_id)
+    let scanner = crate::scan::Scanner::new(&config.scan, &config.data_dir, &config.node_id)
         .map_err(|e| anyhow::anyhow!("scan: {e}"))?;
-    let shared = Arc::new(shared);
+    let shared = Arc::new(Shared::new(config.clone(), policy, spool.clone(), users, scanner, shutdown.clone()));
     let live = shared.clone();
     tokio::spawn(async move {
         loop {

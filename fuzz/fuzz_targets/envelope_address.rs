@@ -14,8 +14,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxrelay::policy::address::{Domain, Path, normalise_domain, parse_path};
-use mxrelay::smtp::command::{Command, parse};
+use mxrelay::proto::address::{Domain, Path, normalise_domain, parse_path};
+use mxrelay::proto::command::{Command, parse};
 
 fuzz_target!(|data: &[u8]| {
     let [flags, rest @ ..] = data else { return };

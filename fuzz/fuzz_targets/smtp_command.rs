@@ -10,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mxrelay::smtp::command::{Command, CommandError, parse};
+use mxrelay::proto::command::{Command, CommandError, parse};
 
 fuzz_target!(|line: &[u8]| {
     let parsed = parse(line);

@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::domains::{DomainStore, RawDomain, Snapshot};
-use crate::policy::address::normalise_domain;
+use crate::proto::address::normalise_domain;
 
 /// A validated row, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -14,7 +14,7 @@ pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usiz
         // Everything deferred, whatever its destination.
         return Ok(spool.schedule_due(i64::MAX, FLUSH_LIMIT).await?);
     };
-    let name = crate::policy::address::normalise_domain(d.trim_start_matches('@'))
+    let name = crate::proto::address::normalise_domain(d.trim_start_matches('@'))
         .ok_or_else(|| anyhow::anyhow!("--domain: {d:?} is not a domain name"))?;
     let domains = Domains::new(crate::domains::open(&config.domains.url)?);
     domains.refresh(false).await?;
@@ -64,7 +64,7 @@ pub async fn list(
     {
         anyhow::bail!("--state {s:?} is unknown: use active, deferred or held");
     }
-    let domain = domain.map(|d| crate::policy::address::normalise_domain(d).unwrap_or_else(|| d.to_ascii_lowercase()));
+    let domain = domain.map(|d| crate::proto::address::normalise_domain(d).unwrap_or_else(|| d.to_ascii_lowercase()));
     let all = crate::spool::open(&config.queue)?.list().await?;
     Ok(all
         .into_iter()

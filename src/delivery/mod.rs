@@ -805,7 +805,7 @@ impl Delivery {
             sender: String::new(),
             recipients: vec![Recipient {
                 address: env.sender.clone(),
-                domain: crate::policy::address::normalise_domain(&sender_domain).unwrap_or(sender_domain),
+                domain: crate::proto::address::normalise_domain(&sender_domain).unwrap_or(sender_domain),
                 state: RecipientState::Pending,
                 last_reply: None,
             }],

@@ -117,7 +117,7 @@ impl TlsPolicies {
                 Some(parent) => (&mut policies.subdomains, parent),
                 None => (&mut policies.exact, key.as_str()),
             };
-            let Some(name) = crate::policy::address::normalise_domain(name) else {
+            let Some(name) = crate::proto::address::normalise_domain(name) else {
                 problems.push(Problem {
                     key: "delivery.tls_policy_map",
                     problem: format!("{key:?} is not a domain name"),

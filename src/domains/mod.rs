@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::metrics::METRICS;
-use crate::policy::address::normalise_domain;
+use crate::proto::address::normalise_domain;
 
 /// One row of the `domains` table: the seed's `smtp:[relay_host]:relay_port`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,6 @@
 //! and a lookup that could not be made (no domain snapshot, DNS failure)
 //! gives a 4xx, never a 5xx and never a 250.
 
-pub mod address;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -21,8 +19,8 @@ use ipnet::IpNet;
 
 use crate::dns::Dns;
 use crate::domains::{Domains, Lookup};
-use crate::smtp::reply::Reply;
-use address::{Mailbox, Path};
+use crate::proto::address::{self, Mailbox, Path};
+use crate::proto::reply::Reply;
 
 /// The restriction switches, from the config.
 #[derive(Debug, Clone)]

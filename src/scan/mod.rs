@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ScanConfig;
 use crate::metrics::METRICS;
-use crate::smtp::reply::Reply;
+use crate::proto::reply::Reply;
 use crate::spool::{QueueId, Spool, SpoolBody, SpoolError};
 
 /// A scanner failure: always temporary for the sender.

@@ -5,7 +5,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
-use super::reply::Reply;
+use crate::proto::reply::Reply;
 
 /// The mechanisms offered in EHLO, in this order.
 pub const MECHANISMS: &str = "PLAIN LOGIN";

@@ -7,12 +7,13 @@
 //! the stream into TLS with STARTTLS ([`tls`]).
 
 pub mod auth;
-pub mod command;
+mod conn;
 pub mod data;
+mod incoming;
 pub mod limits;
 pub mod proxy;
-pub mod reply;
 pub mod session;
+pub mod shared;
 pub mod slots;
 pub mod tls;
 
@@ -26,10 +27,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
 use crate::metrics::METRICS;
+use crate::proto::reply::Reply;
 use crate::shutdown::Phase;
 use limits::Event;
-use reply::Reply;
-use session::{ClientInfo, Session, Shared};
+use session::{ClientInfo, Session};
+use shared::Shared;
 use slots::Slot;
 use tls::SmtpStream;
 

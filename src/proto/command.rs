@@ -1,7 +1,7 @@
 //! Parsing one SMTP command line (RFC 5321 §4.1, RFC 1869 parameters,
 //! RFC 3030 BDAT). Pure: bytes in, [`Command`] out.
 
-use super::reply::Reply;
+use crate::proto::reply::Reply;
 
 /// RFC 5321 §4.5.3.1.4: 512 octets for a command line, plus room for the
 /// ESMTP parameters of MAIL/RCPT (RFC 1869 §4.1.2 allows each extension to

@@ -1,0 +1,150 @@
+//! The socket of one inbound session with its bounded input buffer and
+//! its pending replies. Reads wait at most their timeout (shortened while
+//! the node is under stress) and give up when the node reaches the
+//! shutdown phase the session stops at.
+//!
+//! Invariants: a command line is never buffered beyond
+//! [`COMMAND_LINE_LIMIT`] (an overlong one is read to its end and
+//! discarded); replies to pipelined commands go out before the session
+//! waits for more input (RFC 2920).
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::slots::Stress;
+use crate::proto::command::COMMAND_LINE_LIMIT;
+use crate::proto::reply::Reply;
+use crate::shutdown::{Phase, Shutdown};
+
+const READ_CHUNK: usize = 64 * 1024;
+/// Pending replies are written out once they reach this size even if more
+/// pipelined commands wait.
+pub(super) const OUTPUT_FLUSH_AT: usize = 16 * 1024;
+
+pub(super) enum ReadError {
+    Eof,
+    Timeout,
+    Io,
+    /// The node reached the shutdown phase this read stops at.
+    Shutdown,
+}
+
+pub(super) enum Line {
+    Command(BytesMut),
+    TooLong,
+}
+
+/// The socket with its bounded input buffer and pending replies.
+pub(super) struct Conn<S> {
+    pub(super) stream: S,
+    pub(super) inbuf: BytesMut,
+    pub(super) out: Vec<u8>,
+    pub(super) debug: bool,
+    pub(super) shutdown: Shutdown,
+    /// Reads give up at this shutdown phase: `Draining` while waiting for a
+    /// command, `Closing` while a message is coming in.
+    pub(super) stop_at: Phase,
+    /// Under stress, no read waits longer than its timeout.
+    pub(super) stress: Stress,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// A session starts out stopping at [`Phase::Draining`] (between
+    /// transactions).
+    pub(super) fn new(stream: S, debug: bool, shutdown: Shutdown, stress: Stress) -> Conn<S> {
+        Conn {
+            stream,
+            inbuf: BytesMut::with_capacity(4096),
+            out: Vec::new(),
+            debug,
+            shutdown,
+            stop_at: Phase::Draining,
+            stress,
+        }
+    }
+
+    pub(super) async fn flush(&mut self) -> Result<(), ReadError> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await.map_err(|_| ReadError::Io)?;
+            self.stream.flush().await.map_err(|_| ReadError::Io)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    pub(super) fn queue(&mut self, reply: &Reply) {
+        let text = reply.render();
+        if self.debug {
+            tracing::debug!(target: "mxrelay::transcript", "> {}", text.trim_end());
+        }
+        self.out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Reads more input; pending replies go out first, since the client
+    /// may be waiting for them before it sends more. Waits at most
+    /// `timeout`, or the stress timeout while the node is under stress
+    /// (also when stress starts during the wait).
+    pub(super) async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
+        self.flush().await?;
+        self.inbuf.reserve(READ_CHUNK);
+        let mut shutdown = self.shutdown.clone();
+        let mut stressed = self.stress.on.clone();
+        let started = tokio::time::Instant::now();
+        let limits = self.stress.clone();
+        let deadline = |on: bool| started + limits.limit(timeout, on);
+        let expiry = tokio::time::sleep_until(deadline(*stressed.borrow_and_update()));
+        tokio::pin!(expiry);
+        let read = self.stream.read_buf(&mut self.inbuf);
+        tokio::pin!(read);
+        loop {
+            tokio::select! {
+                read = &mut read => return match read {
+                    Err(_) => Err(ReadError::Io),
+                    Ok(0) => Err(ReadError::Eof),
+                    Ok(_) => Ok(()),
+                },
+                () = &mut expiry => return Err(ReadError::Timeout),
+                Ok(()) = stressed.changed() => {
+                    let on = *stressed.borrow_and_update();
+                    expiry.as_mut().reset(deadline(on));
+                }
+                () = shutdown.reached(self.stop_at) => return Err(ReadError::Shutdown),
+            }
+        }
+    }
+
+    /// One command line without its line ending, which must arrive whole
+    /// within `timeout`. An overlong line is read to its end and discarded,
+    /// never buffered whole.
+    pub(super) async fn read_line(&mut self, timeout: Duration) -> Result<Line, ReadError> {
+        let deadline = Instant::now() + timeout;
+        let mut discarding = false;
+        loop {
+            if let Some(pos) = memchr::memchr(b'\n', &self.inbuf) {
+                let mut line = self.inbuf.split_to(pos + 1);
+                if discarding || line.len() > COMMAND_LINE_LIMIT + 2 {
+                    return Ok(Line::TooLong);
+                }
+                line.truncate(pos);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(pos - 1);
+                }
+                if self.debug {
+                    tracing::debug!(target: "mxrelay::transcript", "< {}", String::from_utf8_lossy(&line));
+                }
+                return Ok(Line::Command(line));
+            }
+            if self.inbuf.len() > COMMAND_LINE_LIMIT + 2 {
+                discarding = true;
+                self.inbuf.clear();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::Timeout);
+            }
+            self.fill(left).await?;
+        }
+    }
+}
