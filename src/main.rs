@@ -139,7 +139,12 @@ enum QueueCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    // Serving (and checking for it) also needs the files the configuration names.
+    let loaded = match cli.command {
+        Cmd::CheckConfig | Cmd::Serve => Config::load_with(cli.config.as_deref(), mxrelay::server::file_problems),
+        _ => Config::load(cli.config.as_deref()),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors {
@@ -319,11 +324,7 @@ async fn queue(config: &Config, command: QueueCmd) -> anyhow::Result<()> {
 /// GET /healthz on `admin.listen` (a wildcard address means loopback).
 fn healthcheck(config: &Config) -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    let mut addr: std::net::SocketAddr = config
-        .admin
-        .listen
-        .parse()
-        .map_err(|_| anyhow::anyhow!("admin.listen {:?} is not ip:port", config.admin.listen))?;
+    let mut addr = config.admin.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -405,7 +406,7 @@ fn init_tracing(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    if config.log.format == "json" {
+    if config.log.format == mxrelay::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.with_target(false).init();

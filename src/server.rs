@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::dns::Dns;
 use crate::domains::Domains;
 use crate::policy::{Policy, Restrictions};
@@ -30,17 +30,14 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let resolved = config
-        .resolve()
-        .map_err(|errors| anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
     let domains = Arc::new(Domains::new(crate::domains::open(&config.domains.url)?));
     let spool: Arc<dyn Spool> = crate::spool::open(&config.queue)?;
     if let Err(e) = spool.prepare().await {
         // Not fatal: the node answers 451 until Redis is back.
         tracing::error!(error = %e, "queue not reachable at start");
     }
-    let dns = Dns::new(&resolved.nameservers, config.dns.timeout)?;
-    let policy = Policy::new(restrictions(&config, &resolved), domains.clone(), dns);
+    let dns = Dns::new(&config.dns.nameservers, config.dns.timeout)?;
+    let policy = Policy::new(restrictions(&config), domains.clone(), dns);
     // First snapshot before listening, so a healthy node never answers 451
     // for want of one; a failure is not fatal (the refresher retries).
     match domains.refresh(config.migrate_on_start).await {
@@ -51,18 +48,18 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     }
     tokio::spawn(domains.clone().run_refresher(config.domains.refresh, config.migrate_on_start));
 
-    let smtp = TcpListener::bind(resolved.smtp_listen)
+    let smtp = TcpListener::bind(config.smtp.listen)
         .await
-        .with_context(|| format!("smtp.listen: cannot listen on {}", resolved.smtp_listen))?;
-    let smtps = match resolved.tls_listen {
+        .with_context(|| format!("smtp.listen: cannot listen on {}", config.smtp.listen))?;
+    let smtps = match config.tls.implicit_listen {
         Some(addr) => Some(
             TcpListener::bind(addr).await.with_context(|| format!("tls.implicit_listen: cannot listen on {addr}"))?,
         ),
         None => None,
     };
-    let admin = TcpListener::bind(resolved.admin_listen)
+    let admin = TcpListener::bind(config.admin.listen)
         .await
-        .with_context(|| format!("admin.listen: cannot listen on {}", resolved.admin_listen))?;
+        .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
     let (trigger, shutdown) = crate::shutdown::channel();
     tokio::spawn(crate::admin::http::serve(
         admin,
@@ -70,9 +67,9 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     ));
     tracing::info!(
         node = %config.node_id,
-        smtp = %resolved.smtp_listen,
-        smtps = %resolved.tls_listen.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
-        admin = %resolved.admin_listen,
+        smtp = %config.smtp.listen,
+        smtps = %config.tls.implicit_listen.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        admin = %config.admin.listen,
         domains = %crate::config::mask_url(&config.domains.url),
         queue = %crate::config::mask_url(&config.queue.url),
         "mxrelay listening"
@@ -127,9 +124,28 @@ pub async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     Ok(())
 }
 
-fn restrictions(config: &Config, resolved: &crate::config::Resolved) -> Restrictions {
+/// What [`Config::check`] cannot check without reading files: the TLS
+/// certificate and key, and the CA file of outbound `verify`. Given to
+/// [`Config::load_with`] before a node serves, by `check-config` and on
+/// SIGHUP; errors name the key.
+pub fn file_problems(config: &Config) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if !config.tls.cert.is_empty()
+        && let Err(e) = crate::smtp::tls::load_acceptor(&config.tls)
+    {
+        errors.push(ConfigError::new(
+            "tls.cert",
+            e.to_string(),
+            "point tls.cert/tls.key at a readable PEM chain and its private key",
+        ));
+    }
+    errors.extend(crate::delivery::tls::trust_anchors(&config.delivery.tls_ca_file).err());
+    errors
+}
+
+fn restrictions(config: &Config) -> Restrictions {
     Restrictions {
-        mynetworks: resolved.mynetworks.clone(),
+        mynetworks: config.mynetworks.clone(),
         reject_unknown_sender_domain: config.reject_unknown_sender_domain,
         reject_unknown_recipient_domain: config.reject_unknown_recipient_domain,
     }
@@ -138,7 +154,7 @@ fn restrictions(config: &Config, resolved: &crate::config::Resolved) -> Restrict
 /// SIGHUP: re-reads the configuration; live keys apply to new sessions,
 /// changed keys that need a restart are named in the log.
 fn reload(shared: &Shared, path: Option<&std::path::Path>) {
-    let new = match Config::load(path) {
+    let new = match Config::load_with(path, file_problems) {
         Ok(c) => c,
         Err(errors) => {
             let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -146,7 +162,6 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
             return;
         }
     };
-    let Ok(resolved) = new.resolve() else { return };
     let old = shared.config();
     let changed = old.changed_keys(&new);
     let (live, restart): (Vec<String>, Vec<String>) =
@@ -159,7 +174,7 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
     }
     // Keep the old values of the keys that cannot change live.
     let applied = old.with_keys_from(&new, &live);
-    shared.policy.set_restrictions(restrictions(&applied, &resolved));
+    shared.policy.set_restrictions(restrictions(&applied));
     // The certificate files are re-read even when their names did not change
     // (a renewed certificate).
     shared.reload_tls(&applied.tls);

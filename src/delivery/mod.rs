@@ -118,15 +118,11 @@ fn session_key(destination: &str, level: TlsPolicy) -> String {
 
 impl Delivery {
     pub fn new(config: Config, spool: Arc<dyn Spool>, domains: Arc<Domains>, dns: Dns) -> Arc<Delivery> {
-        // `Config::resolve` has checked these keys before `serve` starts;
-        // should one fail now anyway, fail closed: every domain `verify`
-        // (mail is deferred, never sent in clear), webpki-roots only.
-        let tls_policies = TlsPolicies::from_config(&config.delivery).unwrap_or_else(|problems| {
-            tracing::error!(?problems, "delivery.tls_policy*: invalid; delivering with verify for every domain");
-            TlsPolicies::uniform(TlsPolicy::Verify)
-        });
-        let roots = tls::trust_anchors(&config.delivery.tls_ca_file).unwrap_or_else(|p| {
-            tracing::error!("{}: {} ({}); verifying against webpki-roots only", p.key, p.problem, p.fix);
+        // The start-up check has read the CA file before `serve` starts;
+        // should it fail now anyway, verify against webpki-roots only.
+        let tls_policies = TlsPolicies::new(&config.delivery);
+        let roots = tls::trust_anchors(&config.delivery.tls_ca_file).unwrap_or_else(|e| {
+            tracing::error!("{e}; verifying against webpki-roots only");
             tls::trust_anchors("").unwrap_or_else(|_| rustls::RootCertStore::empty())
         });
         let tls = TlsClient::new(roots).expect("the ring provider supports TLS 1.2 and 1.3");

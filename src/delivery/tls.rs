@@ -10,7 +10,6 @@
 //! never a bounce. Only `may` falls back to clear.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -19,60 +18,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::config::DeliveryConfig;
+use crate::config::{ConfigError, DeliveryConfig};
 
-/// A security level, weakest first (Postfix `smtp_tls_security_level`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum TlsPolicy {
-    /// Never STARTTLS.
-    None,
-    /// STARTTLS when offered, certificate not checked; a failed handshake
-    /// is retried once in clear.
-    May,
-    /// STARTTLS required, certificate not checked.
-    Encrypt,
-    /// STARTTLS required, certificate chained to a trusted root and valid
-    /// for the host name (or IP) we connected to.
-    Verify,
-}
-
-impl TlsPolicy {
-    pub const ALL: [TlsPolicy; 4] = [TlsPolicy::None, TlsPolicy::May, TlsPolicy::Encrypt, TlsPolicy::Verify];
-
-    pub fn parse(s: &str) -> Option<TlsPolicy> {
-        TlsPolicy::ALL.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsPolicy::None => "none",
-            TlsPolicy::May => "may",
-            TlsPolicy::Encrypt => "encrypt",
-            TlsPolicy::Verify => "verify",
-        }
-    }
-
-    /// Mail must not go out in clear.
-    pub fn requires_tls(self) -> bool {
-        matches!(self, TlsPolicy::Encrypt | TlsPolicy::Verify)
-    }
-}
-
-impl fmt::Display for TlsPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What is wrong with one `delivery.tls_*` key, for `Config::resolve`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub key: &'static str,
-    pub problem: String,
-    pub fix: &'static str,
-}
-
-const POLICY_FIX: &str = "use one of \"none\", \"may\", \"encrypt\", \"verify\"";
+pub use crate::config::TlsPolicy;
 
 /// The level for each recipient domain: `delivery.tls_policy_map` over the
 /// default `delivery.tls_policy`. A key matches that domain exactly; a key
@@ -92,48 +40,20 @@ impl TlsPolicies {
         TlsPolicies { default: level, exact: BTreeMap::new(), subdomains: BTreeMap::new() }
     }
 
-    /// From the `delivery.tls_policy*` keys, or every problem in them.
-    pub fn from_config(d: &DeliveryConfig) -> Result<TlsPolicies, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let default = TlsPolicy::parse(&d.tls_policy).unwrap_or_else(|| {
-            problems.push(Problem {
-                key: "delivery.tls_policy",
-                problem: format!("{:?} is not a TLS security level", d.tls_policy),
-                fix: POLICY_FIX,
-            });
-            TlsPolicy::May
-        });
-        let mut policies = TlsPolicies::uniform(default);
-        for (key, value) in &d.tls_policy_map {
-            let Some(level) = TlsPolicy::parse(value) else {
-                problems.push(Problem {
-                    key: "delivery.tls_policy_map",
-                    problem: format!("{value:?} (for {key:?}) is not a TLS security level"),
-                    fix: POLICY_FIX,
-                });
-                continue;
-            };
+    /// From the `delivery.tls_policy*` keys (checked at load: every map
+    /// key is a domain name, listed once).
+    pub fn new(d: &DeliveryConfig) -> TlsPolicies {
+        let mut policies = TlsPolicies::uniform(d.tls_policy);
+        for (key, level) in &d.tls_policy_map {
             let (table, name) = match key.strip_prefix('.') {
                 Some(parent) => (&mut policies.subdomains, parent),
                 None => (&mut policies.exact, key.as_str()),
             };
-            let Some(name) = crate::proto::address::normalise_domain(name) else {
-                problems.push(Problem {
-                    key: "delivery.tls_policy_map",
-                    problem: format!("{key:?} is not a domain name"),
-                    fix: "use quoted keys like \"example.com\" (that domain) or \".example.com\" (its subdomains)",
-                });
-                continue;
-            };
-            if table.insert(name, level).is_some() {
-                problems.push(Problem {
-                    key: "delivery.tls_policy_map",
-                    problem: format!("{key:?} is listed twice (keys are case-insensitive; Unicode names are A-labels)"),
-                    fix: "keep one entry per domain",
-                });
+            if let Some(name) = crate::proto::address::normalise_domain(name) {
+                table.insert(name, *level);
             }
         }
-        if problems.is_empty() { Ok(policies) } else { Err(problems) }
+        policies
     }
 
     /// The level for mail to `domain` (a recipient domain, A-label).
@@ -154,49 +74,19 @@ impl TlsPolicies {
     }
 }
 
-/// Reads `delivery.tls_policy_map`. TOML turns an unquoted
-/// `example.com = "verify"` into nested tables (`example` → `com`); their
-/// key paths are joined back into the domain name the operator wrote.
-pub fn deserialize_policy_map<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    fn flatten(prefix: &str, value: toml::Value, out: &mut BTreeMap<String, String>) -> Result<(), String> {
-        match value {
-            toml::Value::String(level) => {
-                out.insert(prefix.to_string(), level);
-                Ok(())
-            }
-            toml::Value::Table(table) => {
-                for (key, value) in table {
-                    flatten(&format!("{prefix}.{key}"), value, out)?;
-                }
-                Ok(())
-            }
-            other => Err(format!(
-                "delivery.tls_policy_map: the level for {prefix:?} must be a string such as \"verify\", not {other}"
-            )),
-        }
-    }
-    let table = <BTreeMap<String, toml::Value> as serde::Deserialize>::deserialize(deserializer)?;
-    let mut out = BTreeMap::new();
-    for (key, value) in table {
-        flatten(&key, value, &mut out).map_err(serde::de::Error::custom)?;
-    }
-    Ok(out)
-}
-
 /// The trust anchors of `verify`: webpki-roots (Mozilla's list) plus every
 /// certificate in `ca_file` (PEM) when it is set.
-pub fn trust_anchors(ca_file: &str) -> Result<RootCertStore, Problem> {
+pub fn trust_anchors(ca_file: &str) -> Result<RootCertStore, ConfigError> {
     let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if ca_file.trim().is_empty() {
         return Ok(roots);
     }
-    let problem = |problem: String| Problem {
-        key: "delivery.tls_ca_file",
-        problem,
-        fix: "point it at a readable PEM file with one or more CA certificates, or leave it empty",
+    let problem = |problem: String| {
+        ConfigError::new(
+            "delivery.tls_ca_file",
+            problem,
+            "point it at a readable PEM file with one or more CA certificates, or leave it empty",
+        )
     };
     let text = std::fs::read(ca_file).map_err(|e| problem(format!("cannot read {ca_file}: {e}")))?;
     let mut added = 0;
@@ -317,8 +207,8 @@ mod tests {
 
     fn config(default: &str, map: &[(&str, &str)]) -> DeliveryConfig {
         DeliveryConfig {
-            tls_policy: default.into(),
-            tls_policy_map: map.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            tls_policy: TlsPolicy::parse(default).unwrap(),
+            tls_policy_map: map.iter().map(|(k, v)| (k.to_string(), TlsPolicy::parse(v).unwrap())).collect(),
             ..DeliveryConfig::default()
         }
     }
@@ -335,13 +225,13 @@ mod tests {
 
     #[test]
     fn the_default_is_may() {
-        let p = TlsPolicies::from_config(&DeliveryConfig::default()).unwrap();
+        let p = TlsPolicies::new(&DeliveryConfig::default());
         assert_eq!(p.for_domain("example.com"), TlsPolicy::May);
     }
 
     #[test]
     fn exact_keys_match_only_that_domain() {
-        let p = TlsPolicies::from_config(&config("may", &[("example.com", "verify")])).unwrap();
+        let p = TlsPolicies::new(&config("may", &[("example.com", "verify")]));
         assert_eq!(p.for_domain("example.com"), TlsPolicy::Verify);
         assert_eq!(p.for_domain("EXAMPLE.com."), TlsPolicy::Verify);
         assert_eq!(p.for_domain("mx.example.com"), TlsPolicy::May);
@@ -350,11 +240,10 @@ mod tests {
 
     #[test]
     fn a_leading_dot_matches_subdomains_and_the_nearest_parent_wins() {
-        let p = TlsPolicies::from_config(&config(
+        let p = TlsPolicies::new(&config(
             "none",
             &[(".example.com", "encrypt"), (".secure.example.com", "verify"), ("example.com", "may")],
-        ))
-        .unwrap();
+        ));
         assert_eq!(p.for_domain("example.com"), TlsPolicy::May, "the dot form does not match the domain itself");
         assert_eq!(p.for_domain("a.example.com"), TlsPolicy::Encrypt);
         assert_eq!(p.for_domain("a.b.example.com"), TlsPolicy::Encrypt);
@@ -365,32 +254,16 @@ mod tests {
 
     #[test]
     fn an_exact_key_beats_a_parent() {
-        let p = TlsPolicies::from_config(&config("may", &[(".example.com", "verify"), ("legacy.example.com", "none")]))
-            .unwrap();
+        let p = TlsPolicies::new(&config("may", &[(".example.com", "verify"), ("legacy.example.com", "none")]));
         assert_eq!(p.for_domain("legacy.example.com"), TlsPolicy::None);
         assert_eq!(p.for_domain("new.example.com"), TlsPolicy::Verify);
     }
 
     #[test]
     fn keys_are_normalised_to_lower_case_a_labels() {
-        let p =
-            TlsPolicies::from_config(&config("may", &[("Bücher.Example", "encrypt"), (".MX.TEST", "none")])).unwrap();
+        let p = TlsPolicies::new(&config("may", &[("Bücher.Example", "encrypt"), (".MX.TEST", "none")]));
         assert_eq!(p.for_domain("xn--bcher-kva.example"), TlsPolicy::Encrypt);
         assert_eq!(p.for_domain("a.mx.test"), TlsPolicy::None);
-    }
-
-    #[test]
-    fn problems_name_the_key() {
-        let e = TlsPolicies::from_config(&config(
-            "secure",
-            &[("example.com", "always"), ("bad domain", "may"), ("..x", "may"), ("A.test", "may"), ("a.test", "none")],
-        ))
-        .unwrap_err();
-        let keys: Vec<_> = e.iter().map(|p| p.key).collect();
-        assert_eq!(keys[0], "delivery.tls_policy");
-        assert!(keys[1..].iter().all(|k| *k == "delivery.tls_policy_map"), "{e:?}");
-        assert_eq!(e.len(), 5, "{e:?}");
-        assert!(e.iter().any(|p| p.problem.contains("listed twice")), "{e:?}");
     }
 
     #[test]
@@ -401,18 +274,9 @@ mod tests {
         assert_eq!(keys, [".example.net", "a.test", "example.com"]);
         let e = toml::from_str::<crate::config::Config>("[delivery.tls_policy_map]\n\"x.test\" = 1\n").unwrap_err();
         assert!(e.message().contains("must be a string"), "{e}");
-    }
-
-    #[test]
-    fn resolve_reports_tls_problems_by_key() {
-        let mut c = crate::config::Config::default();
-        c.domains.url = "sqlite://x.db".into();
-        c.queue.url = "sqlite://x.db".into();
-        assert!(c.resolve().is_ok());
-        c.delivery.tls_policy_map.insert("example.com".into(), "sometimes".into());
-        c.delivery.tls_ca_file = "/nonexistent/ca.pem".into();
-        let keys: Vec<String> = c.resolve().unwrap_err().into_iter().map(|e| e.key).collect();
-        assert_eq!(keys, ["delivery.tls_policy_map", "delivery.tls_ca_file"]);
+        let e = toml::from_str::<crate::config::Config>("[delivery.tls_policy_map]\n\"x.test\" = \"always\"\n")
+            .unwrap_err();
+        assert!(e.message().contains("\"always\" (for \"x.test\") is not a TLS security level"), "{e}");
     }
 
     #[test]

@@ -231,10 +231,10 @@ fn decide_failure(errors: &[(&'static str, ScanError)], config: &ScanConfig, nod
     for (scanner, e) in errors {
         METRICS.scan.with_label_values(&[scanner, "error"]).inc();
         METRICS.scan_errors.with_label_values(&[scanner]).inc();
-        tracing::error!(scanner, error = %e, "scanner failed (scan.on_failure = {})", config.on_failure);
+        tracing::error!(scanner, error = %e, "scanner failed (scan.on_failure = {:?})", config.on_failure);
     }
     let what = errors.iter().map(|(s, e)| format!("{s}: {e}")).collect::<Vec<_>>().join("; ");
-    if config.on_failure == "accept" {
+    if config.on_failure == crate::config::ScanFailure::Accept {
         let what = what.replace(['\r', '\n'], " ");
         Verdict::Accept { headers: format!("X-Mxrelay-Scan: not scanned ({what}) by node {node}\r\n"), subject: None }
     } else {
@@ -444,7 +444,11 @@ mod tests {
     use super::*;
 
     fn config(on_failure: &str) -> ScanConfig {
-        ScanConfig { on_failure: on_failure.into(), ..ScanConfig::default() }
+        let on_failure = match on_failure {
+            "accept" => crate::config::ScanFailure::Accept,
+            _ => crate::config::ScanFailure::Tempfail,
+        };
+        ScanConfig { on_failure, ..ScanConfig::default() }
     }
 
     fn spam(action: &str, score: f64) -> Option<Result<rspamd::RspamdReply, ScanError>> {

@@ -136,10 +136,7 @@ struct Peers {
 
 impl Peers {
     fn new(config: &Config) -> Peers {
-        Peers {
-            debug: DebugPeers::new(&config.debug_peer_list),
-            proxies: config.smtp.proxy_networks.iter().filter_map(|n| crate::config::parse_network(n)).collect(),
-        }
+        Peers { debug: DebugPeers::new(&config.debug_peer_list), proxies: config.smtp.proxy_networks.clone() }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 use super::{Flow, Greeting, Outcome, Session};
+use crate::config::TlsLevel;
 use crate::metrics::METRICS;
 use crate::proto::address;
 use crate::proto::reply::Reply;
@@ -95,7 +96,7 @@ impl Session {
     /// STARTTLS is advertised and accepted: a certificate is loaded, this
     /// session is not in TLS yet, and the level is not `none`.
     fn starttls_offered(&self) -> bool {
-        self.tls.is_none() && self.config().tls.security_level != "none" && self.shared.tls_acceptor().is_some()
+        self.tls.is_none() && self.config().tls.security_level != TlsLevel::None && self.shared.tls_acceptor().is_some()
     }
 
     /// RFC 3207. Input the client pipelined behind STARTTLS was sent in

@@ -31,7 +31,7 @@ use super::auth::Mechanism;
 use super::conn::{Conn, Line, OUTPUT_FLUSH_AT, ReadError};
 use super::shared::Shared;
 use super::tls::{SmtpStream, TlsInfo};
-use crate::config::Config;
+use crate::config::{Config, TlsLevel};
 use crate::metrics::METRICS;
 use crate::proto::command::{self, Command};
 use crate::proto::reply::Reply;
@@ -220,7 +220,7 @@ impl Session {
                 | Command::Rset
                 | Command::Help
         );
-        if !exempt && self.tls.is_none() && self.config().tls.security_level == "encrypt" {
+        if !exempt && self.tls.is_none() && self.config().tls.security_level == TlsLevel::Encrypt {
             // smtpd_tls_security_level = encrypt
             self.reply(Reply::new(530, "5.7.0", "Must issue a STARTTLS command first"));
             return Flow::Continue;

@@ -1,5 +1,5 @@
 //! Loading: the TOML file, the `MXRELAY_*` variables over it, then one
-//! deserialisation into [`Config`] and [`Config::resolve`]. Every error names
+//! deserialisation into [`Config`] and [`Config::check`]. Every error names
 //! the full key path (`smtp.command_timeout`), the variable when the value
 //! came from the environment, the bad value and the fix; one load reports
 //! every bad key, not only the first.
@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_path_to_error::Segment;
 
-use super::{Config, ConfigError, ENV_PREFIX, collect_keys, env_name, insert_path};
+use super::{Config, ConfigError, ENV_PREFIX};
 
 /// Key path → the variable that set it.
 type EnvKeys = BTreeMap<String, String>;
@@ -20,8 +20,32 @@ const MAX_TYPE_ERRORS: usize = 50;
 /// Integer keys counted in bytes, so their fix says so.
 const BYTE_KEYS: &[&str] = &["message_size_limit", "queue.chunk_size", "scan.max_size", "smtp.min_data_rate"];
 
+/// How to write the keys whose values are more than a string, a number or
+/// a flag (addresses, networks, levels).
+const TYPED_FIXES: &[(&str, &str)] = &[
+    ("smtp.listen", "write it as ip:port, e.g. 127.0.0.1:2525 or [::1]:2525"),
+    ("admin.listen", "write it as ip:port, e.g. 127.0.0.1:9425 or [::1]:9425"),
+    ("tls.implicit_listen", "write it as ip:port, e.g. 0.0.0.0:465, or \"\" for none"),
+    ("mynetworks", "use entries like 127.0.0.1/32, 192.0.2.0/24 or [::1]/128"),
+    ("smtp.proxy_networks", "list your load balancers' addresses, e.g. 10.0.0.0/24"),
+    ("dns.nameservers", "use entries like 127.0.0.1 or 127.0.0.1:5353"),
+    ("tls.security_level", "use \"none\", \"may\" or \"encrypt\""),
+    ("scan.on_failure", "use \"tempfail\" (451, the default) or \"accept\""),
+    ("log.format", "use \"text\" or \"json\""),
+    ("delivery.tls_policy", "use one of \"none\", \"may\", \"encrypt\", \"verify\""),
+    ("delivery.tls_policy_map", "give each domain one of \"none\", \"may\", \"encrypt\", \"verify\""),
+];
+
 impl Config {
     pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, Vec<ConfigError>> {
+        Self::load_checked(file, env, |_| Vec::new())
+    }
+
+    pub(super) fn load_checked(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        files: impl Fn(&Config) -> Vec<ConfigError>,
+    ) -> Result<Config, Vec<ConfigError>> {
         let mut table = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -53,11 +77,11 @@ impl Config {
                 *url = embedded.clone();
             }
         }
-        if let Err(problems) = config.resolve() {
-            // A key refused above holds its default now: what resolve says of it is noise.
-            let refused: BTreeSet<String> = errors.iter().map(|e| e.key.clone()).collect();
-            errors.extend(problems.into_iter().filter(|e| !refused.contains(&e.key)).map(|e| e.naming_env(&from_env)));
-        }
+        let problems = config.check().err().unwrap_or_default().into_iter().chain(files(&config));
+        // A key refused above holds its default now: what the checks say of it is noise.
+        let refused: BTreeSet<String> = errors.iter().map(|e| e.key.clone()).collect();
+        let problems: Vec<ConfigError> = problems.filter(|e| !refused.contains(&e.key)).collect();
+        errors.extend(problems.into_iter().map(|e| e.naming_env(&from_env)));
         if errors.is_empty() { Ok(config) } else { Err(errors) }
     }
 }
@@ -119,6 +143,9 @@ fn fix_for(key: &str, default_value: Option<&toml::Value>, default: &Config) -> 
     let Some(value) = default_value else {
         return "check the spelling against the configuration reference in README.md".into();
     };
+    if let Some((_, fix)) = TYPED_FIXES.iter().find(|(k, _)| *k == key) {
+        return fix.to_string();
+    }
     if default.durations().iter().any(|(k, _)| *k == key) {
         return "write a duration like \"30s\" or \"5m\"".into();
     }
@@ -206,6 +233,34 @@ fn apply_env(
         set.insert(path.join("."), name.clone());
     }
     set
+}
+
+pub(super) fn collect_keys(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+    for (k, v) in t {
+        prefix.push(k.clone());
+        match v {
+            toml::Value::Table(inner) => collect_keys(inner, prefix, out),
+            other => out.push((prefix.clone(), other.clone())),
+        }
+        prefix.pop();
+    }
+}
+
+fn env_name(path: &[String]) -> String {
+    path.join("_").to_ascii_uppercase()
+}
+
+pub(super) fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("key paths are never empty");
+    let mut t = table;
+    for p in parents {
+        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        t = entry.as_table_mut().expect("just made a table");
+    }
+    t.insert(last.clone(), value);
 }
 
 #[cfg(test)]
@@ -345,5 +400,47 @@ mod tests {
             let path: Vec<String> = key.split('.').map(str::to_string).collect();
             assert!(matches!(lookup(&defaults, &path), Some(toml::Value::Integer(_))), "{key}");
         }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn env_overrides_nested_and_top_level_keys() {
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("MXRELAY_SMTP_LISTEN", "127.0.0.1:2600"),
+                ("MXRELAY_MESSAGE_SIZE_LIMIT", "1048576"),
+                ("MXRELAY_DOMAINS_REFRESH", "5s"),
+                ("MXRELAY_MYNETWORKS", "10.0.0.0/8,127.0.0.1"),
+                ("MXRELAY_SMTPD_FORBID_BARE_NEWLINE", "false"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.smtp.listen, "127.0.0.1:2600".parse().unwrap());
+        assert_eq!(c.message_size_limit, 1048576);
+        assert_eq!(c.domains.refresh, std::time::Duration::from_secs(5));
+        assert_eq!(c.mynetworks, ["10.0.0.0/8".parse().unwrap(), "127.0.0.1/32".parse().unwrap()]);
+        assert!(!c.smtpd_forbid_bare_newline);
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let e = Config::load_from(None, &env(&[("MXRELAY_SMTP_LISTN", "x")])).unwrap_err();
+        assert_eq!(e[0].key, "MXRELAY_SMTP_LISTN");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e =
+            Config::load_from(None, &env(&[("MXRELAY_SMTP_LISTEN", "nowhere"), ("MXRELAY_MYNETWORKS", "10.0.0.0/33")]))
+                .unwrap_err();
+        let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["mynetworks", "smtp.listen"], "{e:#?}");
+        assert!(e[0].problem.contains("\"10.0.0.0/33\" is not an IP address or CIDR"), "{}", e[0]);
+        assert!(e[1].problem.contains("nowhere") && e[1].fix.contains("ip:port"), "{}", e[1]);
     }
 }
