@@ -88,6 +88,11 @@ if ! "$tools/bin/helm" version >/dev/null 2>&1 || ! [ -x "$tools/bin/kubernetes-
 fi
 export PATH="$tools/bin:$PATH"
 
+# MXRELAY_FUZZ_SECONDS is this script's, not a configuration key: the
+# nodes the tests start read every MXRELAY_* variable and would refuse it.
+fuzz_seconds="${MXRELAY_FUZZ_SECONDS:-30}"
+unset MXRELAY_FUZZ_SECONDS
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
 else
@@ -96,4 +101,4 @@ fi
 
 # Then the fuzz targets (fuzz/): each parser that faces the network or
 # stored data, MXRELAY_FUZZ_SECONDS each (default 30; 0 skips them).
-./scripts/fuzz.sh "${MXRELAY_FUZZ_SECONDS:-30}"
+./scripts/fuzz.sh "$fuzz_seconds"
