@@ -3,18 +3,16 @@
 //! killed and restarted from its AOF while a client sends. Every message a
 //! node accepted arrives intact; the only duplicates are the killed node's
 //! deliveries in flight; every reply during the outage is a 4xx.
-//! (The fault-injection suite, tests/reliability.rs, measures the same
+//! (The fault-injection suite, tests/it/reliability.rs, measures the same
 //! faults under heavier load; these are the cluster's own promises.)
-
-mod support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use support::destination::Destination;
-use support::fleet::*;
-use support::sink::SmtpSink;
-use support::*;
+use crate::support::destination::Destination;
+use crate::support::fleet::*;
+use crate::support::sink::SmtpSink;
+use crate::support::*;
 
 /// Longest wait for a precondition, and for the queue to drain.
 const OBSERVE: Duration = Duration::from_secs(30);
@@ -86,7 +84,7 @@ fn redis_restart_with_aof_loses_no_accepted_message() {
     let sink = SmtpSink::start();
     let dns = Dns::start(&["sender.example"], &[LISTED]);
     let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     db.add_domain(LISTED, "127.0.0.1", sink.port);
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let relay = Relay::spawn_with_env(

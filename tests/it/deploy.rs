@@ -3,15 +3,13 @@
 //! the dashboard's PromQL), docker-compose (the Compose file), hadolint (the
 //! Dockerfile); and every metric the dashboard and the alerts use exists on
 //! a live node after a small workload, so renaming a metric fails here.
-//! The Helm chart has its own file, `tests/deploy_k8s.rs`.
-
-mod support;
+//! The Helm chart has its own file, `tests/it/deploy_k8s.rs`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

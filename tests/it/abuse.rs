@@ -4,11 +4,9 @@
 //! slow clients, error counts. Each tripped limit gets a precise reply
 //! while other clients are still served.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// 127.0.0.2 is the load balancer; 127.0.0.9 is in mynetworks.
 const BALANCER: &str = "127.0.0.2";
@@ -236,7 +234,7 @@ fn slow_clients_are_cut_off_while_others_are_served() {
     assert!(w.relay.value("mxrelay_smtp_limit_hits_total{limit=\"slow_client\"}") >= 2.0);
 }
 
-use support::pki::{TestPki, TlsClient};
+use crate::support::pki::{TestPki, TlsClient};
 
 /// A v2 header with `command` (0 LOCAL, 1 PROXY) and no addresses (AF_UNSPEC).
 fn v2_unspec(command: u8) -> Vec<u8> {
@@ -355,7 +353,7 @@ fn proxy_header_ahead_of_the_implicit_tls_handshake() {
 /// the plain listener keep the balancer's address.
 #[test]
 fn haproxy_send_proxy_v2_in_front_of_the_implicit_tls_listener() {
-    use support::haproxy::Haproxy;
+    use crate::support::haproxy::Haproxy;
     let pki = TestPki::localhost();
     let (w, implicit) = implicit_tls_behind_balancer(&pki);
     let lb = Haproxy::start(&implicit, BALANCER, w.relay.port);

@@ -1,14 +1,12 @@
 //! One behaviour suite for every `Spool` back end: Redis Streams (cluster)
 //! and the embedded SQLite queue. Any difference is a bug.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use mxrelay::config::QueueConfig;
 use mxrelay::spool::{AdminAction, Envelope, MessageState, QueueId, Recipient, RecipientState, Spool};
-use support::*;
 
 fn envelope(id: &QueueId, rcpt: &str, size: usize) -> Envelope {
     Envelope {

@@ -10,16 +10,14 @@
 //! Faults are driven by observed state (leases held, as XPENDING shows
 //! them; the nodes noticing an outage; takeovers), never by a sleep.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use support::destination::Destination;
-use support::fleet::*;
-use support::proxy::Proxy;
-use support::sink::SmtpSink;
-use support::*;
+use crate::support::destination::Destination;
+use crate::support::fleet::*;
+use crate::support::proxy::Proxy;
+use crate::support::sink::SmtpSink;
+use crate::support::*;
 
 /// Per node: (smtp-source sessions, messages, payload bytes). The larger
 /// messages span three queue chunks.

@@ -1,18 +1,16 @@
 //! Operating a node: metrics that count exactly, readiness, SIGHUP reload.
 
-mod support;
-
 use std::time::Duration;
 
-use support::sink::SmtpSink;
-use support::*;
+use crate::support::sink::SmtpSink;
+use crate::support::*;
 
 #[test]
 fn metrics_count_a_known_workload_exactly() {
     let sink = SmtpSink::start();
     let dns = Dns::start(&["sender.example"], &[LISTED]);
     let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     db.add_domain(LISTED, "127.0.0.1", sink.port);
     let relay = Relay::spawn_with_env(
         &base_config(&db.url(), SHARED_REDIS, &dns),
@@ -189,7 +187,7 @@ impl Drop for Prometheus {
 fn prometheus_shows_the_received_rate_of_each_node() {
     let dns = Dns::start(&["sender.example"], &[LISTED]);
     let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     db.add_domain(LISTED, "127.0.0.1", 2526);
     let config = base_config(&db.url(), SHARED_REDIS, &dns);
     let prefix = unique("mxrq");
@@ -245,7 +243,7 @@ type LabelValues = (String, Vec<String>);
 /// for a metric with one label every value listed after it in
 /// parentheses, e.g. `` `mxrelay_smtp_rcpt_total{result}` (accepted, …) ``.
 fn readme_metrics() -> Vec<(String, Option<LabelValues>)> {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let start = readme.find("* **Metrics** on").expect("the README's metrics list");
     let section = &readme[start..];
     let section = &section[..section[2..].find("\n* **").map_or(section.len(), |e| e + 2)];

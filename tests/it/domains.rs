@@ -1,11 +1,9 @@
 //! The domains table: plain-SQL changes are honoured within the refresh
 //! interval on a running node, and the seed's own table works unchanged.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 #[test]
 fn rows_inserted_and_deleted_with_sql_are_honoured_while_running() {

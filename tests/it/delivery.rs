@@ -1,13 +1,11 @@
 //! Delivery from the shared queue to real SMTP peers: Postfix's smtp-sink,
 //! and our scripted destination for per-recipient 4xx/5xx.
 
-mod support;
-
 use std::time::Duration;
 
-use support::destination::{Destination, assert_one_copy_and_one_dsn};
-use support::sink::SmtpSink;
-use support::*;
+use crate::support::destination::{Destination, assert_one_copy_and_one_dsn};
+use crate::support::sink::SmtpSink;
+use crate::support::*;
 
 const MESSAGE: &str = "From: bob@friet.pan\r\nTo: t@friet.pan\r\nSubject: delivered\r\n\r\nbody line\r\n.dot line\r\n";
 
@@ -26,7 +24,7 @@ impl Cluster {
     fn start_on(nodes: usize, domains: &[(&str, &str, u16)], env: &[(&str, &str)], redis: &str) -> Cluster {
         let dns = Dns::start(&["sender.example", "mx.named.example"], &[LISTED, "named.example"]);
         let db = TestDb::create(&MysqlServer::shared());
-        db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+        db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
         for (d, host, port) in domains {
             db.add_domain(d, host, *port);
         }

@@ -1,10 +1,8 @@
 //! The operator commands against real MariaDB (and Redis): `mxrelay domains …`.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 fn mxrelay(db: &TestDb, args: &[&str]) -> (bool, String) {
     let out =
@@ -106,7 +104,7 @@ fn json(out: &str) -> serde_json::Value {
 fn deferring_node(friet: u16, named: u16) -> (Dns, TestDb, Relay) {
     let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
     let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     db.add_domain(LISTED, "127.0.0.1", friet);
     db.add_domain("named.example", "127.0.0.1", named);
     let relay = Relay::spawn_with_env(
@@ -123,8 +121,8 @@ fn deferring_node(friet: u16, named: u16) -> (Dns, TestDb, Relay) {
 
 #[test]
 fn queue_commands_on_mail_deferred_to_a_down_destination() {
+    use crate::support::destination::Destination;
     use std::time::Duration;
-    use support::destination::Destination;
     let home = Destination::start();
     let down = DownPort::new();
     let (_dns, db, relay) = deferring_node(home.port, down.port);
@@ -212,8 +210,8 @@ fn queue_commands_on_mail_deferred_to_a_down_destination() {
 /// made due; the other destination's stays deferred, untried.
 #[test]
 fn queue_flush_domain_releases_only_that_domains_deferred_mail() {
+    use crate::support::destination::Destination;
     use std::time::Duration;
-    use support::destination::Destination;
     let (down_a, down_b) = (DownPort::new(), DownPort::new());
     let (_dns, db, relay) = deferring_node(down_a.port, down_b.port);
     for to in ["a1@friet.pan", "a2@friet.pan", "b@named.example"] {

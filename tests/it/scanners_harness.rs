@@ -1,14 +1,12 @@
 //! The scanner test harness itself: the private clamd and rspamd of
-//! `support::scanners` start, find what they must (EICAR and a hashed file;
+//! `crate::support::scanners` start, find what they must (EICAR and a hashed file;
 //! GTUBE), pass clean mail, and go away and come back on `stop`/`resume`.
 //! Raw protocols only: clamd's INSTREAM over TCP, rspamd's HTTP /checkv2.
-
-mod support;
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::scanners::*;
+use crate::support::scanners::*;
 
 fn mail(subject: &str, body: &str) -> Vec<u8> {
     format!(

@@ -5,13 +5,11 @@
 //! stress mode cutting the idle ones), and a 64 KB line folded for a strict
 //! destination.
 
-mod support;
-
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use support::destination::Destination;
-use support::*;
+use crate::support::destination::Destination;
+use crate::support::*;
 
 /// Argon2's default memory cost (19 MiB) times the verifier threads.
 const VERIFIER_MEMORY_KB: u64 = 4 * 19 * 1024;

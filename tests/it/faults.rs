@@ -2,11 +2,9 @@
 //! restarted under a running node. Mail is delayed (4xx), never accepted
 //! without being stored, and never refused permanently.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn rcpt_reply(relay: &Relay, rcpt: &str) -> String {
     let mut c = Raw::ehlo(&relay.addr());

@@ -2,12 +2,10 @@
 //! `UserStore` (SMTP AUTH users, in the same database): MySQL/MariaDB and
 //! the embedded SQLite.
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::*;
 use mxrelay::domains::{DomainError, DomainStore, Domains, Lookup, RawDomain};
-use support::*;
 
 fn row(domain: &str, host: &str, port: u32, scan: &str) -> RawDomain {
     RawDomain { domain: domain.into(), relay_host: host.into(), relay_port: port, scan: scan.into() }

@@ -4,13 +4,11 @@
 //! `scripts/bench.sh` measures them on the release build (the peak RSS of
 //! the 200 MB message included).
 
-mod support;
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Instant;
 
-use support::*;
+use crate::support::*;
 
 #[test]
 fn smtp_source_20_sessions_10000_messages_all_queued_once() {

@@ -6,13 +6,11 @@
 //! short body, a node never holds more leases than it works on, the prober
 //! scans no keyspace, and a DSN to a UTF-8 sender says SMTPUTF8.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::destination::Destination;
-use support::sink::SmtpSink;
-use support::*;
+use crate::support::destination::Destination;
+use crate::support::sink::SmtpSink;
+use crate::support::*;
 
 fn send(relay: &Relay, to: &str) -> (i32, String) {
     swaks(&relay.addr(), &["--from", SENDER, "--to", to, "--helo", "client.example"])
@@ -21,7 +19,7 @@ fn send(relay: &Relay, to: &str) -> (i32, String) {
 fn dns_and_db() -> (Dns, TestDb) {
     let dns = Dns::start(&["sender.example", "client.example"], &[LISTED]);
     let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     (dns, db)
 }
 
@@ -258,7 +256,7 @@ fn a_dsn_to_a_utf8_sender_is_sent_with_smtputf8() {
     let dest = Destination::start();
     let dns = Dns::start(&["sender.example", "client.example"], &[LISTED]);
     let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     db.add_domain(LISTED, "127.0.0.1", dest.port);
     db.add_domain("sender.example", "127.0.0.1", dest.port);
     let relay = delivering(&db, &dns, SHARED_REDIS, &[]);

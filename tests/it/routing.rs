@@ -2,12 +2,10 @@
 //! order, A/AAAA fallback without MX, unknown domains, and relay hosts given
 //! as addresses or names.
 
-mod support;
-
 use std::net::SocketAddr;
 
+use crate::support::Dns;
 use mxrelay::delivery::route::{Route, RouteError};
-use support::Dns;
 
 fn resolver(dns: &Dns) -> mxrelay::dns::Dns {
     let addr: SocketAddr = dns.addr().parse().unwrap();

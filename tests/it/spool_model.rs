@@ -18,19 +18,17 @@
 //! `idle = 0`, and due times are far from now. `PROPTEST_CASES` sets the
 //! number of cases, `PROPTEST_RNG_SEED` replays a run.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use mxrelay::config::QueueConfig;
 use mxrelay::spool::{
     AdminAction, BodyReader, Envelope, Lease, MessageState, QueueId, Recipient, RecipientState, Spool, SpoolError,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
-use support::*;
 
 /// Cases per back end unless `PROPTEST_CASES` says otherwise.
 const CASES: u32 = 64;

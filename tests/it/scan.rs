@@ -5,13 +5,11 @@
 //! connected; clean mail is marked; a scanner that is down is a 451 or an
 //! accepted-and-marked message, never a 5xx and never a silent pass.
 
-mod support;
-
 use std::time::Duration;
 
-use support::destination::Destination;
-use support::scanners::{ClamdServer, EICAR, EICAR_FOUND, GTUBE, RspamdServer};
-use support::*;
+use crate::support::destination::Destination;
+use crate::support::scanners::{ClamdServer, EICAR, EICAR_FOUND, GTUBE, RspamdServer};
+use crate::support::*;
 
 const SCANNED: &str = "scanned.example";
 const PLAIN: &str = "plain.example";
@@ -30,7 +28,7 @@ impl Setup {
     fn start(scan_env: &[(&str, String)]) -> Setup {
         let dns = Dns::start(&["sender.example", "client.example"], &[SCANNED, PLAIN]);
         let db = TestDb::create(&MysqlServer::shared());
-        db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+        db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
         let dest = Destination::start();
         db.add_domain(SCANNED, "127.0.0.1", dest.port);
         db.add_domain(PLAIN, "127.0.0.1", dest.port);

@@ -8,12 +8,10 @@
 //!
 //! Runs as root, as `scripts/test.sh` does: Postfix's master starts as root.
 
-mod support;
-
-use support::outbound::{Outbound, WAIT};
-use support::pki::TestPki;
-use support::postfix::{Postfix, PostfixOptions};
-use support::*;
+use crate::support::outbound::{Outbound, WAIT};
+use crate::support::pki::TestPki;
+use crate::support::postfix::{Postfix, PostfixOptions};
+use crate::support::*;
 
 /// A private Postfix with STARTTLS taking mail for `friet.pan`.
 fn postfix_with_tls(pki: &TestPki) -> Postfix {

@@ -14,17 +14,15 @@
 //! multi-document YAML into JSON) come from the virtualenv `scripts/test.sh`
 //! puts on PATH; a missing tool fails the test.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::pki::TestPki;
+use crate::support::*;
 use serde_json::Value;
-use support::pki::TestPki;
-use support::*;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s/mxrelay");
 const ZONE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s/dns-zone.example");
@@ -740,7 +738,7 @@ fn rendered_containers_migrate_then_serve_and_drain() {
     assert_eq!(http_status(admin_port, liveness), Some(200));
     assert!(log().contains(POD_NAME), "node_id from the pod name in the log:\n{}", log());
 
-    // SIGTERM: an idle session is told at once (tests/ops.rs checks that
+    // SIGTERM: an idle session is told at once (tests/it/ops.rs checks that
     // the pod is unready but live while a message is still coming in).
     let mut session = TcpStream::connect(("127.0.0.1", smtp_port)).unwrap();
     session.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

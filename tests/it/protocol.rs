@@ -1,9 +1,7 @@
 //! SMTP protocol edge cases over raw sockets: smuggling, early talkers,
 //! overlong lines, NUL bytes, pipelining, BDAT, limits.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 fn start_data(c: &mut Raw) {
     assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));

@@ -1,4 +1,4 @@
-//! `Fleet`: the cluster the fault-injection suite (`tests/reliability.rs`)
+//! `Fleet`: the cluster the fault-injection suite (`tests/it/reliability.rs`)
 //! breaks. Three nodes on one queue in a private Redis with an AOF fsynced
 //! on every write, a fresh MariaDB database listing `friet.pan`, a loopback
 //! DNS; load from Postfix's `smtp-source`, and the bookkeeping that turns
@@ -237,7 +237,7 @@ impl Fleet {
         // answers 450 for a recipient domain without DNS).
         let dns = Dns::start(&["sender.example", "client.example"], &[LISTED, "named.example"]);
         let db = TestDb::create(&MysqlServer::shared());
-        db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+        db.exec(include_str!("../../../migrations/mysql/0001_domains.sql"));
         db.add_domain(LISTED, "127.0.0.1", dest_port);
         let redis_dir = tempfile::tempdir().expect("redis data directory");
         let dir = redis_dir.path().to_str().expect("utf-8 temp path").to_string();

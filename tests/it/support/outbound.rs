@@ -1,6 +1,6 @@
 //! `Outbound`: one delivering relay and what it needs, for the outbound
-//! TLS tests (`tests/outbound_tls.rs` against the scripted destination,
-//! `tests/outbound_postfix.rs` against a private Postfix).
+//! TLS tests (`tests/it/outbound_tls.rs` against the scripted destination,
+//! `tests/it/outbound_postfix.rs` against a private Postfix).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,7 +23,7 @@ impl Outbound {
     pub fn start(domains: &[(&str, &str, u16)], delivery_toml: &str) -> Outbound {
         let dns = Dns::start(&["sender.example", "dest.test", "wrong.test"], &[LISTED, "other.example"]);
         let db = TestDb::create(&MysqlServer::shared());
-        db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+        db.exec(include_str!("../../../migrations/mysql/0001_domains.sql"));
         for (domain, host, port) in domains {
             db.add_domain(domain, host, *port);
         }

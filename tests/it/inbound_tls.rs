@@ -4,15 +4,13 @@
 //! implicit-TLS listener, `tls.security_level = encrypt`, and a certificate
 //! swapped on SIGHUP.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::pki::{TestPki, TlsClient};
-use support::*;
+use crate::support::pki::{TestPki, TlsClient};
+use crate::support::*;
 
 fn tls_env(pki: &TestPki) -> Vec<(&'static str, String)> {
     vec![

@@ -1,9 +1,7 @@
 //! Receiving as a closed relay, with swaks and raw sockets against a running
 //! `mxrelay serve`, real MariaDB, real Redis and a DNS server on loopback.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// The message swaks sends, byte for byte (with a dot-stuffed line).
 const MESSAGE: &str = "From: sender@sender.example\r\nTo: test@friet.pan\r\nSubject: byte-exact\r\n\r\nline one\r\n.leading dot\r\n..two dots\r\n\r\nlast line\r\n";

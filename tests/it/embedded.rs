@@ -2,14 +2,12 @@
 //! end: accept, relay denied, deliver byte-exact, deferred then delivered,
 //! bounce, kill -9 with mail queued and restart: nothing lost.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::destination::{Destination, assert_one_copy_and_one_dsn};
-use support::sink::SmtpSink;
-use support::*;
+use crate::support::destination::{Destination, assert_one_copy_and_one_dsn};
+use crate::support::sink::SmtpSink;
+use crate::support::*;
 
 struct Embedded {
     _dns: Dns,

@@ -3,12 +3,10 @@
 //! or absent, under each `delivery.tls_policy` level. Required TLS that
 //! cannot be had defers (4.7.x) and never bounces; only `may` falls back.
 
-mod support;
-
-use support::destination::Destination;
-use support::outbound::{Outbound, WAIT};
-use support::pki::TestPki;
-use support::*;
+use crate::support::destination::Destination;
+use crate::support::outbound::{Outbound, WAIT};
+use crate::support::pki::TestPki;
+use crate::support::*;
 
 const OTHER: &str = "other.example";
 

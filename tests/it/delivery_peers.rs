@@ -13,16 +13,14 @@
 //! Runs as root, as `scripts/test.sh` does: MX hosts listen on port 25 and
 //! Postfix's master starts as root.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::time::Duration;
 
-use support::destination::Destination;
-use support::postfix::{Postfix, PostfixOptions};
-use support::proxy::Proxy;
-use support::sink::SmtpSink;
-use support::*;
+use crate::support::destination::Destination;
+use crate::support::postfix::{Postfix, PostfixOptions};
+use crate::support::proxy::Proxy;
+use crate::support::sink::SmtpSink;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -54,7 +52,7 @@ impl Drop for Delivering {
 /// A fresh database whose `domains` table lists `domains`.
 fn listing(domains: &[(&str, &str, u16)]) -> TestDb {
     let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../migrations/mysql/0001_domains.sql"));
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     for (domain, host, port) in domains {
         db.add_domain(domain, host, *port);
     }
@@ -144,7 +142,7 @@ fn body_8bitmime_is_passed_on_when_received_with_it_and_offered() {
     let by_rcpt = |r: &str| got.iter().find(|m| m.rcpts == [r]).unwrap_or_else(|| panic!("{r}: {got:#?}")).clone();
     let (e, s) = (by_rcpt("eight@friet.pan"), by_rcpt("seven@friet.pan"));
     assert!(e.mail_params.split_whitespace().any(|p| p == "BODY=8BITMIME"), "MAIL args: {:?}", e.mail_params);
-    assert!(e.content.ends_with(&support::sink::SinkMessage::as_dumped(eight)), "8-bit content unchanged");
+    assert!(e.content.ends_with(&crate::support::sink::SinkMessage::as_dumped(eight)), "8-bit content unchanged");
     assert!(!s.mail_params.contains("BODY="), "a 7-bit message gets no BODY: {:?}", s.mail_params);
     // A peer without 8BITMIME is not sent the parameter it does not know.
     let got = without.wait_for(1, WAIT);

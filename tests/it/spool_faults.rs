@@ -5,14 +5,12 @@
 //! envelopes, and indexes that do not leak. Each test damages the store
 //! for real (deleting keys or rows) where a fault would.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use mxrelay::config::QueueConfig;
 use mxrelay::spool::{AdminAction, BodyReader, Envelope, Lease, QueueId, Recipient, RecipientState, Spool, SpoolError};
-use support::*;
 
 const CHUNK: usize = 4096;
 const DEST: &str = "[127.0.0.1]:2526";
@@ -468,7 +466,7 @@ async fn redis_that_lost_its_data_is_read_again_without_a_restart() {
 #[tokio::test]
 async fn a_commit_whose_reply_was_lost_is_found_queued_once() {
     let redis = RedisServer::start();
-    let proxy = support::proxy::Proxy::start(&format!("127.0.0.1:{}", redis.port));
+    let proxy = crate::support::proxy::Proxy::start(&format!("127.0.0.1:{}", redis.port));
     let spool = private_spool(&redis, |c| c.url = format!("redis://{}/", proxy.addr()));
     spool.prepare().await.unwrap();
     enqueue(&spool, 10).await; // the scripts are loaded
