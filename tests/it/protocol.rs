@@ -1,6 +1,8 @@
 //! SMTP protocol edge cases over raw sockets: smuggling, early talkers,
-//! overlong lines, NUL bytes, pipelining, BDAT, limits.
+//! overlong lines, NUL bytes, pipelining, BDAT, limits. Every node here runs
+//! in process on the embedded stores (`support::in_process`).
 
+use crate::support::in_process::{InProcessNode, InProcessWorld};
 use crate::support::*;
 
 fn start_data(c: &mut Raw) {
@@ -20,7 +22,7 @@ fn smuggled_body(seq: &str) -> String {
 
 #[test]
 fn smuggling_sequences_are_refused_by_default() {
-    let w = World::start();
+    let w = InProcessWorld::start();
     for seq in SMUGGLING {
         let mut c = Raw::ehlo(&w.relay.addr());
         start_data(&mut c);
@@ -44,13 +46,13 @@ fn bare_cr_in_bdat_is_refused_or_normalised() {
         c.send(&format!("BDAT {} LAST\r\n{body}", body.len()));
         c.reply()
     };
-    let w = World::start();
+    let w = InProcessWorld::start();
     let mut c = Raw::ehlo(&w.relay.addr());
     let r = bdat(&mut c);
     assert!(r.starts_with("554 5.6.0"), "{r}");
     assert!(w.queue().ready_ids().is_empty());
 
-    let w = World::start_with(&[("MXRELAY_SMTPD_FORBID_BARE_NEWLINE", "false")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTPD_FORBID_BARE_NEWLINE", "false")]);
     let mut c = Raw::ehlo(&w.relay.addr());
     let r = bdat(&mut c);
     assert!(r.starts_with("250 2.0.0"), "{r}");
@@ -60,7 +62,7 @@ fn bare_cr_in_bdat_is_refused_or_normalised() {
 
 #[test]
 fn smuggling_sequences_never_split_a_message_when_normalising() {
-    let w = World::start_with(&[("MXRELAY_SMTPD_FORBID_BARE_NEWLINE", "false")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTPD_FORBID_BARE_NEWLINE", "false")]);
     for seq in SMUGGLING {
         let mut c = Raw::ehlo(&w.relay.addr());
         start_data(&mut c);
@@ -69,7 +71,7 @@ fn smuggling_sequences_never_split_a_message_when_normalising() {
         let r = c.reply();
         assert!(r.starts_with("250 2.0.0"), "{seq:?}: {r}");
         let id = queued_id(&r).unwrap();
-        let mut q = w.queue();
+        let q = w.queue();
         let body = String::from_utf8(q.body(&id)).unwrap();
         assert!(body.contains("RCPT TO:<victim@friet.pan>"), "the smuggled text stays content");
         let lone = body.replace("\r\n", "");
@@ -81,7 +83,7 @@ fn smuggling_sequences_never_split_a_message_when_normalising() {
 
 #[test]
 fn early_talker_is_refused() {
-    let w = World::start_with(&[("MXRELAY_SMTP_GREET_PAUSE", "300ms")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTP_GREET_PAUSE", "300ms")]);
     let mut c = Raw::connect(&w.relay.addr());
     c.send("EHLO client.example\r\n");
     let r = c.reply();
@@ -91,7 +93,7 @@ fn early_talker_is_refused() {
 
 #[test]
 fn overlong_command_and_nul_bytes_get_500_and_the_session_goes_on() {
-    let w = World::start();
+    let w = InProcessWorld::start();
     let mut c = Raw::ehlo(&w.relay.addr());
     c.send(&format!("NOOP {}\r\n", "x".repeat(5000)));
     assert!(c.reply().starts_with("500 5.5.2"));
@@ -104,7 +106,7 @@ fn overlong_command_and_nul_bytes_get_500_and_the_session_goes_on() {
 
 #[test]
 fn pipelined_commands_get_one_reply_each_in_order() {
-    let w = World::start();
+    let w = InProcessWorld::start();
     let mut c = Raw::ehlo(&w.relay.addr());
     c.send(&format!(
         "MAIL FROM:<{SENDER}>\r\nRCPT TO:<a@friet.pan>\r\nRCPT TO:<b@other.example>\r\nRCPT TO:<c@friet.pan>\r\nDATA\r\n"
@@ -127,7 +129,7 @@ fn pipelined_commands_get_one_reply_each_in_order() {
 
 #[test]
 fn pipelining_without_ehlo_is_refused() {
-    let w = World::start();
+    let w = InProcessWorld::start();
     let mut c = Raw::connect(&w.relay.addr());
     assert_eq!(c.code(), 220);
     assert_eq!(c.code_after("HELO client.example"), 250);
@@ -137,7 +139,7 @@ fn pipelining_without_ehlo_is_refused() {
 
 #[test]
 fn bdat_chunks_make_one_message() {
-    let w = World::start();
+    let w = InProcessWorld::start();
     let mut c = Raw::ehlo(&w.relay.addr());
     c.cmd(&format!("MAIL FROM:<{SENDER}> BODY=8BITMIME"));
     c.cmd("RCPT TO:<t@friet.pan>");
@@ -159,7 +161,7 @@ fn bdat_chunks_make_one_message() {
 
 #[test]
 fn recipient_limit_gives_452() {
-    let w = World::start_with(&[("MXRELAY_SMTPD_RECIPIENT_LIMIT", "3")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTPD_RECIPIENT_LIMIT", "3")]);
     let mut c = Raw::ehlo(&w.relay.addr());
     c.cmd(&format!("MAIL FROM:<{SENDER}>"));
     for i in 0..3 {
@@ -170,7 +172,7 @@ fn recipient_limit_gives_452() {
 
 #[test]
 fn too_many_received_headers_is_554_5_4_6() {
-    let w = World::start_with(&[("MXRELAY_HOP_COUNT_LIMIT", "5")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_HOP_COUNT_LIMIT", "5")]);
     let mut c = Raw::ehlo(&w.relay.addr());
     start_data(&mut c);
     for i in 0..6 {
@@ -188,7 +190,7 @@ fn too_many_received_headers_is_554_5_4_6() {
 
 #[test]
 fn error_limit_disconnects() {
-    let w = World::start_with(&[("MXRELAY_SMTP_ERROR_LIMIT", "3")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTP_ERROR_LIMIT", "3")]);
     let mut c = Raw::ehlo(&w.relay.addr());
     assert!(c.cmd("BOGUS").starts_with("502"));
     assert!(c.cmd("BOGUS").starts_with("502"));
@@ -199,7 +201,7 @@ fn error_limit_disconnects() {
 
 #[test]
 fn per_ip_connection_limit_gives_421_and_others_are_served() {
-    let w = World::start_with(&[("MXRELAY_SMTP_MAX_CONNECTIONS_PER_IP", "2")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTP_MAX_CONNECTIONS_PER_IP", "2")]);
     let _a = Raw::connect_greeted(&w.relay.addr());
     let _b = Raw::connect_greeted(&w.relay.addr());
     let mut c = Raw::connect(&w.relay.addr());
@@ -211,7 +213,7 @@ fn per_ip_connection_limit_gives_421_and_others_are_served() {
 
 #[test]
 fn idle_client_is_cut_off_with_421() {
-    let w = World::start_with(&[("MXRELAY_SMTP_COMMAND_TIMEOUT", "1s")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTP_COMMAND_TIMEOUT", "1s")]);
     let mut c = Raw::ehlo(&w.relay.addr());
     // Nothing sent: the next reply is the timeout's.
     assert!(c.reply().starts_with("421 4.4.2"));
@@ -220,7 +222,7 @@ fn idle_client_is_cut_off_with_421() {
 
 #[test]
 fn node_connection_limit_gives_421() {
-    let w = World::start_with(&[("MXRELAY_SMTP_MAX_CONNECTIONS", "1")]);
+    let w = InProcessWorld::start_with(&[("MXRELAY_SMTP_MAX_CONNECTIONS", "1")]);
     // The start-up probes' sessions may still be closing: take the one slot.
     let _held = Raw::connect_greeted(&w.relay.addr());
     let mut c = Raw::connect_from("127.0.0.9", &w.relay.addr());
@@ -231,16 +233,16 @@ fn node_connection_limit_gives_421() {
 fn dns_failure_defers_never_rejects() {
     // A nameserver that does not answer: sender and recipient checks cannot be made.
     let dns = Dns::start(&[], &[]);
-    let db = TestDb::create(&MysqlServer::shared());
-    let mut migrate = Relay::spawn(&base_config(&db.url(), SHARED_REDIS, &dns));
-    migrate.kill();
-    db.add_domain(LISTED, "127.0.0.1", 2526);
-    let relay = Relay::spawn_with_env(
-        &base_config(&db.url(), SHARED_REDIS, &dns),
+    let store = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/mxrelay.db", store.path().display());
+    let relay = InProcessNode::start(
+        &base_config(&url, &url, &dns),
         &[("MXRELAY_DNS_NAMESERVERS", "127.0.0.1:9"), ("MXRELAY_DNS_TIMEOUT", "200ms")],
     );
-    let mut c = Raw::ehlo(&relay.addr());
-    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
-    let r = c.cmd("RCPT TO:<t@friet.pan>");
+    relay.add_domain(LISTED, "127.0.0.1", 2526);
+    let r = wait_until_value("the listed domain in the snapshot", std::time::Duration::from_secs(15), || {
+        let r = rcpt_reply(&relay.addr(), "t@friet.pan");
+        (!r.starts_with("454")).then_some(r)
+    });
     assert!(r.starts_with("451 4.4.3"), "{r}");
 }

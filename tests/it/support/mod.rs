@@ -7,6 +7,7 @@
 pub mod destination;
 pub mod fleet;
 pub mod haproxy;
+pub mod in_process;
 pub mod outbound;
 pub mod pki;
 pub mod postfix;
@@ -509,10 +510,7 @@ impl Relay {
     /// One sample (`name` or `name{labels}` exactly as exported) from
     /// `/metrics`; `None` when the node does not export it.
     pub fn metric(&self, sample: &str) -> Option<f64> {
-        let text = self.http_get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .map(|v| v.trim().parse().unwrap_or_else(|e| panic!("sample {sample}: {v:?}: {e}")))
+        metric_sample(&self.http_get("/metrics"), sample)
     }
 
     /// A sample the node must export (known label values start at 0):
@@ -679,6 +677,14 @@ pub fn http_get(port: u16, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// One sample (`name` or `name{labels}` exactly) from a `/metrics` text.
+pub fn metric_sample(metrics: &str, sample: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap_or_else(|e| panic!("sample {sample}: {v:?}: {e}")))
 }
 
 /// `swaks` with the given arguments; returns (exit status, transcript).
