@@ -1,14 +1,15 @@
-//! Hostile clients against the real binary, each attack with a bounded
-//! count: an AUTH flood from many addresses (peak RSS within the verifier
-//! memory), bare-CR smuggling through to the destination, 1,500 pipelined
-//! recipients, an idle-connection flood (a trusted client still served,
-//! stress mode cutting the idle ones), and a 64 KB line folded for a strict
-//! destination.
+//! Hostile clients, each attack with a bounded count: an AUTH flood from
+//! many addresses (peak RSS within the verifier memory: the real binary, a
+//! process of its own to measure), and on an in-process node, bare-CR
+//! smuggling through to the destination, 1,500 pipelined recipients, an
+//! idle-connection flood (a trusted client still served, stress mode
+//! cutting the idle ones), and a 64 KB line folded for a strict destination.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::support::destination::Destination;
+use crate::support::in_process::InProcessWorld;
 use crate::support::*;
 
 /// Argon2's default memory cost (19 MiB) times the verifier threads.
@@ -87,7 +88,7 @@ fn an_auth_flood_from_many_addresses_stays_within_the_verifier_memory() {
 
 #[test]
 fn pipelined_recipients_past_the_limit_keep_the_transaction() {
-    let w = World::start();
+    let w = InProcessWorld::start();
     let mut c = Raw::ehlo(&w.relay.addr());
     let mut batch = format!("MAIL FROM:<{SENDER}>\r\n");
     for i in 0..1500 {
@@ -121,7 +122,7 @@ fn idle_sessions(addr: &str, n: usize) -> Vec<Raw> {
 
 #[test]
 fn a_connection_flood_leaves_trusted_clients_a_reserved_slot() {
-    let w = World::start_with(&[
+    let w = InProcessWorld::start_with(&[
         ("MXRELAY_SMTP_MAX_CONNECTIONS", "100"),
         ("MXRELAY_SMTP_RESERVED_CONNECTIONS_PERCENT", "5"),
         ("MXRELAY_SMTP_STRESS_THRESHOLD_PERCENT", "0"),
@@ -148,7 +149,7 @@ fn a_connection_flood_leaves_trusted_clients_a_reserved_slot() {
 fn stress_mode_cuts_idle_sessions_and_ends_when_they_are_gone() {
     // 8 s between commands normally, 1 s under stress (from 80 busy slots
     // of 100, until fewer than 60 are busy).
-    let w = World::start_with(&[
+    let w = InProcessWorld::start_with(&[
         ("MXRELAY_SMTP_MAX_CONNECTIONS", "100"),
         ("MXRELAY_SMTP_COMMAND_TIMEOUT", "8s"),
         ("MXRELAY_SMTP_STRESS_THRESHOLD_PERCENT", "80"),
@@ -176,13 +177,10 @@ fn stress_mode_cuts_idle_sessions_and_ends_when_they_are_gone() {
 }
 
 /// A node delivering to `dest` (the listed domain's relay host).
-fn delivering(dest: &Destination, env: &[(&str, &str)]) -> World {
+fn delivering(dest: &Destination, env: &[(&str, &str)]) -> InProcessWorld {
     let mut env = env.to_vec();
     env.push(("MXRELAY_DELIVERY_ENABLED", "true"));
-    let w = World::start_with(&env);
-    w.db.exec(&format!("UPDATE domains SET relay_port = {} WHERE domain = '{LISTED}'", dest.port));
-    w.relay.signal("HUP");
-    w
+    InProcessWorld::start_to(dest.port, &env)
 }
 
 fn send_raw(addr: &str, content: &[u8]) -> String {

@@ -270,12 +270,17 @@ impl InProcessWorld {
 
     /// `env`: `MXRELAY_*` overrides on top of the test configuration.
     pub fn start_with(env: &[(&str, &str)]) -> InProcessWorld {
+        Self::start_to(2526, env)
+    }
+
+    /// As [`InProcessWorld::start_with`], [`LISTED`] relayed to 127.0.0.1:`port`.
+    pub fn start_to(port: u16, env: &[(&str, &str)]) -> InProcessWorld {
         let dns =
             Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"]);
         let store = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/mxrelay.db", store.path().display());
         let relay = InProcessNode::start(&base_config(&url, &url, &dns), env);
-        relay.add_domain(LISTED, "127.0.0.1", 2526);
+        relay.add_domain(LISTED, "127.0.0.1", port);
         let world = InProcessWorld { dns, relay, _store: store };
         world.wait_rcpt(&format!("probe@{LISTED}"), 250);
         world
