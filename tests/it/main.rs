@@ -30,6 +30,7 @@ mod reliability;
 mod routing;
 mod scan;
 mod scanners_harness;
+mod shutdown;
 mod spool;
 mod spool_faults;
 mod spool_model;
