@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ pub async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let node = Node::bind(config, path).await?;
+    let node = Node::bind(config, ConfigSource::process(path)).await?;
     let reloader = node.reloader();
     node.run(async move {
         loop {
@@ -65,7 +65,22 @@ pub struct Node {
     admin: TcpListener,
     trigger: Trigger,
     shutdown: Shutdown,
-    path: Option<PathBuf>,
+    source: ConfigSource,
+}
+
+/// Where a reload reads the configuration again: the file and the
+/// `MXRELAY_*` overrides the node started with.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub file: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl ConfigSource {
+    /// The binary's: `file` and this process's environment.
+    pub fn process(file: Option<PathBuf>) -> ConfigSource {
+        ConfigSource { file, env: std::env::vars().collect() }
+    }
 }
 
 /// Where a bound node listens.
@@ -81,16 +96,15 @@ pub struct Addrs {
 pub struct Reloader {
     domains: Arc<Domains>,
     shared: Arc<Shared>,
-    path: Option<PathBuf>,
+    source: ConfigSource,
 }
 
 impl Reloader {
-    /// Reloads the domain snapshot, and re-reads the configuration file
-    /// (the node's own `path`; none: the environment only) for the live keys
-    /// and the TLS certificate.
+    /// Reloads the domain snapshot, and reads the configuration again (the
+    /// node's [`ConfigSource`]) for the live keys and the TLS certificate.
     pub fn reload(&self) {
         self.domains.request_reload();
-        reload(&self.shared, self.path.as_deref());
+        reload(&self.shared, &self.source);
     }
 
     /// Reloads the domain snapshot only.
@@ -101,11 +115,11 @@ impl Reloader {
 
 impl Node {
     /// Validates `config`, opens the domain, user and queue stores, loads
-    /// the first domain snapshot and binds the listeners. `path` is the
-    /// configuration file a reload re-reads. A store that cannot be reached
+    /// the first domain snapshot and binds the listeners. `source` is what a
+    /// reload reads again. A store that cannot be reached
     /// is not fatal (the node answers 451 until it is back); an address that
     /// cannot be bound is.
-    pub async fn bind(config: Config, path: Option<PathBuf>) -> anyhow::Result<Node> {
+    pub async fn bind(config: Config, source: ConfigSource) -> anyhow::Result<Node> {
         let resolved = config
             .resolve()
             .map_err(|errors| anyhow::anyhow!(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
@@ -143,8 +157,8 @@ impl Node {
         let mut shared = Shared::new(config.clone(), policy, spool.clone(), users, shutdown.clone());
         shared.scanner = crate::scan::Scanner::new(&config.scan, &config.data_dir, &config.node_id)
             .map_err(|e| anyhow::anyhow!("scan: {e}"))?;
-        let node =
-            Node { config, domains, spool, shared: Arc::new(shared), smtp, smtps, admin, trigger, shutdown, path };
+        let shared = Arc::new(shared);
+        let node = Node { config, domains, spool, shared, smtp, smtps, admin, trigger, shutdown, source };
         let addrs = node.addrs()?;
         tracing::info!(
             node = %node.config.node_id,
@@ -176,7 +190,7 @@ impl Node {
     }
 
     pub fn reloader(&self) -> Reloader {
-        Reloader { domains: self.domains.clone(), shared: self.shared.clone(), path: self.path.clone() }
+        Reloader { domains: self.domains.clone(), shared: self.shared.clone(), source: self.source.clone() }
     }
 
     /// Serves until `stop` completes, then stops in order: draining (the
@@ -185,7 +199,7 @@ impl Node {
     /// session and delivery has ended, [`Phase::Stopped`]: the domain
     /// refresher and the admin listener end, and this returns.
     pub async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Node { config, domains, spool, shared, smtp, smtps, admin, trigger, shutdown, path: _ } = self;
+        let Node { config, domains, spool, shared, smtp, smtps, admin, trigger, shutdown, source: _ } = self;
         let admin = tokio::spawn(crate::admin::http::serve(
             admin,
             crate::admin::http::Health { spool: spool.clone(), domains: domains.clone(), shutdown: shutdown.clone() },
@@ -248,8 +262,8 @@ fn restrictions(config: &Config, resolved: &crate::config::Resolved) -> Restrict
 
 /// SIGHUP: re-reads the configuration; live keys apply to new sessions,
 /// changed keys that need a restart are named in the log.
-fn reload(shared: &Shared, path: Option<&Path>) {
-    let new = match Config::load(path) {
+fn reload(shared: &Shared, source: &ConfigSource) {
+    let new = match Config::load_from(source.file.as_deref(), &source.env) {
         Ok(c) => c,
         Err(errors) => {
             let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use mxrelay::config::Config;
 use mxrelay::domains::RawDomain;
-use mxrelay::server::{Node, Reloader};
+use mxrelay::server::{ConfigSource, Node, Reloader};
 use mxrelay::spool::{Envelope, MessageState, QueueId, Spool};
 
 use super::{Dns, LISTED, Raw, SENDER, base_config, wait_until};
@@ -59,6 +59,8 @@ fn log_buffer() -> &'static LogBuffer {
 /// A running in-process node; stopped (drained) on drop.
 pub struct InProcessNode {
     pub smtp: SocketAddr,
+    /// The implicit-TLS listener, when `tls.implicit_listen` is set (port 0 allowed).
+    pub smtps: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub config: Config,
     reloader: Reloader,
@@ -93,10 +95,11 @@ impl InProcessNode {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let node_config = config.clone();
+        let source = ConfigSource { file: Some(path), env: vars };
         let thread = std::thread::spawn(move || -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async move {
-                let node = match Node::bind(node_config, Some(path)).await {
+                let node = match Node::bind(node_config, source).await {
                     Ok(n) => n,
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -116,6 +119,7 @@ impl InProcessNode {
             .unwrap_or_else(|e| panic!("the node did not start: {e}"));
         InProcessNode {
             smtp: addrs.smtp,
+            smtps: addrs.smtps,
             admin: addrs.admin,
             config,
             reloader,
@@ -260,6 +264,8 @@ impl LocalQueue<'_> {
 pub struct InProcessWorld {
     pub dns: Dns,
     pub relay: InProcessNode,
+    /// The embedded store's URL (domains and queue).
+    pub url: String,
     _store: tempfile::TempDir,
 }
 
@@ -281,7 +287,7 @@ impl InProcessWorld {
         let url = format!("sqlite://{}/mxrelay.db", store.path().display());
         let relay = InProcessNode::start(&base_config(&url, &url, &dns), env);
         relay.add_domain(LISTED, "127.0.0.1", port);
-        let world = InProcessWorld { dns, relay, _store: store };
+        let world = InProcessWorld { dns, relay, url, _store: store };
         world.wait_rcpt(&format!("probe@{LISTED}"), 250);
         world
     }
