@@ -2,18 +2,23 @@
 //! from allowed and other 127.0.0.x sources) and the per-client abuse
 //! limits: connection rate and concurrency, message and recipient rates,
 //! slow clients, error counts. Each tripped limit gets a precise reply
-//! while other clients are still served.
+//! while other clients are still served. Every node runs in process on the
+//! embedded stores; HAProxy is real.
 
 use std::time::{Duration, Instant};
 
+use crate::support::in_process::InProcessWorld;
 use crate::support::*;
 
 /// 127.0.0.2 is the load balancer; 127.0.0.9 is in mynetworks.
 const BALANCER: &str = "127.0.0.2";
 const STRANGER: &str = "127.0.0.3";
 
-fn proxy_world() -> World {
-    World::start_with(&[("MXRELAY_SMTP_PROXY_PROTOCOL", "true"), ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32")])
+fn proxy_world() -> InProcessWorld {
+    InProcessWorld::start_with(&[
+        ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
+        ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32"),
+    ])
 }
 
 fn v2_header(source: [u8; 4], port: u16) -> Vec<u8> {
@@ -26,12 +31,12 @@ fn v2_header(source: [u8; 4], port: u16) -> Vec<u8> {
     h
 }
 
-/// Applies `[smtp]` keys by SIGHUP once the world is up (the start-up
+/// Applies `[smtp]` keys by a reload (SIGHUP's) once the world is up (the start-up
 /// probes from 127.0.0.1 must not count against them).
-fn set_smtp_limits(w: &mut World, lines: &str) {
-    let config = base_config(&w.db.url(), SHARED_REDIS, &w.dns).replacen("[smtp]\n", &format!("[smtp]\n{lines}\n"), 1);
+fn set_smtp_limits(w: &mut InProcessWorld, lines: &str) {
+    let config = base_config(&w.url, &w.url, &w.dns).replacen("[smtp]\n", &format!("[smtp]\n{lines}\n"), 1);
     w.relay.rewrite_config(&config);
-    w.relay.signal("HUP");
+    w.relay.reload();
     wait_until("the reload", Duration::from_secs(10), || w.relay.log().contains("config reloaded; applied: smtp."));
 }
 
@@ -107,7 +112,7 @@ fn proxy_headers_from_elsewhere_are_refused() {
 
 #[test]
 fn connection_limits_answer_421_and_others_are_still_served() {
-    let mut w = World::start();
+    let mut w = InProcessWorld::start();
     set_smtp_limits(&mut w, "max_connections_per_ip = 2\nconnection_rate_limit = 6");
     let addr = w.relay.addr();
     let a1 = Raw::connect_from("127.0.0.4", &addr);
@@ -139,7 +144,7 @@ fn connection_limits_answer_421_and_others_are_still_served() {
 
 #[test]
 fn message_recipient_and_error_limits() {
-    let mut w = World::start();
+    let mut w = InProcessWorld::start();
     set_smtp_limits(&mut w, "message_rate_limit = 2\nrecipient_rate_limit = 3\nerror_limit = 3");
     let addr = w.relay.addr();
     let mut c = Raw::connect_from("127.0.0.6", &addr);
@@ -180,7 +185,7 @@ fn message_recipient_and_error_limits() {
 
 #[test]
 fn slow_clients_are_cut_off_while_others_are_served() {
-    let w = World::start_with(&[
+    let w = InProcessWorld::start_with(&[
         ("MXRELAY_SMTP_COMMAND_TIMEOUT", "2s"),
         ("MXRELAY_SMTP_DATA_TIMEOUT", "2s"),
         ("MXRELAY_SMTP_MIN_DATA_RATE", "1000"),
@@ -244,7 +249,7 @@ fn v2_unspec(command: u8) -> Vec<u8> {
 }
 
 /// Sends one message for a listed domain; the queued body.
-fn queue_one(w: &World, c: &mut Raw) -> String {
+fn queue_one(w: &InProcessWorld, c: &mut Raw) -> String {
     assert_eq!(c.code(), 220);
     assert!(c.cmd("EHLO lb.example").starts_with("250"));
     assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
@@ -289,16 +294,16 @@ fn proxy_local_and_unknown_headers_keep_the_socket_address() {
 /// A world whose node takes PROXY headers from the balancer (127.0.0.2)
 /// and has an implicit-TLS listener with `pki`'s certificate, at the
 /// address returned.
-fn implicit_tls_behind_balancer(pki: &TestPki) -> (World, String) {
-    let implicit = format!("127.0.0.1:{}", free_port());
+fn implicit_tls_behind_balancer(pki: &TestPki) -> (InProcessWorld, String) {
     let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
-    let w = World::start_with(&[
+    let w = InProcessWorld::start_with(&[
         ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
         ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.2/32"),
         ("MXRELAY_TLS_CERT", &cert),
         ("MXRELAY_TLS_KEY", &key),
-        ("MXRELAY_TLS_IMPLICIT_LISTEN", &implicit),
+        ("MXRELAY_TLS_IMPLICIT_LISTEN", "127.0.0.1:0"),
     ]);
+    let implicit = w.relay.smtps.expect("the implicit-TLS listener").to_string();
     (w, implicit)
 }
 
@@ -356,7 +361,7 @@ fn haproxy_send_proxy_v2_in_front_of_the_implicit_tls_listener() {
     use crate::support::haproxy::Haproxy;
     let pki = TestPki::localhost();
     let (w, implicit) = implicit_tls_behind_balancer(&pki);
-    let lb = Haproxy::start(&implicit, BALANCER, w.relay.port);
+    let lb = Haproxy::start(&implicit, BALANCER, w.relay.smtp.port());
     wait_until("a health check from haproxy", Duration::from_secs(20), || {
         w.relay.metric("mxrelay_smtp_proxy_headers_total{result=\"local\"}").is_some_and(|n| n >= 1.0)
     });
