@@ -2,13 +2,16 @@
 //! swaks `--tls`, `openssl s_client`, a rustls client for the STARTTLS
 //! injection attempt, AUTH PLAIN/LOGIN against `relay_users`, the
 //! implicit-TLS listener, `tls.security_level = encrypt`, and a certificate
-//! swapped on SIGHUP.
+//! swapped on SIGHUP. The session tests run on an in-process node with the
+//! embedded stores; those that read `relay_users` in MariaDB, stop it, or
+//! send SIGHUP run the binary on MariaDB and Redis.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::in_process::InProcessWorld;
 use crate::support::pki::{TestPki, TlsClient};
 use crate::support::*;
 
@@ -25,6 +28,19 @@ fn world(pki: &TestPki, extra: &[(&'static str, String)]) -> World {
     env.extend(extra.iter().cloned());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     World::start_with(&env)
+}
+
+/// As [`world`], on an in-process node with the embedded stores.
+fn local_world(pki: &TestPki, extra: &[(&'static str, String)]) -> InProcessWorld {
+    let mut env = tls_env(pki);
+    env.extend(extra.iter().cloned());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    InProcessWorld::start_with(&env)
+}
+
+/// `mxrelay users …` against the in-process world's embedded store.
+fn local_users(w: &InProcessWorld, args: &[&str], stdin: &str) -> (bool, String) {
+    users_at(&w.url, args, stdin)
 }
 
 /// `mxrelay users …` against the world's database; `stdin` is piped in.
@@ -81,7 +97,7 @@ fn s_client(args: &[&str], input: &str) -> String {
 #[test]
 fn starttls_with_swaks_and_openssl_records_tls_in_received_and_log() {
     let pki = TestPki::localhost();
-    let w = world(&pki, &[]);
+    let w = local_world(&pki, &[]);
     let addr = w.relay.addr();
 
     // Before TLS: STARTTLS offered, AUTH not (auth.tls_only).
@@ -127,7 +143,7 @@ fn starttls_with_swaks_and_openssl_records_tls_in_received_and_log() {
 #[test]
 fn commands_pipelined_after_starttls_are_discarded() {
     let pki = TestPki::localhost();
-    let w = world(&pki, &[]);
+    let w = local_world(&pki, &[]);
     let mut c = Raw::ehlo(&w.relay.addr());
     // CVE-2011-0411: the injected MAIL travels in clear behind STARTTLS.
     c.send("STARTTLS\r\nMAIL FROM:<evil@sender.example>\r\n");
@@ -197,8 +213,8 @@ fn auth_plain_and_login_let_a_user_relay_and_nobody_else() {
 #[test]
 fn failed_auth_is_rate_limited_per_client() {
     let pki = TestPki::localhost();
-    let w = world(&pki, &[("MXRELAY_SMTP_AUTH_FAILURE_LIMIT", "2".into())]);
-    let (ok, out) = users(&w, &["add", "bob"], "pw\n");
+    let w = local_world(&pki, &[("MXRELAY_SMTP_AUTH_FAILURE_LIMIT", "2".into())]);
+    let (ok, out) = local_users(&w, &["add", "bob"], "pw\n");
     assert!(ok, "{out}");
     let tls_session = || {
         let mut c = Raw::ehlo(&w.relay.addr());
@@ -223,12 +239,11 @@ fn failed_auth_is_rate_limited_per_client() {
 #[test]
 fn implicit_tls_listener_and_encrypt_level() {
     let pki = TestPki::localhost();
-    let tls_port = free_port();
-    let mut w = world(&pki, &[("MXRELAY_TLS_IMPLICIT_LISTEN", format!("127.0.0.1:{tls_port}"))]);
+    let w = local_world(&pki, &[("MXRELAY_TLS_IMPLICIT_LISTEN", "127.0.0.1:0".into())]);
     // smtpd_tls_security_level = encrypt, switched on live: nothing before STARTTLS.
-    let config = format!("{}[tls]\nsecurity_level = \"encrypt\"\n", base_config(&w.db.url(), SHARED_REDIS, &w.dns));
+    let config = format!("{}[tls]\nsecurity_level = \"encrypt\"\n", base_config(&w.url, &w.url, &w.dns));
     w.relay.rewrite_config(&config);
-    w.relay.signal("HUP");
+    w.relay.reload();
     wait_until("security_level = encrypt", Duration::from_secs(10), || {
         Raw::ehlo(&w.relay.addr()).cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("530")
     });
@@ -242,7 +257,7 @@ fn implicit_tls_listener_and_encrypt_level() {
     assert_eq!(status, 0, "{out}");
 
     // Port 465 style: TLS from the first byte.
-    let implicit = format!("127.0.0.1:{tls_port}");
+    let implicit = w.relay.smtps.expect("the implicit-TLS listener").to_string();
     let (status, out) =
         swaks(&implicit, &["--tlsc", "--from", SENDER, "--to", "wrapped@friet.pan", "--ehlo", "client.example"]);
     assert_eq!(status, 0, "{out}");
@@ -400,8 +415,8 @@ fn users_passwd_replaces_the_password() {
 /// accepted without TLS (no certificate configured at all).
 #[test]
 fn auth_tls_only_false_allows_auth_in_clear() {
-    let w = World::start_with(&[("MXRELAY_AUTH_ENABLED", "true"), ("MXRELAY_AUTH_TLS_ONLY", "false")]);
-    let (ok, out) = users(&w, &["add", "erin"], "clear pw\n");
+    let w = InProcessWorld::start_with(&[("MXRELAY_AUTH_ENABLED", "true"), ("MXRELAY_AUTH_TLS_ONLY", "false")]);
+    let (ok, out) = local_users(&w, &["add", "erin"], "clear pw\n");
     assert!(ok, "{out}");
     let mut c = Raw::connect(&w.relay.addr());
     assert_eq!(c.code(), 220);
