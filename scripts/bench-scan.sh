@@ -12,7 +12,7 @@
 # mxrelay_scan_errors_total from /metrics (errors should be 0).
 #
 # The scanners are private, on ephemeral loopback ports, set up as the test
-# harness does (tests/support/scanners.rs): clamd with a signature database
+# harness does (tests/it/support/scanners.rs): clamd with a signature database
 # built here (the EICAR body signature and a sigtool hash signature; no
 # freshclam, nothing downloaded); rspamd with the packaged configuration
 # minus Bayes, one normal worker, every network/DNS/Redis module disabled, a

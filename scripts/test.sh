@@ -17,12 +17,12 @@ command -v swaks >/dev/null || need+=(swaks)
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 [ -x /usr/bin/prometheus ] || need+=(prometheus)
 # Virus and spam scanning: the tests start private clamd and rspamd daemons
-# (tests/support/scanners.rs) with a signature database that sigtool
+# (tests/it/support/scanners.rs) with a signature database that sigtool
 # (clamav) makes on the spot; nothing is downloaded (no freshclam).
 [ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
 command -v sigtool >/dev/null || need+=(clamav)
 command -v rspamd >/dev/null || need+=(rspamd)
-# The PROXY protocol from a real load balancer (tests/support/haproxy.rs).
+# The PROXY protocol from a real load balancer (tests/it/support/haproxy.rs).
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 # swaks --tls needs Perl's TLS modules; openssl s_client talks to STARTTLS.
 perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
@@ -88,6 +88,11 @@ if ! "$tools/bin/helm" version >/dev/null 2>&1 || ! [ -x "$tools/bin/kubernetes-
 fi
 export PATH="$tools/bin:$PATH"
 
+# MXRELAY_FUZZ_SECONDS is this script's, not a configuration key: the
+# nodes the tests start read every MXRELAY_* variable and would refuse it.
+fuzz_seconds="${MXRELAY_FUZZ_SECONDS:-30}"
+unset MXRELAY_FUZZ_SECONDS
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
 else
@@ -96,4 +101,4 @@ fi
 
 # Then the fuzz targets (fuzz/): each parser that faces the network or
 # stored data, MXRELAY_FUZZ_SECONDS each (default 30; 0 skips them).
-./scripts/fuzz.sh "${MXRELAY_FUZZ_SECONDS:-30}"
+./scripts/fuzz.sh "$fuzz_seconds"

@@ -272,7 +272,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 impl Metrics {
     /// Creates the label values dashboards and alerts rely on at 0, so a
     /// series exists (and `rate()` works) before the first event: every
-    /// value README.md lists (tests/ops.rs checks that against a node).
+    /// value README.md lists (tests/it/ops.rs checks that against a node).
     fn init_known_labels(&self) {
         let init = |vec: &IntCounterVec, values: &[&str]| {
             for v in values {

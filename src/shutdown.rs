@@ -4,7 +4,9 @@
 //! After the grace period it moves to [`Phase::Closing`]: a session still
 //! receiving a message is cut, while a commit in progress always runs to
 //! its reply (cutting it would leave the client without its 250, and its
-//! retry would queue a second copy).
+//! retry would queue a second copy). Once every session and delivery has
+//! ended it moves to [`Phase::Stopped`]: the domain refresher and the admin
+//! listener (which answered `/readyz` 503 meanwhile) end last.
 
 use tokio::sync::watch;
 
@@ -13,6 +15,7 @@ pub enum Phase {
     Running,
     Draining,
     Closing,
+    Stopped,
 }
 
 /// Sets the phase (held by `server`).

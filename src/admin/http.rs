@@ -26,8 +26,10 @@ pub async fn serve(listener: TcpListener, health: Health) {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(health);
-    if let Err(e) = axum::serve(listener, app).await {
+        .with_state(health.clone());
+    let mut stop = health.shutdown.clone();
+    let stopped = async move { stop.reached(crate::shutdown::Phase::Stopped).await };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
         tracing::error!(error = %e, "admin listener failed");
     }
 }

@@ -41,7 +41,8 @@ impl Config {
         Self::load_checked(file, env, |_| Vec::new())
     }
 
-    pub(super) fn load_checked(
+    /// [`Config::load_from`] with the file checks of [`Config::load_with`].
+    pub fn load_checked(
         file: Option<&Path>,
         env: &[(String, String)],
         files: impl Fn(&Config) -> Vec<ConfigError>,

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::METRICS;
 use crate::proto::address::normalise_domain;
+use crate::shutdown::{Phase, Shutdown};
 
 /// One row of the `domains` table: the seed's `smtp:[relay_host]:relay_port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,10 +189,11 @@ impl Domains {
         self.reload.notify_one();
     }
 
-    /// Reloads every `interval` and whenever [`Domains::request_reload`] is called.
-    pub async fn run_refresher(self: Arc<Self>, interval: Duration, migrate: bool) {
+    /// Reloads every `interval` and whenever [`Domains::request_reload`] is
+    /// called, until the node reaches [`Phase::Stopped`].
+    pub async fn run_refresher(self: Arc<Self>, interval: Duration, migrate: bool, mut stop: Shutdown) {
         let mut failing = false;
-        loop {
+        while stop.phase() < Phase::Stopped {
             match self.refresh(migrate).await {
                 Ok(n) => {
                     if failing {
@@ -212,8 +214,10 @@ impl Domains {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.reload.notified() => tracing::info!("domains: reload requested"),
+                () = stop.reached(Phase::Stopped) => {}
             }
         }
+        tracing::info!("domains: refresher stopped");
     }
 }
 

@@ -1,0 +1,339 @@
+//! Delivery from the shared queue to real SMTP peers: Postfix's smtp-sink,
+//! and our scripted destination for per-recipient 4xx/5xx.
+
+use std::time::Duration;
+
+use crate::support::destination::{Destination, assert_one_copy_and_one_dsn};
+use crate::support::sink::SmtpSink;
+use crate::support::*;
+
+const MESSAGE: &str = "From: bob@friet.pan\r\nTo: t@friet.pan\r\nSubject: delivered\r\n\r\nbody line\r\n.dot line\r\n";
+
+/// DNS, a database with the given domains, and one delivering relay.
+struct Cluster {
+    _dns: Dns,
+    _db: TestDb,
+    relays: Vec<Relay>,
+}
+
+impl Cluster {
+    fn start(nodes: usize, domains: &[(&str, &str, u16)], env: &[(&str, &str)]) -> Cluster {
+        Self::start_on(nodes, domains, env, SHARED_REDIS)
+    }
+
+    fn start_on(nodes: usize, domains: &[(&str, &str, u16)], env: &[(&str, &str)], redis: &str) -> Cluster {
+        let dns = Dns::start(&["sender.example", "mx.named.example"], &[LISTED, "named.example"]);
+        let db = TestDb::create(&MysqlServer::shared());
+        db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+        for (d, host, port) in domains {
+            db.add_domain(d, host, *port);
+        }
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        env.push(("MXRELAY_DELIVERY_ENABLED", "true"));
+        let config = base_config(&db.url(), redis, &dns);
+        let prefix = unique("mxrq");
+        let relays = (0..nodes)
+            .map(|i| {
+                let node = format!("node-{i}");
+                let mut e = env.clone();
+                e.push(("MXRELAY_NODE_ID", &node));
+                Relay::spawn_in_queue(&config, &e, &prefix)
+            })
+            .collect();
+        Cluster { _dns: dns, _db: db, relays }
+    }
+
+    fn addr(&self) -> String {
+        self.relays[0].addr()
+    }
+}
+
+#[test]
+fn delivers_byte_exact_on_a_non_25_port_and_to_a_named_relay_host() {
+    // The scripted destination keeps every byte (smtp-sink drops CRs).
+    let sink = Destination::start();
+    let named = Destination::start();
+    let c =
+        Cluster::start(1, &[(LISTED, "127.0.0.1", sink.port), ("named.example", "mx.named.example", named.port)], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("msg.eml");
+    std::fs::write(&data, MESSAGE.strip_suffix("\r\n").unwrap()).unwrap();
+    let (code, out) = swaks(
+        &c.addr(),
+        &[
+            "--from",
+            "bob@friet.pan",
+            "--to",
+            "t@friet.pan,u@named.example",
+            "--helo",
+            "client.example",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let id = queued_id(&out).unwrap();
+    for (s, rcpt) in [(&sink, "t@friet.pan"), (&named, "u@named.example")] {
+        let got = s.wait_for(1, Duration::from_secs(20));
+        assert_eq!(got.len(), 1);
+        let m = &got[0];
+        assert_eq!(m.mail_from, "bob@friet.pan");
+        assert_eq!(m.rcpts, vec![rcpt]);
+        assert_relayed_exactly(&m.data, MESSAGE.as_bytes(), &id);
+        let (received, _) = split_our_received(&m.data);
+        assert!(received.starts_with("Received: from client.example (unknown [127.0.0.1])\r\n"), "{received}");
+    }
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("message leaves the queue", Duration::from_secs(10), || {
+        q.ready_ids().is_empty() && q.message_count() == 0
+    });
+    let log = c.relays[0].log();
+    assert!(log.contains("to=<t@friet.pan>, relay=127.0.0.1[127.0.0.1]") && log.contains("status=sent (250"), "{log}");
+    assert!(log.contains("to=<u@named.example>, relay=mx.named.example[127.0.0.1]"), "{log}");
+}
+
+#[test]
+fn partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
+    let dest = Destination::start();
+    let c = Cluster::start(1, &[(LISTED, "127.0.0.1", dest.port)], &[]);
+    let (code, out) = swaks(
+        &c.addr(),
+        &[
+            "--from",
+            "bob@friet.pan",
+            "--to",
+            "ok@friet.pan,temp1@friet.pan,perm1@friet.pan",
+            "--helo",
+            "client.example",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let id = queued_id(&out).unwrap();
+    // The delivered copy (ok) and the DSN to bob for perm1.
+    let got = dest.wait_for(2, Duration::from_secs(20));
+    assert_one_copy_and_one_dsn(&got, "ok@friet.pan", "bob@friet.pan", "perm1@friet.pan");
+    assert_eq!(c.relays[0].value("mxrelay_delivery_dsn_total"), 1.0);
+    // temp1 is retried (retry_min 1s) while ok and perm1 are never sent again.
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("three attempts", Duration::from_secs(30), || {
+        q.try_envelope(&id).is_some_and(|e| e["attempts"].parse::<u32>().unwrap_or(0) >= 3)
+    });
+    let env = q.envelope(&id);
+    let rcpts: Vec<serde_json::Value> = serde_json::from_str(&env["recipients"]).unwrap();
+    let state = |a: &str| rcpts.iter().find(|r| r["address"] == a).unwrap()["state"].as_str().unwrap().to_string();
+    assert_eq!(
+        (state("ok@friet.pan").as_str(), state("temp1@friet.pan").as_str(), state("perm1@friet.pan").as_str()),
+        ("delivered", "pending", "bounced")
+    );
+    assert_eq!(dest.messages().len(), 2, "only the pending recipient is retried");
+    let retries = c.relays[0].log().matches("to=<temp1@friet.pan>").count();
+    assert!(retries >= 3, "temp1 was retried ({retries} attempts logged)");
+    assert_eq!(c.relays[0].log().matches("to=<ok@friet.pan>").count(), 1, "ok is never sent again");
+}
+
+#[test]
+fn a_bounce_is_never_bounced() {
+    let dest = Destination::start();
+    let c = Cluster::start(1, &[(LISTED, "127.0.0.1", dest.port)], &[]);
+    let (code, out) = swaks(&c.addr(), &["--from", "<>", "--to", "perm2@friet.pan", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    wait_until("bounced", Duration::from_secs(20), || c.relays[0].log().contains("status=bounced"));
+    // A DSN would be queued before the bounced message leaves the queue.
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("queue empty", Duration::from_secs(10), || q.message_count() == 0);
+    assert_eq!(c.relays[0].value("mxrelay_delivery_dsn_total"), 0.0);
+    assert!(dest.messages().is_empty(), "no DSN for the null sender");
+    assert!(c.relays[0].log().contains("not bouncing a message from the null sender"));
+}
+
+#[test]
+fn a_down_primary_is_drained_fast_once_it_is_back() {
+    let down = DownPort::new();
+    // Backoff and probes far longer than the test: only the fast drain,
+    // which the first message delivered after the outage triggers, can
+    // deliver the other 19 in time.
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", down.port)],
+        &[
+            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
+    );
+    for i in 0..20 {
+        let (code, out) =
+            swaks(&c.addr(), &["--from", SENDER, "--to", &format!("m{i}@friet.pan"), "--helo", "client.example"]);
+        assert_eq!(code, 0, "the node accepts while the primary is down: {out}");
+    }
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("all deferred", Duration::from_secs(20), || q.ready_ids().is_empty() && q.deferred_count() == 20);
+    let dest = Destination::start_on(down.release());
+    // A new message to the same destination is tried at once, succeeds,
+    // and releases the deferred ones.
+    let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", "trigger@friet.pan", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    let started = std::time::Instant::now();
+    dest.wait_for(21, Duration::from_secs(20));
+    eprintln!(
+        "fast drain: 20 deferred messages delivered {:.1}s after the primary came back",
+        started.elapsed().as_secs_f64()
+    );
+    let log = c.relays[0].log();
+    assert_eq!(log.matches("releasing its deferred messages").count(), 1, "{log}");
+    assert!(log.contains("released=20"), "{log}");
+    wait_until("queue empty", Duration::from_secs(10), || q.message_count() == 0 && q.deferred_count() == 0);
+}
+
+#[test]
+fn sigterm_hands_in_flight_deliveries_back_to_the_cluster() {
+    // A destination that waits 6 s before answering DATA keeps deliveries in flight.
+    let slow = SmtpSink::start_with(&["-w", "6"]);
+    let c = Cluster::start(
+        2,
+        &[(LISTED, "127.0.0.1", slow.port)],
+        &[("MXRELAY_QUEUE_LEASE", "60s"), ("MXRELAY_DELIVERY_STOP_GRACE", "1s")],
+    );
+    let mut c = c;
+    // Only node 0 delivers at first: node 1 starts after the mail is leased.
+    c.relays[1].kill();
+    for i in 0..3 {
+        let (code, out) =
+            swaks(&c.addr(), &["--from", SENDER, "--to", &format!("s{i}@friet.pan"), "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+    }
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("node 0 delivering all three", Duration::from_secs(20), || {
+        q.leased() == 3 && c.relays[0].value("mxrelay_delivery_destination_connections") >= 1.0
+    });
+    let started = std::time::Instant::now();
+    c.relays[1].start();
+    c.relays[0].signal("TERM");
+    let got = slow.wait_for(3, Duration::from_secs(40));
+    let secs = started.elapsed().as_secs_f64();
+    assert!(secs < 30.0, "handed-back mail must not wait for the 60 s lease ({secs:.1}s)");
+    assert!(c.relays[0].log().contains("handed back to the cluster"), "{}", c.relays[0].log());
+    eprintln!(
+        "SIGTERM hand back: 3 in-flight messages delivered by the other node in {secs:.1}s ({} copies at the sink)",
+        got.len()
+    );
+}
+
+#[test]
+fn sessions_are_reused_for_the_next_message_to_the_same_destination() {
+    let dest = Destination::start();
+    let c = Cluster::start(1, &[(LISTED, "127.0.0.1", dest.port)], &[]);
+    // One client session, each message sent once the previous one arrived:
+    // the next delivery comes well inside the 2 s a session is kept, with
+    // no process start (swaks) in between.
+    let mut client = Raw::ehlo(&c.addr());
+    for i in 0..5 {
+        assert!(client.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
+        assert!(client.cmd(&format!("RCPT TO:<r{i}@friet.pan>")).starts_with("250"));
+        assert_eq!(client.code_after("DATA"), 354);
+        let r = client.cmd("Subject: reuse\r\n\r\nbody\r\n.");
+        assert!(r.starts_with("250 2.0.0"), "{r}");
+        dest.wait_for(i + 1, Duration::from_secs(20));
+    }
+    assert!(dest.connections() < 5, "{} connections for 5 messages", dest.connections());
+    assert!(c.relays[0].value("mxrelay_delivery_connections_reused_total") >= 1.0);
+}
+
+#[test]
+fn etrn_and_queue_flush_release_deferred_mail() {
+    let (down_a, down_b) = (DownPort::new(), DownPort::new());
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", down_a.port), ("named.example", "127.0.0.1", down_b.port)],
+        &[
+            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
+    );
+    for to in ["a@friet.pan", "b@named.example"] {
+        let (code, out) = swaks(&c.addr(), &["--from", SENDER, "--to", to, "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+    }
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("both deferred", Duration::from_secs(20), || q.deferred_count() == 2);
+    let a = Destination::start_on(down_a.release());
+    let b = Destination::start_on(down_b.release());
+
+    let mut untrusted = Raw::ehlo(&c.addr());
+    assert!(untrusted.cmd("ETRN friet.pan").starts_with("459 4.7.1"));
+    let mut trusted = Raw::connect_from("127.0.0.9", &c.addr());
+    assert_eq!(trusted.code(), 220);
+    assert_eq!(trusted.code_after("EHLO client.example"), 250);
+    let r = trusted.cmd("ETRN friet.pan");
+    assert!(r.starts_with("253 2.0.0"), "{r}");
+    a.wait_for(1, Duration::from_secs(10));
+    assert!(b.messages().is_empty(), "ETRN released only its domain");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+        .args(["queue", "flush"])
+        .env("MXRELAY_QUEUE_PREFIX", &c.relays[0].prefix)
+        .env("MXRELAY_QUEUE_URL", SHARED_REDIS)
+        .env("MXRELAY_DOMAINS_URL", c._db.url())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("released 1"), "{}", String::from_utf8_lossy(&out.stdout));
+    b.wait_for(1, Duration::from_secs(10));
+}
+
+#[test]
+fn mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
+    let home = Destination::start();
+    let down = DownPort::new();
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", home.port), ("named.example", "127.0.0.1", down.port)],
+        &[("MXRELAY_DELIVERY_MAX_QUEUE_LIFETIME", "2s")],
+    );
+    let (code, out) =
+        swaks(&c.addr(), &["--from", "bob@friet.pan", "--to", "x@named.example", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    let got = home.wait_for(1, Duration::from_secs(30));
+    assert_eq!(got[0].mail_from, "");
+    assert_eq!(got[0].rcpts, vec!["bob@friet.pan"]);
+    let dsn = String::from_utf8_lossy(&got[0].data);
+    assert!(dsn.contains("Final-Recipient: rfc822; x@named.example") && dsn.contains("Status: 4.4.7"), "{dsn}");
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("expired message removed", Duration::from_secs(10), || q.message_count() == 0);
+}
+
+/// A destination that took some recipients and refused one with 4xx (a
+/// full mailbox) is up: its later successes do not release that message
+/// early (fast drain is for destinations that were down), it waits for
+/// its backoff.
+#[test]
+fn a_recipient_4xx_at_a_destination_that_is_up_waits_for_its_backoff() {
+    let dest = Destination::start();
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", dest.port)],
+        &[
+            ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
+    );
+    let (code, out) =
+        swaks(&c.addr(), &["--from", SENDER, "--to", "ok@friet.pan,temp1@friet.pan", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    wait_until("deferred for temp1", Duration::from_secs(20), || q.deferred_count() == 1);
+    for i in 0..3 {
+        let (code, out) =
+            swaks(&c.addr(), &["--from", SENDER, "--to", &format!("later{i}@friet.pan"), "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+        dest.wait_for(2 + i, Duration::from_secs(20));
+    }
+    // Each later message was delivered and settled before the next was sent.
+    wait_until("later messages settled", Duration::from_secs(10), || q.message_count() == 1);
+    let log = c.relays[0].log();
+    assert_eq!(log.matches("to=<temp1@friet.pan>").count(), 1, "temp1 retried before its backoff:\n{log}");
+    assert!(!log.contains("releasing its deferred messages"), "{log}");
+    assert_eq!(q.deferred_count(), 1);
+}
