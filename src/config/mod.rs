@@ -167,6 +167,7 @@ impl Default for DeliveryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct SmtpConfig {
     /// Address of the SMTP listener.
+    #[serde(with = "addr")]
     pub listen: SocketAddr,
     /// Concurrent SMTP sessions on this node (421 4.7.0 beyond).
     pub max_connections: usize,
@@ -317,6 +318,7 @@ impl Default for AuthConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the HTTP listener for `/metrics`, `/healthz`, `/readyz`.
+    #[serde(with = "addr")]
     pub listen: SocketAddr,
 }
 
@@ -592,6 +594,25 @@ mod networks {
     }
 }
 
+/// A listener address, `ip:port`.
+mod addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(addr)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        parse(&String::deserialize(d)?)
+    }
+
+    pub(super) fn parse<E: serde::de::Error>(s: &str) -> Result<SocketAddr, E> {
+        s.trim().parse().map_err(|_| E::custom(format!("{s:?} is not an address with a port")))
+    }
+}
+
 /// A listener that may be off: written as `""` when it is.
 mod optional_addr {
     use std::net::SocketAddr;
@@ -607,7 +628,7 @@ mod optional_addr {
         if s.trim().is_empty() {
             return Ok(None);
         }
-        s.trim().parse().map(Some).map_err(|_| serde::de::Error::custom(format!("{s:?} is not an address with a port")))
+        super::addr::parse(&s).map(Some)
     }
 }
 
