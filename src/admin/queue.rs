@@ -3,7 +3,6 @@
 
 use crate::config::Config;
 use crate::delivery::FLUSH_LIMIT;
-use crate::delivery::route::Route;
 use crate::domains::Domains;
 
 /// `queue flush [--domain D]` (Postfix `postqueue -f` / `-s D`): makes
@@ -18,7 +17,7 @@ pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usiz
         .ok_or_else(|| anyhow::anyhow!("--domain: {d:?} is not a domain name"))?;
     let domains = Domains::new(crate::domains::open(&config.domains.url)?);
     domains.refresh(false).await?;
-    let released = spool.release(&Route::for_domain(&name, &domains).key(), FLUSH_LIMIT).await?;
+    let released = spool.release(&domains.destination_key(&name), FLUSH_LIMIT).await?;
     Ok(released)
 }
 

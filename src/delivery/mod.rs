@@ -493,7 +493,7 @@ impl Delivery {
                 }
                 Fate::Deferred { reason, .. } => {
                     r.last_reply = Some(reason.clone());
-                    pending_destinations.insert(Route::for_domain(&r.domain, &self.domains).key());
+                    pending_destinations.insert(self.domains.destination_key(&r.domain));
                 }
                 Fate::Bounced { reason, .. } => {
                     r.last_reply = Some(reason.clone());
@@ -508,7 +508,7 @@ impl Delivery {
                     // Keep them pending: the DSN is written on the next attempt.
                     tracing::error!(queue_id = %env.id, error = %e, "{}: bounce not queued; keeping the recipients for a retry", env.id);
                     for (i, _) in &bounced {
-                        pending_destinations.insert(Route::for_domain(&env.recipients[*i].domain, &self.domains).key());
+                        pending_destinations.insert(self.domains.destination_key(&env.recipients[*i].domain));
                     }
                 }
             }

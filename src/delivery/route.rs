@@ -8,13 +8,10 @@
 use std::net::SocketAddr;
 
 use crate::dns::{Dns, Mx};
-use crate::domains::{Domains, Lookup};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Route {
-    Relay { host: String, port: u16 },
-    Mx { domain: String },
-}
+/// The destination a recipient domain goes to (defined with the domain
+/// list, which decides it; resolving it to addresses is delivery's).
+pub use crate::domains::destination::Destination as Route;
 
 /// Why no address could be found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,23 +30,6 @@ pub struct Target {
 }
 
 impl Route {
-    pub fn for_domain(domain: &str, domains: &Domains) -> Route {
-        match domains.lookup(domain) {
-            Lookup::Listed(r) => Route::Relay { host: r.relay_host.clone(), port: r.relay_port },
-            _ => Route::Mx { domain: domain.to_string() },
-        }
-    }
-
-    /// A stable name for the destination: connection limits, the deferred
-    /// index and logs. Never contains braces or spaces.
-    pub fn key(&self) -> String {
-        let raw = match self {
-            Route::Relay { host, port } => format!("[{host}]:{port}"),
-            Route::Mx { domain } => format!("mx:{domain}"),
-        };
-        raw.replace(['{', '}', ' '], "_")
-    }
-
     /// The addresses to try, in order.
     pub async fn resolve(&self, dns: &Dns) -> Result<Vec<Target>, RouteError> {
         match self {

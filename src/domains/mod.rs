@@ -6,6 +6,7 @@
 //! keeps the previous snapshot, and a node that never loaded one says so
 //! ([`Lookup::NoSnapshot`] → 451 4.3.0, never 250 and never 5xx).
 
+pub mod destination;
 pub mod mysql;
 pub mod sqlite;
 

@@ -160,7 +160,7 @@ impl Session {
         let Some(domain) = address::normalise_domain(node.trim_start_matches(['@', '#'])) else {
             return self.reply(Reply::new(458, "4.5.1", format!("Unable to queue messages for node <{node}>")));
         };
-        let key = crate::delivery::route::Route::for_domain(&domain, &self.shared.policy.domains).key();
+        let key = self.shared.policy.domains.destination_key(&domain);
         match self.shared.spool.release(&key, crate::delivery::FLUSH_LIMIT).await {
             Ok(0) => self.reply(Reply::new(251, "2.0.0", format!("OK, no messages waiting for node <{domain}>"))),
             Ok(n) => {
