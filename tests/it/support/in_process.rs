@@ -14,14 +14,13 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use mxrelay::config::Config;
 use mxrelay::domains::RawDomain;
 use mxrelay::server::{ConfigSource, Node, Reloader};
 use mxrelay::spool::{Envelope, MessageState, QueueId, Spool};
 
-use super::{Dns, LISTED, Raw, SENDER, base_config, wait_until};
+use super::{Dns, LISTED, base_config, wait_rcpt, world_dns};
 
 /// The tracing output of this test process.
 #[derive(Clone, Default)]
@@ -281,8 +280,7 @@ impl InProcessWorld {
 
     /// As [`InProcessWorld::start_with`], [`LISTED`] relayed to 127.0.0.1:`port`.
     pub fn start_to(port: u16, env: &[(&str, &str)]) -> InProcessWorld {
-        let dns =
-            Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"]);
+        let dns = world_dns();
         let store = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/mxrelay.db", store.path().display());
         let relay = InProcessNode::start(&base_config(&url, &url, &dns), env);
@@ -294,12 +292,7 @@ impl InProcessWorld {
 
     /// Waits until RCPT TO:<rcpt> from an untrusted client gets `code`.
     pub fn wait_rcpt(&self, rcpt: &str, code: u16) {
-        wait_until(&format!("RCPT {rcpt} → {code}"), Duration::from_secs(15), || {
-            let mut c = Raw::ehlo(&self.relay.addr());
-            c.cmd(&format!("MAIL FROM:<{SENDER}>"));
-            let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
-            r.starts_with(&code.to_string())
-        });
+        wait_rcpt(&self.relay.addr(), rcpt, code);
     }
 
     pub fn queue(&self) -> LocalQueue<'_> {

@@ -94,6 +94,22 @@ fn wait_port(port: u16, timeout: Duration) {
     wait_until(&format!("port {port}"), timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
 
+/// The DNS every world starts: the sender and client names resolve,
+/// [`LISTED`] and the other test domains too.
+pub fn world_dns() -> Dns {
+    Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"])
+}
+
+/// Waits until RCPT TO:<rcpt> from an untrusted client at `addr` gets `code`.
+pub fn wait_rcpt(addr: &str, rcpt: &str, code: u16) {
+    wait_until(&format!("RCPT {rcpt} → {code}"), Duration::from_secs(15), || {
+        let mut c = Raw::ehlo(addr);
+        c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        r.starts_with(&code.to_string())
+    });
+}
+
 /// A MySQL/MariaDB server to run SQL against with the real `mysql` client.
 #[derive(Clone)]
 pub struct MysqlServer {
@@ -877,8 +893,7 @@ impl World {
     /// a test that fills the queue keeps it out of the shared one, which
     /// other tests inspect with KEYS.
     pub fn start_on(queue_url: &str, env: &[(&str, &str)]) -> World {
-        let dns =
-            Dns::start(&["sender.example", "client.example"], &[LISTED, "other.example", "xn--bcher-kva.example"]);
+        let dns = world_dns();
         let db = TestDb::create(&MysqlServer::shared());
         let relay = Relay::spawn_with_env(&base_config(&db.url(), queue_url, &dns), env);
         db.add_domain(LISTED, "127.0.0.1", 2526);
@@ -890,12 +905,7 @@ impl World {
 
     /// Waits until RCPT TO:<rcpt> from an untrusted client gets `code`.
     pub fn wait_rcpt(&self, rcpt: &str, code: u16) {
-        wait_until(&format!("RCPT {rcpt} → {code}"), Duration::from_secs(15), || {
-            let mut c = Raw::ehlo(&self.relay.addr());
-            c.cmd(&format!("MAIL FROM:<{SENDER}>"));
-            let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
-            r.starts_with(&code.to_string())
-        });
+        wait_rcpt(&self.relay.addr(), rcpt, code);
     }
 
     pub fn queue(&self) -> Queue {
