@@ -113,6 +113,12 @@ pub async fn serve(listener: TcpListener, kind: Listener, shared: Arc<Shared>) {
         let slot = shared.slots.take();
         tasks.spawn(connection(stream, peer, kind, shared, config, peers, slot));
     }
+    // Closing the listener resets the connections the kernel has already
+    // completed: each of those is told 421 instead (on the implicit-TLS
+    // listener, closed cleanly), so a client sees a reply, not a reset.
+    while let Some(stream) = backlogged(&listener) {
+        tasks.spawn(shutting_down(stream, kind, config.myhostname.clone()));
+    }
     drop(listener);
     tracing::info!(open = tasks.len(), "SMTP listener closed; waiting for open sessions");
     let backstop = async {
@@ -246,10 +252,34 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, ip: IpAddr, reason: &'static str, text: &str) {
+/// A connection already waiting in the listener's backlog, if any (never
+/// waits for one).
+fn backlogged(listener: &TcpListener) -> Option<TcpStream> {
+    let waker = std::task::Waker::noop();
+    match listener.poll_accept(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(Ok((stream, _))) => Some(stream),
+        _ => None,
+    }
+}
+
+/// A connection accepted while the node drains: 421 and close.
+async fn shutting_down(stream: TcpStream, kind: Listener, myhostname: String) {
+    METRICS.smtp_connections_refused.with_label_values(&["shutting_down"]).inc();
+    tracing::info!(client = ?stream.peer_addr().ok(), "connection refused: shutting down");
+    if kind == Listener::Smtp {
+        let reply = Reply::new(421, "4.3.0", format!("{myhostname} Service shutting down"));
+        say_and_close(stream, &reply).await;
+    }
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(stream: S, ip: IpAddr, reason: &'static str, text: &str) {
     METRICS.smtp_connections_refused.with_label_values(&[reason]).inc();
     tracing::warn!(client = %ip, reason, "connection refused: {text}");
-    let reply = Reply::new(421, "4.7.0", text);
+    say_and_close(stream, &Reply::new(421, "4.7.0", text)).await;
+}
+
+/// Writes one reply and closes, giving a client that does not read 5 s.
+async fn say_and_close<S: AsyncWrite + Unpin>(mut stream: S, reply: &Reply) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         let _ = stream.write_all(reply.render().as_bytes()).await;
         let _ = stream.shutdown().await;

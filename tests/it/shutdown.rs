@@ -158,13 +158,18 @@ fn smtp_source_sessions_in_flight_at_sigterm_are_queued_or_told_421_and_none_is_
     assert_eq!(unique.len(), ids.len(), "no message is queued twice");
     assert_eq!(ids.len(), accepted, "every message answered 250 is in the queue");
     assert!(counted <= accepted, "smtp-source counted {counted} messages, the node accepted {accepted}");
-    // smtp-source stops at its first failure: a session told 421, or a new
-    // connection refused by the closed listener; never anything else.
+    // smtp-source stops at its first failure: a session (or a connection
+    // from the listener's backlog) told 421, or a new connection refused by
+    // the closed listener. The one other: a connection the kernel completed
+    // in the instant between the node's last look at the backlog and the
+    // close, which the close resets before any greeting. Never a loss in a
+    // session.
     let fatal: Vec<&str> = err.lines().filter(|l| l.contains("fatal:")).collect();
     assert_eq!(fatal.len(), 1, "{err}");
     assert!(
         fatal[0].ends_with("421 4.3.0 relay.test Service shutting down")
-            || fatal[0].ends_with("connect: Connection refused"),
+            || fatal[0].ends_with("connect: Connection refused")
+            || fatal[0].ends_with("lost connection while reading server greeting"),
         "{err}"
     );
     assert!(log.trim_end().ends_with("stopped"), "{log}");
