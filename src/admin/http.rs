@@ -12,11 +12,11 @@ use tokio::net::TcpListener;
 
 use crate::domains::Domains;
 use crate::metrics::METRICS;
-use crate::spool::Spool;
+use crate::spool::Admin;
 
 #[derive(Clone)]
 pub struct Health {
-    pub spool: Arc<dyn Spool>,
+    pub spool: Arc<dyn Admin>,
     pub domains: Arc<Domains>,
     pub shutdown: crate::shutdown::Shutdown,
 }

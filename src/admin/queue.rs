@@ -1,17 +1,24 @@
 //! `mxrelay queue …`: queue commands that work from any node against the
 //! shared queue (more come with the operations issue).
 
+use std::sync::Arc;
+
 use crate::config::Config;
 use crate::delivery::FLUSH_LIMIT;
 use crate::domains::Domains;
+use crate::spool::{Admin, AdminAction, BodyReader, Envelope, MessageState, QueueId, QueueStats};
+
+/// The queue, in its operator role.
+fn queue(config: &Config) -> anyhow::Result<Arc<dyn Admin>> {
+    Ok(crate::spool::open(&config.queue)?)
+}
 
 /// `queue flush [--domain D]` (Postfix `postqueue -f` / `-s D`): makes
 /// deferred messages due now. Returns how many were released.
 pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usize> {
-    let spool = crate::spool::open(&config.queue)?;
+    let spool = queue(config)?;
     let Some(d) = domain else {
-        // Everything deferred, whatever its destination.
-        return Ok(spool.schedule_due(i64::MAX, FLUSH_LIMIT).await?);
+        return Ok(spool.flush_all(FLUSH_LIMIT).await?);
     };
     let name = crate::proto::address::normalise_domain(d.trim_start_matches('@'))
         .ok_or_else(|| anyhow::anyhow!("--domain: {d:?} is not a domain name"))?;
@@ -21,15 +28,13 @@ pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usiz
     Ok(released)
 }
 
-use crate::spool::{AdminAction, BodyReader, Envelope, MessageState, QueueId, QueueStats};
-
 fn age(received_at: i64) -> String {
     let secs = ((chrono::Utc::now().timestamp_millis() - received_at) / 1000).max(0) as u64;
     humantime_serde::re::humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 pub async fn stats(config: &Config) -> anyhow::Result<QueueStats> {
-    Ok(crate::spool::open(&config.queue)?.stats(true).await?)
+    Ok(queue(config)?.stats(true).await?)
 }
 
 pub fn stats_table(s: &QueueStats) -> String {
@@ -64,7 +69,7 @@ pub async fn list(
         anyhow::bail!("--state {s:?} is unknown: use active, deferred or held");
     }
     let domain = domain.map(|d| crate::proto::address::normalise_domain(d).unwrap_or_else(|| d.to_ascii_lowercase()));
-    let all = crate::spool::open(&config.queue)?.list().await?;
+    let all = queue(config)?.list().await?;
     Ok(all
         .into_iter()
         .filter(|(_, st)| state.is_none_or(|s| st.name() == s))
@@ -97,7 +102,7 @@ pub fn list_table(rows: &[(Envelope, MessageState)]) -> String {
 
 /// `queue show ID`: the envelope and state; `body` also returns the message.
 pub async fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<(Envelope, MessageState, Option<Vec<u8>>)> {
-    let spool = crate::spool::open(&config.queue)?;
+    let spool = queue(config)?;
     let qid = QueueId::from(id.to_string());
     let lease = spool.locate(&qid).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
     let env = spool.envelope(&lease).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
@@ -143,7 +148,7 @@ pub fn show_text(e: &Envelope, st: &MessageState) -> String {
 
 /// `queue hold|release|bounce|delete ID…`: per id, whether it applied.
 pub async fn act(config: &Config, action: AdminAction, ids: &[String]) -> anyhow::Result<Vec<(String, bool)>> {
-    let spool = crate::spool::open(&config.queue)?;
+    let spool = queue(config)?;
     let mut done = Vec::new();
     for id in ids {
         let ok = spool.admin(&QueueId::from(id.clone()), action).await?;

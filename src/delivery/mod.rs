@@ -17,10 +17,11 @@
 
 pub mod client;
 pub mod dsn;
+mod pool;
 pub mod route;
 pub mod tls;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,8 +33,9 @@ use crate::dns::Dns;
 use crate::domains::Domains;
 use crate::metrics::METRICS;
 use crate::shutdown::{Phase, Shutdown};
-use crate::spool::{BodyReader, Envelope, Lease, QueueId, Recipient, RecipientState, Spool, SpoolError};
+use crate::spool::{BodyReader, Deliver, Entry, Envelope, Lease, QueueId, Recipient, RecipientState, SpoolError};
 use client::{BodySource, ClientError, Connection, Outcome, RemoteReply, Settings};
+use pool::{Pool, session_key};
 use route::{Route, RouteError, Target};
 use tls::{TlsClient, TlsPolicies, TlsPolicy};
 
@@ -51,9 +53,6 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
 const BOOKKEEPING_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Most of a failed message read back for the headers of its DSN.
 const DSN_HEADER_READ: usize = 64 * 1024;
-/// How long an idle session is kept for the next message to the same
-/// destination (Postfix `smtp_connection_cache_time_limit`).
-const CONNECTION_CACHE_TIME: Duration = Duration::from_secs(2);
 
 /// What happened to one recipient in one attempt.
 #[derive(Debug, Clone)]
@@ -90,34 +89,20 @@ impl Fate {
 
 pub struct Delivery {
     config: Config,
-    spool: Arc<dyn Spool>,
+    spool: Arc<dyn Deliver>,
     domains: Arc<Domains>,
     dns: Dns,
-    /// Per-destination connection limits of this node.
-    destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Connection limits, cached sessions and known-deferred destinations.
+    pool: Pool,
     /// Leases being worked on, to hand back on stop.
-    /// By shard and stream entry: entry ids repeat across shards' streams.
-    in_flight: Mutex<HashMap<(u32, String), Lease>>,
-    /// Destinations known to have deferred mail (from the prober's scan and
-    /// this node's own deferrals): a success there triggers the fast drain.
-    deferred_at: Mutex<HashSet<String>>,
-    /// Open sessions waiting for the next message to their destination,
-    /// by destination and TLS level ([`session_key`]).
-    idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
+    in_flight: Mutex<HashMap<Entry, Lease>>,
     /// The TLS level per recipient domain, and the STARTTLS configurations.
     tls_policies: TlsPolicies,
     tls: TlsClient,
 }
 
-/// Sessions are cached per destination and TLS level, so a session opened
-/// under a weaker level (say `may`, fallen back to clear) never carries
-/// mail for a domain that requires TLS on the same relay host.
-fn session_key(destination: &str, level: TlsPolicy) -> String {
-    format!("{destination} tls={level}")
-}
-
 impl Delivery {
-    pub fn new(config: Config, spool: Arc<dyn Spool>, domains: Arc<Domains>, dns: Dns) -> Arc<Delivery> {
+    pub fn new(config: Config, spool: Arc<dyn Deliver>, domains: Arc<Domains>, dns: Dns) -> Arc<Delivery> {
         // The start-up check has read the CA file before `serve` starts;
         // should it fail now anyway, verify against webpki-roots only.
         let tls_policies = TlsPolicies::new(&config.delivery);
@@ -127,14 +112,12 @@ impl Delivery {
         });
         let tls = TlsClient::new(roots).expect("the ring provider supports TLS 1.2 and 1.3");
         Arc::new(Delivery {
+            pool: Pool::new(config.delivery.destination_concurrency),
             config,
             spool,
             domains,
             dns,
-            destinations: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            deferred_at: Mutex::new(HashSet::new()),
-            idle: Mutex::new(HashMap::new()),
             tls_policies,
             tls,
         })
@@ -174,7 +157,7 @@ impl Delivery {
             let reclaiming = reclaim;
             let takeover = !reclaiming && Instant::now() >= next_takeover;
             let got = if reclaiming {
-                let held: HashSet<(u32, String)> =
+                let held: HashSet<Entry> =
                     self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
                 self.spool.reclaim(self.node(), &held, permits.len()).await
             } else if takeover {
@@ -210,20 +193,17 @@ impl Delivery {
             for (lease, permit) in leases.into_iter().zip(permits) {
                 if reclaiming {
                     METRICS.queue_leases_reclaimed.inc();
-                    tracing::info!(queue_id = %lease.id, "{}: leased to {} but not held (a lost read reply or an earlier run): reclaimed", lease.id, self.node());
+                    tracing::info!(queue_id = %lease.id(), "{}: leased to {} but not held (a lost read reply or an earlier run): reclaimed", lease.id(), self.node());
                 }
                 if takeover {
                     METRICS.queue_lease_takeovers.inc();
-                    tracing::info!(queue_id = %lease.id, "{}: lease expired on another node, taken over by {}", lease.id, self.node());
+                    tracing::info!(queue_id = %lease.id(), "{}: lease expired on another node, taken over by {}", lease.id(), self.node());
                 }
-                self.in_flight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((lease.shard, lease.entry.clone()), lease.clone());
+                self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(lease.entry().clone(), lease.clone());
                 let me = self.clone();
                 tasks.spawn(async move {
                     me.deliver(&lease).await;
-                    me.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&(lease.shard, lease.entry.clone()));
+                    me.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(lease.entry());
                     drop(permit);
                 });
             }
@@ -235,24 +215,15 @@ impl Delivery {
                 .await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-        let cached: Vec<Connection> = self
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .flat_map(|(_, l)| l.into_iter().map(|(c, _)| c))
-            .collect();
-        for conn in cached {
-            conn.quit().await;
-        }
+        self.pool.close_all().await;
         let left: Vec<Lease> =
             self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, l)| l).collect();
         for lease in left {
             match self.spool.hand_back(&lease).await {
-                Ok(()) => tracing::info!(queue_id = %lease.id, "{}: handed back to the cluster", lease.id),
+                Ok(()) => tracing::info!(queue_id = %lease.id(), "{}: handed back to the cluster", lease.id()),
                 Err(SpoolError::LeaseLost(_)) => {}
                 Err(e) => {
-                    tracing::warn!(queue_id = %lease.id, error = %e, "hand back failed; another node takes it over after queue.lease")
+                    tracing::warn!(queue_id = %lease.id(), error = %e, "hand back failed; another node takes it over after queue.lease")
                 }
             }
         }
@@ -274,7 +245,7 @@ impl Delivery {
                 next_maintenance = Instant::now() + MAINTENANCE_INTERVAL;
                 self.maintain().await;
             }
-            self.prune_cache();
+            self.pool.prune();
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -307,18 +278,11 @@ impl Delivery {
                     for d in &dests {
                         let _ = self.spool.release(d, 1).await;
                     }
-                    *self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()) = dests.into_iter().collect();
+                    self.pool.deferred_are(dests);
                 }
                 Err(e) => tracing::debug!(error = %e, "delivery: prober could not reach the queue"),
             }
         }
-    }
-
-    fn destination_slots(&self, key: &str) -> Arc<Semaphore> {
-        let mut map = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.delivery.destination_concurrency)))
-            .clone()
     }
 
     fn client_settings(&self) -> Settings {
@@ -339,7 +303,7 @@ impl Delivery {
         let guard = LeaseGuard::new(self.config.queue.lease);
         let work = async {
             let settlement = self.attempt(lease, &guard).await;
-            self.settle(lease, settlement).await
+            self.store(lease, settlement).await
         };
         tokio::select! {
             () = work => {}
@@ -358,10 +322,10 @@ impl Delivery {
                 Ok(()) => guard.renewed(sent),
                 Err(SpoolError::LeaseLost(_)) => {
                     guard.lose();
-                    tracing::warn!(queue_id = %lease.id, "{}: lease lost to another node; stopping this attempt", lease.id);
+                    tracing::warn!(queue_id = %lease.id(), "{}: lease lost to another node; stopping this attempt", lease.id());
                     std::future::pending::<()>().await;
                 }
-                Err(e) => tracing::warn!(queue_id = %lease.id, error = %e, "lease renewal failed"),
+                Err(e) => tracing::warn!(queue_id = %lease.id(), error = %e, "lease renewal failed"),
             }
         }
     }
@@ -369,7 +333,7 @@ impl Delivery {
     /// Stores the result of an attempt; a queue that does not answer is
     /// retried within seconds of answering again (the lease, still
     /// renewed, keeps other nodes away meanwhile).
-    async fn settle(&self, lease: &Lease, settlement: Settlement) {
+    async fn store(&self, lease: &Lease, settlement: Settlement) {
         let mut wait = Duration::from_millis(250);
         let mut logged = false;
         loop {
@@ -385,22 +349,22 @@ impl Delivery {
             match result {
                 Ok(()) => {
                     if let Settlement::Defer { down, .. } = &settlement {
-                        self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).extend(down.iter().cloned());
+                        self.pool.deferred_to(down.iter().cloned());
                     }
                     if logged {
-                        tracing::info!(queue_id = %lease.id, "{}: delivery result stored after retrying", lease.id);
+                        tracing::info!(queue_id = %lease.id(), "{}: delivery result stored after retrying", lease.id());
                     }
                     return;
                 }
                 Err(SpoolError::LeaseLost(_)) => {
                     METRICS.queue_leases_lost.inc();
-                    tracing::warn!(queue_id = %lease.id, "{}: lease no longer ours; the result of this attempt is dropped (another node has the message, or it left the queue)", lease.id);
+                    tracing::warn!(queue_id = %lease.id(), "{}: lease no longer ours; the result of this attempt is dropped (another node has the message, or it left the queue)", lease.id());
                     return;
                 }
                 Err(e) => {
                     METRICS.queue_bookkeeping_retries.inc();
                     if !logged {
-                        tracing::error!(queue_id = %lease.id, error = %e, "{}: delivery bookkeeping failed; retrying", lease.id);
+                        tracing::error!(queue_id = %lease.id(), error = %e, "{}: delivery bookkeeping failed; retrying", lease.id());
                         logged = true;
                     }
                     tokio::time::sleep(wait).await;
@@ -414,33 +378,36 @@ impl Delivery {
         let mut env = match self.spool.envelope(lease).await {
             Ok(Some(env)) => env,
             Ok(None) => {
-                tracing::info!(queue_id = %lease.id, "{}: removed from the queue", lease.id);
+                tracing::info!(queue_id = %lease.id(), "{}: removed from the queue", lease.id());
                 return Settlement::Skip;
             }
             Err(SpoolError::Corrupt(_)) => {
                 METRICS.queue_quarantined.inc();
-                tracing::error!(queue_id = %lease.id, "{}: envelope unreadable; put on hold (queue show/delete), removed after delivery.max_queue_lifetime", lease.id);
+                tracing::error!(queue_id = %lease.id(), "{}: envelope unreadable; put on hold (queue show/delete), removed after delivery.max_queue_lifetime", lease.id());
                 return Settlement::Quarantine;
             }
             Err(e) => {
-                tracing::warn!(queue_id = %lease.id, error = %e, "{}: cannot load the message; handing it back", lease.id);
+                tracing::warn!(queue_id = %lease.id(), error = %e, "{}: cannot load the message; handing it back", lease.id());
                 return Settlement::HandBack;
             }
         };
         if env.held {
-            tracing::info!(queue_id = %lease.id, "{}: on hold, not delivered", lease.id);
+            tracing::info!(queue_id = %lease.id(), "{}: on hold, not delivered", lease.id());
             return Settlement::Skip;
         }
         let started = Instant::now();
         let had_deferred = env.attempts > 0;
-        // One transaction per destination and TLS level: recipient domains
+        // The destination of each pending recipient, once per attempt. One
+        // transaction per destination and TLS level: recipient domains
         // sharing a relay host may ask for different levels.
+        let mut keys = vec![String::new(); env.recipients.len()];
         let mut groups: BTreeMap<(String, TlsPolicy), (Route, Vec<usize>)> = BTreeMap::new();
         for (i, r) in env.recipients.iter().enumerate() {
             if r.state == RecipientState::Pending {
                 let route = Route::for_domain(&r.domain, &self.domains);
+                keys[i] = route.key();
                 let level = self.tls_policies.for_domain(&r.domain);
-                groups.entry((route.key(), level)).or_insert_with(|| (route, Vec::new())).1.push(i);
+                groups.entry((keys[i].clone(), level)).or_insert_with(|| (route, Vec::new())).1.push(i);
             }
         }
         let mut fates: Vec<(usize, Fate)> = Vec::new();
@@ -459,10 +426,10 @@ impl Delivery {
                 fates.extend(idxs.iter().map(|i| (*i, Fate::Deferred { reason: reason.clone(), relay: None })));
                 continue;
             }
-            let slots = self.destination_slots(key);
+            let slots = self.pool.slots(key);
             let Ok(_slot) = slots.acquire_owned().await else { continue };
             METRICS.delivery_destination_connections.inc();
-            let group_fates = self.attempt_route(route, *level, &env, lease, guard, idxs).await;
+            let group_fates = self.attempt_route(route, key, *level, &env, lease, guard, idxs).await;
             METRICS.delivery_destination_connections.dec();
             if group_fates.iter().any(|f| matches!(f, Fate::Sent { .. })) {
                 recovered.push(key.clone());
@@ -470,53 +437,26 @@ impl Delivery {
             fates.extend(idxs.iter().copied().zip(group_fates));
         }
         METRICS.delivery_duration_seconds.observe(started.elapsed().as_secs_f64());
-        env.attempts = env.attempts.saturating_add(1);
         let age = Duration::from_millis((chrono::Utc::now().timestamp_millis() - env.received_at).max(0) as u64);
-        let expired = age > self.config.delivery.max_queue_lifetime;
-        let mut bounced = Vec::new();
-        let mut pending_destinations = HashSet::new();
-        for (i, fate) in fates {
-            let fate = match fate {
-                Fate::Deferred { reason, relay } if expired => Fate::Bounced {
-                    status: "4.4.7".into(),
-                    reason: format!("message expired after {}s in the queue: {reason}", age.as_secs()),
-                    relay,
-                },
-                f => f,
-            };
-            let r = &mut env.recipients[i];
-            self.log_fate(&env.id, r, &fate, age);
-            match &fate {
-                Fate::Sent { reply, .. } => {
-                    r.state = RecipientState::Delivered;
-                    r.last_reply = Some(reply.clone());
-                }
-                Fate::Deferred { reason, .. } => {
-                    r.last_reply = Some(reason.clone());
-                    pending_destinations.insert(self.domains.destination_key(&r.domain));
-                }
-                Fate::Bounced { reason, .. } => {
-                    r.last_reply = Some(reason.clone());
-                    bounced.push((i, fate.clone()));
-                }
-            }
+        let (expired, fates) = expire(fates, age, self.config.delivery.max_queue_lifetime);
+        for (i, fate) in &fates {
+            self.log_fate(&env.id, &env.recipients[*i], fate, age);
         }
-        if !bounced.is_empty() {
-            match self.bounce(lease, &env, &bounced, expired).await {
-                Ok(()) => bounced.iter().for_each(|(i, _)| env.recipients[*i].state = RecipientState::Bounced),
+        let bounced: Vec<(usize, Fate)> =
+            fates.iter().filter(|(_, f)| matches!(f, Fate::Bounced { .. })).cloned().collect();
+        let dsn_queued = bounced.is_empty()
+            || match self.bounce(lease, &env, &bounced, expired).await {
+                Ok(()) => true,
                 Err(e) => {
-                    // Keep them pending: the DSN is written on the next attempt.
+                    // Kept pending: the DSN is written on the next attempt.
                     tracing::error!(queue_id = %env.id, error = %e, "{}: bounce not queued; keeping the recipients for a retry", env.id);
-                    for (i, _) in &bounced {
-                        pending_destinations.insert(self.domains.destination_key(&env.recipients[*i].domain));
-                    }
+                    false
                 }
-            }
-        }
+            };
         // Fast drain: a destination that had deferred mail and now accepts.
         // (Before this message is deferred again, so it cannot release itself.)
         for key in &recovered {
-            let known = self.deferred_at.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+            let known = self.pool.recovered(key);
             if had_deferred || known {
                 match self.spool.release(key, self.config.delivery.destination_concurrency).await {
                     Ok(n) if n > 0 => {
@@ -527,14 +467,9 @@ impl Delivery {
                 }
             }
         }
-        if env.recipients.iter().any(|r| r.state == RecipientState::Pending) {
-            let due = chrono::Utc::now().timestamp_millis() + self.backoff(env.attempts).as_millis() as i64;
-            let destinations: Vec<String> = pending_destinations.into_iter().collect();
-            let down = destinations.iter().filter(|d| !recovered.contains(d)).cloned().collect();
-            Settlement::Defer { env: Box::new(env), due, destinations, down }
-        } else {
-            Settlement::Complete
-        }
+        env.attempts = env.attempts.saturating_add(1);
+        let due = chrono::Utc::now().timestamp_millis() + self.backoff(env.attempts).as_millis() as i64;
+        settle(env, &fates, &keys, dsn_queued, &recovered, due)
     }
 
     /// `retry_min` doubled per attempt up to `retry_max`, ±10 % jitter so a
@@ -544,9 +479,11 @@ impl Delivery {
     }
 
     /// Delivers to one destination; one fate per recipient index.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt_route(
         &self,
         route: &Route,
+        destination: &str,
         level: TlsPolicy,
         env: &Envelope,
         lease: &Lease,
@@ -555,8 +492,8 @@ impl Delivery {
     ) -> Vec<Fate> {
         let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();
         let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
-        let key = session_key(&route.key(), level);
-        if let Some(conn) = self.checkout(&key).await {
+        let key = session_key(destination, level);
+        if let Some(conn) = self.pool.checkout(&key).await {
             return self.transact(conn, &key, env, (lease, guard), &rcpts).await;
         }
         let targets = match route.resolve(&self.dns).await {
@@ -644,7 +581,7 @@ impl Delivery {
         let tls = conn.tls.as_ref().map(|t| t.to_string());
         let all = |f: Fate| rcpts.iter().map(|_| f.clone()).collect::<Vec<_>>();
         if env.smtputf8 && !conn.ext.smtputf8 {
-            self.park(key, conn).await;
+            self.pool.park(key, conn).await;
             return all(Fate::Bounced {
                 status: "5.6.7".into(),
                 reason: format!("{} does not support SMTPUTF8", target.host),
@@ -652,7 +589,7 @@ impl Delivery {
             });
         }
         if let Some(limit) = conn.ext.size.filter(|l| *l > 0 && env.size > *l) {
-            self.park(key, conn).await;
+            self.pool.park(key, conn).await;
             return all(Fate::Bounced {
                 status: "5.3.4".into(),
                 reason: format!("message size {} exceeds the limit {limit} of {}", env.size, target.host),
@@ -662,7 +599,7 @@ impl Delivery {
         let mut body = LeasedBody {
             reader: BodyReader::new(self.spool.clone(), lease.clone(), env.size, self.config.queue.chunk_size),
             guard,
-            id: &lease.id,
+            id: lease.id(),
         };
         let fates = match conn.send(env, rcpts, &mut body).await {
             Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref())),
@@ -674,7 +611,7 @@ impl Delivery {
                 return all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) });
             }
         };
-        self.park(key, conn).await;
+        self.pool.park(key, conn).await;
         for f in &fates {
             let label = match f {
                 Fate::Sent { .. } => "sent",
@@ -684,56 +621,6 @@ impl Delivery {
             METRICS.delivery_attempts.with_label_values(&[label]).inc();
         }
         fates
-    }
-
-    /// A cached session to `key` that still answers RSET, if any.
-    async fn checkout(&self, key: &str) -> Option<Connection> {
-        loop {
-            let (conn, parked) = {
-                let mut cache = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                cache.get_mut(key)?.pop()?
-            };
-            if parked.elapsed() > CONNECTION_CACHE_TIME {
-                tokio::spawn(conn.quit());
-                continue;
-            }
-            let mut conn = conn;
-            if conn.reset().await.is_ok() {
-                METRICS.delivery_connections_reused.inc();
-                return Some(conn);
-            }
-        }
-    }
-
-    /// Keeps a session for the next message to the same destination.
-    async fn park(&self, key: &str, conn: Connection) {
-        let full = {
-            let mut cache = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let list = cache.entry(key.to_string()).or_default();
-            if list.len() < self.config.delivery.destination_concurrency {
-                list.push((conn, Instant::now()));
-                None
-            } else {
-                Some(conn)
-            }
-        };
-        if let Some(conn) = full {
-            conn.quit().await;
-        }
-    }
-
-    /// Closes cached sessions idle for longer than the cache time.
-    fn prune_cache(&self) {
-        let mut cache = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        for list in cache.values_mut() {
-            let (stale, keep): (Vec<_>, Vec<_>) =
-                std::mem::take(list).into_iter().partition(|(_, t)| t.elapsed() > CONNECTION_CACHE_TIME);
-            *list = keep;
-            for (conn, _) in stale {
-                tokio::spawn(conn.quit());
-            }
-        }
-        cache.retain(|_, l| !l.is_empty());
     }
 
     fn log_fate(&self, id: &QueueId, r: &Recipient, fate: &Fate, age: Duration) {
@@ -847,7 +734,72 @@ fn retry_delay(min: Duration, max: Duration, attempts: u32) -> Duration {
     Duration::try_from_secs_f64(base.as_secs_f64() * jitter).unwrap_or(Duration::MAX)
 }
 
+/// Deferrals of a message older than `lifetime` become bounces (4.4.7);
+/// returns whether it expired, and the fates to apply.
+fn expire(fates: Vec<(usize, Fate)>, age: Duration, lifetime: Duration) -> (bool, Vec<(usize, Fate)>) {
+    let expired = age > lifetime;
+    let fates = fates
+        .into_iter()
+        .map(|(i, fate)| match fate {
+            Fate::Deferred { reason, relay } if expired => (
+                i,
+                Fate::Bounced {
+                    status: "4.4.7".into(),
+                    reason: format!("message expired after {}s in the queue: {reason}", age.as_secs()),
+                    relay,
+                },
+            ),
+            f => (i, f),
+        })
+        .collect();
+    (expired, fates)
+}
+
+/// What one attempt makes of the message: each recipient with a fate gets
+/// its last reply and is delivered, bounced (only once its DSN is queued:
+/// `dsn_queued`) or left pending; the message is then complete, or
+/// deferred to `due` under the destinations (`keys`, by recipient) still
+/// waiting, those of them that took nothing (not in `recovered`) as down.
+fn settle(
+    mut env: Envelope,
+    fates: &[(usize, Fate)],
+    keys: &[String],
+    dsn_queued: bool,
+    recovered: &[String],
+    due: i64,
+) -> Settlement {
+    let mut waiting = BTreeSet::new();
+    for (i, fate) in fates {
+        let r = &mut env.recipients[*i];
+        match fate {
+            Fate::Sent { reply, .. } => {
+                r.state = RecipientState::Delivered;
+                r.last_reply = Some(reply.clone());
+            }
+            Fate::Deferred { reason, .. } => {
+                r.last_reply = Some(reason.clone());
+                waiting.insert(keys[*i].clone());
+            }
+            Fate::Bounced { reason, .. } => {
+                r.last_reply = Some(reason.clone());
+                if dsn_queued {
+                    r.state = RecipientState::Bounced;
+                } else {
+                    waiting.insert(keys[*i].clone());
+                }
+            }
+        }
+    }
+    if !env.recipients.iter().any(|r| r.state == RecipientState::Pending) {
+        return Settlement::Complete;
+    }
+    let destinations: Vec<String> = waiting.into_iter().collect();
+    let down = destinations.iter().filter(|d| !recovered.contains(d)).cloned().collect();
+    Settlement::Defer { env: Box::new(env), due, destinations, down }
+}
+
 /// What an attempt leaves for the queue to store.
+#[derive(Debug, PartialEq)]
 enum Settlement {
     /// Every recipient is final.
     Complete,
@@ -928,6 +880,126 @@ impl BodySource for LeasedBody<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const A: &str = "[a.example]:25";
+    const B: &str = "mx:b.example";
+
+    /// Three pending recipients: two at destination A, one at B.
+    fn message() -> (Envelope, Vec<String>) {
+        let rcpt = |address: &str, domain: &str| Recipient {
+            address: address.into(),
+            domain: domain.into(),
+            state: RecipientState::Pending,
+            last_reply: None,
+        };
+        let env = Envelope {
+            id: QueueId::new(),
+            sender: "s@sender.example".into(),
+            recipients: vec![
+                rcpt("x@a.example", "a.example"),
+                rcpt("y@a.example", "a.example"),
+                rcpt("z@b.example", "b.example"),
+            ],
+            client_ip: "127.0.0.1".into(),
+            client_name: "localhost".into(),
+            helo: "client.example".into(),
+            received_at: 0,
+            size: 10,
+            node: "n1".into(),
+            smtputf8: false,
+            eight_bit: false,
+            attempts: 1,
+            held: false,
+            bounce_requested: false,
+        };
+        (env, vec![A.into(), A.into(), B.into()])
+    }
+
+    fn sent() -> Fate {
+        Fate::Sent { reply: "250 2.0.0 Ok".into(), relay: "a.example[127.0.0.1]:25".into(), tls: None }
+    }
+    fn deferred() -> Fate {
+        Fate::Deferred { reason: "451 4.3.0 try later".into(), relay: None }
+    }
+    fn bounced() -> Fate {
+        Fate::Bounced { status: "5.1.1".into(), reason: "550 5.1.1 no such user".into(), relay: None }
+    }
+    fn states(s: &Settlement) -> Vec<RecipientState> {
+        match s {
+            Settlement::Defer { env, .. } => env.recipients.iter().map(|r| r.state).collect(),
+            other => panic!("not a deferral: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_recipient_final_completes_the_message() {
+        let (env, keys) = message();
+        let fates = [(0, sent()), (1, bounced()), (2, sent())];
+        assert_eq!(settle(env, &fates, &keys, true, &[A.into(), B.into()], 99), Settlement::Complete);
+    }
+
+    #[test]
+    fn a_deferral_keeps_the_message_under_the_waiting_destination_only() {
+        let (env, keys) = message();
+        let fates = [(0, sent()), (1, sent()), (2, deferred())];
+        let s = settle(env, &fates, &keys, true, &[A.into()], 99);
+        assert_eq!(states(&s), [RecipientState::Delivered, RecipientState::Delivered, RecipientState::Pending]);
+        let Settlement::Defer { env, due, destinations, down } = s else { unreachable!() };
+        assert_eq!((due, destinations, down), (99, vec![B.to_string()], vec![B.to_string()]));
+        assert_eq!(env.recipients[2].last_reply.as_deref(), Some("451 4.3.0 try later"));
+        assert_eq!(env.recipients[0].last_reply.as_deref(), Some("250 2.0.0 Ok"));
+    }
+
+    #[test]
+    fn a_destination_that_took_some_mail_is_waiting_but_not_down() {
+        // A full mailbox at A: the other recipient there was delivered.
+        let (env, keys) = message();
+        let fates = [(0, sent()), (1, deferred()), (2, sent())];
+        let Settlement::Defer { destinations, down, .. } = settle(env, &fates, &keys, true, &[A.into(), B.into()], 1)
+        else {
+            panic!("deferred")
+        };
+        assert_eq!((destinations, down), (vec![A.to_string()], vec![]));
+    }
+
+    #[test]
+    fn a_bounce_whose_dsn_was_not_queued_stays_pending() {
+        let (env, keys) = message();
+        let fates = [(0, bounced()), (1, sent()), (2, sent())];
+        let s = settle(env, &fates, &keys, false, &[A.into(), B.into()], 5);
+        assert_eq!(states(&s), [RecipientState::Pending, RecipientState::Delivered, RecipientState::Delivered]);
+        let Settlement::Defer { env, destinations, .. } = s else { unreachable!() };
+        assert_eq!(destinations, vec![A.to_string()]);
+        assert_eq!(env.recipients[0].last_reply.as_deref(), Some("550 5.1.1 no such user"));
+        let (env, keys) = message();
+        let fates = [(0, bounced()), (1, sent()), (2, sent())];
+        assert_eq!(settle(env, &fates, &keys, true, &[], 5), Settlement::Complete);
+    }
+
+    #[test]
+    fn recipients_without_a_fate_keep_their_state() {
+        // Delivered in an earlier attempt: not part of this one.
+        let (mut env, keys) = message();
+        env.recipients[0].state = RecipientState::Delivered;
+        let s = settle(env, &[(1, sent()), (2, deferred())], &keys, true, &[A.into()], 5);
+        assert_eq!(states(&s), [RecipientState::Delivered, RecipientState::Delivered, RecipientState::Pending]);
+    }
+
+    #[test]
+    fn deferrals_past_the_lifetime_become_4_4_7_bounces() {
+        let day = Duration::from_secs(86_400);
+        let fates = vec![(0, deferred()), (1, sent()), (2, bounced())];
+        let (expired, kept) = expire(fates.clone(), day, day * 5);
+        assert!(!expired);
+        assert!(matches!(kept[0].1, Fate::Deferred { .. }));
+        let (expired, late) = expire(fates, day * 6, day * 5);
+        assert!(expired);
+        let Fate::Bounced { status, reason, .. } = &late[0].1 else { panic!("{late:?}") };
+        assert_eq!(status, "4.4.7");
+        assert_eq!(reason, "message expired after 518400s in the queue: 451 4.3.0 try later");
+        assert!(matches!(late[1].1, Fate::Sent { .. }));
+        assert!(matches!(&late[2].1, Fate::Bounced { status, .. } if status == "5.1.1"));
+    }
 
     /// `min` doubled per attempt after the first, capped at `max`.
     fn base(min: Duration, max: Duration, attempts: u32) -> Duration {

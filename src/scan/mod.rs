@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::ScanConfig;
 use crate::metrics::METRICS;
 use crate::proto::reply::Reply;
-use crate::spool::{QueueId, Spool, SpoolBody, SpoolError};
+use crate::spool::{Enqueue, QueueId, SpoolBody, SpoolError};
 
 /// A scanner failure: always temporary for the sender.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -273,7 +273,7 @@ impl ScanBuffer {
     /// it stands for the original one). On failure the body is aborted.
     pub async fn into_spool(
         mut self,
-        spool: &dyn Spool,
+        spool: &dyn Enqueue,
         id: &QueueId,
         headers: &str,
         subject: Option<&str>,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::data::{DataDecoder, Framing, HeaderScan};
 use crate::proto::reply::Reply;
 use crate::scan::{ScanBuffer, Scanner};
-use crate::spool::{QueueId, Spool, SpoolBody};
+use crate::spool::{Enqueue, QueueId, SpoolBody};
 
 /// A message body on its way into the spool: enforces the size limit,
 /// counts `Received:` headers and remembers the first failure. After a
@@ -23,7 +23,7 @@ pub(super) struct Incoming {
     /// While the message waits for a scan verdict, it goes here instead of
     /// the spool (which only stores what was accepted).
     pub(super) scan: Option<(Arc<Scanner>, ScanBuffer)>,
-    pub(super) spool: Arc<dyn Spool>,
+    pub(super) spool: Arc<dyn Enqueue>,
     pub(super) decoder: DataDecoder,
     pub(super) headers: HeaderScan,
     pub(super) received_header_len: u64,
@@ -40,7 +40,7 @@ impl Incoming {
     /// LF or CR (`smtpd_forbid_bare_newline`) rather than rewriting it.
     pub(super) fn new(
         id: QueueId,
-        spool: Arc<dyn Spool>,
+        spool: Arc<dyn Enqueue>,
         scan: Option<(Arc<Scanner>, ScanBuffer)>,
         framing: Framing,
         forbid_bare_newline: bool,

@@ -12,7 +12,7 @@ use crate::config::{Config, TlsConfig};
 use crate::policy::Policy;
 use crate::scan::Scanner;
 use crate::shutdown::Shutdown;
-use crate::spool::Spool;
+use crate::spool::Enqueue;
 use crate::users::UserStore;
 
 /// What every session and listener of a node shares.
@@ -20,7 +20,7 @@ pub struct Shared {
     config: std::sync::RwLock<Arc<Config>>,
     tls: std::sync::RwLock<Option<tokio_rustls::TlsAcceptor>>,
     pub policy: Policy,
-    pub spool: Arc<dyn Spool>,
+    pub spool: Arc<dyn Enqueue>,
     /// `relay_users` (AUTH may be switched on by SIGHUP, so always open;
     /// the pool connects on first use).
     pub users: Arc<dyn UserStore>,
@@ -38,7 +38,7 @@ impl Shared {
     pub fn new(
         config: Config,
         policy: Policy,
-        spool: Arc<dyn Spool>,
+        spool: Arc<dyn Enqueue>,
         users: Arc<dyn UserStore>,
         scanner: Option<Arc<Scanner>>,
         shutdown: Shutdown,

@@ -1,5 +1,8 @@
 //! The durable queue shared by all nodes: the message/envelope model and
-//! the [`Spool`] trait; one file per back end.
+//! the queue by role ([`Enqueue`] for sessions, [`Deliver`] for delivery
+//! workers, [`Admin`] for start-up, health and operator commands, the two
+//! last sharing [`Read`]); one file per back end, each implementing every
+//! role ([`Spool`]).
 //!
 //! Invariants, on every back end:
 //! * [`SpoolBody::commit`] returns `Ok` only once the envelope, the whole
@@ -11,6 +14,7 @@
 //! * Only the current lease holder ([`Lease`] is a fencing token) changes a
 //!   message; a body is never read short ([`BodyReader`]).
 
+mod codec;
 pub mod redis;
 pub mod sqlite;
 
@@ -100,51 +104,6 @@ pub struct Envelope {
     pub bounce_requested: bool,
 }
 
-impl Envelope {
-    /// Reads the envelope from the string fields the spool stores.
-    pub fn from_fields(f: &std::collections::HashMap<String, String>) -> Option<Envelope> {
-        let get = |k: &str| f.get(k).cloned().unwrap_or_default();
-        let num = |k: &str| f.get(k).and_then(|v| v.parse::<i64>().ok());
-        Some(Envelope {
-            id: QueueId(f.get("id")?.clone()),
-            sender: get("sender"),
-            recipients: serde_json::from_str(f.get("recipients")?).ok()?,
-            client_ip: get("client_ip"),
-            client_name: get("client_name"),
-            helo: get("helo"),
-            received_at: num("received_at")?,
-            // As stored: a negative size is unreadable, not 2^64 - n.
-            size: f.get("size")?.parse::<u64>().ok()?,
-            node: get("node"),
-            smtputf8: get("smtputf8") == "1",
-            eight_bit: get("eight_bit") == "1",
-            // Stored by us as a u32; anything outside is clamped, not wrapped.
-            attempts: num("attempts").map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)),
-            held: get("held") == "1",
-            bounce_requested: get("bounce") == "1",
-        })
-    }
-
-    /// The string fields a commit stores, which [`Envelope::from_fields`]
-    /// reads back (`held` and `bounce` are set later, by operators).
-    pub fn to_fields(&self) -> Result<Vec<(&'static str, String)>, serde_json::Error> {
-        Ok(vec![
-            ("id", self.id.to_string()),
-            ("sender", self.sender.clone()),
-            ("recipients", serde_json::to_string(&self.recipients)?),
-            ("client_ip", self.client_ip.clone()),
-            ("client_name", self.client_name.clone()),
-            ("helo", self.helo.clone()),
-            ("received_at", self.received_at.to_string()),
-            ("size", self.size.to_string()),
-            ("node", self.node.clone()),
-            ("smtputf8", u8::from(self.smtputf8).to_string()),
-            ("eight_bit", u8::from(self.eight_bit).to_string()),
-            ("attempts", self.attempts.to_string()),
-        ])
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// The queue could not be reached or refused the write: a temporary
@@ -178,25 +137,61 @@ pub fn open(config: &crate::config::QueueConfig) -> Result<std::sync::Arc<dyn Sp
     }
 }
 
-/// A queue entry leased to one node. The lease is a fencing token: the
-/// owner plus a generation that every grant (lease or takeover) makes new.
-/// Renew, defer, complete, hand back and skip succeed only for the current
-/// token and answer [`SpoolError::LeaseLost`] otherwise, so a node that was
-/// taken over can never change the message again.
+/// A queue entry leased to one node: opaque outside the back ends. The
+/// lease is a fencing token: the owner plus a generation that every grant
+/// (lease, takeover, reclaim) makes new, so two leases are equal only when
+/// they are the same grant. Renew, defer, complete, hand back and skip
+/// succeed only for the current token and answer [`SpoolError::LeaseLost`]
+/// otherwise, so a node that was taken over can never change the message
+/// again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub id: QueueId,
-    pub shard: u32,
-    /// The entry this lease is for (Redis: the stream entry id; SQLite: the
-    /// generation). Empty for [`Spool::locate`], which leases nothing.
-    pub entry: String,
+    id: QueueId,
+    /// Which entry: Redis, the shard and the stream entry id; SQLite, the
+    /// message's one row (shard 0, its id).
+    entry: Entry,
     /// The consumer (node) the entry is leased to.
-    pub owner: String,
-    /// Grant count of the entry (Redis: its delivery count).
-    pub generation: u64,
+    owner: String,
+    /// Grant count of the entry (Redis: its delivery count); 0 for
+    /// [`Admin::locate`], which leases nothing.
+    generation: u64,
 }
 
-/// Findings of [`Spool::audit`]: what breaks the queue's invariants.
+/// A queue entry, for the set of leases a node holds ([`Deliver::reclaim`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Entry {
+    shard: u32,
+    /// Empty for [`Admin::locate`]'s lease.
+    id: String,
+}
+
+impl Lease {
+    fn new(id: QueueId, shard: u32, entry: String, owner: &str, generation: u64) -> Lease {
+        Lease { id, entry: Entry { shard, id: entry }, owner: owner.to_string(), generation }
+    }
+
+    /// A lease on nothing, to read message `id` in `shard` ([`Admin::locate`]).
+    fn located(id: QueueId, shard: u32) -> Lease {
+        Lease::new(id, shard, String::new(), "", 0)
+    }
+
+    /// The message this lease is for.
+    pub fn id(&self) -> &QueueId {
+        &self.id
+    }
+
+    /// The node it is leased to.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The entry it leases.
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+/// Findings of [`Admin::audit`]: what breaks the queue's invariants.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct QueueAudit {
     /// Committed messages found.
@@ -216,7 +211,7 @@ impl QueueAudit {
     }
 }
 
-/// What one maintenance pass ([`Spool::maintain`]) removed.
+/// What one maintenance pass ([`Deliver::maintain`]) removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Maintenance {
     /// Messages left half-committed (stored, never made deliverable).
@@ -227,18 +222,34 @@ pub struct Maintenance {
     pub corrupt_removed: u64,
 }
 
-/// The queue: receiving (`open_body`) and delivering (the rest).
+/// Receiving: what an SMTP session asks of the queue (store a message;
+/// ETRN: make a destination's deferred mail due). Delivery's DSNs and
+/// fast drain and `queue flush --domain` use the same two.
 #[async_trait::async_trait]
-pub trait Spool: Send + Sync {
-    /// Prepares the queue (consumer groups, migrations); safe on every node
-    /// at once. Read paths redo what is missing by themselves (a Redis that
-    /// came back empty), so a failure here is not fatal.
-    async fn prepare(&self) -> Result<(), SpoolError>;
+pub trait Enqueue: Send + Sync {
     /// Starts storing the body of message `id`.
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody>;
-    /// Whether the queue can be read and written now (for `/readyz`).
-    async fn ping(&self) -> Result<(), SpoolError>;
+    /// Makes up to `limit` deferred messages of `destination` due now (fast
+    /// drain when a destination recovers, `queue flush`). Returns how many.
+    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError>;
+}
 
+/// Reading one message under a [`Lease`]: a delivery's, or the one
+/// [`Admin::locate`] gives `queue show`. Shared by both roles.
+#[async_trait::async_trait]
+pub trait Read: Send + Sync {
+    /// The envelope; `None` when the message is gone or this entry is not
+    /// its live one; `Corrupt` when it cannot be decoded.
+    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError>;
+    /// Up to `len` bytes of the body from `offset` (fewer at its end). Use
+    /// [`BodyReader`], which checks the length against the envelope.
+    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError>;
+}
+
+/// Delivering: what the delivery workers of a node do with the queue
+/// (lease entries, keep and settle them, schedule and clean up).
+#[async_trait::async_trait]
+pub trait Deliver: Enqueue + Read {
     /// At most `count` new entries for `consumer` in all, waiting up to `block`.
     async fn lease(&self, consumer: &str, count: usize, block: std::time::Duration) -> Result<Vec<Lease>, SpoolError>;
     /// At most `count` entries whose holder has not renewed them for `idle`,
@@ -250,24 +261,18 @@ pub trait Spool: Send + Sync {
         count: usize,
     ) -> Result<Vec<Lease>, SpoolError>;
     /// At most `count` entries leased to `consumer` that it does not hold
-    /// (`held`: shard and stream entry of the leases it works on), leased to
+    /// (`held`: the entries of the leases it works on), leased to
     /// it again with a new token: left by a lease read that ran but whose
     /// reply was lost, or by this node's previous run. Without this they
     /// would wait `queue.lease` for a takeover.
     async fn reclaim(
         &self,
         consumer: &str,
-        held: &std::collections::HashSet<(u32, String)>,
+        held: &std::collections::HashSet<Entry>,
         count: usize,
     ) -> Result<Vec<Lease>, SpoolError>;
     /// Keeps a long delivery's lease alive; `LeaseLost` when it is not ours.
     async fn renew(&self, lease: &Lease) -> Result<(), SpoolError>;
-    /// The envelope; `None` when the message is gone or this entry is not
-    /// its live one; `Corrupt` when it cannot be decoded.
-    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError>;
-    /// Up to `len` bytes of the body from `offset` (fewer at its end). Use
-    /// [`BodyReader`], which checks the length against the envelope.
-    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError>;
     /// Every recipient is final: the message leaves the queue.
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError>;
     /// Some recipients wait: store their state and schedule the next attempt
@@ -285,15 +290,12 @@ pub trait Spool: Send + Sync {
     /// stays held), gone, or lives in another entry.
     async fn skip(&self, lease: &Lease) -> Result<(), SpoolError>;
     /// Takes a message whose envelope is unreadable out of delivery: it is
-    /// held (`queue show`/`delete`) until [`Spool::maintain`] removes it
+    /// held (`queue show`/`delete`) until [`Deliver::maintain`] removes it
     /// after the queue lifetime.
     async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError>;
     /// Moves deferred messages that are due into the ready streams; safe on
     /// every node at once. Returns how many moved.
     async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError>;
-    /// Makes up to `limit` deferred messages of `destination` due now (fast
-    /// drain when a destination recovers, `queue flush`). Returns how many.
-    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError>;
     /// Destinations that have deferred messages now (from an index, never a
     /// keyspace scan).
     async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError>;
@@ -301,13 +303,26 @@ pub trait Spool: Send + Sync {
     /// messages, consumers of nodes gone for good (never `consumer`), and
     /// unreadable messages older than `corrupt_max_age`.
     async fn maintain(&self, consumer: &str, corrupt_max_age: std::time::Duration) -> Result<Maintenance, SpoolError>;
+}
 
-    // Operator commands (`mxrelay queue …`), from any node.
+/// Operating: start-up, `/readyz` and `/metrics`, and the operator
+/// commands (`mxrelay queue …`), from any node.
+#[async_trait::async_trait]
+pub trait Admin: Enqueue + Read {
+    /// Prepares the queue (consumer groups, migrations); safe on every node
+    /// at once. Read paths redo what is missing by themselves (a Redis that
+    /// came back empty), so a failure here is not fatal.
+    async fn prepare(&self) -> Result<(), SpoolError>;
+    /// Whether the queue can be read and written now (for `/readyz`).
+    async fn ping(&self) -> Result<(), SpoolError>;
     /// Finds a message by id (the returned lease has no stream entry).
     async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError>;
     /// Holds, releases, bounces or deletes one message; `false` if it is not
     /// in a state where that applies (or does not exist).
     async fn admin(&self, id: &QueueId, action: AdminAction) -> Result<bool, SpoolError>;
+    /// Makes up to `limit` deferred messages due now, whatever their
+    /// destination (`queue flush`).
+    async fn flush_all(&self, limit: usize) -> Result<usize, SpoolError>;
     /// Counts by state, the oldest arrival, and (when asked, costlier)
     /// deferred counts per destination.
     async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError>;
@@ -318,11 +333,17 @@ pub trait Spool: Send + Sync {
     async fn audit(&self) -> Result<QueueAudit, SpoolError>;
 }
 
+/// A back end: every role. [`open`] gives one; a node hands each part
+/// only the role it needs (`Arc<dyn Spool>` coerces to each).
+pub trait Spool: Deliver + Admin {}
+
+impl<T: Deliver + Admin> Spool for T {}
+
 /// Reads a message's body chunk by chunk, exactly `size` bytes: a store
 /// that holds fewer is an error ([`SpoolError::BodyMismatch`]), never an
 /// early end of data, so a body is never sent short.
 pub struct BodyReader {
-    spool: std::sync::Arc<dyn Spool>,
+    spool: std::sync::Arc<dyn Read>,
     lease: Lease,
     offset: u64,
     size: u64,
@@ -330,7 +351,7 @@ pub struct BodyReader {
 }
 
 impl BodyReader {
-    pub fn new(spool: std::sync::Arc<dyn Spool>, lease: Lease, size: u64, chunk: usize) -> BodyReader {
+    pub fn new(spool: std::sync::Arc<dyn Read>, lease: Lease, size: u64, chunk: usize) -> BodyReader {
         BodyReader { spool, lease, offset: 0, size, chunk: chunk.max(1) }
     }
 
@@ -433,66 +454,4 @@ pub trait SpoolBody: Send + Sync {
     async fn commit(self: Box<Self>, envelope: &Envelope) -> Result<(), SpoolError>;
     /// Drops what was written so far.
     async fn abort(self: Box<Self>);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn envelope(size: u64) -> Envelope {
-        Envelope {
-            id: QueueId::new(),
-            sender: "a@example.org".into(),
-            recipients: vec![Recipient {
-                address: "b@example.com".into(),
-                domain: "example.com".into(),
-                state: RecipientState::Pending,
-                last_reply: None,
-            }],
-            client_ip: "192.0.2.1".into(),
-            client_name: "client.example.net".into(),
-            helo: "client.example.net".into(),
-            received_at: 1_793_613_600_123,
-            size,
-            node: "n1".into(),
-            smtputf8: true,
-            eight_bit: false,
-            attempts: 3,
-            held: false,
-            bounce_requested: false,
-        }
-    }
-
-    fn stored(env: &Envelope) -> std::collections::HashMap<String, String> {
-        env.to_fields().unwrap().into_iter().map(|(k, v)| (k.to_string(), v)).collect()
-    }
-
-    #[test]
-    fn fields_round_trip() {
-        for size in [0, 4711, u64::MAX] {
-            let env = envelope(size);
-            assert_eq!(Envelope::from_fields(&stored(&env)), Some(env));
-        }
-    }
-
-    /// Found by fuzz/fuzz_targets/spool_envelope.rs: `-831` was read as a
-    /// size of 2^64 - 831, which the envelope's own encoder then wrote in a
-    /// form it could not read back.
-    #[test]
-    fn a_negative_size_is_unreadable() {
-        let mut fields = stored(&envelope(1));
-        fields.insert("size".into(), "-831".into());
-        assert_eq!(Envelope::from_fields(&fields), None);
-    }
-
-    /// A stored attempt count beyond `u32` (only a hand-edited or foreign
-    /// hash has one) is clamped, not wrapped back to a first attempt.
-    #[test]
-    fn an_oversized_attempt_count_is_clamped() {
-        let mut fields = stored(&envelope(1));
-        for (raw, read) in [("4294967301", u32::MAX), ("-4", 0), ("7", 7)] {
-            fields.insert("attempts".into(), raw.into());
-            assert_eq!(Envelope::from_fields(&fields).unwrap().attempts, read, "{raw}");
-        }
-    }
 }

@@ -13,8 +13,8 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{
-    AdminAction, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId, QueueStats, Spool, SpoolBody,
-    SpoolError,
+    Admin, AdminAction, Deliver, Enqueue, Entry, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId,
+    QueueStats, Read, SpoolBody, SpoolError,
 };
 use crate::config::QueueConfig;
 use crate::metrics::METRICS;
@@ -47,14 +47,8 @@ fn now_ms() -> i64 {
 }
 
 fn lease_of(id: String, owner: &str, generation: i64) -> Lease {
-    Lease {
-        // One row per message: the id names its one live entry.
-        entry: id.clone(),
-        id: QueueId::from(id),
-        shard: 0,
-        owner: owner.into(),
-        generation: generation as u64,
-    }
+    // One row per message: the id names its one live entry.
+    Lease::new(QueueId::from(id.clone()), 0, id, owner, generation as u64)
 }
 
 fn fenced(lease: &Lease, rows: u64) -> Result<(), SpoolError> {
@@ -62,7 +56,7 @@ fn fenced(lease: &Lease, rows: u64) -> Result<(), SpoolError> {
 }
 
 fn decode(envelope: &str, state: &str, due: i64) -> Option<(Envelope, MessageState)> {
-    let env: Envelope = serde_json::from_str(envelope).ok()?;
+    let env = Envelope::from_json(envelope)?;
     // Held while leased counts as held, as on Redis.
     let state = match state {
         _ if env.held => MessageState::Held,
@@ -122,17 +116,7 @@ async fn unindex(tx: &mut sqlx::SqliteConnection, ids: &[String]) -> Result<(), 
 }
 
 #[async_trait::async_trait]
-impl Spool for SqliteSpool {
-    async fn prepare(&self) -> Result<(), SpoolError> {
-        self.ready().await?;
-        // Bodies of messages that were never committed (a crash mid-DATA).
-        sqlx::query("DELETE FROM queue_bodies WHERE id NOT IN (SELECT id FROM queue_messages)")
-            .execute(&self.pool)
-            .await
-            .map_err(|e| failed("prepare", e))?;
-        Ok(())
-    }
-
+impl Enqueue for SqliteSpool {
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody> {
         Box::new(SqliteBody {
             pool: self.pool.clone(),
@@ -144,15 +128,69 @@ impl Spool for SqliteSpool {
         })
     }
 
-    async fn ping(&self) -> Result<(), SpoolError> {
-        self.ready().await?;
-        sqlx::query("SELECT 1 FROM queue_messages LIMIT 1")
-            .execute(&self.pool)
+    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
+        let mut tx = self.pool.begin().await.map_err(|e| failed("release", e))?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE queue_messages SET state = 'ready' WHERE state = 'deferred' AND id IN \
+             (SELECT id FROM queue_destinations WHERE destination = ? LIMIT ?) RETURNING id",
+        )
+        .bind(destination)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| failed("release", e))?;
+        unindex(&mut tx, &ids).await.map_err(|e| failed("release", e))?;
+        tx.commit().await.map_err(|e| failed("release", e))?;
+        Ok(ids.len())
+    }
+}
+
+#[async_trait::async_trait]
+impl Read for SqliteSpool {
+    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
+        let row = sqlx::query("SELECT envelope, generation FROM queue_messages WHERE id = ?")
+            .bind(lease.id.as_str())
+            .fetch_optional(&self.pool)
             .await
-            .map(|_| ())
-            .map_err(|e| failed("ping", e))
+            .map_err(|e| failed("load", e))?;
+        let Some(row) = row else { return Ok(None) };
+        if !lease.entry.id.is_empty() && row.get::<i64, _>(1) != lease.generation as i64 {
+            return Ok(None);
+        }
+        Envelope::from_json(row.get::<&str, _>(0)).map(Some).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))
     }
 
+    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
+        let end = offset + len as u64;
+        let rows = sqlx::query(
+            "SELECT offset, data FROM queue_bodies WHERE id = ? AND offset < ? AND offset + length(data) > ? ORDER BY offset",
+        )
+        .bind(lease.id.as_str())
+        .bind(end as i64)
+        .bind(offset as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| failed("body", e))?;
+        let mut out = Vec::with_capacity(len);
+        for r in rows {
+            let start: i64 = r.get(0);
+            let data: Vec<u8> = r.get(1);
+            // Contiguous only: a missing chunk ends the read there (short).
+            if start as u64 > offset + out.len() as u64 {
+                break;
+            }
+            let from = (offset + out.len() as u64 - start as u64) as usize;
+            let to = ((end - start as u64) as usize).min(data.len());
+            if from < to {
+                out.extend_from_slice(&data[from..to]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl Deliver for SqliteSpool {
     async fn lease(&self, consumer: &str, count: usize, block: Duration) -> Result<Vec<Lease>, SpoolError> {
         self.ready().await?;
         let until = tokio::time::Instant::now() + block;
@@ -187,12 +225,31 @@ impl Spool for SqliteSpool {
         }
     }
 
+    async fn take_over(&self, consumer: &str, idle: Duration, count: usize) -> Result<Vec<Lease>, SpoolError> {
+        // Renewed at `lease_until - queue.lease`: idle for `idle` when
+        // `lease_until <= now + queue.lease - idle`.
+        let cutoff = self.lease_until() - idle.as_millis() as i64;
+        let rows = sqlx::query(
+            "UPDATE queue_messages SET lease_owner = ?, lease_until = ?, generation = generation + 1 \
+             WHERE id IN (SELECT id FROM queue_messages WHERE state = 'ready' AND lease_owner IS NOT NULL \
+             AND lease_until <= ? ORDER BY lease_until LIMIT ?) RETURNING id, generation",
+        )
+        .bind(consumer)
+        .bind(self.lease_until())
+        .bind(cutoff)
+        .bind(count as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| failed("takeover", e))?;
+        Ok(rows.into_iter().map(|r| lease_of(r.get(0), consumer, r.get(1))).collect())
+    }
+
     /// Leases of this node's previous run (in-process, a lease is never
     /// granted without its caller seeing it); `held` names them by id.
     async fn reclaim(
         &self,
         consumer: &str,
-        held: &std::collections::HashSet<(u32, String)>,
+        held: &std::collections::HashSet<Entry>,
         count: usize,
     ) -> Result<Vec<Lease>, SpoolError> {
         let rows =
@@ -205,7 +262,7 @@ impl Spool for SqliteSpool {
         let mut taken = Vec::new();
         for row in rows {
             let (id, generation): (String, i64) = (row.get(0), row.get(1));
-            if taken.len() >= count || held.contains(&(0, id.clone())) {
+            if taken.len() >= count || held.contains(&Entry { shard: 0, id: id.clone() }) {
                 continue;
             }
             let bumped = sqlx::query(
@@ -226,25 +283,6 @@ impl Spool for SqliteSpool {
         Ok(taken)
     }
 
-    async fn take_over(&self, consumer: &str, idle: Duration, count: usize) -> Result<Vec<Lease>, SpoolError> {
-        // Renewed at `lease_until - queue.lease`: idle for `idle` when
-        // `lease_until <= now + queue.lease - idle`.
-        let cutoff = self.lease_until() - idle.as_millis() as i64;
-        let rows = sqlx::query(
-            "UPDATE queue_messages SET lease_owner = ?, lease_until = ?, generation = generation + 1 \
-             WHERE id IN (SELECT id FROM queue_messages WHERE state = 'ready' AND lease_owner IS NOT NULL \
-             AND lease_until <= ? ORDER BY lease_until LIMIT ?) RETURNING id, generation",
-        )
-        .bind(consumer)
-        .bind(self.lease_until())
-        .bind(cutoff)
-        .bind(count as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| failed("takeover", e))?;
-        Ok(rows.into_iter().map(|r| lease_of(r.get(0), consumer, r.get(1))).collect())
-    }
-
     async fn renew(&self, lease: &Lease) -> Result<(), SpoolError> {
         let done = sqlx::query(fenced_sql!("UPDATE queue_messages SET lease_until = ?"))
             .bind(self.lease_until())
@@ -255,47 +293,6 @@ impl Spool for SqliteSpool {
             .await
             .map_err(|e| failed("renew", e))?;
         fenced(lease, done.rows_affected())
-    }
-
-    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
-        let row = sqlx::query("SELECT envelope, generation FROM queue_messages WHERE id = ?")
-            .bind(lease.id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| failed("load", e))?;
-        let Some(row) = row else { return Ok(None) };
-        if !lease.entry.is_empty() && row.get::<i64, _>(1) != lease.generation as i64 {
-            return Ok(None);
-        }
-        serde_json::from_str(row.get::<&str, _>(0)).map(Some).map_err(|_| SpoolError::Corrupt(lease.id.clone()))
-    }
-
-    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
-        let end = offset + len as u64;
-        let rows = sqlx::query(
-            "SELECT offset, data FROM queue_bodies WHERE id = ? AND offset < ? AND offset + length(data) > ? ORDER BY offset",
-        )
-        .bind(lease.id.as_str())
-        .bind(end as i64)
-        .bind(offset as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| failed("body", e))?;
-        let mut out = Vec::with_capacity(len);
-        for r in rows {
-            let start: i64 = r.get(0);
-            let data: Vec<u8> = r.get(1);
-            // Contiguous only: a missing chunk ends the read there (short).
-            if start as u64 > offset + out.len() as u64 {
-                break;
-            }
-            let from = (offset + out.len() as u64 - start as u64) as usize;
-            let to = ((end - start as u64) as usize).min(data.len());
-            if from < to {
-                out.extend_from_slice(&data[from..to]);
-            }
-        }
-        Ok(out)
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
@@ -315,13 +312,13 @@ impl Spool for SqliteSpool {
     }
 
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
-        let json = serde_json::to_string(env).map_err(|e| failed("defer", e))?;
+        let json = env.to_json().map_err(|e| failed("defer", e))?;
         let mut tx = self.pool.begin().await.map_err(|e| failed("defer", e))?;
         // A message held (or bounced) meanwhile keeps that flag.
         let done = sqlx::query(concat!(
             "UPDATE queue_messages SET envelope = json_set(?, \
-             '$.held', json(CASE WHEN json_extract(envelope, '$.held') THEN 'true' ELSE 'false' END), \
-             '$.bounce_requested', json(CASE WHEN json_extract(envelope, '$.bounce_requested') THEN 'true' ELSE 'false' END)), \
+             '$.held', CASE WHEN json_extract(envelope, '$.held') THEN '1' ELSE '0' END, \
+             '$.bounce', CASE WHEN json_extract(envelope, '$.bounce') THEN '1' ELSE '0' END), \
              state = CASE WHEN json_extract(envelope, '$.held') THEN 'held' ELSE 'deferred' END, \
              due = ?, lease_owner = NULL, lease_until = NULL",
             fenced_sql!(""),
@@ -367,7 +364,7 @@ impl Spool for SqliteSpool {
     async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError> {
         let sql = fenced_sql!(
             "UPDATE queue_messages SET state = 'corrupt', lease_owner = NULL, lease_until = NULL, \
-             envelope = CASE WHEN json_valid(envelope) THEN json_set(envelope, '$.held', json('true')) ELSE envelope END"
+             envelope = CASE WHEN json_valid(envelope) THEN json_set(envelope, '$.held', '1') ELSE envelope END"
         );
         self.fenced_update("quarantine", sql, lease).await
     }
@@ -385,22 +382,6 @@ impl Spool for SqliteSpool {
         .map_err(|e| failed("schedule", e))?;
         unindex(&mut tx, &ids).await.map_err(|e| failed("schedule", e))?;
         tx.commit().await.map_err(|e| failed("schedule", e))?;
-        Ok(ids.len())
-    }
-
-    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
-        let mut tx = self.pool.begin().await.map_err(|e| failed("release", e))?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "UPDATE queue_messages SET state = 'ready' WHERE state = 'deferred' AND id IN \
-             (SELECT id FROM queue_destinations WHERE destination = ? LIMIT ?) RETURNING id",
-        )
-        .bind(destination)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| failed("release", e))?;
-        unindex(&mut tx, &ids).await.map_err(|e| failed("release", e))?;
-        tx.commit().await.map_err(|e| failed("release", e))?;
         Ok(ids.len())
     }
 
@@ -430,6 +411,28 @@ impl Spool for SqliteSpool {
         tx.commit().await.map_err(|e| failed("maintain", e))?;
         Ok(Maintenance { corrupt_removed: ids.len() as u64, ..Maintenance::default() })
     }
+}
+
+#[async_trait::async_trait]
+impl Admin for SqliteSpool {
+    async fn prepare(&self) -> Result<(), SpoolError> {
+        self.ready().await?;
+        // Bodies of messages that were never committed (a crash mid-DATA).
+        sqlx::query("DELETE FROM queue_bodies WHERE id NOT IN (SELECT id FROM queue_messages)")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| failed("prepare", e))?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), SpoolError> {
+        self.ready().await?;
+        sqlx::query("SELECT 1 FROM queue_messages LIMIT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| failed("ping", e))
+    }
 
     async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
         let row = sqlx::query("SELECT generation FROM queue_messages WHERE id = ?")
@@ -437,7 +440,7 @@ impl Spool for SqliteSpool {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| failed("locate", e))?;
-        Ok(row.map(|_| Lease { id: id.clone(), shard: 0, entry: String::new(), owner: String::new(), generation: 0 }))
+        Ok(row.map(|_| Lease::located(id.clone(), 0)))
     }
 
     async fn admin(&self, id: &QueueId, action: AdminAction) -> Result<bool, SpoolError> {
@@ -445,18 +448,18 @@ impl Spool for SqliteSpool {
         // leased message keeps its lease; its holder skips it when held.
         let sql = match action {
             AdminAction::Hold => {
-                "UPDATE queue_messages SET envelope = json_set(envelope, '$.held', json('true')), \
+                "UPDATE queue_messages SET envelope = json_set(envelope, '$.held', '1'), \
                  state = CASE WHEN state = 'deferred' OR (state = 'ready' AND lease_owner IS NULL) THEN 'held' \
                  ELSE state END WHERE id = ? AND json_valid(envelope)"
             }
             AdminAction::Release => {
                 "UPDATE queue_messages SET \
-                 envelope = CASE WHEN json_valid(envelope) THEN json_set(envelope, '$.held', json('false')) ELSE envelope END, \
+                 envelope = CASE WHEN json_valid(envelope) THEN json_set(envelope, '$.held', '0') ELSE envelope END, \
                  state = CASE WHEN state IN ('held', 'corrupt') THEN 'ready' ELSE state END \
                  WHERE id = ? AND (state = 'corrupt' OR (json_valid(envelope) AND json_extract(envelope, '$.held')))"
             }
             AdminAction::Bounce => {
-                "UPDATE queue_messages SET envelope = json_set(envelope, '$.bounce_requested', json('true'), '$.held', json('false')), \
+                "UPDATE queue_messages SET envelope = json_set(envelope, '$.bounce', '1', '$.held', '0'), \
                  state = CASE WHEN state IN ('deferred', 'held', 'corrupt') THEN 'ready' ELSE state END \
                  WHERE id = ? AND json_valid(envelope)"
             }
@@ -481,6 +484,10 @@ impl Spool for SqliteSpool {
         }
         tx.commit().await.map_err(|e| failed("admin", e))?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn flush_all(&self, limit: usize) -> Result<usize, SpoolError> {
+        self.schedule_due(i64::MAX, limit).await
     }
 
     async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError> {
@@ -525,7 +532,7 @@ impl Spool for SqliteSpool {
     async fn audit(&self) -> Result<QueueAudit, SpoolError> {
         let rows = sqlx::query(
             "SELECT m.id, m.state, m.lease_owner IS NOT NULL, \
-             CASE WHEN json_valid(m.envelope) THEN json_extract(m.envelope, '$.size') END, \
+             CASE WHEN json_valid(m.envelope) THEN CAST(json_extract(m.envelope, '$.size') AS INTEGER) END, \
              (SELECT COALESCE(SUM(length(data)), 0) FROM queue_bodies b WHERE b.id = m.id), \
              (SELECT COUNT(*) FROM queue_destinations d WHERE d.id = m.id) \
              FROM queue_messages m",
@@ -589,7 +596,7 @@ impl SqliteBody {
     async fn insert(&mut self, env: &Envelope) -> Result<(), SpoolError> {
         let mut env = env.clone();
         env.size = self.written();
-        let json = serde_json::to_string(&env).map_err(|e| failed("enqueue", e))?;
+        let json = env.to_json().map_err(|e| failed("enqueue", e))?;
         let mut tx = self.pool.begin().await.map_err(|e| failed("enqueue", e))?;
         self.flush_chunk(&mut *tx).await?;
         let stored: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(length(data)), 0) FROM queue_bodies WHERE id = ?")

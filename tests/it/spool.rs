@@ -71,8 +71,8 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     let leases = spool.lease("n1", 10, Duration::from_secs(1)).await.unwrap();
     assert_eq!(leases.len(), 2);
     assert!(spool.lease("n1", 10, Duration::from_millis(200)).await.unwrap().is_empty(), "each entry is leased once");
-    let l1 = leases.iter().find(|l| l.id == id1).unwrap().clone();
-    let l2 = leases.iter().find(|l| l.id == id2).unwrap().clone();
+    let l1 = leases.iter().find(|l| *l.id() == id1).unwrap().clone();
+    let l2 = leases.iter().find(|l| *l.id() == id2).unwrap().clone();
     assert_eq!(read_all(&spool, &l1, small.len()).await, small);
     assert_eq!(read_all(&spool, &l2, big.len()).await, big, "a chunked body reads back byte-exact");
     let env = spool.envelope(&l1).await.unwrap().unwrap();
@@ -90,7 +90,7 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     assert_eq!(spool.schedule_due(chrono::Utc::now().timestamp_millis(), 100).await.unwrap(), 0, "not due yet");
     assert_eq!(spool.schedule_due(later + 1, 100).await.unwrap(), 1);
     let again = spool.lease("n1", 10, Duration::from_secs(1)).await.unwrap();
-    assert_eq!(again.iter().map(|l| &l.id).collect::<Vec<_>>(), vec![&id1]);
+    assert_eq!(again.iter().map(|l| l.id()).collect::<Vec<_>>(), vec![&id1]);
     let stored = spool.envelope(&again[0]).await.unwrap().unwrap();
     assert_eq!((stored.attempts, stored.recipients[0].last_reply.as_deref()), (1, Some("451 4.0.0 later")));
 
@@ -109,9 +109,9 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     // A lease not renewed is taken over (queue.lease is 1 s here).
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let taken = spool.take_over("n3", Duration::from_secs(1), 10).await.unwrap();
-    assert!(taken.iter().any(|l| l.id == id1) && taken.iter().any(|l| l.id == id2), "{taken:?}");
+    assert!(taken.iter().any(|l| *l.id() == id1) && taken.iter().any(|l| *l.id() == id2), "{taken:?}");
     // A renewed lease is not.
-    let l = taken.iter().find(|l| l.id == id1).unwrap().clone();
+    let l = taken.iter().find(|l| *l.id() == id1).unwrap().clone();
     spool.renew(&l).await.unwrap();
     assert!(spool.take_over("n4", Duration::from_secs(1), 10).await.unwrap().is_empty());
 

@@ -185,8 +185,8 @@ async fn only_the_current_holder_changes_a_message() {
         let old = spool.lease("n1", 10, Duration::from_secs(1)).await.unwrap().remove(0);
         // n1 stops renewing; n2 takes the entry over.
         let new = spool.take_over("n2", Duration::ZERO, 10).await.unwrap().remove(0);
-        assert_eq!(new.id, id);
-        assert_ne!(new.generation, old.generation, "a takeover makes a new token");
+        assert_eq!(*new.id(), id);
+        assert_ne!(new, old, "a takeover makes a new token");
         let env = spool.envelope(&new).await.unwrap().unwrap();
         assert!(lost(spool.renew(&old).await), "renewing must not take the entry back");
         assert!(lost(spool.defer(&old, &env, 0, &[DEST.into()]).await));
@@ -220,13 +220,13 @@ async fn leases_a_node_does_not_hold_are_reclaimed_at_once_with_a_new_token() {
         let mut got = spool.lease("n1", 1, Duration::from_secs(1)).await.unwrap();
         got.extend(spool.lease("n1", 1, Duration::from_secs(1)).await.unwrap());
         let (seen, orphan) = (got.remove(0), got.remove(0));
-        let held = std::collections::HashSet::from([(seen.shard, seen.entry.clone())]);
+        let held = std::collections::HashSet::from([seen.entry().clone()]);
         // Not idle for queue.lease: a takeover would not find it yet.
         assert!(spool.take_over("n2", Duration::from_secs(60), 10).await.unwrap().is_empty());
         let reclaimed = spool.reclaim("n1", &held, 10).await.unwrap();
-        assert_eq!(reclaimed.iter().map(|l| l.id.clone()).collect::<Vec<_>>(), vec![orphan.id.clone()]);
-        assert!([a, b].contains(&orphan.id));
-        assert_ne!(reclaimed[0].generation, orphan.generation, "a new token");
+        assert_eq!(reclaimed.iter().map(|l| l.id().clone()).collect::<Vec<_>>(), vec![orphan.id().clone()]);
+        assert!([a, b].contains(orphan.id()));
+        assert_ne!(reclaimed[0], orphan, "a new token");
         assert!(lost(spool.complete(&orphan).await), "the lost read's token is void");
         spool.complete(&reclaimed[0]).await.unwrap();
         spool.complete(&seen).await.unwrap();
@@ -297,7 +297,7 @@ async fn the_stored_size_is_what_was_written_and_a_short_body_is_an_error() {
         // Deleted while being read: an error too, never an early end.
         let id2 = enqueue(&spool, len).await;
         let l2 = spool.lease("n1", 1, Duration::from_secs(1)).await.unwrap().remove(0);
-        assert_eq!(l2.id, id2);
+        assert_eq!(*l2.id(), id2);
         let mut reader = BodyReader::new(spool.clone(), l2.clone(), len as u64, 1000);
         assert!(reader.next_chunk().await.unwrap().is_some());
         assert!(spool.admin(&id2, AdminAction::Delete).await.unwrap());
@@ -400,7 +400,7 @@ async fn takeover_reaches_idle_entries_behind_many_busy_ones() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         // The oldest 35 are being worked on; the newest 5 are abandoned.
         let mut by_arrival = leases.clone();
-        by_arrival.sort_by_key(|l| ids.iter().position(|id| *id == l.id));
+        by_arrival.sort_by_key(|l| ids.iter().position(|id| id == l.id()));
         for l in &by_arrival[..35] {
             spool.renew(l).await.unwrap();
         }
@@ -408,9 +408,9 @@ async fn takeover_reaches_idle_entries_behind_many_busy_ones() {
         for _ in 0..5 {
             taken.extend(spool.take_over("n2", Duration::from_millis(500), 1).await.unwrap());
         }
-        let idle: Vec<&QueueId> = by_arrival[35..].iter().map(|l| &l.id).collect();
+        let idle: Vec<&QueueId> = by_arrival[35..].iter().map(|l| l.id()).collect();
         assert_eq!(taken.len(), 5, "{taken:?}");
-        assert!(taken.iter().all(|l| idle.contains(&&l.id)), "only abandoned entries are taken: {taken:?}");
+        assert!(taken.iter().all(|l| idle.contains(&l.id())), "only abandoned entries are taken: {taken:?}");
     })
     .await;
 }
@@ -458,7 +458,7 @@ async fn redis_that_lost_its_data_is_read_again_without_a_restart() {
     redis_cmd(&redis, &["FLUSHALL"]);
     let after = enqueue(&spool, 100).await;
     let got = spool.lease("n1", 10, Duration::from_secs(1)).await.unwrap();
-    assert_eq!(got.iter().map(|l| &l.id).collect::<Vec<_>>(), vec![&after]);
+    assert_eq!(got.iter().map(|l| l.id()).collect::<Vec<_>>(), vec![&after]);
     assert!(spool.locate(&before).await.unwrap().is_none(), "lost with the data, as expected");
     spool.complete(&got[0]).await.unwrap();
 }
@@ -589,4 +589,45 @@ async fn wait_for_replicas_has_its_own_connection_and_refused_mail_is_withdrawn(
     assert_eq!((s.messages, s.ready), (1, 1), "{s:?}");
     let audit = spool.audit().await.unwrap();
     assert!(audit.is_clean() && audit.messages == 1, "{audit:?}");
+}
+
+/// An embedded queue written before the one envelope codec (the serde form:
+/// recipients as an array, flags as booleans, `bounce_requested`) is read
+/// after the upgrade: migration 0005 turns its rows into the fields, flags
+/// included, and the message is delivered as before.
+#[tokio::test]
+async fn an_embedded_queue_from_before_the_one_codec_is_converted_on_open() {
+    let store = Store::sqlite();
+    let Store::Sqlite { url, .. } = &store else { unreachable!() };
+    let spool = store.open(1).await;
+    let id = enqueue(&spool, 100).await;
+    let mut old = envelope(&id);
+    (old.size, old.attempts, old.held, old.bounce_requested) = (100, 2, true, true);
+    old.recipients[0].last_reply = Some("451 4.3.0 \"later\"".into());
+    // The row as the earlier version wrote it, and migration 0005 not run.
+    let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+    sqlx::query("UPDATE queue_messages SET envelope = ?, state = 'held' WHERE id = ?")
+        .bind(serde_json::to_string(&old).unwrap())
+        .bind(id.as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 5").execute(&pool).await.unwrap();
+    let reopened = store.open(1).await;
+    let form: String = sqlx::query_scalar("SELECT json_type(envelope, '$.recipients') FROM queue_messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(form, "text", "recipients are a field (JSON text) now");
+    pool.close().await;
+    let listed = reopened.list().await.unwrap();
+    assert_eq!(listed, vec![(old.clone(), mxrelay::spool::MessageState::Held)]);
+    // Released, it is leased with both flags read back as they were.
+    assert!(reopened.admin(&id, AdminAction::Release).await.unwrap());
+    let lease = reopened.lease("n1", 1, Duration::from_secs(1)).await.unwrap().remove(0);
+    let env = reopened.envelope(&lease).await.unwrap().unwrap();
+    assert!(env.bounce_requested && !env.held, "{env:?}");
+    assert_eq!((env.attempts, env.recipients.clone()), (old.attempts, old.recipients.clone()));
+    reopened.complete(&lease).await.unwrap();
+    assert_clean(&reopened).await;
 }

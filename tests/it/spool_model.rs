@@ -320,7 +320,7 @@ impl Harness {
     }
 
     fn is_current(&self, lease: &Lease) -> bool {
-        self.index_of(&lease.id).is_some_and(|i| self.msgs[i].holder() == Some(lease))
+        self.index_of(lease.id()).is_some_and(|i| self.msgs[i].holder() == Some(lease))
     }
 
     /// A lease the test holds: a current one when asked and there is one.
@@ -377,7 +377,7 @@ impl Harness {
             Op::ScheduleDue { far } => self.schedule_due(far).await,
             Op::Flush(d) => self.flush(d).await,
             Op::Crash(node) => {
-                self.leases.retain(|l| l.owner != NODES[node]);
+                self.leases.retain(|l| l.owner() != NODES[node]);
                 Ok(())
             }
             Op::ReadBody { lease, chunk } => match self.pick(lease) {
@@ -433,10 +433,10 @@ impl Harness {
 
     /// Checks a grant (lease or takeover) and records it.
     fn grant(&mut self, node: usize, lease: &Lease, was_leased: bool) -> Result<(), String> {
-        if lease.owner != NODES[node] {
-            return fail(format!("granted to {} instead of {}: {lease:?}", lease.owner, NODES[node]));
+        if lease.owner() != NODES[node] {
+            return fail(format!("granted to {} instead of {}: {lease:?}", lease.owner(), NODES[node]));
         }
-        let Some(i) = self.index_of(&lease.id) else { return fail(format!("granted an unknown message: {lease:?}")) };
+        let Some(i) = self.index_of(lease.id()) else { return fail(format!("granted an unknown message: {lease:?}")) };
         let m = &mut self.msgs[i];
         match (&m.place, was_leased) {
             (Place::Ready(None), false) | (Place::Ready(Some(_)), true) => {}
@@ -452,7 +452,7 @@ impl Harness {
     }
 
     fn distinct(got: &[Lease], count: usize) -> Result<(), String> {
-        let ids: BTreeSet<&str> = got.iter().map(|l| l.id.as_str()).collect();
+        let ids: BTreeSet<&str> = got.iter().map(|l| l.id().as_str()).collect();
         if ids.len() != got.len() || got.len() > count {
             return fail(format!("{} leases (count {count}), {} messages: {got:?}", got.len(), ids.len()));
         }
@@ -468,7 +468,7 @@ impl Harness {
         match self.backend {
             // Oldest first, as many as asked for.
             Backend::Sqlite => {
-                let ids: Vec<QueueId> = got.iter().map(|l| l.id.clone()).collect();
+                let ids: Vec<QueueId> = got.iter().map(|l| l.id().clone()).collect();
                 if ids[..] != waiting[..count.min(waiting.len())] {
                     return fail(format!("leased {ids:?}, expected the oldest {count} of {waiting:?}"));
                 }
@@ -493,7 +493,7 @@ impl Harness {
         let got =
             self.spool.take_over(NODES[node], Duration::ZERO, count).await.map_err(|e| format!("take_over: {e}"))?;
         Self::distinct(&got, count)?;
-        let ids: BTreeSet<String> = got.iter().map(|l| l.id.to_string()).collect();
+        let ids: BTreeSet<String> = got.iter().map(|l| l.id().to_string()).collect();
         let everything = count >= ALL && (self.backend == Backend::Sqlite || !self.cursor_moved);
         if everything && ids != pending {
             return fail(format!("takeover with idle 0 took {ids:?}, pending were {pending:?}"));
@@ -510,7 +510,7 @@ impl Harness {
 
     async fn fenced(&mut self, r: LeaseRef, op: Fenced) -> Result<(), String> {
         let Some(lease) = self.pick(r) else { return Ok(()) };
-        let Some(i) = self.index_of(&lease.id) else {
+        let Some(i) = self.index_of(lease.id()) else {
             return fail(format!("a lease of an unknown message: {lease:?}"));
         };
         let current = self.is_current(&lease);
@@ -527,7 +527,7 @@ impl Harness {
         };
         // The holder's result: one more attempt, a reply per recipient. The
         // flags are left false: the spool keeps the operator's.
-        let mut env = self.msgs[i].envelope(&lease.owner);
+        let mut env = self.msgs[i].envelope(lease.owner());
         env.attempts += 1;
         for r in &mut env.recipients {
             r.last_reply = Some(format!("451 4.4.1 attempt {}", env.attempts));
@@ -542,7 +542,7 @@ impl Harness {
         };
         if let Some(before) = before {
             match result {
-                Err(SpoolError::LeaseLost(id)) if id == lease.id => {}
+                Err(SpoolError::LeaseLost(id)) if id == *lease.id() => {}
                 other => return fail(format!("{op:?} with stale {lease:?}: {other:?}, expected LeaseLost")),
             }
             let after = self.snapshot().await?;
@@ -669,7 +669,7 @@ impl Harness {
     }
 
     async fn read_body(&self, lease: Lease, chunk: usize) -> Result<(), String> {
-        let Some(i) = self.index_of(&lease.id) else { return fail("a lease of an unknown message") };
+        let Some(i) = self.index_of(lease.id()) else { return fail("a lease of an unknown message") };
         self.read_whole(lease, i, chunk).await
     }
 
@@ -771,7 +771,7 @@ impl Harness {
         // the back ends differ (Redis answers after a takeover and after
         // the entry was retired, SQLite only until the next grant).
         for lease in &self.leases {
-            let Some(i) = self.index_of(&lease.id) else { return fail("a lease of an unknown message") };
+            let Some(i) = self.index_of(lease.id()) else { return fail("a lease of an unknown message") };
             let m = &self.msgs[i];
             let env = self.spool.envelope(lease).await.map_err(|e| format!("envelope: {e}"))?;
             let ok = match &env {

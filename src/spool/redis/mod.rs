@@ -24,8 +24,8 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 
 use super::{
-    AdminAction, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId, QueueStats, Spool, SpoolBody,
-    SpoolError,
+    Admin, AdminAction, Deliver, Enqueue, Entry, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId,
+    QueueStats, Read, SpoolBody, SpoolError,
 };
 use crate::config::QueueConfig;
 use crate::metrics::METRICS;
@@ -333,13 +333,7 @@ impl RedisSpool {
                 k.ids.into_iter().filter_map(move |e| {
                     let id: String = e.get("id")?;
                     // A new entry (`>`) is delivered for the first time.
-                    Some(Lease {
-                        id: QueueId::from(id),
-                        shard: shard?,
-                        entry: e.id,
-                        owner: owner.into(),
-                        generation: 1,
-                    })
+                    Some(Lease::new(QueueId::from(id), shard?, e.id, owner, 1))
                 })
             })
             .collect()
@@ -465,7 +459,7 @@ impl RedisSpool {
 
     /// The fencing arguments every lease script starts with.
     fn fence<'a>(inv: &mut redis::ScriptInvocation<'a>, lease: &Lease) {
-        inv.arg(&lease.entry).arg(&lease.owner).arg(lease.generation);
+        inv.arg(&lease.entry.id).arg(&lease.owner).arg(lease.generation);
     }
 
     async fn audit_shard(&self, shard: u32, audit: &mut QueueAudit) -> Result<(), SpoolError> {
@@ -529,26 +523,52 @@ impl RedisSpool {
 }
 
 #[async_trait::async_trait]
-impl Spool for RedisSpool {
-    async fn prepare(&self) -> Result<(), SpoolError> {
-        self.create_groups().await?;
-        self.index_legacy_destinations().await
-    }
-
+impl Enqueue for RedisSpool {
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody> {
         let shard = rand::random_range(0..self.config().shards);
         Box::new(body::RedisBody::new(self.link.clone(), self.shard_keys(shard), id.clone()))
     }
 
-    async fn ping(&self) -> Result<(), SpoolError> {
-        let t = self.config().timeout;
-        let mut pipe = redis::pipe();
+    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
+        let mut moved = 0;
         for shard in 0..self.config().shards {
-            pipe.cmd("XPENDING").arg(self.shard_keys(shard).ready()).arg(GROUP).ignore();
+            let k = self.shard_keys(shard);
+            let mut inv = RELEASE.prepare_invoke();
+            inv.key(k.destination(destination)).key(k.deferred()).key(k.ready()).key(k.dests());
+            inv.arg(limit).arg(k.base()).arg(destination);
+            moved += self.run_script::<usize>("release", &inv).await?;
         }
-        healing!(self, "ping", call(t, pipe.query_async::<()>(&mut self.conn())))
+        Ok(moved)
+    }
+}
+
+#[async_trait::async_trait]
+impl Read for RedisSpool {
+    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
+        let key = self.shard_keys(lease.entry.shard).msg(&lease.id);
+        let fields: std::collections::HashMap<String, String> =
+            bounded("load", self.config().timeout, self.conn().hgetall(key)).await?;
+        if fields.is_empty() || fields.get("staged").is_some_and(|s| s == "1") {
+            return Ok(None);
+        }
+        if !lease.entry.id.is_empty() && fields.get("entry").is_some_and(|live| *live != lease.entry.id) {
+            return Ok(None);
+        }
+        Envelope::from_fields(&fields).map(Some).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))
     }
 
+    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.shard_keys(lease.entry.shard).body(&lease.id);
+        let end = offset + len as u64 - 1;
+        bounded("body", self.config().timeout, self.conn().getrange(key, offset as isize, end as isize)).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Deliver for RedisSpool {
     async fn lease(&self, consumer: &str, count: usize, block: Duration) -> Result<Vec<Lease>, SpoolError> {
         if count == 0 {
             return Ok(Vec::new());
@@ -598,7 +618,7 @@ impl Spool for RedisSpool {
     async fn reclaim(
         &self,
         consumer: &str,
-        held: &std::collections::HashSet<(u32, String)>,
+        held: &std::collections::HashSet<Entry>,
         count: usize,
     ) -> Result<Vec<Lease>, SpoolError> {
         let mut taken = Vec::new();
@@ -609,8 +629,8 @@ impl Spool for RedisSpool {
             let k = self.shard_keys(shard);
             let mut inv = RECLAIM.prepare_invoke();
             inv.key(k.ready()).arg(consumer).arg(count - taken.len()).arg(k.base());
-            for (_, entry) in held.iter().filter(|(s, _)| *s == shard) {
-                inv.arg(entry);
+            for entry in held.iter().filter(|e| e.shard == shard) {
+                inv.arg(&entry.id);
             }
             let reply: Vec<String> = healing!(self, "reclaim", self.script(&inv))?;
             taken.extend(claimed_leases(&reply, shard, consumer));
@@ -619,37 +639,15 @@ impl Spool for RedisSpool {
     }
 
     async fn renew(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let k = self.shard_keys(lease.shard);
+        let k = self.shard_keys(lease.entry.shard);
         let mut inv = RENEW.prepare_invoke();
         inv.key(k.ready()).key(k.msg(&lease.id));
         Self::fence(&mut inv, lease);
         fenced(lease, self.run_script("renew", &inv).await?)
     }
 
-    async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
-        let key = self.shard_keys(lease.shard).msg(&lease.id);
-        let fields: std::collections::HashMap<String, String> =
-            bounded("load", self.config().timeout, self.conn().hgetall(key)).await?;
-        if fields.is_empty() || fields.get("staged").is_some_and(|s| s == "1") {
-            return Ok(None);
-        }
-        if !lease.entry.is_empty() && fields.get("entry").is_some_and(|live| *live != lease.entry) {
-            return Ok(None);
-        }
-        Envelope::from_fields(&fields).map(Some).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))
-    }
-
-    async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let key = self.shard_keys(lease.shard).body(&lease.id);
-        let end = offset + len as u64 - 1;
-        bounded("body", self.config().timeout, self.conn().getrange(key, offset as isize, end as isize)).await
-    }
-
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let k = self.shard_keys(lease.shard);
+        let k = self.shard_keys(lease.entry.shard);
         let mut inv = COMPLETE.prepare_invoke();
         inv.key(k.ready()).key(k.msg(&lease.id)).key(k.body(&lease.id)).key(k.arrivals()).key(k.hold());
         inv.key(k.done(&lease.id));
@@ -659,7 +657,7 @@ impl Spool for RedisSpool {
     }
 
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
-        let k = self.shard_keys(lease.shard);
+        let k = self.shard_keys(lease.entry.shard);
         let recipients = serde_json::to_string(&env.recipients).map_err(|e| unavailable("defer", e))?;
         let mut inv = DEFER.prepare_invoke();
         inv.key(k.ready()).key(k.msg(&lease.id)).key(k.deferred()).key(k.hold()).key(k.dests());
@@ -675,7 +673,7 @@ impl Spool for RedisSpool {
     }
 
     async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let k = self.shard_keys(lease.shard);
+        let k = self.shard_keys(lease.entry.shard);
         let mut inv = HAND_BACK.prepare_invoke();
         inv.key(k.ready()).key(k.msg(&lease.id));
         Self::fence(&mut inv, lease);
@@ -684,7 +682,7 @@ impl Spool for RedisSpool {
     }
 
     async fn skip(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let k = self.shard_keys(lease.shard);
+        let k = self.shard_keys(lease.entry.shard);
         let mut inv = SKIP.prepare_invoke();
         inv.key(k.ready()).key(k.msg(&lease.id)).key(k.hold());
         Self::fence(&mut inv, lease);
@@ -693,7 +691,7 @@ impl Spool for RedisSpool {
     }
 
     async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let k = self.shard_keys(lease.shard);
+        let k = self.shard_keys(lease.entry.shard);
         let mut inv = QUARANTINE.prepare_invoke();
         inv.key(k.ready()).key(k.msg(&lease.id)).key(k.hold()).key(k.corrupt()).key(k.arrivals());
         Self::fence(&mut inv, lease);
@@ -708,18 +706,6 @@ impl Spool for RedisSpool {
             let mut inv = SCHEDULE.prepare_invoke();
             inv.key(k.deferred()).key(k.ready()).arg(now).arg(batch).arg(k.base());
             moved += self.run_script::<usize>("schedule", &inv).await?;
-        }
-        Ok(moved)
-    }
-
-    async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
-        let mut moved = 0;
-        for shard in 0..self.config().shards {
-            let k = self.shard_keys(shard);
-            let mut inv = RELEASE.prepare_invoke();
-            inv.key(k.destination(destination)).key(k.deferred()).key(k.ready()).key(k.dests());
-            inv.arg(limit).arg(k.base()).arg(destination);
-            moved += self.run_script::<usize>("release", &inv).await?;
         }
         Ok(moved)
     }
@@ -756,15 +742,26 @@ impl Spool for RedisSpool {
         }
         Ok(done)
     }
+}
+
+#[async_trait::async_trait]
+impl Admin for RedisSpool {
+    async fn prepare(&self) -> Result<(), SpoolError> {
+        self.create_groups().await?;
+        self.index_legacy_destinations().await
+    }
+
+    async fn ping(&self) -> Result<(), SpoolError> {
+        let t = self.config().timeout;
+        let mut pipe = redis::pipe();
+        for shard in 0..self.config().shards {
+            pipe.cmd("XPENDING").arg(self.shard_keys(shard).ready()).arg(GROUP).ignore();
+        }
+        healing!(self, "ping", call(t, pipe.query_async::<()>(&mut self.conn())))
+    }
 
     async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
-        Ok(self.shard_holding(id).await?.map(|shard| Lease {
-            id: id.clone(),
-            shard,
-            entry: String::new(),
-            owner: String::new(),
-            generation: 0,
-        }))
+        Ok(self.shard_holding(id).await?.map(|shard| Lease::located(id.clone(), shard)))
     }
 
     async fn admin(&self, id: &QueueId, action: AdminAction) -> Result<bool, SpoolError> {
@@ -775,6 +772,10 @@ impl Spool for RedisSpool {
         inv.key(k.corrupt());
         inv.arg(action.as_str()).arg(id.as_str()).arg(k.base());
         Ok(self.run_script::<i64>("admin", &inv).await? == 1)
+    }
+
+    async fn flush_all(&self, limit: usize) -> Result<usize, SpoolError> {
+        self.schedule_due(i64::MAX, limit).await
     }
 
     async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError> {
@@ -870,12 +871,6 @@ impl Spool for RedisSpool {
 fn claimed_leases(triples: &[String], shard: u32, owner: &str) -> Vec<Lease> {
     triples
         .chunks_exact(3)
-        .map(|t| Lease {
-            id: QueueId::from(t[1].clone()),
-            shard,
-            entry: t[0].clone(),
-            owner: owner.into(),
-            generation: t[2].parse().unwrap_or(0),
-        })
+        .map(|t| Lease::new(QueueId::from(t[1].clone()), shard, t[0].clone(), owner, t[2].parse().unwrap_or(0)))
         .collect()
 }
