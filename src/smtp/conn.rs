@@ -8,10 +8,11 @@
 //! discarded); replies to pipelined commands go out before the session
 //! waits for more input (RFC 2920).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 use super::slots::Stress;
 use crate::proto::command::COMMAND_LINE_LIMIT;
@@ -91,7 +92,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.inbuf.reserve(READ_CHUNK);
         let mut shutdown = self.shutdown.clone();
         let mut stressed = self.stress.on.clone();
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let limits = self.stress.clone();
         let deadline = |on: bool| started + limits.limit(timeout, on);
         let expiry = tokio::time::sleep_until(deadline(*stressed.borrow_and_update()));
@@ -146,5 +147,106 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             self.fill(left).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncWriteExt, DuplexStream, duplex};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::shutdown::Trigger;
+
+    /// A session's socket over an in-memory pipe; the client end, the
+    /// shutdown trigger and the stress switch come back with it.
+    fn conn() -> (Conn<DuplexStream>, DuplexStream, Trigger, watch::Sender<bool>) {
+        let (server, client) = duplex(1 << 20);
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let (stressed, on) = watch::channel(false);
+        let stress = Stress { on, timeout: Duration::from_millis(50) };
+        (Conn::new(server, false, shutdown, stress), client, trigger, stressed)
+    }
+
+    fn command(line: Result<Line, ReadError>) -> Vec<u8> {
+        match line {
+            Ok(Line::Command(b)) => b.to_vec(),
+            Ok(Line::TooLong) => b"<too long>".to_vec(),
+            Err(_) => b"<error>".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_lines_come_one_by_one_without_their_endings() {
+        let (mut c, mut client, _t, _s) = conn();
+        client.write_all(b"EHLO a\r\nMAIL FROM:<x@y>\nNOOP\r\n").await.unwrap();
+        for want in [&b"EHLO a"[..], b"MAIL FROM:<x@y>", b"NOOP"] {
+            assert_eq!(command(c.read_line(Duration::from_secs(5)).await), want);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_is_discarded_and_the_next_one_read() {
+        let (mut c, mut client, _t, _s) = conn();
+        let long = vec![b'x'; 16 * READ_CHUNK];
+        let writer = tokio::spawn(async move {
+            client.write_all(&long).await.unwrap();
+            client.write_all(b"\r\nQUIT\r\n").await.unwrap();
+            client
+        });
+        assert!(matches!(c.read_line(Duration::from_secs(5)).await, Ok(Line::TooLong)));
+        assert!(c.inbuf.capacity() <= 4 * READ_CHUNK, "never buffered whole: {}", c.inbuf.capacity());
+        assert_eq!(command(c.read_line(Duration::from_secs(5)).await), b"QUIT");
+        let mut client = writer.await.unwrap();
+        // Exactly at the limit is still a command.
+        let edge = vec![b'y'; COMMAND_LINE_LIMIT];
+        client.write_all(&[&edge[..], b"\r\n"].concat()).await.unwrap();
+        assert_eq!(command(c.read_line(Duration::from_secs(5)).await), edge);
+    }
+
+    #[tokio::test]
+    async fn a_line_must_arrive_whole_within_its_timeout() {
+        let (mut c, mut client, _t, _s) = conn();
+        // A byte at a time keeps the socket busy but never the line whole.
+        let drip = tokio::spawn(async move {
+            loop {
+                client.write_all(b"N").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let started = Instant::now();
+        assert!(matches!(c.read_line(Duration::from_millis(300)).await, Err(ReadError::Timeout)));
+        assert!(started.elapsed() < Duration::from_secs(30), "not extended by each byte: {:?}", started.elapsed());
+        drip.abort();
+    }
+
+    #[tokio::test]
+    async fn stress_shortens_a_wait_already_under_way() {
+        let (mut c, _client, _t, stressed) = conn();
+        let started = Instant::now();
+        let flip = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stressed.send(true).unwrap();
+            stressed
+        });
+        assert!(matches!(c.read_line(Duration::from_secs(300)).await, Err(ReadError::Timeout)));
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+        flip.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn replies_go_out_before_the_next_read_and_shutdown_ends_the_wait() {
+        let (mut c, mut client, trigger, _s) = conn();
+        c.queue(&Reply::new(250, "2.0.0", "Ok"));
+        let reader = tokio::spawn(async move {
+            let mut got = [0u8; 14];
+            client.read_exact(&mut got).await.unwrap();
+            (got, client)
+        });
+        let waiting = tokio::spawn(async move { c.read_line(Duration::from_secs(300)).await.err() });
+        let (got, _client) = reader.await.unwrap();
+        assert_eq!(&got, b"250 2.0.0 Ok\r\n");
+        trigger.advance(Phase::Draining);
+        assert!(matches!(waiting.await.unwrap(), Some(ReadError::Shutdown)));
     }
 }
