@@ -296,7 +296,7 @@ impl Metrics {
         );
         init(
             &self.smtp_connections_refused,
-            &["node_limit", "ip_limit", "rate_limit", "early_talker", "proxy_untrusted"],
+            &["node_limit", "ip_limit", "rate_limit", "early_talker", "proxy_untrusted", "shutting_down"],
         );
         init(
             &self.smtp_sessions,

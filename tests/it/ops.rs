@@ -363,30 +363,30 @@ fn sigint_refuses_new_connections_lets_the_open_message_finish_and_exits_0() {
     stop_signal_drains("INT");
 }
 
-/// A SIGHUP the moment the SMTP port opens (a deploy script reloading right
+/// A SIGHUP the moment the node listens (a deploy script reloading right
 /// after the start) reloads the node and never kills it: the handlers are
 /// installed before anything listens. The window this guards is short: the
-/// node is started by hand here and polled without pause (`Relay::spawn`
-/// polls every 30 ms and would miss it), and the start is repeated, on the
-/// embedded store to keep each one quick.
+/// node is started by hand here and its log polled without pause
+/// (`Relay::spawn` polls every 30 ms and would miss it), and the start is
+/// repeated, on the embedded store to keep each one quick. Its listeners
+/// take port 0: 80 ports picked in advance would race other tests for them.
 #[test]
 fn sighup_right_after_start_reloads_and_never_kills_the_node() {
     use std::process::{Command, Stdio};
     for attempt in 0..40 {
         let dir = tempfile::tempdir().unwrap();
-        let (smtp, admin) = (free_port(), free_port());
         let log = dir.path().join("log");
         let mut serve = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
             .arg("serve")
-            .env("MXRELAY_SMTP_LISTEN", format!("127.0.0.1:{smtp}"))
-            .env("MXRELAY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("MXRELAY_SMTP_LISTEN", "127.0.0.1:0")
+            .env("MXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
             .env("MXRELAY_DATA_DIR", dir.path())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", smtp)).is_err() {
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("mxrelay listening") {
             let exited = serve.try_wait().unwrap();
             assert!(exited.is_none() && started.elapsed() < Duration::from_secs(30), "no listener: {exited:?}");
         }
