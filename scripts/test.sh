@@ -12,6 +12,8 @@ SUDO=""
 need=()
 [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server mariadb-client)
 command -v redis-server >/dev/null || need+=(redis-server)
+# The Sentinel failover test runs Debian's redis-sentinel (tests/it/support/sentinel.rs).
+command -v redis-sentinel >/dev/null || need+=(redis-sentinel)
 command -v swaks >/dev/null || need+=(swaks)
 [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)

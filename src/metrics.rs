@@ -37,6 +37,7 @@ pub struct Metrics {
     pub queue_leases_lost: IntCounter,
     pub queue_bookkeeping_retries: IntCounter,
     pub queue_groups_recreated: IntCounter,
+    pub queue_primary_changes: IntCounter,
     pub queue_commits_recovered: IntCounter,
     pub queue_quarantined: IntCounter,
     pub queue_maintenance: IntCounterVec,
@@ -124,6 +125,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "mxrelay_queue_groups_recreated_total",
             "Consumer groups found missing (Redis restarted without its data) and recreated",
+        ),
+        queue_primary_changes: counter(
+            &r,
+            "mxrelay_queue_primary_changes_total",
+            "Times this node moved its queue writes to a new Redis primary (Sentinel failover)",
         ),
         queue_commits_recovered: counter(
             &r,

@@ -252,8 +252,9 @@ impl Node {
     }
 }
 
-/// What [`Config::check`] cannot check without reading files: the TLS
-/// certificate and key, and the CA file of outbound `verify`. Given to
+/// What [`Config::check`] cannot check without reading files or the
+/// subsystems' own parsers: the TLS certificate and key, the CA file of
+/// outbound `verify`, and the form of a Redis `queue.url`. Given to
 /// [`Config::load_with`] before a node serves, by `check-config` and on
 /// SIGHUP; errors name the key.
 pub fn file_problems(config: &Config) -> Vec<ConfigError> {
@@ -268,6 +269,13 @@ pub fn file_problems(config: &Config) -> Vec<ConfigError> {
         ));
     }
     errors.extend(crate::delivery::tls::trust_anchors(&config.delivery.tls_ca_file).err());
+    if let Some(problem) = crate::spool::redis::url_problem(&config.queue.url) {
+        errors.push(ConfigError::new(
+            "queue.url",
+            format!("{:?} {problem}", crate::config::mask_url(&config.queue.url)),
+            "use redis://[user:password@]host:port/db or redis+sentinel://[user:password@]host:port,host:port/master[/db]",
+        ));
+    }
     errors
 }
 

@@ -87,11 +87,12 @@ impl Config {
                 "use mysql://user:password@host:port/database (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
-        if !["redis://", "rediss://", "sqlite://"].iter().any(|p| self.queue.url.starts_with(p)) {
+        if !["redis://", "rediss://", "redis+sentinel://", "sqlite://"].iter().any(|p| self.queue.url.starts_with(p)) {
             errors.push(ConfigError::new(
                 "queue.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.queue.url)),
-                "use redis://host:port/db (cluster) or sqlite://path/mxrelay.db (single node)",
+                "use redis://host:port/db (one Redis), redis+sentinel://host:port,host:port/master (a primary \
+                 under Sentinel) or sqlite://path/mxrelay.db (single node)",
             ));
         }
         if self.queue.shards == 0 || self.queue.shards > 1024 {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::support::destination::Destination;
 use crate::support::fleet::*;
 use crate::support::proxy::Proxy;
+use crate::support::sentinel::{Sentinels, replication_offsets};
 use crate::support::sink::SmtpSink;
 use crate::support::*;
 
@@ -32,6 +33,7 @@ const TAKEOVERS: &str = "mxrelay_queue_lease_takeovers_total";
 const LEASES_LOST: &str = "mxrelay_queue_leases_lost_total";
 const BOOKKEEPING_RETRIES: &str = "mxrelay_queue_bookkeeping_retries_total";
 const GROUPS_RECREATED: &str = "mxrelay_queue_groups_recreated_total";
+const PRIMARY_CHANGES: &str = "mxrelay_queue_primary_changes_total";
 const CONNECT_ERRORS: &str = "mxrelay_delivery_attempts_total{result=\"connect_error\"}";
 const DEFERRED_ATTEMPTS: &str = "mxrelay_delivery_attempts_total{result=\"deferred\"}";
 
@@ -412,4 +414,57 @@ fn sigterm_during_delivery_hands_leases_back() {
     assert_eq!(fleet.metric(&[1, 2], TAKEOVERS), 0.0, "a lease had to be taken over");
     outcome.check();
     assert!(outcome.tally.accepted >= 1000, "only {} accepted", outcome.tally.accepted);
+}
+
+/// A primary with two replicas (AOF on all three) under three Sentinels;
+/// the nodes know only the Sentinels (`redis+sentinel://…`) and wait for
+/// one replica's acknowledgement before 250 (`queue.min_replicas_ack = 1`).
+/// The primary is SIGKILLed under load, at an instant whose writes both
+/// replicas hold (paused until they caught up, so that the leases in flight
+/// are exactly known); a replica is promoted, every node moves its writes
+/// to it by itself, and the mail drains from there.
+#[test]
+fn redis_primary_killed_under_sentinel_fails_over_to_a_replica() {
+    let sink = SmtpSink::start();
+    let mut fleet = Fleet::prepare(sink.port);
+    let old = fleet.redis.port;
+    let primary = old.to_string();
+    let args = ["--appendonly", "yes", "--appendfsync", "always", "--replicaof", "127.0.0.1", &primary];
+    let _replicas: Vec<RedisServer> = (0..2).map(|_| RedisServer::start_with(&args)).collect();
+    wait_until("both replicas attached", OBSERVE, || replication_offsets(old).is_some_and(|(_, r)| r.len() == 2));
+    let sentinels = Sentinels::start(old, 3, 2);
+    let url = sentinels.url();
+    fleet.spawn_nodes(&[("MXRELAY_QUEUE_MIN_REPLICAS_ACK", "1")], |_| Some(url.clone()));
+    wait_ready(&fleet, &ALL, "200", "every node ready on the primary the Sentinels name");
+    let load = fleet.inject(&ALL, &MIX);
+    wait_until("mail accepted and in delivery", OBSERVE, || {
+        fleet.accepted().len() >= 600 && fleet.pending(None).is_some_and(|p| p.len() >= 10)
+    });
+    let pause = fleet.pause();
+    let in_flight = fleet.pending(None).expect("redis");
+    wait_until("the replicas hold every write of the primary", OBSERVE, || {
+        replication_offsets(old).is_some_and(|(p, r)| r.len() == 2 && r.iter().all(|o| *o == p))
+    });
+    fleet.redis.stop();
+    let killed = Instant::now();
+    drop(pause);
+    let promoted = wait_until_value("a replica promoted", OBSERVE, || sentinels.primary_port().filter(|p| *p != old));
+    fleet.inspect = Some(format!("redis://127.0.0.1:{promoted}/"));
+    wait_until("every node writing to the new primary", OBSERVE, || fleet.metric(&ALL, PRIMARY_CHANGES) >= 3.0);
+    wait_ready(&fleet, &ALL, "200", "every node ready on the new primary");
+    let recovered = Instant::now();
+    finish(load);
+    measure(
+        "redis_primary_killed_under_sentinel_fails_over_to_a_replica",
+        &fleet,
+        &ALL,
+        recovered,
+        || sink_copies(&sink),
+        &in_flight,
+        &format!("failover={:.1}s", (recovered - killed).as_secs_f64()),
+    )
+    .check();
+    for node in &fleet.nodes {
+        assert!(node.log().contains("moved (Sentinel failover)"), "{}", node.log());
+    }
 }

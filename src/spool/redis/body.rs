@@ -29,7 +29,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::scripts::{COMMIT, LANDED, PUBLISH, WITHDRAW};
-use super::{Failure, Link, ShardKeys, bounded, call, unavailable};
+use super::{Failure, Link, Primary, ShardKeys, bounded, call, unavailable};
 use crate::config::QueueConfig;
 use crate::metrics::METRICS;
 use crate::spool::{Envelope, QueueId, SpoolBody, SpoolError};
@@ -85,7 +85,7 @@ impl RedisBody {
         self.tmp_used = true;
         let mut pipe = redis::pipe();
         pipe.append(&tmp, self.buf.as_slice()).expire(&tmp, TMP_BODY_TTL.as_secs() as i64).ignore();
-        let mut conn = self.link.conn.clone();
+        let mut conn = self.link.conn_for("append")?;
         let (stored,): (u64,) = bounded("append", self.config().timeout, pipe.query_async(&mut conn)).await?;
         let expected = self.spilled + self.buf.len() as u64;
         if stored != expected {
@@ -103,20 +103,23 @@ impl RedisBody {
     /// Renews the temporary key's TTL while the transfer lives (a slow
     /// BDAT kept alive with NOOP spills nothing for a long time).
     fn spawn_keepalive(&self, tmp: String) -> tokio::task::AbortHandle {
-        let mut conn = self.link.conn.clone();
+        let link = self.link.clone();
         let limit = self.config().timeout;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(TMP_BODY_TTL / 3).await;
-                let _ = call(limit, conn.expire::<_, ()>(&tmp, TMP_BODY_TTL.as_secs() as i64)).await;
+                if let Ok(mut conn) = link.conn() {
+                    let _ = call(limit, conn.expire::<_, ()>(&tmp, TMP_BODY_TTL.as_secs() as i64)).await;
+                }
             }
         })
         .abort_handle()
     }
 
     async fn drop_tmp(&mut self) {
-        if self.tmp_used {
-            let mut conn = self.link.conn.clone();
+        if self.tmp_used
+            && let Ok(mut conn) = self.link.conn()
+        {
             let _ = call(self.config().timeout, conn.del::<_, ()>(self.keys.tmp(&self.id))).await;
         }
         self.tmp_used = false;
@@ -160,12 +163,15 @@ impl RedisBody {
     /// delivered)? If not, the id is voided so that the commit can no
     /// longer land. `None` when Redis cannot tell us.
     async fn landed(&self) -> Option<bool> {
-        let mut conn = self.link.conn.clone();
         let k = &self.keys;
         let mut inv = LANDED.prepare_invoke();
         inv.key(k.msg(&self.id)).key(k.done(&self.id)).key(k.void(&self.id)).arg(VOID_TTL.as_millis() as u64);
         for _ in 0..LANDED_CHECKS {
-            match call(self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await {
+            let asked = match self.link.conn() {
+                Ok(mut conn) => call(self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await,
+                Err(e) => Err(e),
+            };
+            match asked {
                 Ok(n) => return Some(n == 1),
                 Err(_) => tokio::time::sleep(self.config().timeout / 4).await,
             }
@@ -174,7 +180,7 @@ impl RedisBody {
     }
 
     async fn commit_direct(&mut self, env: &Envelope) -> Result<(), SpoolError> {
-        let mut conn = self.link.conn.clone();
+        let mut conn = self.link.conn_for("enqueue")?;
         let inv = self.invocation(env, false)?;
         let sent: Result<String, Failure> = call(self.config().timeout, inv.invoke_async(&mut conn)).await;
         match sent {
@@ -206,7 +212,7 @@ impl RedisBody {
         let mut inv = WITHDRAW.prepare_invoke();
         inv.key(k.msg(&self.id)).key(k.body(&self.id)).key(k.ready()).key(k.arrivals()).key(k.staged());
         inv.arg(self.id.as_str());
-        let mut conn = self.link.conn.clone();
+        let mut conn = self.link.conn_for("withdraw")?;
         Ok(bounded("withdraw", self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await? == 1)
     }
 
@@ -229,7 +235,8 @@ impl RedisBody {
         let wanted = self.config().min_replicas_ack;
         let ack = self.config().replicas_ack_timeout;
         let limit = self.config().timeout + ack;
-        let mut waiter = self.link.waiters.get(self.config().timeout).await?;
+        let primary = self.link.primary().map_err(|e| e.into_error("wait"))?;
+        let mut waiter = self.link.waiters.get(&primary, self.config().timeout).await?;
         let stage = self.invocation(env, true)?;
         let staged = script_then_wait::<String>(waiter.conn(), &COMMIT, &stage, wanted, ack, limit).await;
         let got = match staged {
@@ -336,8 +343,9 @@ impl Drop for RedisBody {
         if self.finished || !self.tmp_used {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let mut conn = self.link.conn.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && let Ok(mut conn) = self.link.conn()
+        {
             let (tmp, limit) = (self.keys.tmp(&self.id), self.config().timeout);
             runtime.spawn(async move {
                 let _ = call(limit, conn.del::<_, ()>(tmp)).await;
@@ -349,44 +357,45 @@ impl Drop for RedisBody {
 /// Connections for WAIT: each replicated commit takes one for itself, so
 /// WAIT never delays another command of the node.
 pub(super) struct WaitPool {
-    client: redis::Client,
-    idle: std::sync::Mutex<Vec<MultiplexedConnection>>,
+    /// By the epoch of the primary they go to (see [`super::Primary`]).
+    idle: std::sync::Mutex<Vec<(u64, MultiplexedConnection)>>,
     slots: Arc<Semaphore>,
     config: redis::AsyncConnectionConfig,
 }
 
 impl WaitPool {
-    pub(super) fn new(client: redis::Client, config: &QueueConfig) -> WaitPool {
+    pub(super) fn new(config: &QueueConfig) -> WaitPool {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout + config.replicas_ack_timeout));
-        WaitPool {
-            client,
-            idle: std::sync::Mutex::new(Vec::new()),
-            slots: Arc::new(Semaphore::new(WAIT_CONNECTIONS)),
-            config,
-        }
+        WaitPool { idle: std::sync::Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(WAIT_CONNECTIONS)), config }
     }
 
-    async fn get(self: &Arc<Self>, limit: Duration) -> Result<Waiter, SpoolError> {
+    async fn get(self: &Arc<Self>, primary: &Primary, limit: Duration) -> Result<Waiter, SpoolError> {
         let permit = tokio::time::timeout(limit, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| unavailable("wait", "no WAIT connection free"))?
             .map_err(|e| unavailable("wait", e))?;
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|(epoch, _)| *epoch == primary.epoch);
+            idle.pop()
+        };
         let conn = match idle {
-            Some(c) => c,
+            Some((_, c)) => c,
             None => {
-                bounded("wait", limit, self.client.get_multiplexed_async_connection_with_config(&self.config)).await?
+                let connecting = primary.client.get_multiplexed_async_connection_with_config(&self.config);
+                bounded("wait", limit, connecting).await?
             }
         };
-        Ok(Waiter { conn: Some(conn), pool: self.clone(), _permit: permit })
+        Ok(Waiter { conn: Some(conn), epoch: primary.epoch, pool: self.clone(), _permit: permit })
     }
 }
 
 /// One WAIT connection, back to the pool on drop unless it broke.
 struct Waiter {
     conn: Option<MultiplexedConnection>,
+    epoch: u64,
     pool: Arc<WaitPool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -405,7 +414,7 @@ impl Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         if let Some(c) = self.conn.take() {
-            self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+            self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push((self.epoch, c));
         }
     }
 }

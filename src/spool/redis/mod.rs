@@ -15,6 +15,9 @@
 
 mod body;
 mod scripts;
+mod target;
+
+pub use target::url_problem;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -174,12 +177,60 @@ macro_rules! healing {
 
 /// What the receiving side ([`body`]) shares with the spool.
 pub(super) struct Link {
-    conn: ConnectionManager,
+    /// The server written to now; `None` until the Sentinels named one.
+    primary: std::sync::RwLock<Option<Arc<Primary>>>,
     waiters: Arc<body::WaitPool>,
     config: QueueConfig,
 }
 
+/// The queue's Redis primary with the node's shared connection to it.
+pub(super) struct Primary {
+    client: redis::Client,
+    conn: ConnectionManager,
+    /// New with every new primary: a connection to an earlier one (the
+    /// blocking reader's, WAIT's) is dropped, never used again.
+    epoch: u64,
+    addr: String,
+}
+
 impl Link {
+    fn primary(&self) -> Result<Arc<Primary>, Failure> {
+        self.primary.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
+            Failure::Answered(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no Redis primary known",
+                "the Sentinels have named no reachable primary yet".to_string(),
+            )))
+        })
+    }
+
+    fn conn(&self) -> Result<ConnectionManager, Failure> {
+        Ok(self.primary()?.conn.clone())
+    }
+
+    fn conn_for(&self, op: &'static str) -> Result<ConnectionManager, SpoolError> {
+        self.conn().map_err(|e| e.into_error(op))
+    }
+
+    /// Writes go to `client`'s server from now on, unless they already do.
+    /// Returns the address written to before, when it changed.
+    fn follow(&self, client: redis::Client) -> Result<Option<String>, redis::RedisError> {
+        let addr = client.get_connection_info().addr().to_string();
+        let mut primary = self.primary.write().unwrap_or_else(|e| e.into_inner());
+        if primary.as_ref().is_some_and(|p| p.addr == addr) {
+            return Ok(None);
+        }
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.config.timeout.min(Duration::from_secs(2))))
+            .set_response_timeout(Some(self.config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+        let (epoch, before) = primary.as_ref().map_or((0, String::new()), |p| (p.epoch + 1, p.addr.clone()));
+        *primary = Some(Arc::new(Primary { client, conn, epoch, addr }));
+        Ok(Some(before))
+    }
+
     /// How long a completed young message leaves its tombstone: longer than
     /// a node waits for a commit reply and then checks whether it landed.
     fn tombstone(&self) -> Duration {
@@ -189,13 +240,55 @@ impl Link {
 
 pub struct RedisSpool {
     link: Arc<Link>,
-    client: redis::Client,
-    /// The blocking XREADGROUP runs on a connection of its own.
-    reader: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// The blocking XREADGROUP runs on a connection of its own (to the
+    /// primary of that epoch).
+    reader: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
     /// XAUTOCLAIM cursor per shard, so takeover reaches the whole pending list.
     cursors: std::sync::Mutex<Vec<String>>,
     /// Shard read first by the next lease or takeover (rotates).
     next_shard: AtomicU32,
+}
+
+/// Asks the Sentinels for the primary at once and then every
+/// [`target::SENTINEL_CHECK`], and moves the node's writes to a new one as
+/// soon as they name it (checked with `ROLE`). Ends with the spool.
+fn watch_sentinels(link: std::sync::Weak<Link>, mut set: target::SentinelSet) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::error!("queue: Sentinel {} cannot be watched outside the runtime", set.hosts);
+        return;
+    };
+    let node = set.node();
+    runtime.spawn(async move {
+        let mut failing = false;
+        loop {
+            let Some(link) = link.upgrade() else { return };
+            let timeout = link.config.timeout;
+            let asked = tokio::time::timeout(timeout, set.sentinel.async_master_for(&set.master, Some(&node))).await;
+            match asked.map_err(|_| "no answer in time".to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                Ok(client) => {
+                    failing = false;
+                    match link.follow(client) {
+                        Ok(Some(before)) if before.is_empty() => {
+                            tracing::info!(primary = %link.primary().map(|p| p.addr.clone()).unwrap_or_default(), "queue: Sentinel {} names the primary of {}", set.hosts, set.master)
+                        }
+                        Ok(Some(before)) => {
+                            METRICS.queue_primary_changes.inc();
+                            tracing::warn!(before = %before, primary = %link.primary().map(|p| p.addr.clone()).unwrap_or_default(), "queue: the primary of {} moved (Sentinel failover); writing to the new one", set.master)
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "queue: cannot use the primary Sentinel named"),
+                    }
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "queue: no primary of {} from Sentinel {}; asking again", set.master, set.hosts);
+                }
+                Err(e) => tracing::debug!(error = %e, "queue: still no primary from Sentinel"),
+            }
+            drop(link);
+            tokio::time::sleep(target::SENTINEL_CHECK).await;
+        }
+    });
 }
 
 /// A script's fenced answer: 0 means the lease is not current.
@@ -206,19 +299,20 @@ fn fenced(lease: &Lease, answer: i64) -> Result<(), SpoolError> {
 impl RedisSpool {
     /// Connects lazily: a node starts (and answers 451) while Redis is down,
     /// and reconnects by itself when it is back.
+    /// Through Sentinel, the primary is asked for at once and then every
+    /// [`target::SENTINEL_CHECK`] (see [`watch_sentinels`]).
     pub fn connect(config: &QueueConfig) -> Result<RedisSpool, SpoolError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| unavailable("connect", e))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.min(Duration::from_secs(2))))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| unavailable("connect", e))?;
-        let waiters = Arc::new(body::WaitPool::new(client.clone(), config));
+        let endpoint = target::Endpoint::parse(&config.url).map_err(|e| unavailable("connect", e))?;
+        let waiters = Arc::new(body::WaitPool::new(config));
+        let link = Arc::new(Link { primary: std::sync::RwLock::new(None), waiters, config: config.clone() });
+        match endpoint {
+            target::Endpoint::Server(client) => {
+                link.follow(client).map_err(|e| unavailable("connect", e))?;
+            }
+            target::Endpoint::Sentinel(set) => watch_sentinels(Arc::downgrade(&link), set),
+        }
         Ok(RedisSpool {
-            link: Arc::new(Link { conn, waiters, config: config.clone() }),
-            client,
+            link,
             reader: tokio::sync::Mutex::new(None),
             cursors: std::sync::Mutex::new(vec!["0-0".to_string(); config.shards as usize]),
             next_shard: AtomicU32::new(0),
@@ -229,8 +323,12 @@ impl RedisSpool {
         &self.link.config
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.link.conn.clone()
+    fn conn(&self) -> Result<ConnectionManager, Failure> {
+        self.link.conn()
+    }
+
+    fn conn_for(&self, op: &'static str) -> Result<ConnectionManager, SpoolError> {
+        self.link.conn_for(op)
     }
 
     pub fn shard_keys(&self, shard: u32) -> ShardKeys {
@@ -251,7 +349,7 @@ impl RedisSpool {
     }
 
     async fn script<T: redis::FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<T, Failure> {
-        let mut conn = self.conn();
+        let mut conn = self.conn()?;
         call(self.config().timeout, invocation.invoke_async(&mut conn)).await
     }
 
@@ -272,7 +370,7 @@ impl RedisSpool {
     }
 
     async fn create_groups(&self) -> Result<(), SpoolError> {
-        let mut conn = self.conn();
+        let mut conn = self.conn_for("prepare")?;
         for shard in 0..self.config().shards {
             let ready = self.shard_keys(shard).ready();
             match call(self.config().timeout, conn.xgroup_create_mkstream::<_, _, _, ()>(&ready, GROUP, "0")).await {
@@ -288,7 +386,7 @@ impl RedisSpool {
     /// destination indexes to it, once per shard (a start-up scan, never a
     /// periodic one).
     async fn index_legacy_destinations(&self) -> Result<(), SpoolError> {
-        let mut conn = self.conn();
+        let mut conn = self.conn_for("prepare")?;
         for shard in 0..self.config().shards {
             let k = self.shard_keys(shard);
             let first_start: bool = bounded("prepare", self.config().timeout, conn.set_nx(k.key("schema"), 2)).await?;
@@ -341,18 +439,20 @@ impl RedisSpool {
 
     async fn reader_conn<'a>(
         &self,
-        guard: &'a mut Option<MultiplexedConnection>,
+        guard: &'a mut Option<(u64, MultiplexedConnection)>,
         block: Duration,
     ) -> Result<&'a mut MultiplexedConnection, Failure> {
-        if guard.is_none() {
+        let primary = self.link.primary()?;
+        if guard.as_ref().is_none_or(|(epoch, _)| *epoch != primary.epoch) {
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.config().timeout))
                 .set_response_timeout(Some(block + self.config().timeout));
             let conn =
-                call(self.config().timeout, self.client.get_multiplexed_async_connection_with_config(&config)).await?;
-            *guard = Some(conn);
+                call(self.config().timeout, primary.client.get_multiplexed_async_connection_with_config(&config))
+                    .await?;
+            *guard = Some((primary.epoch, conn));
         }
-        Ok(guard.as_mut().expect("just connected"))
+        Ok(&mut guard.as_mut().expect("just connected").1)
     }
 
     /// One lease read: without blocking, up to `count` entries from the
@@ -363,7 +463,7 @@ impl RedisSpool {
     /// it is not working on.
     async fn read_once(
         &self,
-        guard: &mut Option<MultiplexedConnection>,
+        guard: &mut Option<(u64, MultiplexedConnection)>,
         consumer: &str,
         count: usize,
         block: Duration,
@@ -453,7 +553,7 @@ impl RedisSpool {
             pipe.hget(self.shard_keys(shard).msg(id), "staged").exists(self.shard_keys(shard).msg(id));
         }
         let found: Vec<(Option<String>, bool)> =
-            bounded("locate", self.config().timeout, pipe.query_async(&mut self.conn())).await?;
+            bounded("locate", self.config().timeout, pipe.query_async(&mut self.conn_for("locate")?)).await?;
         Ok(found.iter().position(|(staged, exists)| *exists && staged.as_deref() != Some("1")).map(|s| s as u32))
     }
 
@@ -465,7 +565,7 @@ impl RedisSpool {
     async fn audit_shard(&self, shard: u32, audit: &mut QueueAudit) -> Result<(), SpoolError> {
         use std::collections::{BTreeMap, HashSet};
         let k = self.shard_keys(shard);
-        let mut conn = self.conn();
+        let mut conn = self.conn_for("audit")?;
         let t = self.config().timeout;
         let entries: redis::streams::StreamRangeReply = bounded("audit", t, conn.xrange_all(k.ready())).await?;
         let deferred: HashSet<String> = bounded("audit", t, conn.zrange(k.deferred(), 0, -1)).await?;
@@ -547,7 +647,7 @@ impl Read for RedisSpool {
     async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
         let key = self.shard_keys(lease.entry.shard).msg(&lease.id);
         let fields: std::collections::HashMap<String, String> =
-            bounded("load", self.config().timeout, self.conn().hgetall(key)).await?;
+            bounded("load", self.config().timeout, self.conn_for("load")?.hgetall(key)).await?;
         if fields.is_empty() || fields.get("staged").is_some_and(|s| s == "1") {
             return Ok(None);
         }
@@ -563,7 +663,8 @@ impl Read for RedisSpool {
         }
         let key = self.shard_keys(lease.entry.shard).body(&lease.id);
         let end = offset + len as u64 - 1;
-        bounded("body", self.config().timeout, self.conn().getrange(key, offset as isize, end as isize)).await
+        bounded("body", self.config().timeout, self.conn_for("body")?.getrange(key, offset as isize, end as isize))
+            .await
     }
 }
 
@@ -716,7 +817,7 @@ impl Deliver for RedisSpool {
             pipe.smembers(self.shard_keys(shard).dests());
         }
         let sets: Vec<Vec<String>> =
-            bounded("dests", self.config().timeout, pipe.query_async(&mut self.conn())).await?;
+            bounded("dests", self.config().timeout, pipe.query_async(&mut self.conn_for("dests")?)).await?;
         let all: std::collections::BTreeSet<String> = sets.into_iter().flatten().collect();
         Ok(all.into_iter().collect())
     }
@@ -747,6 +848,11 @@ impl Deliver for RedisSpool {
 #[async_trait::async_trait]
 impl Admin for RedisSpool {
     async fn prepare(&self) -> Result<(), SpoolError> {
+        // Through Sentinel, the first answer is a moment away.
+        let asked = tokio::time::Instant::now();
+        while self.link.primary().is_err() && asked.elapsed() < self.config().timeout {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.create_groups().await?;
         self.index_legacy_destinations().await
     }
@@ -757,7 +863,7 @@ impl Admin for RedisSpool {
         for shard in 0..self.config().shards {
             pipe.cmd("XPENDING").arg(self.shard_keys(shard).ready()).arg(GROUP).ignore();
         }
-        healing!(self, "ping", call(t, pipe.query_async::<()>(&mut self.conn())))
+        healing!(self, "ping", async { call(t, pipe.query_async::<()>(&mut self.conn()?)).await })
     }
 
     async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
@@ -789,7 +895,7 @@ impl Admin for RedisSpool {
             pipe.zcard(k.arrivals()).xlen(k.ready()).cmd("XPENDING").arg(k.ready()).arg(GROUP);
             pipe.zcard(k.deferred()).scard(k.hold()).zrange_withscores(k.arrivals(), 0, 0);
             let (messages, xlen, pending, deferred, held, first): Row =
-                healing!(self, "stats", call(t, pipe.query_async(&mut self.conn())))?;
+                healing!(self, "stats", async { call(t, pipe.query_async(&mut self.conn()?)).await })?;
             // XPENDING summary: [count, first, last, consumers].
             let leased = match pending {
                 redis::Value::Array(ref items) => match items.first() {
@@ -822,7 +928,7 @@ impl Admin for RedisSpool {
                 pipe.zcard(self.shard_keys(shard).destination(d));
             }
         }
-        let counts: Vec<u64> = bounded("stats", t, pipe.query_async(&mut self.conn())).await?;
+        let counts: Vec<u64> = bounded("stats", t, pipe.query_async(&mut self.conn_for("stats")?)).await?;
         let per = self.config().shards as usize;
         stats.deferred_by_destination =
             dests.into_iter().zip(counts.chunks(per.max(1))).map(|(d, c)| (d, c.iter().sum())).collect();
@@ -830,7 +936,7 @@ impl Admin for RedisSpool {
     }
 
     async fn list(&self) -> Result<Vec<(Envelope, MessageState)>, SpoolError> {
-        let mut conn = self.conn();
+        let mut conn = self.conn_for("list")?;
         let mut all = Vec::new();
         for shard in 0..self.config().shards {
             let k = self.shard_keys(shard);

@@ -13,6 +13,7 @@ pub mod pki;
 pub mod postfix;
 pub mod proxy;
 pub mod scanners;
+pub mod sentinel;
 pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,111 @@
+//! `Sentinels`: real `redis-sentinel` processes (Debian's) on loopback
+//! watching one primary as [`MASTER`], quick to act (a primary is down
+//! after 1 s without an answer, a quorum of 2), for the failover tests.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::*;
+
+/// The name the Sentinels know the primary by.
+pub const MASTER: &str = "mxq";
+
+pub struct Sentinels {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinels {
+    /// `count` Sentinels watching the primary on `primary_port`; returns
+    /// once each knows the primary's `replicas` replicas and the other
+    /// Sentinels (what a failover needs).
+    pub fn start(primary_port: u16, count: usize, replicas: usize) -> Sentinels {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Sentinels { ports: Vec::new(), children: Vec::new(), _dir: dir };
+        for i in 0..count {
+            let port = free_port();
+            let conf = s._dir.path().join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                     sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER} 1000\n\
+                     sentinel failover-timeout {MASTER} 5000\n\
+                     sentinel parallel-syncs {MASTER} 2\n",
+                    s._dir.path().display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-sentinel (scripts/test.sh installs it)");
+            s.children.push(child);
+            wait_port(port, Duration::from_secs(10));
+            s.ports.push(port);
+        }
+        wait_until("every Sentinel knows the replicas and the other Sentinels", Duration::from_secs(30), || {
+            s.ports.iter().all(|p| {
+                let known = |what: &str| s.ask(*p, &["SENTINEL", what, MASTER]).map(|v| v.len());
+                known("replicas") == Some(replicas) && known("sentinels") == Some(count - 1)
+            })
+        });
+        s
+    }
+
+    fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<redis::Value>> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn).ok()
+    }
+
+    /// `queue.url` for the nodes.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
+    }
+
+    /// The primary's port as the first Sentinel that answers names it.
+    pub fn primary_port(&self) -> Option<u16> {
+        self.ports.iter().find_map(|p| {
+            let addr = self.ask(*p, &["SENTINEL", "get-master-addr-by-name", MASTER])?;
+            redis::from_redis_value::<String>(addr.get(1)?.clone()).ok()?.parse().ok()
+        })
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Replication offset of the server on `port` and of each of its
+/// replicas (`INFO replication`), to see that they have caught up.
+pub fn replication_offsets(port: u16) -> Option<(u64, Vec<u64>)> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).ok()?;
+    let info: String = redis::cmd("INFO").arg("replication").query(&mut conn).ok()?;
+    let mut primary = None;
+    let mut replicas = Vec::new();
+    for line in info.lines() {
+        if let Some(v) = line.strip_prefix("master_repl_offset:") {
+            primary = v.trim().parse().ok();
+        } else if line.starts_with("slave") && line.contains("offset=") {
+            let offset = line.split(',').find_map(|kv| kv.strip_prefix("offset="))?;
+            replicas.push(offset.parse().ok()?);
+        }
+    }
+    Some((primary?, replicas))
+}
