@@ -52,11 +52,14 @@ async fn ready(State(h): State<Health>) -> (StatusCode, String) {
     if h.shutdown.is_stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
-    if h.domains.snapshot().is_none() {
+    let Some(snapshot) = h.domains.snapshot() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no domain snapshot yet\n".into());
-    }
+    };
+    // Served from the last good snapshot while the database is down: its
+    // age tells the operator how stale the domain list may be.
+    let age = snapshot.loaded_at.elapsed().as_secs();
     match h.spool.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Ok(()) => (StatusCode::OK, format!("ready (domain snapshot {age}s old)\n")),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }

@@ -78,6 +78,24 @@ impl Config {
                 *url = embedded.clone();
             }
         }
+        // Passwords from files (Kubernetes Secrets) go into the URLs, which
+        // every later step (and `check-config`'s masking) already handles.
+        for (key, file, url) in [
+            ("domains.password_file", &config.domains.password_file, &mut config.domains.url),
+            ("queue.password_file", &config.queue.password_file, &mut config.queue.url),
+        ] {
+            if file.is_empty() {
+                continue;
+            }
+            match std::fs::read_to_string(file) {
+                Ok(text) => *url = super::with_password(url, text.trim_end_matches(['\r', '\n'])),
+                Err(e) => errors.push(ConfigError::new(
+                    key,
+                    format!("cannot read {file:?}: {e}"),
+                    "point it at a readable file holding only the password",
+                )),
+            }
+        }
         let problems = config.check().err().unwrap_or_default().into_iter().chain(files(&config));
         // A key refused above holds its default now: what the checks say of it is noise.
         let refused: BTreeSet<String> = errors.iter().map(|e| e.key.clone()).collect();

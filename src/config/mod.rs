@@ -329,6 +329,9 @@ pub struct DomainsConfig {
     /// (cluster), or `sqlite://path` (embedded). Unset: the embedded store
     /// in `data_dir`.
     pub url: String,
+    /// A file holding the database password (a Kubernetes Secret mounted as
+    /// a file): it replaces any password in `url`. Empty: none.
+    pub password_file: String,
     /// How often every node reloads its domain snapshot.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
@@ -340,6 +343,9 @@ pub struct QueueConfig {
     /// `redis://host:port/db` of the shared queue (cluster), or
     /// `sqlite://path` (embedded). Unset: the embedded store in `data_dir`.
     pub url: String,
+    /// A file holding the Redis password (of the ACL user in `url`, or the
+    /// `requirepass` one): it replaces any password in `url`. Empty: none.
+    pub password_file: String,
     /// Key prefix; every node of one cluster must use the same.
     pub prefix: String,
     /// Queue shards (hash-tagged key groups), chosen per message at enqueue.
@@ -454,7 +460,7 @@ impl Default for AdminConfig {
 
 impl Default for DomainsConfig {
     fn default() -> Self {
-        DomainsConfig { url: String::new(), refresh: Duration::from_secs(30) }
+        DomainsConfig { url: String::new(), password_file: String::new(), refresh: Duration::from_secs(30) }
     }
 }
 
@@ -462,6 +468,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             url: String::new(),
+            password_file: String::new(),
             prefix: "mxr".into(),
             shards: 4,
             min_replicas_ack: 0,
@@ -759,6 +766,20 @@ pub fn mask_url(url: &str) -> String {
     }
 }
 
+/// `url` with its password replaced by `password` (percent-encoded), the
+/// user kept; for one host or several (`redis+sentinel://a,b/m`).
+pub fn with_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (user, hosts) = match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => (userinfo.split_once(':').map_or(userinfo, |(u, _)| u), hosts),
+        None => ("", rest),
+    };
+    let encoded = percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC);
+    format!("{scheme}://{user}:{encoded}@{hosts}")
+}
+
 /// `192.0.2.0/24`, `[::1]/128`, or a bare address (a /32 or /128).
 pub fn parse_network(s: &str) -> Option<IpNet> {
     let s = s.trim().replace(['[', ']'], "");
@@ -768,6 +789,15 @@ pub fn parse_network(s: &str) -> Option<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_file_replaces_the_password_and_keeps_the_user() {
+        assert_eq!(with_password("redis://127.0.0.1:6379/0", "s3cret"), "redis://:s3cret@127.0.0.1:6379/0");
+        assert_eq!(with_password("redis://app:old@h:1/0", "n@w/:"), "redis://app:n%40w%2F%3A@h:1/0");
+        assert_eq!(with_password("mysql://mail@db/mail", "pw"), "mysql://mail:pw@db/mail");
+        assert_eq!(with_password("redis+sentinel://u@a:1,b:2/m", "x"), "redis+sentinel://u:x@a:1,b:2/m");
+        assert_eq!(mask_url(&with_password("redis://app@h/0", "x")), "redis://app:***@h/0");
+    }
 
     #[test]
     fn secrets_are_masked() {

@@ -97,3 +97,53 @@ fn serve_refuses_a_zero_timeout_before_listening() {
         &["config error: smtp.command_timeout (MXRELAY_SMTP_COMMAND_TIMEOUT): 0s", "more than 0s"],
     );
 }
+
+#[test]
+fn queue_urls_and_password_files_are_checked_naming_the_key() {
+    refused(
+        &["check-config"],
+        &[("MXRELAY_QUEUE_URL", "redis+sentinel://127.0.0.1:26379")],
+        &["config error: queue.url", "names no master", "(fix: use redis://"],
+    );
+    refused(
+        &["check-config"],
+        &[("MXRELAY_QUEUE_PASSWORD_FILE", "/nonexistent/redis-password")],
+        &["config error: queue.password_file (MXRELAY_QUEUE_PASSWORD_FILE): cannot read \"/nonexistent/redis-password\""],
+    );
+    refused(
+        &["check-config"],
+        &[("MXRELAY_DOMAINS_PASSWORD_FILE", "/nonexistent/db-password")],
+        &["config error: domains.password_file (MXRELAY_DOMAINS_PASSWORD_FILE): cannot read"],
+    );
+    // A readable file: its password is used, and never shown.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("redis-password");
+    std::fs::write(&secret, "Sup3r-s3cret\n").unwrap();
+    let (code, stderr) = mxrelay(
+        &["check-config"],
+        &[
+            ("MXRELAY_QUEUE_URL", "redis+sentinel://app@127.0.0.1:26379,127.0.0.1:26380/mxq"),
+            ("MXRELAY_QUEUE_PASSWORD_FILE", secret.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let shown = check_config_output(&[
+        ("MXRELAY_QUEUE_URL", "redis+sentinel://app@127.0.0.1:26379,127.0.0.1:26380/mxq"),
+        ("MXRELAY_QUEUE_PASSWORD_FILE", secret.to_str().unwrap()),
+    ]);
+    assert!(shown.contains("redis+sentinel://app:***@127.0.0.1:26379,127.0.0.1:26380/mxq"), "{shown}");
+    assert!(!shown.contains("Sup3r"), "{shown}");
+}
+
+/// What `check-config` prints on stdout for a valid configuration.
+fn check_config_output(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+        .arg("check-config")
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir.path())
+        .output()
+        .expect("mxrelay binary");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}

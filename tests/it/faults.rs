@@ -44,6 +44,15 @@ fn mariadb_outage_keeps_the_last_snapshot() {
     wait_until("snapshot older than 3 refresh intervals", Duration::from_secs(20), || {
         relay.value("mxrelay_domains_snapshot_age_seconds") >= 3.0
     });
+    // Still ready (it serves from the snapshot), saying how old that is.
+    let ready = relay.http_get("/readyz");
+    let age: u64 = ready
+        .split("(domain snapshot ")
+        .nth(1)
+        .and_then(|r| r.split("s old)").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no snapshot age in {ready}"));
+    assert!(ready.starts_with("HTTP/1.1 200") && age >= 3, "{ready}");
 
     maria.resume();
     wait_until("database back", Duration::from_secs(30), || {

@@ -206,14 +206,16 @@ impl RedisBody {
     }
 
     /// Withdraws a message whose replication was not confirmed: `true` when
-    /// nothing of it is left, `false` when a node already delivers it.
+    /// nothing of it is left (withdrawn, or never on this server: the
+    /// primary it went to is gone), `false` when a node already delivers
+    /// it or did.
     async fn withdraw(&self) -> Result<bool, SpoolError> {
         let k = &self.keys;
         let mut inv = WITHDRAW.prepare_invoke();
         inv.key(k.msg(&self.id)).key(k.body(&self.id)).key(k.ready()).key(k.arrivals()).key(k.staged());
-        inv.arg(self.id.as_str());
+        inv.key(k.done(&self.id)).arg(self.id.as_str());
         let mut conn = self.link.conn_for("withdraw")?;
-        Ok(bounded("withdraw", self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await? == 1)
+        Ok(bounded("withdraw", self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await? != 0)
     }
 
     async fn not_replicated(&mut self, got: u32) -> Result<(), SpoolError> {

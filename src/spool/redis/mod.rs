@@ -119,6 +119,10 @@ enum Failure {
 
 impl Failure {
     fn from_redis(e: redis::RedisError) -> Failure {
+        // Refused credentials: nothing ran, and nothing will until fixed.
+        if refused_credentials(&e) {
+            return Failure::Answered(e);
+        }
         if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error() {
             Failure::NoAnswer(e.to_string())
         } else {
@@ -132,10 +136,18 @@ impl Failure {
 
     fn into_error(self, op: &'static str) -> SpoolError {
         match self {
+            Failure::Answered(e) if refused_credentials(&e) => unavailable(
+                op,
+                format!("Redis refused the credentials ({e}); set the user and password in queue.url or queue.password_file"),
+            ),
             Failure::Answered(e) => unavailable(op, e),
             Failure::NoAnswer(e) => unavailable(op, e),
         }
     }
+}
+
+fn refused_credentials(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
 }
 
 fn unavailable(op: &'static str, e: impl std::fmt::Display) -> SpoolError {

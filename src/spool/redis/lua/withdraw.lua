@@ -1,8 +1,12 @@
 -- Undoes a commit the replicas did not acknowledge: 1 when nothing of the
 -- message is left, 0 when it can no longer be withdrawn (a node is
--- delivering it, or already did).
--- KEYS: msg, body, ready, arrivals, staged   ARGV: id
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+-- delivering it, or already did: its tombstone says so), 2 when this
+-- server never had it (a replica promoted before the commit reached it).
+-- KEYS: msg, body, ready, arrivals, staged, done   ARGV: id
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
+  return 2
+end
 if redis.call('HGET', KEYS[1], 'staged') == '1' then
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('ZREM', KEYS[5], ARGV[1])
