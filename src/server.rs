@@ -269,12 +269,17 @@ pub fn file_problems(config: &Config) -> Vec<ConfigError> {
         ));
     }
     errors.extend(crate::delivery::tls::trust_anchors(&config.delivery.tls_ca_file).err());
-    if let Some(problem) = crate::spool::redis::url_problem(&config.queue.url) {
-        errors.push(ConfigError::new(
-            "queue.url",
-            format!("{:?} {problem}", crate::config::mask_url(&config.queue.url)),
-            "use redis://[user:password@]host:port/db or redis+sentinel://[user:password@]host:port,host:port/master[/db]",
-        ));
+    if let Some(p) = crate::spool::redis::problem(&config.queue) {
+        let (text, fix) = if p.key == "queue.url" {
+            (
+                format!("{:?} {}", crate::config::mask_url(&config.queue.url), p.text),
+                "use redis://[user:password@]host:port/db, rediss://… for TLS, or \
+                 redis+sentinel://[user:password@]host:port,host:port/master[/db]",
+            )
+        } else {
+            (p.text, "point it at a readable PEM file")
+        };
+        errors.push(ConfigError::new(p.key, text, fix));
     }
     errors
 }

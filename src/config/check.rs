@@ -95,6 +95,22 @@ impl Config {
                  under Sentinel) or sqlite://path/mxrelay.db (single node)",
             ));
         }
+        if self.queue.tls_cert.is_empty() != self.queue.tls_key.is_empty() {
+            let missing = if self.queue.tls_cert.is_empty() { "queue.tls_cert" } else { "queue.tls_key" };
+            errors.push(ConfigError::new(
+                missing,
+                "a client certificate needs both queue.tls_cert and queue.tls_key",
+                "set both (PEM files), or neither",
+            ));
+        }
+        let tls_files = !self.queue.tls_ca_file.is_empty() || !self.queue.tls_cert.is_empty();
+        if tls_files && !self.queue.url.starts_with("rediss://") {
+            errors.push(ConfigError::new(
+                "queue.tls_ca_file",
+                format!("TLS files are set but {:?} is not a rediss:// URL", mask_url(&self.queue.url)),
+                "use rediss://host:port/db for TLS, or leave queue.tls_ca_file, tls_cert and tls_key empty",
+            ));
+        }
         if self.queue.shards == 0 || self.queue.shards > 1024 {
             errors.push(ConfigError::new("queue.shards", "must be 1..=1024", "use a small number such as 4"));
         }

@@ -89,11 +89,14 @@ impl Config {
             }
             match std::fs::read_to_string(file) {
                 Ok(text) => *url = super::with_password(url, text.trim_end_matches(['\r', '\n'])),
-                Err(e) => errors.push(ConfigError::new(
-                    key,
-                    format!("cannot read {file:?}: {e}"),
-                    "point it at a readable file holding only the password",
-                )),
+                Err(e) => errors.push(
+                    ConfigError::new(
+                        key,
+                        format!("cannot read {file:?}: {e}"),
+                        "point it at a readable file holding only the password",
+                    )
+                    .naming_env(&from_env),
+                ),
             }
         }
         let problems = config.check().err().unwrap_or_default().into_iter().chain(files(&config));

@@ -346,6 +346,13 @@ pub struct QueueConfig {
     /// A file holding the Redis password (of the ACL user in `url`, or the
     /// `requirepass` one): it replaces any password in `url`. Empty: none.
     pub password_file: String,
+    /// With `rediss://`: the CA certificates (PEM) Redis's certificate is
+    /// verified against; empty: the system's roots.
+    pub tls_ca_file: String,
+    /// With `rediss://`: a client certificate chain and its key (PEM), for
+    /// a Redis with `tls-auth-clients yes`; both or neither.
+    pub tls_cert: String,
+    pub tls_key: String,
     /// Key prefix; every node of one cluster must use the same.
     pub prefix: String,
     /// Queue shards (hash-tagged key groups), chosen per message at enqueue.
@@ -469,6 +476,9 @@ impl Default for QueueConfig {
         QueueConfig {
             url: String::new(),
             password_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
             prefix: "mxr".into(),
             shards: 4,
             min_replicas_ack: 0,

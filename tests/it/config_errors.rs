@@ -108,7 +108,9 @@ fn queue_urls_and_password_files_are_checked_naming_the_key() {
     refused(
         &["check-config"],
         &[("MXRELAY_QUEUE_PASSWORD_FILE", "/nonexistent/redis-password")],
-        &["config error: queue.password_file (MXRELAY_QUEUE_PASSWORD_FILE): cannot read \"/nonexistent/redis-password\""],
+        &[
+            "config error: queue.password_file (MXRELAY_QUEUE_PASSWORD_FILE): cannot read \"/nonexistent/redis-password\"",
+        ],
     );
     refused(
         &["check-config"],

@@ -25,6 +25,7 @@ mod outbound_postfix;
 mod outbound_tls;
 mod protocol;
 mod queue_faults;
+mod queue_redis;
 mod receive;
 mod reliability;
 mod routing;

@@ -17,7 +17,7 @@ mod body;
 mod scripts;
 mod target;
 
-pub use target::url_problem;
+pub use target::{Problem, problem};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -138,7 +138,9 @@ impl Failure {
         match self {
             Failure::Answered(e) if refused_credentials(&e) => unavailable(
                 op,
-                format!("Redis refused the credentials ({e}); set the user and password in queue.url or queue.password_file"),
+                format!(
+                    "Redis refused the credentials ({e}); set the user and password in queue.url or queue.password_file"
+                ),
             ),
             Failure::Answered(e) => unavailable(op, e),
             Failure::NoAnswer(e) => unavailable(op, e),
@@ -314,7 +316,8 @@ impl RedisSpool {
     /// Through Sentinel, the primary is asked for at once and then every
     /// [`target::SENTINEL_CHECK`] (see [`watch_sentinels`]).
     pub fn connect(config: &QueueConfig) -> Result<RedisSpool, SpoolError> {
-        let endpoint = target::Endpoint::parse(&config.url).map_err(|e| unavailable("connect", e))?;
+        let endpoint =
+            target::Endpoint::open(config).map_err(|p| unavailable("connect", format!("{}: {}", p.key, p.text)))?;
         let waiters = Arc::new(body::WaitPool::new(config));
         let link = Arc::new(Link { primary: std::sync::RwLock::new(None), waiters, config: config.clone() });
         match endpoint {

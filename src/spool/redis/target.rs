@@ -1,5 +1,7 @@
-//! Where the queue's Redis primary is: one server (`redis://`,
-//! `rediss://`), or the primary a set of Sentinels names
+//! Where the queue's Redis primary is: one server (`redis://`, or
+//! `rediss://` over TLS, verified against `queue.tls_ca_file` or the
+//! system's roots, with a client certificate when one is set), or the
+//! primary a set of Sentinels names
 //! (`redis+sentinel://[user:password@]host:port,host:port,…/master[/db]`),
 //! asked again every [`SENTINEL_CHECK`] so that a node follows a failover
 //! by itself.
@@ -13,6 +15,8 @@ use std::time::Duration;
 
 use redis::IntoConnectionInfo;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+
+use crate::config::QueueConfig;
 
 /// How often a node asks the Sentinels which server is the primary.
 pub(super) const SENTINEL_CHECK: Duration = Duration::from_millis(500);
@@ -37,12 +41,46 @@ pub(super) struct SentinelSet {
     pub(super) hosts: String,
 }
 
+/// What is wrong with the queue's configuration: the key, and why.
+pub struct Problem {
+    pub key: &'static str,
+    pub text: String,
+}
+
 impl Endpoint {
-    /// Parses `queue.url`; the error says what is wrong with it.
-    pub(super) fn parse(url: &str) -> Result<Endpoint, String> {
-        let Some(rest) = url.strip_prefix(SENTINEL_SCHEME) else {
-            return redis::Client::open(url).map(Endpoint::Server).map_err(|e| e.to_string());
+    /// Reads `queue.url` (and the TLS files of `rediss://`).
+    pub(super) fn open(config: &QueueConfig) -> Result<Endpoint, Problem> {
+        let url = config.url.as_str();
+        let problem = |key, text: String| Problem { key, text };
+        if url.starts_with(SENTINEL_SCHEME) {
+            return Endpoint::parse_sentinel(url).map_err(|e| problem("queue.url", e));
+        }
+        if !url.starts_with("rediss://") || (config.tls_ca_file.is_empty() && config.tls_cert.is_empty()) {
+            return redis::Client::open(url).map(Endpoint::Server).map_err(|e| problem("queue.url", e.to_string()));
+        }
+        let read = |key: &'static str, path: &str| {
+            std::fs::read(path).map_err(|e| problem(key, format!("cannot read {path:?}: {e}")))
         };
+        let root_cert = match config.tls_ca_file.as_str() {
+            "" => None,
+            path => Some(read("queue.tls_ca_file", path)?),
+        };
+        let client_tls = match (config.tls_cert.as_str(), config.tls_key.as_str()) {
+            ("", _) | (_, "") => None,
+            (cert, key) => Some(redis::ClientTlsConfig {
+                client_cert: read("queue.tls_cert", cert)?,
+                client_key: read("queue.tls_key", key)?,
+            }),
+        };
+        let certs = redis::TlsCertificates { client_tls, root_cert };
+        redis::Client::build_with_tls(url, certs)
+            .map(Endpoint::Server)
+            .map_err(|e| problem("queue.tls_ca_file", format!("the TLS files of {url:?} are not usable: {e}")))
+    }
+
+    /// Parses a `redis+sentinel://` URL; the error says what is wrong.
+    fn parse_sentinel(url: &str) -> Result<Endpoint, String> {
+        let rest = url.strip_prefix(SENTINEL_SCHEME).unwrap_or(url);
         let (userinfo, rest) = match rest.rsplit_once('@') {
             Some((u, r)) => (Some(u), r),
             None => (None, rest),
@@ -93,13 +131,13 @@ fn has_port(host: &str) -> bool {
     }
 }
 
-/// What is wrong with `url` as `queue.url`, if anything (for the start-up
-/// check, which names the key).
-pub fn url_problem(url: &str) -> Option<String> {
-    if url.starts_with("sqlite:") {
+/// What is wrong with a Redis queue's URL or TLS files, if anything (for
+/// the start-up check, which names the key).
+pub fn problem(config: &QueueConfig) -> Option<Problem> {
+    if config.url.starts_with("sqlite:") {
         return None;
     }
-    Endpoint::parse(url).err()
+    Endpoint::open(config).err()
 }
 
 #[cfg(test)]
@@ -107,7 +145,7 @@ mod tests {
     use super::*;
 
     fn sentinel(url: &str) -> SentinelSet {
-        match Endpoint::parse(url) {
+        match Endpoint::parse_sentinel(url) {
             Ok(Endpoint::Sentinel(s)) => s,
             Ok(Endpoint::Server(_)) => panic!("{url}: not a Sentinel set"),
             Err(e) => panic!("{url}: {e}"),
@@ -134,12 +172,17 @@ mod tests {
             ("redis+sentinel://h1/m/x", "is not a database number"),
             ("redis+sentinel://h1/m/0/extra", "more than a master"),
         ] {
-            let e = Endpoint::parse(url).err().unwrap_or_else(|| panic!("{url} accepted"));
+            let e = Endpoint::parse_sentinel(url).err().unwrap_or_else(|| panic!("{url} accepted"));
             assert!(e.contains(says), "{url}: {e}");
         }
-        assert!(url_problem("redis://127.0.0.1:6379/0").is_none());
-        assert!(url_problem("sqlite:///tmp/x.db").is_none());
-        assert!(url_problem("redis+sentinel://h/m").is_none());
+        let with = |url: &str| QueueConfig { url: url.into(), ..QueueConfig::default() };
+        assert!(problem(&with("redis://127.0.0.1:6379/0")).is_none());
+        assert!(problem(&with("sqlite:///tmp/x.db")).is_none());
+        assert!(problem(&with("redis+sentinel://h/m")).is_none());
+        let missing = QueueConfig { tls_ca_file: "/nonexistent/ca.pem".into(), ..with("rediss://h:6380/0") };
+        let p = problem(&missing).expect("an unreadable CA file");
+        assert_eq!(p.key, "queue.tls_ca_file");
+        assert!(p.text.contains("cannot read \"/nonexistent/ca.pem\""), "{}", p.text);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub fn wait_until_value<T>(what: &str, timeout: Duration, mut f: impl FnMut() ->
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
-fn wait_port(port: u16, timeout: Duration) {
+pub fn wait_port(port: u16, timeout: Duration) {
     wait_until(&format!("port {port}"), timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
 

@@ -1,0 +1,99 @@
+//! The queue on Redis as operators secure it: TLS (`rediss://`) verified
+//! against a private CA, an ACL user whose password comes from a file
+//! (a Kubernetes Secret), and what a wrong password looks like.
+
+use std::time::Duration;
+
+use crate::support::pki::TestPki;
+use crate::support::sink::SmtpSink;
+use crate::support::*;
+
+/// A Redis that speaks TLS on its own port (plain stays for the harness's
+/// start check) and knows one ACL user, `app`, with password `pw`; the
+/// default user is off.
+fn secured_redis(pki: &TestPki) -> (RedisServer, u16) {
+    let tls = free_port();
+    let (tls_port, cert, key, ca) = (tls.to_string(), pki.cert.display(), pki.key.display(), pki.ca.display());
+    let (cert, key, ca) = (cert.to_string(), key.to_string(), ca.to_string());
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "optional",
+        "--user",
+        "app",
+        "on",
+        ">Sup3r-s3cret",
+        "~*",
+        "&*",
+        "+@all",
+        "--user",
+        "default",
+        "off",
+    ]);
+    wait_port(tls, Duration::from_secs(10));
+    (redis, tls)
+}
+
+#[test]
+fn rediss_with_a_private_ca_and_an_acl_user_carries_the_queue_and_a_wrong_password_is_named() {
+    let pki = TestPki::localhost();
+    let (_redis, tls) = secured_redis(&pki);
+    let sink = SmtpSink::start();
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+    db.add_domain(LISTED, "127.0.0.1", sink.port);
+    let secrets = tempfile::tempdir().unwrap();
+    let (good, bad) = (secrets.path().join("good"), secrets.path().join("bad"));
+    std::fs::write(&good, "Sup3r-s3cret\n").unwrap();
+    std::fs::write(&bad, "not-the-password\n").unwrap();
+    let config = base_config(&db.url(), &format!("rediss://app@127.0.0.1:{tls}/0"), &dns);
+    let ca = pki.ca.to_str().unwrap();
+
+    let relay = Relay::spawn_with_env(
+        &config,
+        &[
+            ("MXRELAY_DELIVERY_ENABLED", "true"),
+            ("MXRELAY_QUEUE_PASSWORD_FILE", good.to_str().unwrap()),
+            ("MXRELAY_QUEUE_TLS_CA_FILE", ca),
+        ],
+    );
+    wait_until("ready over TLS", Duration::from_secs(15), || relay.http_get("/readyz").starts_with("HTTP/1.1 200"));
+    let (code, out) = swaks(&relay.addr(), &["--from", SENDER, "--to", "t@friet.pan", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1);
+    assert!(!relay.log().contains("Sup3r"), "the password never reaches the log:\n{}", relay.log());
+
+    let refused = Relay::spawn_with_env(
+        &config,
+        &[("MXRELAY_QUEUE_PASSWORD_FILE", bad.to_str().unwrap()), ("MXRELAY_QUEUE_TLS_CA_FILE", ca)],
+    );
+    let named = "Redis refused the credentials";
+    wait_until("the refusal logged at start", Duration::from_secs(15), || refused.log().contains(named));
+    let start = refused.log();
+    assert!(start.contains("queue not reachable at start") && start.contains("queue.password_file"), "{start}");
+    let ready = refused.http_get("/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains(named), "{ready}");
+    let mut c = Raw::ehlo(&refused.addr());
+    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+    assert!(c.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert_eq!(c.code_after("DATA"), 354);
+    let reply = c.cmd("Subject: x\r\n\r\nbody\r\n.");
+    assert!(reply.starts_with("451 4.3.0"), "a refused queue is a temporary failure: {reply}");
+
+    // Without the CA, Redis's certificate is not trusted: no queue, 503.
+    let untrusted = Relay::spawn_with_env(&config, &[("MXRELAY_QUEUE_PASSWORD_FILE", good.to_str().unwrap())]);
+    wait_until("an untrusted certificate refused", Duration::from_secs(15), || {
+        untrusted.http_get("/readyz").starts_with("HTTP/1.1 503")
+            && untrusted.log().contains("queue not reachable at start")
+    });
+}
