@@ -782,12 +782,14 @@ pub fn with_password(url: &str, password: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (user, hosts) = match rest.rsplit_once('@') {
+    // The authority ends at the path: an '@' in a query is not userinfo.
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (user, hosts) = match authority.rsplit_once('@') {
         Some((userinfo, hosts)) => (userinfo.split_once(':').map_or(userinfo, |(u, _)| u), hosts),
-        None => ("", rest),
+        None => ("", authority),
     };
     let encoded = percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC);
-    format!("{scheme}://{user}:{encoded}@{hosts}")
+    format!("{scheme}://{user}:{encoded}@{hosts}{path}")
 }
 
 /// `192.0.2.0/24`, `[::1]/128`, or a bare address (a /32 or /128).
@@ -806,6 +808,7 @@ mod tests {
         assert_eq!(with_password("redis://app:old@h:1/0", "n@w/:"), "redis://app:n%40w%2F%3A@h:1/0");
         assert_eq!(with_password("mysql://mail@db/mail", "pw"), "mysql://mail:pw@db/mail");
         assert_eq!(with_password("redis+sentinel://u@a:1,b:2/m", "x"), "redis+sentinel://u:x@a:1,b:2/m");
+        assert_eq!(with_password("mysql://m@db/x?ssl-ca=/a@b/ca.pem", "p"), "mysql://m:p@db/x?ssl-ca=/a@b/ca.pem");
         assert_eq!(mask_url(&with_password("redis://app@h/0", "x")), "redis://app:***@h/0");
     }
 

@@ -196,10 +196,16 @@ pub struct MariaDb {
     pub server: MysqlServer,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl MariaDb {
     pub fn start() -> MariaDb {
+        Self::start_with(&[])
+    }
+
+    /// With extra `mariadbd` options (TLS files, say).
+    pub fn start_with(args: &[&str]) -> MariaDb {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let status = Command::new("mariadb-install-db")
@@ -210,7 +216,8 @@ impl MariaDb {
             .status()
             .expect("mariadb-install-db (scripts/test.sh installs it)");
         assert!(status.success(), "mariadb-install-db failed");
-        let mut db = MariaDb { server: MysqlServer { port: free_port() }, dir, child: None };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut db = MariaDb { server: MysqlServer { port: free_port() }, dir, child: None, args };
         db.resume();
         db
     }
@@ -226,6 +233,7 @@ impl MariaDb {
             .arg(format!("--pid-file={}", d.join("pid").display()))
             .arg(format!("--port={}", self.server.port))
             .args(["--bind-address=127.0.0.1", "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=16M"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

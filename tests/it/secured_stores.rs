@@ -1,6 +1,7 @@
-//! The queue on Redis as operators secure it: TLS (`rediss://`) verified
-//! against a private CA, an ACL user whose password comes from a file
-//! (a Kubernetes Secret), and what a wrong password looks like.
+//! The stores as operators secure them: Redis over TLS (`rediss://`)
+//! verified against a private CA with an ACL user, MySQL over TLS as an
+//! account that must use it; passwords from files (Kubernetes Secrets),
+//! and what a wrong one looks like.
 
 use std::time::Duration;
 
@@ -96,4 +97,43 @@ fn rediss_with_a_private_ca_and_an_acl_user_carries_the_queue_and_a_wrong_passwo
         untrusted.http_get("/readyz").starts_with("HTTP/1.1 503")
             && untrusted.log().contains("queue not reachable at start")
     });
+}
+
+/// MySQL over TLS, verified (`ssl-mode=verify_identity`, the private CA),
+/// as an account that may only connect with TLS, its password from a
+/// file; the same account without TLS gets no domain list, so the node
+/// answers 451 rather than relaying blind.
+#[test]
+fn mysql_over_tls_with_a_password_file_serves_the_domain_list() {
+    let pki = TestPki::localhost();
+    let (cert, key, ca) = (pki.cert.display(), pki.key.display(), pki.ca.display());
+    let maria =
+        MariaDb::start_with(&[&format!("--ssl-cert={cert}"), &format!("--ssl-key={key}"), &format!("--ssl-ca={ca}")]);
+    let db = TestDb::create(&maria.server);
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+    db.add_domain(LISTED, "127.0.0.1", 2526);
+    maria.server.exec(
+        "",
+        &format!(
+            "CREATE USER 'mail'@'127.0.0.1' IDENTIFIED BY 'Db-s3cret' REQUIRE SSL; \
+             GRANT ALL ON `{}`.* TO 'mail'@'127.0.0.1'",
+            db.name
+        ),
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let password = secrets.path().join("db-password");
+    std::fs::write(&password, "Db-s3cret\n").unwrap();
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let base = format!("mysql://mail@127.0.0.1:{}/{}", maria.server.port, db.name);
+    let file = ("MXRELAY_DOMAINS_PASSWORD_FILE", password.to_str().unwrap());
+
+    let tls = format!("{base}?ssl-mode=verify_identity&ssl-ca={ca}");
+    let relay = Relay::spawn_with_env(&base_config(&tls, SHARED_REDIS, &dns), &[file]);
+    wait_rcpt(&relay.addr(), "t@friet.pan", 250);
+    assert!(!relay.log().contains("Db-s3cret"), "{}", relay.log());
+
+    let clear = format!("{base}?ssl-mode=disabled");
+    let refused = Relay::spawn_with_env(&base_config(&clear, SHARED_REDIS, &dns), &[file]);
+    wait_rcpt(&refused.addr(), "t@friet.pan", 451);
+    assert!(refused.log().contains("domain database not reachable at start"), "{}", refused.log());
 }
