@@ -215,6 +215,56 @@ fn the_compose_file_is_valid_and_describes_the_cluster() {
     assert!(!out.status.success(), "compose must insist on the passwords in .env");
 }
 
+/// `--profile ha`: a replica of the Redis and three Sentinels, each
+/// configured as the real `redis-sentinel` accepts it (the rendered
+/// command runs here against a local primary), and the nodes pointed at
+/// the Sentinels through `QUEUE_URL`.
+#[test]
+fn the_compose_ha_profile_adds_a_replica_and_three_sentinels_the_nodes_can_use() {
+    let dir = repo().join("deploy/compose");
+    let sentinels = "redis+sentinel://sentinel1:26379,sentinel2:26379,sentinel3:26379/mxrelay";
+    let out = Command::new("docker-compose")
+        .args(["--env-file", ".env.example", "-f", "compose.yaml", "--profile", "ha", "config"])
+        .env("QUEUE_URL", sentinels)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c = yaml_to_json(&String::from_utf8_lossy(&out.stdout));
+    let words = |s: &str| -> Vec<String> {
+        c["services"][s]["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    };
+    let replica = words("redis-replica").join(" ");
+    assert!(replica.contains("--appendonly yes") && replica.contains("--replicaof redis 6379"), "{replica}");
+    for relay in ["relay1", "relay2", "relay3"] {
+        assert_eq!(c["services"][relay]["environment"]["MXRELAY_QUEUE_URL"], sentinels);
+    }
+    let primary = RedisServer::start();
+    for s in ["sentinel1", "sentinel2", "sentinel3"] {
+        let script = words(s)[2].clone();
+        assert!(script.contains("sentinel monitor mxrelay redis 6379 2"), "{script}");
+        let conf = tempfile::tempdir().unwrap();
+        let path = conf.path().join("sentinel.conf");
+        let port = free_port();
+        let local = script
+            .replace("/tmp/sentinel.conf", path.to_str().unwrap())
+            .replace("exec redis-sentinel", "true")
+            .replace("port 26379", &format!("port {port}"))
+            .replace("redis 6379", &format!("127.0.0.1 {}", primary.port));
+        assert!(Command::new("sh").args(["-c", &local]).status().unwrap().success());
+        let mut sentinel = Command::new("redis-sentinel").arg(&path).spawn().expect("redis-sentinel");
+        wait_port(port, std::time::Duration::from_secs(10));
+        let named = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "SENTINEL", "get-master-addr-by-name", "mxrelay"])
+            .output()
+            .unwrap();
+        let _ = sentinel.kill();
+        let _ = sentinel.wait();
+        let named = String::from_utf8_lossy(&named.stdout).to_string();
+        assert!(named.contains(&primary.port.to_string()), "{s} does not watch the primary: {named}");
+    }
+}
+
 #[test]
 fn the_dockerfile_passes_hadolint_and_runs_non_root() {
     run_ok(&repo(), "hadolint", &["Dockerfile"]);
