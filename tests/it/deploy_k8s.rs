@@ -288,8 +288,9 @@ fn chart_lints_strictly() {
 #[test]
 fn every_rendered_object_passes_the_kubernetes_schemas() {
     // (values, objects with a schema, ServiceMonitors)
-    let variants: [(&[&str], usize, usize); 4] = [
+    let variants: [(&[&str], usize, usize); 5] = [
         (&[], 7, 0),
+        (&["redis.passwordSecret.name=redis-auth", "redis.caSecret.name=redis-ca"], 7, 0),
         (PROXY, 7, 0),
         (EVERYTHING, 8, 1),
         (&["autoscaling.enabled=false", "podDisruptionBudget.minAvailable=2"], 6, 0),
@@ -588,6 +589,31 @@ fn tls_switch_mounts_the_certificate_and_opens_465() {
     let service = one(&objects, "Service", RELEASE);
     let port = array_at(service, "/spec/ports").iter().find(|p| p["name"] == "smtps").expect("smtps on the Service");
     assert_eq!((int_at(port, "/port"), container_port(relay, &port["targetPort"])), (465, port_of(implicit)));
+}
+
+/// A Sentinel set or a TLS Redis with its password and CA in Secrets of
+/// their own: the files the node is told about are those Secrets' keys.
+#[test]
+fn redis_password_and_ca_come_from_their_own_secrets() {
+    let objects = render(&[]);
+    let relay = container(one(&objects, "Deployment", RELEASE), "mxrelay");
+    let names: Vec<&str> = array_at(relay, "/env").iter().map(|e| str_at(e, "/name")).collect();
+    assert!(!names.contains(&"MXRELAY_QUEUE_PASSWORD_FILE") && !names.contains(&"MXRELAY_QUEUE_TLS_CA_FILE"));
+
+    let objects = render(&[
+        "redis.passwordSecret.name=redis-auth",
+        "redis.passwordSecret.key=app-password",
+        "redis.caSecret.name=redis-ca",
+    ]);
+    let deployment = one(&objects, "Deployment", RELEASE);
+    let relay = container(deployment, "mxrelay");
+    for (var, secret, key) in [
+        ("MXRELAY_QUEUE_PASSWORD_FILE", "redis-auth", "app-password"),
+        ("MXRELAY_QUEUE_TLS_CA_FILE", "redis-ca", "ca.crt"),
+    ] {
+        let path = str_at(env_var(relay, var), "/value");
+        assert_eq!(mounted_source(deployment, relay, path), ("secret".into(), secret.into(), key.into()), "{var}");
+    }
 }
 
 #[test]
