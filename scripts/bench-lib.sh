@@ -15,11 +15,12 @@
 #   add_domain DOMAIN HOST PORT SCAN   adds or replaces the domain, then SIGHUP;
 #   queued_in_redis, peak_rss_mib PID, cpu_seconds PID, log_summary LOG [INDENT].
 # $bench_embedded=1 (before node_config_base): the node on its embedded SQLite
-# store instead of MariaDB and Redis.
+# store instead of MariaDB and Redis; $bench_queue_url: the Redis it uses.
 
 if [ -n "${MXRELAY_BIN:-}" ]; then MXRELAY_BIN=$(realpath "$MXRELAY_BIN"); fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 bench_embedded=0
+bench_queue_url=redis://127.0.0.1:6379/ # a script may point its nodes at another Redis
 bench_cleanups=()
 bench_node_pids=() # the nodes started and not stopped, in order
 clk_tck=$(getconf CLK_TCK)
@@ -95,7 +96,7 @@ smtp.peername_lookup = false
 admin.listen = "127.0.0.1:$3"
 TOML
   if [ "$bench_embedded" != 1 ]; then
-    printf 'domains.url = "mysql://root@127.0.0.1:3306/%s"\nqueue.url = "redis://127.0.0.1:6379/"\nqueue.prefix = "%s"\n' "$db" "$prefix"
+    printf 'domains.url = "mysql://root@127.0.0.1:3306/%s"\nqueue.url = "%s"\nqueue.prefix = "%s"\n' "$db" "$bench_queue_url" "$prefix"
   fi
   if [ "$deliver" != 1 ]; then echo 'delivery.enabled = false'; fi
 }
