@@ -75,6 +75,31 @@ fn a_node_started_before_redis_becomes_ready_and_delivers_by_itself() {
     sink.wait_for(1, Duration::from_secs(20));
 }
 
+/// Sentinels that do not answer: the start-up log and `/readyz` name
+/// `queue.url`, DATA gets 451, and the node becomes ready by itself once a
+/// Sentinel answers on that address.
+#[test]
+fn a_node_whose_sentinels_do_not_answer_names_queue_url_and_becomes_ready_when_they_do() {
+    let sink = SmtpSink::start();
+    let (dns, db) = dns_and_db();
+    db.add_domain(LISTED, "127.0.0.1", sink.port);
+    let primary = RedisServer::start();
+    let down = DownPort::new();
+    let url = format!("redis+sentinel://127.0.0.1:{}/{}", down.port, crate::support::sentinel::MASTER);
+    let relay = delivering(&db, &dns, &url, &[]);
+    wait_until("the start-up error logged", Duration::from_secs(15), || {
+        relay.log().contains("queue not reachable at start")
+    });
+    assert!(relay.log().contains("the Sentinels of queue.url have named no reachable primary yet"), "{}", relay.log());
+    let ready = relay.http_get("/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("queue.url"), "{ready}");
+    assert_ne!(send(&relay, "early@friet.pan").0, 0, "no queue, no 250");
+    let _sentinel = crate::support::sentinel::Sentinels::start_on(primary.port, &[down.release()], 0);
+    wait_until("ready", Duration::from_secs(20), || relay.http_get("/readyz").starts_with("HTTP/1.1 200"));
+    wait_until("accepted", Duration::from_secs(15), || send(&relay, "late@friet.pan").0 == 0);
+    sink.wait_for(1, Duration::from_secs(20));
+}
+
 #[test]
 fn bdat_chunks_lost_before_last_give_451_and_queue_nothing() {
     let w = World::start_with(&[("MXRELAY_QUEUE_CHUNK_SIZE", "4096")]);

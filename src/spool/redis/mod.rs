@@ -213,7 +213,7 @@ impl Link {
             Failure::Answered(redis::RedisError::from((
                 redis::ErrorKind::Io,
                 "no Redis primary known",
-                "the Sentinels have named no reachable primary yet".to_string(),
+                "the Sentinels of queue.url have named no reachable primary yet".to_string(),
             )))
         })
     }

@@ -21,10 +21,15 @@ impl Sentinels {
     /// once each knows the primary's `replicas` replicas and the other
     /// Sentinels (what a failover needs).
     pub fn start(primary_port: u16, count: usize, replicas: usize) -> Sentinels {
+        Self::start_on(primary_port, &(0..count).map(|_| free_port()).collect::<Vec<_>>(), replicas)
+    }
+
+    /// As [`Sentinels::start`], one Sentinel on each of `ports`.
+    pub fn start_on(primary_port: u16, ports: &[u16], replicas: usize) -> Sentinels {
+        let count = ports.len();
         let dir = tempfile::tempdir().unwrap();
         let mut s = Sentinels { ports: Vec::new(), children: Vec::new(), _dir: dir };
-        for i in 0..count {
-            let port = free_port();
+        for (i, port) in ports.iter().copied().enumerate() {
             let conf = s._dir.path().join(format!("sentinel-{i}.conf"));
             std::fs::write(
                 &conf,
