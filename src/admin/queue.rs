@@ -104,10 +104,9 @@ pub fn list_table(rows: &[(Envelope, MessageState)]) -> String {
 pub async fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<(Envelope, MessageState, Option<Vec<u8>>)> {
     let spool = queue(config)?;
     let qid = QueueId::from(id.to_string());
-    let lease = spool.locate(&qid).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
-    let env = spool.envelope(&lease).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
-    let state = spool.list().await?.into_iter().find(|(e, _)| e.id == qid).map_or(MessageState::Active, |(_, s)| s);
+    let (env, state) = spool.show(&qid).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
     let content = if body {
+        let lease = spool.locate(&qid).await?.ok_or_else(|| anyhow::anyhow!("{id} left the queue"))?;
         Some(BodyReader::new(spool.clone(), lease, env.size, config.queue.chunk_size).read_all().await?)
     } else {
         None

@@ -328,6 +328,8 @@ pub trait Admin: Enqueue + Read {
     async fn stats(&self, by_destination: bool) -> Result<QueueStats, SpoolError>;
     /// Every message with its state, oldest first.
     async fn list(&self) -> Result<Vec<(Envelope, MessageState)>, SpoolError>;
+    /// One message with its state (`queue show`), without reading the rest.
+    async fn show(&self, id: &QueueId) -> Result<Option<(Envelope, MessageState)>, SpoolError>;
     /// Checks the invariants over the whole queue (costly: reads every
     /// entry; for `queue check` and the tests).
     async fn audit(&self) -> Result<QueueAudit, SpoolError>;

@@ -529,6 +529,16 @@ impl Admin for SqliteSpool {
         Ok(rows.into_iter().filter_map(|r| decode(r.get(0), r.get(1), r.get(2))).collect())
     }
 
+    async fn show(&self, id: &QueueId) -> Result<Option<(Envelope, MessageState)>, SpoolError> {
+        let row = sqlx::query("SELECT envelope, state, due FROM queue_messages WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| failed("show", e))?;
+        let Some(r) = row else { return Ok(None) };
+        decode(r.get(0), r.get(1), r.get(2)).map(Some).ok_or_else(|| SpoolError::Corrupt(id.clone()))
+    }
+
     async fn audit(&self) -> Result<QueueAudit, SpoolError> {
         let rows = sqlx::query(
             "SELECT m.id, m.state, m.lease_owner IS NOT NULL, \

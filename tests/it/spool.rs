@@ -126,6 +126,8 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     let state =
         |all: Vec<(Envelope, MessageState)>, id: &QueueId| all.into_iter().find(|(e, _)| &e.id == id).map(|(_, s)| s);
     assert_eq!(state(spool.list().await.unwrap(), &id3), Some(MessageState::Held));
+    let (shown, held) = spool.show(&id3).await.unwrap().expect("shown");
+    assert_eq!((shown.id.clone(), held), (id3.clone(), MessageState::Held), "show agrees with list");
     assert_eq!(spool.stats(false).await.unwrap().held, 1);
     assert!(spool.admin(&id3, AdminAction::Release).await.unwrap());
     assert!(!spool.admin(&id3, AdminAction::Release).await.unwrap(), "not held any more");
@@ -135,6 +137,7 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     assert!(spool.envelope(&lease3).await.unwrap().unwrap().bounce_requested);
     assert!(spool.admin(&id3, AdminAction::Delete).await.unwrap());
     assert!(spool.locate(&id3).await.unwrap().is_none());
+    assert!(spool.show(&id3).await.unwrap().is_none());
     assert!(!spool.admin(&id3, AdminAction::Delete).await.unwrap());
     assert_eq!(spool.stats(false).await.unwrap().messages, 1, "only the big message is left");
 }

@@ -964,19 +964,24 @@ impl Admin for RedisSpool {
                 }
                 let replies: Vec<(std::collections::HashMap<String, String>, Option<f64>)> =
                     bounded("list", self.config().timeout, pipe.query_async(&mut conn)).await?;
-                for (fields, due) in replies {
-                    let Some(env) = Envelope::from_fields(&fields) else { continue };
-                    let state = match (env.held, due) {
-                        (true, _) => MessageState::Held,
-                        (false, Some(due)) => MessageState::Deferred { due: due as i64 },
-                        (false, None) => MessageState::Active,
-                    };
-                    all.push((env, state));
-                }
+                all.extend(replies.into_iter().filter_map(|(fields, due)| listed(&fields, due)));
             }
         }
         all.sort_by_key(|(e, _)| e.received_at);
         Ok(all)
+    }
+
+    async fn show(&self, id: &QueueId) -> Result<Option<(Envelope, MessageState)>, SpoolError> {
+        let Some(shard) = self.shard_holding(id).await? else { return Ok(None) };
+        let k = self.shard_keys(shard);
+        let mut pipe = redis::pipe();
+        pipe.hgetall(k.msg(id)).zscore(k.deferred(), id.as_str());
+        let (fields, due): (std::collections::HashMap<String, String>, Option<f64>) =
+            bounded("show", self.config().timeout, pipe.query_async(&mut self.conn_for("show")?)).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        listed(&fields, due).map(Some).ok_or_else(|| SpoolError::Corrupt(id.clone()))
     }
 
     async fn audit(&self) -> Result<QueueAudit, SpoolError> {
@@ -986,6 +991,18 @@ impl Admin for RedisSpool {
         }
         Ok(audit)
     }
+}
+
+/// A message's envelope and state from its hash and its deferred score:
+/// held (an operator's hold counts while it is leased), deferred, or active.
+fn listed(fields: &std::collections::HashMap<String, String>, due: Option<f64>) -> Option<(Envelope, MessageState)> {
+    let env = Envelope::from_fields(fields)?;
+    let state = match (env.held, due) {
+        (true, _) => MessageState::Held,
+        (false, Some(due)) => MessageState::Deferred { due: due as i64 },
+        (false, None) => MessageState::Active,
+    };
+    Some((env, state))
 }
 
 /// The leases TAKEOVER and RECLAIM answer with: entry, id, generation each.
