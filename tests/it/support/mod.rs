@@ -282,22 +282,54 @@ impl RedisServer {
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
         };
+        for _ in 0..3 {
+            match r.try_resume() {
+                Ok(()) => return r,
+                // Another test took the port between `free_port` and the
+                // bind: a race of the harness; pick another.
+                Err(log) if log.contains("Address already in use") => r.port = free_port(),
+                Err(log) => panic!("redis-server did not start:\n{log}"),
+            }
+        }
         r.resume();
         r
     }
 
+    /// Starts the server again on the same port and data.
     pub fn resume(&mut self) {
-        let child = Command::new("redis-server")
+        if let Err(log) = self.try_resume() {
+            panic!("redis-server did not start on port {}:\n{log}", self.port);
+        }
+    }
+
+    /// Starts it and waits until it says it is ready (a port that answers
+    /// could be another process's); its log if it exits first.
+    fn try_resume(&mut self) -> Result<(), String> {
+        let log = self.dir.path().join("redis.log");
+        let _ = std::fs::remove_file(&log);
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (scripts/test.sh installs it)");
+        let started = Instant::now();
+        let ready = || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Ready to accept connections"));
+        while !ready() {
+            if child.try_wait().unwrap().is_some() {
+                return Err(std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start on {}", self.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.child = Some(child);
         wait_port(self.port, Duration::from_secs(10));
+        Ok(())
     }
 
     pub fn stop(&mut self) {
