@@ -429,7 +429,7 @@ impl Delivery {
             let slots = self.pool.slots(key);
             let Ok(_slot) = slots.acquire_owned().await else { continue };
             METRICS.delivery_destination_connections.inc();
-            let group_fates = self.attempt_route(route, key, *level, &env, lease, guard, idxs).await;
+            let group_fates = self.attempt_route(route, key, *level, &env, (lease, guard), idxs).await;
             METRICS.delivery_destination_connections.dec();
             if group_fates.iter().any(|f| matches!(f, Fate::Sent { .. })) {
                 recovered.push(key.clone());
@@ -479,15 +479,13 @@ impl Delivery {
     }
 
     /// Delivers to one destination; one fate per recipient index.
-    #[allow(clippy::too_many_arguments)]
     async fn attempt_route(
         &self,
         route: &Route,
         destination: &str,
         level: TlsPolicy,
         env: &Envelope,
-        lease: &Lease,
-        guard: &LeaseGuard,
+        (lease, guard): (&Lease, &LeaseGuard),
         idxs: &[usize],
     ) -> Vec<Fate> {
         let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();

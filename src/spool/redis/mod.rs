@@ -197,6 +197,12 @@ pub(super) struct Link {
     config: QueueConfig,
 }
 
+/// Writes moved to another server: `from` is `None` for the first one.
+struct Moved {
+    from: Option<String>,
+    to: String,
+}
+
 /// The queue's Redis primary with the node's shared connection to it.
 pub(super) struct Primary {
     client: redis::Client,
@@ -227,8 +233,8 @@ impl Link {
     }
 
     /// Writes go to `client`'s server from now on, unless they already do.
-    /// Returns the address written to before, when it changed.
-    fn follow(&self, client: redis::Client) -> Result<Option<String>, redis::RedisError> {
+    /// Returns the move when there was one.
+    fn follow(&self, client: redis::Client) -> Result<Option<Moved>, redis::RedisError> {
         let addr = client.get_connection_info().addr().to_string();
         let mut primary = self.primary.write().unwrap_or_else(|e| e.into_inner());
         if primary.as_ref().is_some_and(|p| p.addr == addr) {
@@ -240,9 +246,9 @@ impl Link {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
-        let (epoch, before) = primary.as_ref().map_or((0, String::new()), |p| (p.epoch + 1, p.addr.clone()));
-        *primary = Some(Arc::new(Primary { client, conn, epoch, addr }));
-        Ok(Some(before))
+        let (epoch, from) = primary.as_ref().map_or((0, None), |p| (p.epoch + 1, Some(p.addr.clone())));
+        *primary = Some(Arc::new(Primary { client, conn, epoch, addr: addr.clone() }));
+        Ok(Some(Moved { from, to: addr }))
     }
 
     /// How long a completed young message leaves its tombstone: longer than
@@ -282,12 +288,12 @@ fn watch_sentinels(link: std::sync::Weak<Link>, mut set: target::SentinelSet) {
                 Ok(client) => {
                     failing = false;
                     match link.follow(client) {
-                        Ok(Some(before)) if before.is_empty() => {
-                            tracing::info!(primary = %link.primary().map(|p| p.addr.clone()).unwrap_or_default(), "queue: Sentinel {} names the primary of {}", set.hosts, set.master)
+                        Ok(Some(Moved { from: None, to })) => {
+                            tracing::info!(primary = %to, "queue: Sentinel {} names the primary of {}", set.hosts, set.master)
                         }
-                        Ok(Some(before)) => {
+                        Ok(Some(Moved { from: Some(before), to })) => {
                             METRICS.queue_primary_changes.inc();
-                            tracing::warn!(before = %before, primary = %link.primary().map(|p| p.addr.clone()).unwrap_or_default(), "queue: the primary of {} moved (Sentinel failover); writing to the new one", set.master)
+                            tracing::warn!(before = %before, primary = %to, "queue: the primary of {} moved (Sentinel failover); writing to the new one", set.master)
                         }
                         Ok(None) => {}
                         Err(e) => tracing::error!(error = %e, "queue: cannot use the primary Sentinel named"),
