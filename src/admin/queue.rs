@@ -8,15 +8,19 @@ use crate::delivery::FLUSH_LIMIT;
 use crate::domains::Domains;
 use crate::spool::{Admin, AdminAction, BodyReader, Envelope, MessageState, QueueId, QueueStats};
 
-/// The queue, in its operator role.
-fn queue(config: &Config) -> anyhow::Result<Arc<dyn Admin>> {
-    Ok(crate::spool::open(&config.queue)?)
+/// The queue, in its operator role, prepared: through Sentinel or on a
+/// Redis Cluster, that waits (up to `queue.timeout`) for the primaries to
+/// be named.
+async fn queue(config: &Config) -> anyhow::Result<Arc<dyn Admin>> {
+    let spool: Arc<dyn Admin> = crate::spool::open(&config.queue)?;
+    spool.prepare().await?;
+    Ok(spool)
 }
 
 /// `queue flush [--domain D]` (Postfix `postqueue -f` / `-s D`): makes
 /// deferred messages due now. Returns how many were released.
 pub async fn flush(config: &Config, domain: Option<&str>) -> anyhow::Result<usize> {
-    let spool = queue(config)?;
+    let spool = queue(config).await?;
     let Some(d) = domain else {
         return Ok(spool.flush_all(FLUSH_LIMIT).await?);
     };
@@ -34,7 +38,7 @@ fn age(received_at: i64) -> String {
 }
 
 pub async fn stats(config: &Config) -> anyhow::Result<QueueStats> {
-    Ok(queue(config)?.stats(true).await?)
+    Ok(queue(config).await?.stats(true).await?)
 }
 
 pub fn stats_table(s: &QueueStats) -> String {
@@ -69,7 +73,7 @@ pub async fn list(
         anyhow::bail!("--state {s:?} is unknown: use active, deferred or held");
     }
     let domain = domain.map(|d| crate::proto::address::normalise_domain(d).unwrap_or_else(|| d.to_ascii_lowercase()));
-    let all = queue(config)?.list().await?;
+    let all = queue(config).await?.list().await?;
     Ok(all
         .into_iter()
         .filter(|(_, st)| state.is_none_or(|s| st.name() == s))
@@ -102,7 +106,7 @@ pub fn list_table(rows: &[(Envelope, MessageState)]) -> String {
 
 /// `queue show ID`: the envelope and state; `body` also returns the message.
 pub async fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<(Envelope, MessageState, Option<Vec<u8>>)> {
-    let spool = queue(config)?;
+    let spool = queue(config).await?;
     let qid = QueueId::from(id.to_string());
     let (env, state) = spool.show(&qid).await?.ok_or_else(|| anyhow::anyhow!("{id} is not in the queue"))?;
     let content = if body {
@@ -147,7 +151,7 @@ pub fn show_text(e: &Envelope, st: &MessageState) -> String {
 
 /// `queue hold|release|bounce|delete ID…`: per id, whether it applied.
 pub async fn act(config: &Config, action: AdminAction, ids: &[String]) -> anyhow::Result<Vec<(String, bool)>> {
-    let spool = queue(config)?;
+    let spool = queue(config).await?;
     let mut done = Vec::new();
     for id in ids {
         let ok = spool.admin(&QueueId::from(id.clone()), action).await?;

@@ -87,12 +87,15 @@ impl Config {
                 "use mysql://user:password@host:port/database (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
-        if !["redis://", "rediss://", "redis+sentinel://", "sqlite://"].iter().any(|p| self.queue.url.starts_with(p)) {
+        let schemes =
+            ["redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "rediss+cluster://", "sqlite://"];
+        if !schemes.iter().any(|p| self.queue.url.starts_with(p)) {
             errors.push(ConfigError::new(
                 "queue.url",
                 format!("unsupported scheme in {:?}", mask_url(&self.queue.url)),
                 "use redis://host:port/db (one Redis), redis+sentinel://host:port,host:port/master (a primary \
-                 under Sentinel) or sqlite://path/mxrelay.db (single node)",
+                 under Sentinel), redis+cluster://host:port,host:port (a Redis Cluster) or \
+                 sqlite://path/mxrelay.db (single node)",
             ));
         }
         if self.queue.tls_cert.is_empty() != self.queue.tls_key.is_empty() {

@@ -24,6 +24,7 @@ mod ops;
 mod outbound_postfix;
 mod outbound_tls;
 mod protocol;
+mod queue_cluster;
 mod queue_faults;
 mod receive;
 mod reliability;

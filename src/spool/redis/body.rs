@@ -85,7 +85,7 @@ impl RedisBody {
         self.tmp_used = true;
         let mut pipe = redis::pipe();
         pipe.append(&tmp, self.buf.as_slice()).expire(&tmp, TMP_BODY_TTL.as_secs() as i64).ignore();
-        let mut conn = self.link.conn_for("append")?;
+        let mut conn = self.link.conn_for(self.keys.shard(), "append")?;
         let (stored,): (u64,) = bounded("append", self.config().timeout, pipe.query_async(&mut conn)).await?;
         let expected = self.spilled + self.buf.len() as u64;
         if stored != expected {
@@ -104,11 +104,11 @@ impl RedisBody {
     /// BDAT kept alive with NOOP spills nothing for a long time).
     fn spawn_keepalive(&self, tmp: String) -> tokio::task::AbortHandle {
         let link = self.link.clone();
-        let limit = self.config().timeout;
+        let (limit, shard) = (self.config().timeout, self.keys.shard());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(TMP_BODY_TTL / 3).await;
-                if let Ok(mut conn) = link.conn() {
+                if let Ok(mut conn) = link.conn(shard) {
                     let _ = call(limit, conn.expire::<_, ()>(&tmp, TMP_BODY_TTL.as_secs() as i64)).await;
                 }
             }
@@ -118,7 +118,7 @@ impl RedisBody {
 
     async fn drop_tmp(&mut self) {
         if self.tmp_used
-            && let Ok(mut conn) = self.link.conn()
+            && let Ok(mut conn) = self.link.conn(self.keys.shard())
         {
             let _ = call(self.config().timeout, conn.del::<_, ()>(self.keys.tmp(&self.id))).await;
         }
@@ -167,7 +167,7 @@ impl RedisBody {
         let mut inv = LANDED.prepare_invoke();
         inv.key(k.msg(&self.id)).key(k.done(&self.id)).key(k.void(&self.id)).arg(VOID_TTL.as_millis() as u64);
         for _ in 0..LANDED_CHECKS {
-            let asked = match self.link.conn() {
+            let asked = match self.link.conn(k.shard()) {
                 Ok(mut conn) => call(self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await,
                 Err(e) => Err(e),
             };
@@ -180,7 +180,7 @@ impl RedisBody {
     }
 
     async fn commit_direct(&mut self, env: &Envelope) -> Result<(), SpoolError> {
-        let mut conn = self.link.conn_for("enqueue")?;
+        let mut conn = self.link.conn_for(self.keys.shard(), "enqueue")?;
         let inv = self.invocation(env, false)?;
         let sent: Result<String, Failure> = call(self.config().timeout, inv.invoke_async(&mut conn)).await;
         match sent {
@@ -214,7 +214,7 @@ impl RedisBody {
         let mut inv = WITHDRAW.prepare_invoke();
         inv.key(k.msg(&self.id)).key(k.body(&self.id)).key(k.ready()).key(k.arrivals()).key(k.staged());
         inv.key(k.done(&self.id)).arg(self.id.as_str());
-        let mut conn = self.link.conn_for("withdraw")?;
+        let mut conn = self.link.conn_for(k.shard(), "withdraw")?;
         Ok(bounded("withdraw", self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await? != 0)
     }
 
@@ -237,8 +237,9 @@ impl RedisBody {
         let wanted = self.config().min_replicas_ack;
         let ack = self.config().replicas_ack_timeout;
         let limit = self.config().timeout + ack;
-        let primary = self.link.primary().map_err(|e| e.into_error("wait"))?;
-        let mut waiter = self.link.waiters.get(&primary, self.config().timeout).await?;
+        let primary = self.link.primary(self.keys.shard()).map_err(|e| e.into_error("wait"))?;
+        let live = self.link.live_epochs();
+        let mut waiter = self.link.waiters.get(&primary, &live, self.config().timeout).await?;
         let stage = self.invocation(env, true)?;
         let staged = script_then_wait::<String>(waiter.conn(), &COMMIT, &stage, wanted, ack, limit).await;
         let got = match staged {
@@ -346,7 +347,7 @@ impl Drop for RedisBody {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current()
-            && let Ok(mut conn) = self.link.conn()
+            && let Ok(mut conn) = self.link.conn(self.keys.shard())
         {
             let (tmp, limit) = (self.keys.tmp(&self.id), self.config().timeout);
             runtime.spawn(async move {
@@ -359,7 +360,8 @@ impl Drop for RedisBody {
 /// Connections for WAIT: each replicated commit takes one for itself, so
 /// WAIT never delays another command of the node.
 pub(super) struct WaitPool {
-    /// By the epoch of the primary they go to (see [`super::Primary`]).
+    /// By the epoch of the primary they go to (see [`super::Primary`]): on
+    /// a cluster, the primaries of every shard.
     idle: std::sync::Mutex<Vec<(u64, MultiplexedConnection)>>,
     slots: Arc<Semaphore>,
     config: redis::AsyncConnectionConfig,
@@ -373,15 +375,17 @@ impl WaitPool {
         WaitPool { idle: std::sync::Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(WAIT_CONNECTIONS)), config }
     }
 
-    async fn get(self: &Arc<Self>, primary: &Primary, limit: Duration) -> Result<Waiter, SpoolError> {
+    /// A connection to `primary`; idle ones to servers no longer in `live`
+    /// (epochs) are closed.
+    async fn get(self: &Arc<Self>, primary: &Primary, live: &[u64], limit: Duration) -> Result<Waiter, SpoolError> {
         let permit = tokio::time::timeout(limit, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| unavailable("wait", "no WAIT connection free"))?
             .map_err(|e| unavailable("wait", e))?;
         let idle = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.retain(|(epoch, _)| *epoch == primary.epoch);
-            idle.pop()
+            idle.retain(|(epoch, _)| live.contains(epoch));
+            idle.iter().rposition(|(epoch, _)| *epoch == primary.epoch).map(|at| idle.swap_remove(at))
         };
         let conn = match idle {
             Some((_, c)) => c,

@@ -14,13 +14,15 @@
 //! its own, and so does every WAIT ([`body`]).
 
 mod body;
+mod cluster;
 mod scripts;
 mod target;
 
 pub use target::{Problem, problem};
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::AsyncCommands;
@@ -46,11 +48,15 @@ const MAINTAIN_BATCH: usize = 500;
 #[derive(Debug, Clone)]
 pub struct ShardKeys {
     base: String,
+    shard: u32,
 }
 
 impl ShardKeys {
     pub fn new(prefix: &str, shard: u32) -> ShardKeys {
-        ShardKeys { base: format!("{prefix}:{{q{shard}}}:") }
+        ShardKeys { base: format!("{prefix}:{{q{shard}}}:"), shard }
+    }
+    pub fn shard(&self) -> u32 {
+        self.shard
     }
     /// The shard's key prefix, `{prefix}:{qN}:` (scripts derive per-message
     /// keys from it, always in the same hash slot).
@@ -191,8 +197,14 @@ macro_rules! healing {
 
 /// What the receiving side ([`body`]) shares with the spool.
 pub(super) struct Link {
-    /// The server written to now; `None` until the Sentinels named one.
-    primary: std::sync::RwLock<Option<Arc<Primary>>>,
+    /// The server each shard is written to now (the same one for all but
+    /// on a cluster); `None` until the Sentinels or the cluster named one.
+    routes: std::sync::RwLock<Vec<Option<Arc<Primary>>>>,
+    /// The last [`Primary::epoch`] given out.
+    epochs: AtomicU64,
+    /// On a Redis Cluster: every shard is its own slot, so no command may
+    /// name two shards.
+    cluster: bool,
     waiters: Arc<body::WaitPool>,
     config: QueueConfig,
 }
@@ -201,7 +213,15 @@ pub(super) struct Link {
 struct Moved {
     from: Option<String>,
     to: String,
+    /// The shards that moved.
+    shards: Vec<u32>,
 }
+
+/// Shards held by one primary.
+type OnePrimary = (Arc<Primary>, Vec<u32>);
+
+/// One blocking read: reader key, primary, shards.
+type BlockingRead = (u32, Arc<Primary>, Vec<u32>);
 
 /// The queue's Redis primary with the node's shared connection to it.
 pub(super) struct Primary {
@@ -214,41 +234,110 @@ pub(super) struct Primary {
 }
 
 impl Link {
-    fn primary(&self) -> Result<Arc<Primary>, Failure> {
-        self.primary.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
-            Failure::Answered(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "no Redis primary known",
-                "the Sentinels of queue.url have named no reachable primary yet".to_string(),
-            )))
+    fn new(config: &QueueConfig, cluster: bool) -> Link {
+        Link {
+            routes: std::sync::RwLock::new(vec![None; config.shards as usize]),
+            epochs: AtomicU64::new(0),
+            cluster,
+            waiters: Arc::new(body::WaitPool::new(config)),
+            config: config.clone(),
+        }
+    }
+
+    /// The primary `shard` is written to.
+    fn primary(&self, shard: u32) -> Result<Arc<Primary>, Failure> {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        routes.get(shard as usize).cloned().flatten().ok_or_else(|| {
+            let why = if self.cluster {
+                format!("no node of the cluster in queue.url has named the primary of shard {shard} yet")
+            } else {
+                "the Sentinels of queue.url have named no reachable primary yet".to_string()
+            };
+            Failure::Answered(redis::RedisError::from((redis::ErrorKind::Io, "no Redis primary known", why)))
         })
     }
 
-    fn conn(&self) -> Result<ConnectionManager, Failure> {
-        Ok(self.primary()?.conn.clone())
+    /// Whether every shard has a primary.
+    fn routed(&self) -> bool {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).iter().all(Option::is_some)
     }
 
-    fn conn_for(&self, op: &'static str) -> Result<ConnectionManager, SpoolError> {
-        self.conn().map_err(|e| e.into_error(op))
+    /// Epochs of the primaries written to now.
+    fn live_epochs(&self) -> Vec<u64> {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).iter().flatten().map(|p| p.epoch).collect()
     }
 
-    /// Writes go to `client`'s server from now on, unless they already do.
-    /// Returns the move when there was one.
-    fn follow(&self, client: redis::Client) -> Result<Option<Moved>, redis::RedisError> {
-        let addr = client.get_connection_info().addr().to_string();
-        let mut primary = self.primary.write().unwrap_or_else(|e| e.into_inner());
-        if primary.as_ref().is_some_and(|p| p.addr == addr) {
-            return Ok(None);
-        }
+    fn conn(&self, shard: u32) -> Result<ConnectionManager, Failure> {
+        Ok(self.primary(shard)?.conn.clone())
+    }
+
+    fn conn_for(&self, shard: u32, op: &'static str) -> Result<ConnectionManager, SpoolError> {
+        self.conn(shard).map_err(|e| e.into_error(op))
+    }
+
+    fn open_primary(&self, client: redis::Client, addr: String) -> Result<Arc<Primary>, redis::RedisError> {
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.config.timeout.min(Duration::from_secs(2))))
             .set_response_timeout(Some(self.config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
-        let (epoch, from) = primary.as_ref().map_or((0, None), |p| (p.epoch + 1, Some(p.addr.clone())));
-        *primary = Some(Arc::new(Primary { client, conn, epoch, addr: addr.clone() }));
-        Ok(Some(Moved { from, to: addr }))
+        let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Arc::new(Primary { client, conn, epoch, addr }))
+    }
+
+    /// Writes go to `client`'s server from now on, unless they already do.
+    /// Returns the move when there was one.
+    fn follow(&self, client: redis::Client) -> Result<Option<Moved>, redis::RedisError> {
+        let addr = client.get_connection_info().addr().to_string();
+        let shards = (0..self.config.shards).map(|_| Some((addr.clone(), client.clone()))).collect();
+        Ok(self.follow_shards(shards)?.pop())
+    }
+
+    /// Each shard is written to the server given for it from now on (one
+    /// connection per server); a shard given `None` stays where it is.
+    /// Returns the moves, one per pair of servers.
+    fn follow_shards(&self, to: Vec<Option<(String, redis::Client)>>) -> Result<Vec<Moved>, redis::RedisError> {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        let mut open: HashMap<String, Arc<Primary>> =
+            routes.iter().flatten().map(|p| (p.addr.clone(), p.clone())).collect();
+        let mut moves: Vec<Moved> = Vec::new();
+        for (shard, target) in to.into_iter().enumerate() {
+            let Some((addr, client)) = target else { continue };
+            let current = routes.get(shard).cloned().flatten();
+            if current.as_ref().is_some_and(|p| p.addr == addr) {
+                continue;
+            }
+            let primary = match open.get(&addr) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = self.open_primary(client, addr.clone())?;
+                    open.insert(addr.clone(), p.clone());
+                    p
+                }
+            };
+            let from = current.map(|p| p.addr.clone());
+            match moves.iter_mut().find(|m| m.from == from && m.to == addr) {
+                Some(m) => m.shards.push(shard as u32),
+                None => moves.push(Moved { from, to: addr, shards: vec![shard as u32] }),
+            }
+            routes[shard] = Some(primary);
+        }
+        Ok(moves)
+    }
+
+    /// The shards of `shards` grouped by the primary that holds them, in
+    /// the order they first appear.
+    fn by_primary(&self, shards: &[u32]) -> Result<Vec<OnePrimary>, Failure> {
+        let mut groups: Vec<OnePrimary> = Vec::new();
+        for &shard in shards {
+            let p = self.primary(shard)?;
+            match groups.iter_mut().find(|(g, _)| g.epoch == p.epoch) {
+                Some((_, members)) => members.push(shard),
+                None => groups.push((p, vec![shard])),
+            }
+        }
+        Ok(groups)
     }
 
     /// How long a completed young message leaves its tombstone: longer than
@@ -260,14 +349,25 @@ impl Link {
 
 pub struct RedisSpool {
     link: Arc<Link>,
-    /// The blocking XREADGROUP runs on a connection of its own (to the
-    /// primary of that epoch).
-    reader: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// The blocking XREADGROUP runs on connections of its own: one for
+    /// every shard on one server, one per shard on a cluster.
+    reader: tokio::sync::Mutex<Readers>,
     /// XAUTOCLAIM cursor per shard, so takeover reaches the whole pending list.
     cursors: std::sync::Mutex<Vec<String>>,
     /// Shard read first by the next lease or takeover (rotates).
     next_shard: AtomicU32,
 }
+
+/// A connection for blocking reads, to the primary of `epoch`; `id` is
+/// its CLIENT ID (on a cluster, for CLIENT UNBLOCK).
+struct Reader {
+    epoch: u64,
+    conn: MultiplexedConnection,
+    id: i64,
+}
+
+/// Reader connections by key: 0 on one server, the shard on a cluster.
+type Readers = HashMap<u32, Reader>;
 
 /// Asks the Sentinels for the primary at once and then every
 /// [`target::SENTINEL_CHECK`], and moves the node's writes to a new one as
@@ -288,10 +388,10 @@ fn watch_sentinels(link: std::sync::Weak<Link>, mut set: target::SentinelSet) {
                 Ok(client) => {
                     failing = false;
                     match link.follow(client) {
-                        Ok(Some(Moved { from: None, to })) => {
+                        Ok(Some(Moved { from: None, to, .. })) => {
                             tracing::info!(primary = %to, "queue: Sentinel {} names the primary of {}", set.hosts, set.master)
                         }
-                        Ok(Some(Moved { from: Some(before), to })) => {
+                        Ok(Some(Moved { from: Some(before), to, .. })) => {
                             METRICS.queue_primary_changes.inc();
                             tracing::warn!(before = %before, primary = %to, "queue: the primary of {} moved (Sentinel failover); writing to the new one", set.master)
                         }
@@ -324,17 +424,21 @@ impl RedisSpool {
     pub fn connect(config: &QueueConfig) -> Result<RedisSpool, SpoolError> {
         let endpoint =
             target::Endpoint::open(config).map_err(|p| unavailable("connect", format!("{}: {}", p.key, p.text)))?;
-        let waiters = Arc::new(body::WaitPool::new(config));
-        let link = Arc::new(Link { primary: std::sync::RwLock::new(None), waiters, config: config.clone() });
+        let link = Arc::new(Link::new(config, matches!(endpoint, target::Endpoint::Cluster(_))));
         match endpoint {
             target::Endpoint::Server(client) => {
                 link.follow(client).map_err(|e| unavailable("connect", e))?;
             }
             target::Endpoint::Sentinel(set) => watch_sentinels(Arc::downgrade(&link), set),
+            target::Endpoint::Cluster(seeds) => {
+                let slots =
+                    (0..config.shards).map(|s| cluster::slot(ShardKeys::new(&config.prefix, s).base())).collect();
+                cluster::watch(Arc::downgrade(&link), seeds, slots);
+            }
         }
         Ok(RedisSpool {
             link,
-            reader: tokio::sync::Mutex::new(None),
+            reader: tokio::sync::Mutex::new(HashMap::new()),
             cursors: std::sync::Mutex::new(vec!["0-0".to_string(); config.shards as usize]),
             next_shard: AtomicU32::new(0),
         })
@@ -344,12 +448,43 @@ impl RedisSpool {
         &self.link.config
     }
 
-    fn conn(&self) -> Result<ConnectionManager, Failure> {
-        self.link.conn()
+    fn conn(&self, shard: u32) -> Result<ConnectionManager, Failure> {
+        self.link.conn(shard)
     }
 
-    fn conn_for(&self, op: &'static str) -> Result<ConnectionManager, SpoolError> {
-        self.link.conn_for(op)
+    fn conn_for(&self, shard: u32, op: &'static str) -> Result<ConnectionManager, SpoolError> {
+        self.link.conn_for(shard, op)
+    }
+
+    /// Runs, in one pipeline per primary, the commands `build` adds for
+    /// each of `shards`, and reads each shard's answers as one `T` (in the
+    /// order of `shards`). No command names two shards, so this works on a
+    /// cluster as on one server.
+    async fn each_shard<T: redis::FromRedisValue>(
+        &self,
+        shards: &[u32],
+        build: impl Fn(&mut redis::Pipeline, u32),
+    ) -> Result<Vec<T>, Failure> {
+        let mut out: Vec<Option<T>> = (0..shards.len()).map(|_| None).collect();
+        for (primary, members) in self.link.by_primary(shards)? {
+            let mut pipe = redis::pipe();
+            let mut counts = Vec::with_capacity(members.len());
+            for &shard in &members {
+                let before = pipe.len();
+                build(&mut pipe, shard);
+                counts.push(pipe.len() - before);
+            }
+            let values: Vec<redis::Value> =
+                call(self.config().timeout, pipe.query_async(&mut primary.conn.clone())).await?;
+            let mut values = values.into_iter();
+            for (shard, count) in members.iter().zip(counts) {
+                let answers = redis::Value::Array(values.by_ref().take(count).collect());
+                let parsed = redis::from_redis_value(answers).map_err(|e| Failure::Answered(e.into()))?;
+                let at = shards.iter().position(|s| s == shard).expect("a shard asked for");
+                out[at] = Some(parsed);
+            }
+        }
+        Ok(out.into_iter().map(|t| t.expect("every shard answered")).collect())
     }
 
     pub fn shard_keys(&self, shard: u32) -> ShardKeys {
@@ -369,17 +504,23 @@ impl RedisSpool {
         stream_key[start..end].parse().ok()
     }
 
-    async fn script<T: redis::FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<T, Failure> {
-        let mut conn = self.conn()?;
+    /// Runs a script on the primary of the shard of `k`, whose keys it names.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        k: &ShardKeys,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Failure> {
+        let mut conn = self.conn(k.shard())?;
         call(self.config().timeout, invocation.invoke_async(&mut conn)).await
     }
 
     async fn run_script<T: redis::FromRedisValue>(
         &self,
+        k: &ShardKeys,
         op: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, SpoolError> {
-        self.script(invocation).await.map_err(|e| e.into_error(op))
+        self.script(k, invocation).await.map_err(|e| e.into_error(op))
     }
 
     async fn recreate_groups(&self, op: &'static str) -> Result<(), SpoolError> {
@@ -391,8 +532,8 @@ impl RedisSpool {
     }
 
     async fn create_groups(&self) -> Result<(), SpoolError> {
-        let mut conn = self.conn_for("prepare")?;
         for shard in 0..self.config().shards {
+            let mut conn = self.conn_for(shard, "prepare")?;
             let ready = self.shard_keys(shard).ready();
             match call(self.config().timeout, conn.xgroup_create_mkstream::<_, _, _, ()>(&ready, GROUP, "0")).await {
                 Ok(()) => {}
@@ -405,13 +546,13 @@ impl RedisSpool {
 
     /// Queues written before the `dests` index existed: adds their
     /// destination indexes to it, once per shard (a start-up scan, never a
-    /// periodic one).
+    /// periodic one). Not on a cluster, which such queues never ran on.
     async fn index_legacy_destinations(&self) -> Result<(), SpoolError> {
-        let mut conn = self.conn_for("prepare")?;
         for shard in 0..self.config().shards {
+            let mut conn = self.conn_for(shard, "prepare")?;
             let k = self.shard_keys(shard);
             let first_start: bool = bounded("prepare", self.config().timeout, conn.set_nx(k.key("schema"), 2)).await?;
-            if !first_start {
+            if !first_start || self.link.cluster {
                 continue;
             }
             let prefix = k.destination("");
@@ -458,22 +599,42 @@ impl RedisSpool {
             .collect()
     }
 
-    async fn reader_conn<'a>(
-        &self,
-        guard: &'a mut Option<(u64, MultiplexedConnection)>,
-        block: Duration,
-    ) -> Result<&'a mut MultiplexedConnection, Failure> {
-        let primary = self.link.primary()?;
-        if guard.as_ref().is_none_or(|(epoch, _)| *epoch != primary.epoch) {
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.config().timeout))
-                .set_response_timeout(Some(block + self.config().timeout));
-            let conn =
-                call(self.config().timeout, primary.client.get_multiplexed_async_connection_with_config(&config))
-                    .await?;
-            *guard = Some((primary.epoch, conn));
+    /// The blocking reads one lease read waits on: every shard at once on
+    /// one server; on a cluster, each shard alone (one slot per command).
+    /// Each is (reader key, primary, shards).
+    fn blocking_reads(&self, order: &[u32]) -> Result<Vec<BlockingRead>, Failure> {
+        if self.link.cluster {
+            return order.iter().map(|&s| Ok((s, self.link.primary(s)?, vec![s]))).collect();
         }
-        Ok(&mut guard.as_mut().expect("just connected").1)
+        let first = *order.first().unwrap_or(&0);
+        Ok(vec![(0, self.link.primary(first)?, order.to_vec())])
+    }
+
+    /// The reader connection `key` to `primary`, opened (with its CLIENT ID
+    /// asked, for CLIENT UNBLOCK) unless it is open to that primary.
+    async fn reader_conn(
+        &self,
+        readers: &mut Readers,
+        key: u32,
+        primary: &Primary,
+        block: Duration,
+    ) -> Result<(), Failure> {
+        if readers.get(&key).is_some_and(|r| r.epoch == primary.epoch) {
+            return Ok(());
+        }
+        readers.remove(&key);
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config().timeout))
+            .set_response_timeout(Some(block + self.config().timeout));
+        let timeout = self.config().timeout;
+        let mut conn = call(timeout, primary.client.get_multiplexed_async_connection_with_config(&config)).await?;
+        let id: i64 = if self.link.cluster {
+            call(timeout, redis::cmd("CLIENT").arg("ID").query_async(&mut conn)).await?
+        } else {
+            0
+        };
+        readers.insert(key, Reader { epoch: primary.epoch, conn, id });
+        Ok(())
     }
 
     /// One lease read: without blocking, up to `count` entries from the
@@ -484,14 +645,13 @@ impl RedisSpool {
     /// it is not working on.
     async fn read_once(
         &self,
-        guard: &mut Option<(u64, MultiplexedConnection)>,
+        readers: &mut Readers,
         consumer: &str,
         count: usize,
         block: Duration,
     ) -> Result<Vec<Lease>, Failure> {
         let timeout = self.config().timeout;
         let order = self.shard_order();
-        let conn = self.reader_conn(guard, block).await?;
         let read = |shard: u32, n: usize| {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP").arg(GROUP).arg(consumer).arg("COUNT").arg(n);
@@ -502,22 +662,26 @@ impl RedisSpool {
         // not hide entries another shard already leased to us.
         let mut replies: Vec<Result<Option<redis::streams::StreamReadReply>, Failure>> = Vec::new();
         if count >= order.len() {
-            // Busy: one round trip, `count` split over the shards.
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for (i, shard) in order.iter().enumerate() {
-                pipe.add_command(read(*shard, count / order.len() + usize::from(i < count % order.len())));
+            // Busy: one round trip per primary, `count` split over the shards.
+            let split = |i: usize| count / order.len() + usize::from(i < count % order.len());
+            for (primary, shards) in self.link.by_primary(&order)? {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for shard in &shards {
+                    let i = order.iter().position(|s| s == shard).unwrap_or(0);
+                    pipe.add_command(read(*shard, split(i)));
+                }
+                let all: Vec<redis::RedisResult<Option<redis::streams::StreamReadReply>>> =
+                    call(timeout, pipe.query_async(&mut primary.conn.clone())).await?;
+                replies.extend(all.into_iter().map(|r| r.map_err(Failure::from_redis)));
             }
-            let all: Vec<redis::RedisResult<Option<redis::streams::StreamReadReply>>> =
-                call(timeout, pipe.query_async(conn)).await?;
-            replies.extend(all.into_iter().map(|r| r.map_err(Failure::from_redis)));
         } else {
             let mut got = 0;
             for shard in &order {
                 if got >= count {
                     break;
                 }
-                let reply = call(timeout, read(*shard, count - got).query_async(conn)).await;
+                let reply = call(timeout, read(*shard, count - got).query_async(&mut self.conn(*shard)?)).await;
                 got += reply
                     .as_ref()
                     .ok()
@@ -550,15 +714,7 @@ impl RedisSpool {
         if !leases.is_empty() || block.is_zero() {
             return Ok(leases);
         }
-        let keys: Vec<String> = order.iter().map(|s| self.shard_keys(*s).ready()).collect();
-        let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
-        let options = redis::streams::StreamReadOptions::default()
-            .group(GROUP, consumer)
-            .count(1)
-            .block(block.as_millis().max(1) as usize);
-        let reply: Option<redis::streams::StreamReadReply> =
-            call(block + timeout, conn.xread_options(&keys, &ids, &options)).await?;
-        let mut leases = self.leases_from(consumer, vec![reply]);
+        let mut leases = self.read_blocking(readers, consumer, &order, block).await?;
         for extra in leases.split_off(count.min(leases.len())) {
             if let Err(e) = self.hand_back(&extra).await {
                 tracing::warn!(queue_id = %extra.id, error = %e, "could not hand back an entry read beyond the free slots; taken over after queue.lease");
@@ -567,14 +723,89 @@ impl RedisSpool {
         Ok(leases)
     }
 
+    /// Waits up to `block` for a new entry in any shard. On a cluster the
+    /// shards are read at once, one blocking read each; as soon as one
+    /// answers with an entry the others are ended with CLIENT UNBLOCK, and
+    /// whatever they read meanwhile is kept (handed back if not wanted).
+    async fn read_blocking(
+        &self,
+        readers: &mut Readers,
+        consumer: &str,
+        order: &[u32],
+        block: Duration,
+    ) -> Result<Vec<Lease>, Failure> {
+        let timeout = self.config().timeout;
+        let reads = self.blocking_reads(order)?;
+        for (key, primary, _) in &reads {
+            self.reader_conn(readers, *key, primary, block).await?;
+        }
+        let options = || {
+            redis::streams::StreamReadOptions::default()
+                .group(GROUP, consumer)
+                .count(1)
+                .block(block.as_millis().max(1) as usize)
+        };
+        let mut waiting = tokio::task::JoinSet::new();
+        let mut unblock = HashMap::new();
+        for (key, primary, shards) in reads {
+            let reader = readers.get(&key).expect("just connected");
+            let mut conn = reader.conn.clone();
+            unblock.insert(key, (reader.id, primary.conn.clone()));
+            let keys: Vec<String> = shards.iter().map(|s| self.shard_keys(*s).ready()).collect();
+            let options = options();
+            waiting.spawn(async move {
+                let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
+                let reply: Result<Option<redis::streams::StreamReadReply>, Failure> =
+                    call(block + timeout, conn.xread_options(&keys, &ids, &options)).await;
+                (key, reply)
+            });
+        }
+        let mut leases = Vec::new();
+        let mut failure = None;
+        while let Some(joined) = waiting.join_next().await {
+            let Ok((key, reply)) = joined else { continue };
+            unblock.remove(&key);
+            match reply {
+                Ok(reply) => {
+                    let read = self.leases_from(consumer, vec![reply]);
+                    if !read.is_empty() && leases.is_empty() {
+                        // The others would wait out `block`: end them now.
+                        for (id, mut conn) in unblock.values().cloned() {
+                            tokio::spawn(async move {
+                                let _ = call(
+                                    timeout,
+                                    redis::cmd("CLIENT").arg("UNBLOCK").arg(id).query_async::<i64>(&mut conn),
+                                )
+                                .await;
+                            });
+                        }
+                    }
+                    leases.extend(read);
+                }
+                Err(e) => {
+                    if matches!(e, Failure::NoAnswer(_)) {
+                        // A broken blocking connection is replaced on the next call.
+                        readers.remove(&key);
+                    }
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) if leases.is_empty() => Err(e),
+            _ => Ok(leases),
+        }
+    }
+
     /// The shard of message `id`, if it is committed (staged ones are not).
     async fn shard_holding(&self, id: &QueueId) -> Result<Option<u32>, SpoolError> {
-        let mut pipe = redis::pipe();
-        for shard in 0..self.config().shards {
-            pipe.hget(self.shard_keys(shard).msg(id), "staged").exists(self.shard_keys(shard).msg(id));
-        }
-        let found: Vec<(Option<String>, bool)> =
-            bounded("locate", self.config().timeout, pipe.query_async(&mut self.conn_for("locate")?)).await?;
+        let shards: Vec<u32> = (0..self.config().shards).collect();
+        let found: Vec<(Option<String>, bool)> = self
+            .each_shard(&shards, |pipe, shard| {
+                pipe.hget(self.shard_keys(shard).msg(id), "staged").exists(self.shard_keys(shard).msg(id));
+            })
+            .await
+            .map_err(|e| e.into_error("locate"))?;
         Ok(found.iter().position(|(staged, exists)| *exists && staged.as_deref() != Some("1")).map(|s| s as u32))
     }
 
@@ -586,7 +817,7 @@ impl RedisSpool {
     async fn audit_shard(&self, shard: u32, audit: &mut QueueAudit) -> Result<(), SpoolError> {
         use std::collections::{BTreeMap, HashSet};
         let k = self.shard_keys(shard);
-        let mut conn = self.conn_for("audit")?;
+        let mut conn = self.conn_for(shard, "audit")?;
         let t = self.config().timeout;
         let entries: redis::streams::StreamRangeReply = bounded("audit", t, conn.xrange_all(k.ready())).await?;
         let deferred: HashSet<String> = bounded("audit", t, conn.zrange(k.deferred(), 0, -1)).await?;
@@ -657,7 +888,7 @@ impl Enqueue for RedisSpool {
             let mut inv = RELEASE.prepare_invoke();
             inv.key(k.destination(destination)).key(k.deferred()).key(k.ready()).key(k.dests());
             inv.arg(limit).arg(k.base()).arg(destination);
-            moved += self.run_script::<usize>("release", &inv).await?;
+            moved += self.run_script::<usize>(&k, "release", &inv).await?;
         }
         Ok(moved)
     }
@@ -668,7 +899,7 @@ impl Read for RedisSpool {
     async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
         let key = self.shard_keys(lease.entry.shard).msg(&lease.id);
         let fields: std::collections::HashMap<String, String> =
-            bounded("load", self.config().timeout, self.conn_for("load")?.hgetall(key)).await?;
+            bounded("load", self.config().timeout, self.conn_for(lease.entry.shard, "load")?.hgetall(key)).await?;
         if fields.is_empty() || fields.get("staged").is_some_and(|s| s == "1") {
             return Ok(None);
         }
@@ -684,8 +915,8 @@ impl Read for RedisSpool {
         }
         let key = self.shard_keys(lease.entry.shard).body(&lease.id);
         let end = offset + len as u64 - 1;
-        bounded("body", self.config().timeout, self.conn_for("body")?.getrange(key, offset as isize, end as isize))
-            .await
+        let mut conn = self.conn_for(lease.entry.shard, "body")?;
+        bounded("body", self.config().timeout, conn.getrange(key, offset as isize, end as isize)).await
     }
 }
 
@@ -704,7 +935,7 @@ impl Deliver for RedisSpool {
         read.map_err(|e| {
             if matches!(e, Failure::NoAnswer(_)) {
                 // A broken blocking connection is replaced on the next call.
-                *guard = None;
+                guard.clear();
             }
             e.into_error("lease")
         })
@@ -722,7 +953,7 @@ impl Deliver for RedisSpool {
                 let left = count - taken.len();
                 let mut inv = TAKEOVER.prepare_invoke();
                 inv.key(k.ready()).arg(consumer).arg(idle.as_millis() as u64).arg(&cursor).arg(left).arg(k.base());
-                let reply: Vec<redis::Value> = healing!(self, "takeover", self.script(&inv))?;
+                let reply: Vec<redis::Value> = healing!(self, "takeover", self.script(&k, &inv))?;
                 let mut values = reply.into_iter().map(|v| redis::from_redis_value::<String>(v).unwrap_or_default());
                 let next = values.next().unwrap_or_else(|| "0-0".into());
                 let rest: Vec<String> = values.collect();
@@ -754,7 +985,7 @@ impl Deliver for RedisSpool {
             for entry in held.iter().filter(|e| e.shard == shard) {
                 inv.arg(&entry.id);
             }
-            let reply: Vec<String> = healing!(self, "reclaim", self.script(&inv))?;
+            let reply: Vec<String> = healing!(self, "reclaim", self.script(&k, &inv))?;
             taken.extend(claimed_leases(&reply, shard, consumer));
         }
         Ok(taken)
@@ -765,7 +996,7 @@ impl Deliver for RedisSpool {
         let mut inv = RENEW.prepare_invoke();
         inv.key(k.ready()).key(k.msg(&lease.id));
         Self::fence(&mut inv, lease);
-        fenced(lease, self.run_script("renew", &inv).await?)
+        fenced(lease, self.run_script(&k, "renew", &inv).await?)
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
@@ -775,7 +1006,7 @@ impl Deliver for RedisSpool {
         inv.key(k.done(&lease.id));
         Self::fence(&mut inv, lease);
         inv.arg(lease.id.as_str()).arg(self.link.tombstone().as_millis() as u64);
-        fenced(lease, self.run_script("complete", &inv).await?)
+        fenced(lease, self.run_script(&k, "complete", &inv).await?)
     }
 
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
@@ -791,7 +1022,7 @@ impl Deliver for RedisSpool {
         for d in destinations {
             inv.arg(d);
         }
-        fenced(lease, self.run_script("defer", &inv).await?)
+        fenced(lease, self.run_script(&k, "defer", &inv).await?)
     }
 
     async fn hand_back(&self, lease: &Lease) -> Result<(), SpoolError> {
@@ -800,7 +1031,7 @@ impl Deliver for RedisSpool {
         inv.key(k.ready()).key(k.msg(&lease.id));
         Self::fence(&mut inv, lease);
         inv.arg(lease.id.as_str());
-        fenced(lease, self.run_script("hand_back", &inv).await?)
+        fenced(lease, self.run_script(&k, "hand_back", &inv).await?)
     }
 
     async fn skip(&self, lease: &Lease) -> Result<(), SpoolError> {
@@ -809,7 +1040,7 @@ impl Deliver for RedisSpool {
         inv.key(k.ready()).key(k.msg(&lease.id)).key(k.hold());
         Self::fence(&mut inv, lease);
         inv.arg(lease.id.as_str());
-        fenced(lease, self.run_script("skip", &inv).await?)
+        fenced(lease, self.run_script(&k, "skip", &inv).await?)
     }
 
     async fn quarantine(&self, lease: &Lease) -> Result<(), SpoolError> {
@@ -818,7 +1049,7 @@ impl Deliver for RedisSpool {
         inv.key(k.ready()).key(k.msg(&lease.id)).key(k.hold()).key(k.corrupt()).key(k.arrivals());
         Self::fence(&mut inv, lease);
         inv.arg(lease.id.as_str());
-        fenced(lease, self.run_script("quarantine", &inv).await?)
+        fenced(lease, self.run_script(&k, "quarantine", &inv).await?)
     }
 
     async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError> {
@@ -827,19 +1058,20 @@ impl Deliver for RedisSpool {
             let k = self.shard_keys(shard);
             let mut inv = SCHEDULE.prepare_invoke();
             inv.key(k.deferred()).key(k.ready()).arg(now).arg(batch).arg(k.base());
-            moved += self.run_script::<usize>("schedule", &inv).await?;
+            moved += self.run_script::<usize>(&k, "schedule", &inv).await?;
         }
         Ok(moved)
     }
 
     async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError> {
-        let mut pipe = redis::pipe();
-        for shard in 0..self.config().shards {
-            pipe.smembers(self.shard_keys(shard).dests());
-        }
-        let sets: Vec<Vec<String>> =
-            bounded("dests", self.config().timeout, pipe.query_async(&mut self.conn_for("dests")?)).await?;
-        let all: std::collections::BTreeSet<String> = sets.into_iter().flatten().collect();
+        let shards: Vec<u32> = (0..self.config().shards).collect();
+        let sets: Vec<(Vec<String>,)> = self
+            .each_shard(&shards, |pipe, shard| {
+                pipe.smembers(self.shard_keys(shard).dests());
+            })
+            .await
+            .map_err(|e| e.into_error("dests"))?;
+        let all: std::collections::BTreeSet<String> = sets.into_iter().flat_map(|(set,)| set).collect();
         Ok(all.into_iter().collect())
     }
 
@@ -857,7 +1089,7 @@ impl Deliver for RedisSpool {
             inv.key(k.staged()).key(k.ready()).key(k.corrupt()).key(k.arrivals()).key(k.hold());
             inv.arg(staged_age.as_millis() as u64).arg(consumer_idle.as_millis() as u64).arg(consumer);
             inv.arg(cutoff).arg(k.base()).arg(MAINTAIN_BATCH);
-            let (staged, pruned, corrupt): (u64, u64, u64) = self.run_script("maintain", &inv).await?;
+            let (staged, pruned, corrupt): (u64, u64, u64) = self.run_script(&k, "maintain", &inv).await?;
             done.staged_removed += staged;
             done.consumers_pruned += pruned;
             done.corrupt_removed += corrupt;
@@ -869,9 +1101,9 @@ impl Deliver for RedisSpool {
 #[async_trait::async_trait]
 impl Admin for RedisSpool {
     async fn prepare(&self) -> Result<(), SpoolError> {
-        // Through Sentinel, the first answer is a moment away.
+        // Through Sentinel or a cluster, the first answer is a moment away.
         let asked = tokio::time::Instant::now();
-        while self.link.primary().is_err() && asked.elapsed() < self.config().timeout {
+        while !self.link.routed() && asked.elapsed() < self.config().timeout {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.create_groups().await?;
@@ -879,12 +1111,11 @@ impl Admin for RedisSpool {
     }
 
     async fn ping(&self) -> Result<(), SpoolError> {
-        let t = self.config().timeout;
-        let mut pipe = redis::pipe();
-        for shard in 0..self.config().shards {
-            pipe.cmd("XPENDING").arg(self.shard_keys(shard).ready()).arg(GROUP).ignore();
-        }
-        healing!(self, "ping", async { call(t, pipe.query_async::<()>(&mut self.conn()?)).await })
+        let shards: Vec<u32> = (0..self.config().shards).collect();
+        let pending = |pipe: &mut redis::Pipeline, shard: u32| {
+            pipe.cmd("XPENDING").arg(self.shard_keys(shard).ready()).arg(GROUP);
+        };
+        healing!(self, "ping", self.each_shard::<redis::Value>(&shards, pending)).map(drop)
     }
 
     async fn locate(&self, id: &QueueId) -> Result<Option<Lease>, SpoolError> {
@@ -898,7 +1129,7 @@ impl Admin for RedisSpool {
         inv.key(k.msg(id)).key(k.body(id)).key(k.deferred()).key(k.hold()).key(k.ready()).key(k.arrivals());
         inv.key(k.corrupt());
         inv.arg(action.as_str()).arg(id.as_str()).arg(k.base());
-        Ok(self.run_script::<i64>("admin", &inv).await? == 1)
+        Ok(self.run_script::<i64>(&k, "admin", &inv).await? == 1)
     }
 
     async fn flush_all(&self, limit: usize) -> Result<usize, SpoolError> {
@@ -916,7 +1147,7 @@ impl Admin for RedisSpool {
             pipe.zcard(k.arrivals()).xlen(k.ready()).cmd("XPENDING").arg(k.ready()).arg(GROUP);
             pipe.zcard(k.deferred()).scard(k.hold()).zrange_withscores(k.arrivals(), 0, 0);
             let (messages, xlen, pending, deferred, held, first): Row =
-                healing!(self, "stats", async { call(t, pipe.query_async(&mut self.conn()?)).await })?;
+                healing!(self, "stats", async { call(t, pipe.query_async(&mut self.conn(shard)?)).await })?;
             // XPENDING summary: [count, first, last, consumers].
             let leased = match pending {
                 redis::Value::Array(ref items) => match items.first() {
@@ -943,23 +1174,27 @@ impl Admin for RedisSpool {
         if dests.is_empty() {
             return Ok(stats);
         }
-        let mut pipe = redis::pipe();
-        for d in &dests {
-            for shard in 0..self.config().shards {
-                pipe.zcard(self.shard_keys(shard).destination(d));
-            }
-        }
-        let counts: Vec<u64> = bounded("stats", t, pipe.query_async(&mut self.conn_for("stats")?)).await?;
-        let per = self.config().shards as usize;
-        stats.deferred_by_destination =
-            dests.into_iter().zip(counts.chunks(per.max(1))).map(|(d, c)| (d, c.iter().sum())).collect();
+        let shards: Vec<u32> = (0..self.config().shards).collect();
+        let counts: Vec<Vec<u64>> = self
+            .each_shard(&shards, |pipe, shard| {
+                for d in &dests {
+                    pipe.zcard(self.shard_keys(shard).destination(d));
+                }
+            })
+            .await
+            .map_err(|e| e.into_error("stats"))?;
+        stats.deferred_by_destination = dests
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (d, counts.iter().map(|per_shard| per_shard[i]).sum()))
+            .collect();
         Ok(stats)
     }
 
     async fn list(&self) -> Result<Vec<(Envelope, MessageState)>, SpoolError> {
-        let mut conn = self.conn_for("list")?;
         let mut all = Vec::new();
         for shard in 0..self.config().shards {
+            let mut conn = self.conn_for(shard, "list")?;
             let k = self.shard_keys(shard);
             let ids: Vec<String> = bounded("list", self.config().timeout, conn.zrange(k.arrivals(), 0, -1)).await?;
             for chunk in ids.chunks(500) {
@@ -983,7 +1218,7 @@ impl Admin for RedisSpool {
         let mut pipe = redis::pipe();
         pipe.hgetall(k.msg(id)).zscore(k.deferred(), id.as_str());
         let (fields, due): (std::collections::HashMap<String, String>, Option<f64>) =
-            bounded("show", self.config().timeout, pipe.query_async(&mut self.conn_for("show")?)).await?;
+            bounded("show", self.config().timeout, pipe.query_async(&mut self.conn_for(shard, "show")?)).await?;
         if fields.is_empty() {
             return Ok(None);
         }

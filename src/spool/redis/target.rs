@@ -4,7 +4,10 @@
 //! primary a set of Sentinels names
 //! (`redis+sentinel://[user:password@]host:port,host:port,…/master[/db]`),
 //! asked again every [`SENTINEL_CHECK`] so that a node follows a failover
-//! by itself.
+//! by itself, or a Redis Cluster
+//! (`redis+cluster://[user:password@]host:port,host:port,…`, or
+//! `rediss+cluster://` over TLS), whose slot map is read the same way (see
+//! [`super::cluster`]).
 //!
 //! Invariant: a primary is only taken from a Sentinel after it answered
 //! `ROLE` as a master (the `redis` crate's `async_master_for` checks), so
@@ -16,13 +19,17 @@ use std::time::Duration;
 use redis::IntoConnectionInfo;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 
-use crate::config::QueueConfig;
+use crate::config::{QueueConfig, mask_url};
 
-/// How often a node asks the Sentinels which server is the primary.
+/// How often a node asks the Sentinels which server is the primary, or
+/// the cluster which primary holds each shard.
 pub(super) const SENTINEL_CHECK: Duration = Duration::from_millis(500);
 /// Port of a Sentinel given without one.
 const SENTINEL_PORT: u16 = 26379;
+/// Port of a cluster node given without one.
+const REDIS_PORT: u16 = 6379;
 const SENTINEL_SCHEME: &str = "redis+sentinel://";
+const CLUSTER_SCHEMES: [(&str, &str); 2] = [("redis+cluster://", "redis"), ("rediss+cluster://", "rediss")];
 
 /// What `queue.url` names.
 pub(super) enum Endpoint {
@@ -30,6 +37,101 @@ pub(super) enum Endpoint {
     Server(redis::Client),
     /// The primary of `master` as the Sentinels see it.
     Sentinel(SentinelSet),
+    /// The primaries of a Redis Cluster, one per shard.
+    Cluster(ClusterSeeds),
+}
+
+/// What a `redis+cluster://` URL names: where to ask for the slot map
+/// first, and how to reach any node of the cluster.
+pub(super) struct ClusterSeeds {
+    /// `host:port` of the nodes the URL lists.
+    pub(super) seeds: Vec<String>,
+    /// `redis` or `rediss`.
+    scheme: &'static str,
+    /// `user:password@` as written (percent-escaped), or empty.
+    auth: String,
+    tls: Option<TlsFiles>,
+}
+
+/// The contents of `queue.tls_ca_file`, `queue.tls_cert`, `queue.tls_key`.
+#[derive(Clone)]
+struct TlsFiles {
+    root_cert: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    /// `None` when no file is set (the system's roots, no client certificate).
+    fn read(config: &QueueConfig) -> Result<Option<TlsFiles>, Problem> {
+        if config.tls_ca_file.is_empty() && config.tls_cert.is_empty() {
+            return Ok(None);
+        }
+        let read = |key: &'static str, path: &str| {
+            std::fs::read(path).map_err(|e| Problem { key, text: format!("cannot read {path:?}: {e}") })
+        };
+        let root_cert = match config.tls_ca_file.as_str() {
+            "" => None,
+            path => Some(read("queue.tls_ca_file", path)?),
+        };
+        let client = match (config.tls_cert.as_str(), config.tls_key.as_str()) {
+            ("", _) | (_, "") => None,
+            (cert, key) => Some((read("queue.tls_cert", cert)?, read("queue.tls_key", key)?)),
+        };
+        Ok(Some(TlsFiles { root_cert, client }))
+    }
+
+    fn client(&self, url: &str) -> Result<redis::Client, Problem> {
+        let client_tls = self
+            .client
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig { client_cert: cert.clone(), client_key: key.clone() });
+        let certs = redis::TlsCertificates { client_tls, root_cert: self.root_cert.clone() };
+        redis::Client::build_with_tls(url, certs).map_err(|e| Problem {
+            key: "queue.tls_ca_file",
+            text: format!("the TLS files for {} are not usable: {e}", mask_url(url)),
+        })
+    }
+}
+
+impl ClusterSeeds {
+    /// A client for the cluster node at `addr` (`host:port`), with the
+    /// URL's credentials and TLS.
+    pub(super) fn client(&self, addr: &str) -> Result<redis::Client, Problem> {
+        let url = format!("{}://{}{addr}/", self.scheme, self.auth);
+        match &self.tls {
+            Some(tls) if self.scheme == "rediss" => tls.client(&url),
+            _ => redis::Client::open(url.as_str()).map_err(|e| Problem { key: "queue.url", text: e.to_string() }),
+        }
+    }
+
+    /// Parses a `redis+cluster://` or `rediss+cluster://` URL.
+    fn parse(url: &str, tls: Option<TlsFiles>) -> Result<ClusterSeeds, String> {
+        let (rest, scheme) = CLUSTER_SCHEMES
+            .iter()
+            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|r| (r, *scheme)))
+            .ok_or("is not a cluster URL")?;
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((u, r)) => (format!("{u}@"), r),
+            None => (String::new(), rest),
+        };
+        let hosts = rest.trim_end_matches('/');
+        if hosts.contains('/') {
+            return Err("names a database, but a Redis Cluster has only database 0".into());
+        }
+        let mut seeds = Vec::new();
+        for host in hosts.split(',').map(str::trim) {
+            if host.is_empty() {
+                return Err("names no cluster node (host:port,host:port,…)".into());
+            }
+            seeds.push(if has_port(host) { host.to_string() } else { format!("{host}:{REDIS_PORT}") });
+        }
+        let parsed = ClusterSeeds { seeds, scheme, auth, tls };
+        // Every seed must make a valid URL (host syntax, escapes).
+        for seed in &parsed.seeds {
+            parsed.client(seed).map_err(|p| format!("{seed:?}: {}", p.text))?;
+        }
+        Ok(parsed)
+    }
 }
 
 pub(super) struct SentinelSet {
@@ -42,6 +144,7 @@ pub(super) struct SentinelSet {
 }
 
 /// What is wrong with the queue's configuration: the key, and why.
+#[derive(Debug)]
 pub struct Problem {
     pub key: &'static str,
     pub text: String,
@@ -55,27 +158,14 @@ impl Endpoint {
         if url.starts_with(SENTINEL_SCHEME) {
             return Endpoint::parse_sentinel(url).map_err(|e| problem("queue.url", e));
         }
-        if !url.starts_with("rediss://") || (config.tls_ca_file.is_empty() && config.tls_cert.is_empty()) {
-            return redis::Client::open(url).map(Endpoint::Server).map_err(|e| problem("queue.url", e.to_string()));
+        let tls = TlsFiles::read(config)?;
+        if CLUSTER_SCHEMES.iter().any(|(prefix, _)| url.starts_with(prefix)) {
+            return ClusterSeeds::parse(url, tls).map(Endpoint::Cluster).map_err(|e| problem("queue.url", e));
         }
-        let read = |key: &'static str, path: &str| {
-            std::fs::read(path).map_err(|e| problem(key, format!("cannot read {path:?}: {e}")))
-        };
-        let root_cert = match config.tls_ca_file.as_str() {
-            "" => None,
-            path => Some(read("queue.tls_ca_file", path)?),
-        };
-        let client_tls = match (config.tls_cert.as_str(), config.tls_key.as_str()) {
-            ("", _) | (_, "") => None,
-            (cert, key) => Some(redis::ClientTlsConfig {
-                client_cert: read("queue.tls_cert", cert)?,
-                client_key: read("queue.tls_key", key)?,
-            }),
-        };
-        let certs = redis::TlsCertificates { client_tls, root_cert };
-        redis::Client::build_with_tls(url, certs)
-            .map(Endpoint::Server)
-            .map_err(|e| problem("queue.tls_ca_file", format!("the TLS files of {url:?} are not usable: {e}")))
+        match tls {
+            Some(tls) if url.starts_with("rediss://") => tls.client(url).map(Endpoint::Server),
+            _ => redis::Client::open(url).map(Endpoint::Server).map_err(|e| problem("queue.url", e.to_string())),
+        }
     }
 
     /// Parses a `redis+sentinel://` URL; the error says what is wrong.
@@ -147,7 +237,7 @@ mod tests {
     fn sentinel(url: &str) -> SentinelSet {
         match Endpoint::parse_sentinel(url) {
             Ok(Endpoint::Sentinel(s)) => s,
-            Ok(Endpoint::Server(_)) => panic!("{url}: not a Sentinel set"),
+            Ok(_) => panic!("{url}: not a Sentinel set"),
             Err(e) => panic!("{url}: {e}"),
         }
     }
@@ -183,6 +273,27 @@ mod tests {
         let p = problem(&missing).expect("an unreadable CA file");
         assert_eq!(p.key, "queue.tls_ca_file");
         assert!(p.text.contains("cannot read \"/nonexistent/ca.pem\""), "{}", p.text);
+    }
+
+    #[test]
+    fn a_cluster_url_names_its_seeds_with_default_ports_and_keeps_the_credentials() {
+        let with = |url: &str| QueueConfig { url: url.into(), ..QueueConfig::default() };
+        let Ok(Endpoint::Cluster(c)) = Endpoint::open(&with("redis+cluster://app:p%40ss@h1:7000,h2,[::1]:7002/"))
+        else {
+            panic!("not a cluster")
+        };
+        assert_eq!(c.seeds, ["h1:7000", "h2:6379", "[::1]:7002"]);
+        let info = c.client("10.0.0.5:7005").unwrap().get_connection_info().clone();
+        assert_eq!(info.addr().to_string(), "10.0.0.5:7005");
+        assert_eq!((info.redis_settings().username(), info.redis_settings().password()), (Some("app"), Some("p@ss")));
+        assert!(matches!(Endpoint::open(&with("rediss+cluster://h1")), Ok(Endpoint::Cluster(_))));
+        for (url, says) in
+            [("redis+cluster://h1:7000/3", "only database 0"), ("redis+cluster://h1,,h2", "names no cluster node")]
+        {
+            let p = problem(&with(url)).unwrap_or_else(|| panic!("{url} accepted"));
+            assert_eq!(p.key, "queue.url");
+            assert!(p.text.contains(says), "{url}: {}", p.text);
+        }
     }
 
     #[test]

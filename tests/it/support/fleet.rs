@@ -228,9 +228,10 @@ pub struct Fleet {
     redis_dir: tempfile::TempDir,
     pub nodes: Vec<Relay>,
     pub prefix: String,
-    /// The Redis the test inspects when it is no longer [`Fleet::redis`]
-    /// (a replica promoted by Sentinel).
-    pub inspect: Option<String>,
+    /// The Redis servers the test inspects when the queue is no longer on
+    /// [`Fleet::redis`]: a replica promoted by Sentinel, or the primaries of
+    /// a Redis Cluster (each shard is read where it is).
+    pub inspect: Vec<String>,
 }
 
 impl Fleet {
@@ -245,7 +246,7 @@ impl Fleet {
         let redis_dir = tempfile::tempdir().expect("redis data directory");
         let dir = redis_dir.path().to_str().expect("utf-8 temp path").to_string();
         let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always", "--dir", &dir]);
-        Fleet { dns, db, redis, redis_dir, nodes: Vec::new(), prefix: unique("mxrq"), inspect: None }
+        Fleet { dns, db, redis, redis_dir, nodes: Vec::new(), prefix: unique("mxrq"), inspect: Vec::new() }
     }
 
     pub fn redis_addr(&self) -> String {
@@ -304,12 +305,22 @@ impl Fleet {
         nodes.iter().map(|i| self.nodes[*i].value(sample)).sum()
     }
 
+    /// A connection to each server the queue is on.
+    fn connections(&self) -> Option<Vec<redis::Connection>> {
+        let urls = if self.inspect.is_empty() { vec![self.redis.url()] } else { self.inspect.clone() };
+        urls.iter()
+            .map(|url| {
+                let client = redis::Client::open(url.as_str()).ok()?;
+                let conn = client.get_connection_with_timeout(INSPECT_TIMEOUT).ok()?;
+                conn.set_read_timeout(Some(INSPECT_TIMEOUT)).ok()?;
+                conn.set_write_timeout(Some(INSPECT_TIMEOUT)).ok()?;
+                Some(conn)
+            })
+            .collect()
+    }
+
     fn connection(&self) -> Option<redis::Connection> {
-        let client = redis::Client::open(self.inspect.clone().unwrap_or_else(|| self.redis.url())).ok()?;
-        let conn = client.get_connection_with_timeout(INSPECT_TIMEOUT).ok()?;
-        conn.set_read_timeout(Some(INSPECT_TIMEOUT)).ok()?;
-        conn.set_write_timeout(Some(INSPECT_TIMEOUT)).ok()?;
-        Some(conn)
+        self.connections()?.into_iter().next()
     }
 
     fn ready_key(&self, shard: u32) -> String {
@@ -319,31 +330,34 @@ impl Fleet {
     /// Queue ids leased now (pending in group `delivery`), to `consumer` or
     /// to anyone; `None` when Redis does not answer.
     pub fn pending(&self, consumer: Option<&str>) -> Option<HashSet<String>> {
-        let mut conn = self.connection()?;
         let mut ids = HashSet::new();
-        for shard in 0..SHARDS {
-            let key = self.ready_key(shard);
-            let mut cmd = redis::cmd("XPENDING");
-            cmd.arg(&key).arg("delivery").arg("-").arg("+").arg(100_000);
-            if let Some(c) = consumer {
-                cmd.arg(c);
-            }
-            // A stream or group that does not exist (yet) holds no lease.
-            let entries: Vec<(String, String, u64, u64)> = match cmd.query(&mut conn) {
-                Ok(e) => e,
-                Err(e) if e.code() == Some("NOGROUP") => continue,
-                Err(_) => return None,
-            };
-            if entries.is_empty() {
-                continue;
-            }
-            let mut pipe = redis::pipe();
-            for (entry, ..) in &entries {
-                pipe.cmd("XRANGE").arg(&key).arg(entry).arg(entry);
-            }
-            let ranges: Vec<redis::streams::StreamRangeReply> = pipe.query(&mut conn).ok()?;
-            for range in ranges {
-                ids.extend(range.ids.iter().filter_map(|e| e.get::<String>("id")));
+        for mut conn in self.connections()? {
+            for shard in 0..SHARDS {
+                let key = self.ready_key(shard);
+                let mut cmd = redis::cmd("XPENDING");
+                cmd.arg(&key).arg("delivery").arg("-").arg("+").arg(100_000);
+                if let Some(c) = consumer {
+                    cmd.arg(c);
+                }
+                // A stream or group that does not exist (yet) holds no
+                // lease; a cluster node that does not hold the shard says
+                // where it is.
+                let entries: Vec<(String, String, u64, u64)> = match cmd.query(&mut conn) {
+                    Ok(e) => e,
+                    Err(e) if matches!(e.code(), Some("NOGROUP" | "MOVED")) => continue,
+                    Err(_) => return None,
+                };
+                if entries.is_empty() {
+                    continue;
+                }
+                let mut pipe = redis::pipe();
+                for (entry, ..) in &entries {
+                    pipe.cmd("XRANGE").arg(&key).arg(entry).arg(entry);
+                }
+                let ranges: Vec<redis::streams::StreamRangeReply> = pipe.query(&mut conn).ok()?;
+                for range in ranges {
+                    ids.extend(range.ids.iter().filter_map(|e| e.get::<String>("id")));
+                }
             }
         }
         Some(ids)
@@ -379,17 +393,21 @@ impl Fleet {
     /// client was told 451 (left by a primary that died before withdrawing
     /// it, swept by the nodes' housekeeping).
     pub fn queued(&self) -> Option<usize> {
-        let mut conn = self.connection()?;
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*:msg:*", self.prefix)).query(&mut conn).ok()?;
-        if keys.is_empty() {
-            return Some(0);
+        let mut queued = 0;
+        for mut conn in self.connections()? {
+            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*:msg:*", self.prefix)).query(&mut conn).ok()?;
+            if keys.is_empty() {
+                continue;
+            }
+            // Keys a cluster node lists are its own, so one pipeline serves.
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.hget(k, "staged");
+            }
+            let staged: Vec<Option<String>> = pipe.query(&mut conn).ok()?;
+            queued += staged.iter().filter(|s| s.as_deref() != Some("1")).count();
         }
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.hget(k, "staged");
-        }
-        let staged: Vec<Option<String>> = pipe.query(&mut conn).ok()?;
-        Some(staged.iter().filter(|s| s.as_deref() != Some("1")).count())
+        Some(queued)
     }
 
     /// Makes Redis refuse every write until the guard is dropped (CLIENT

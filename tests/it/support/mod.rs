@@ -12,6 +12,7 @@ pub mod outbound;
 pub mod pki;
 pub mod postfix;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod scanners;
 pub mod sentinel;
 pub mod sink;
@@ -610,18 +611,30 @@ impl Relay {
     /// Runs `mxrelay ARGS…` with this node's configuration file and
     /// environment; returns (success, stdout and stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+        let out = self.cli_output(args);
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+
+    /// Runs `mxrelay ARGS… --json` as [`Relay::cli`] and reads its output.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli_output(&[args, &["--json"]].concat());
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "mxrelay {args:?}: {stdout}{stderr}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("mxrelay {args:?}: {e}: {stdout}{stderr}"))
+    }
+
+    fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_mxrelay"))
             .args(args)
             .arg("--config")
             .arg(self.dir.path().join("mxrelay.toml"))
             .env("MXRELAY_QUEUE_PREFIX", &self.prefix)
             .envs(self.env.iter().map(|(a, b)| (a, b)))
             .output()
-            .expect("mxrelay binary");
-        (
-            out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-        )
+            .expect("mxrelay binary")
     }
 
     pub fn queue(&self, redis_url: &str) -> Queue {
