@@ -107,6 +107,11 @@ fn queue_urls_and_password_files_are_checked_naming_the_key() {
     );
     refused(
         &["check-config"],
+        &[("MXRELAY_QUEUE_URL", "redis+cluster://127.0.0.1:7000,127.0.0.1:7001/2")],
+        &["config error: queue.url", "names a database, but a Redis Cluster has only database 0"],
+    );
+    refused(
+        &["check-config"],
         &[("MXRELAY_QUEUE_PASSWORD_FILE", "/nonexistent/redis-password")],
         &[
             "config error: queue.password_file (MXRELAY_QUEUE_PASSWORD_FILE): cannot read \"/nonexistent/redis-password\"",
@@ -134,6 +139,12 @@ fn queue_urls_and_password_files_are_checked_naming_the_key() {
         ("MXRELAY_QUEUE_PASSWORD_FILE", secret.to_str().unwrap()),
     ]);
     assert!(shown.contains("redis+sentinel://app:***@127.0.0.1:26379,127.0.0.1:26380/mxq"), "{shown}");
+    assert!(!shown.contains("Sup3r"), "{shown}");
+    let shown = check_config_output(&[
+        ("MXRELAY_QUEUE_URL", "redis+cluster://app@127.0.0.1:7000,127.0.0.1:7001"),
+        ("MXRELAY_QUEUE_PASSWORD_FILE", secret.to_str().unwrap()),
+    ]);
+    assert!(shown.contains("redis+cluster://app:***@127.0.0.1:7000,127.0.0.1:7001"), "{shown}");
     assert!(!shown.contains("Sup3r"), "{shown}");
 }
 

@@ -100,6 +100,29 @@ fn a_node_whose_sentinels_do_not_answer_names_queue_url_and_becomes_ready_when_t
     sink.wait_for(1, Duration::from_secs(20));
 }
 
+/// The same for a Redis Cluster none of whose listed nodes answers.
+#[test]
+fn a_node_whose_cluster_does_not_answer_names_queue_url_and_answers_451() {
+    let (dns, db) = dns_and_db();
+    let (destination, down) = (DownPort::new(), DownPort::new());
+    db.add_domain(LISTED, "127.0.0.1", destination.port);
+    let url = format!("redis+cluster://127.0.0.1:{}", down.port);
+    let relay = delivering(&db, &dns, &url, &[]);
+    wait_until("the start-up error logged", Duration::from_secs(15), || {
+        relay.log().contains("queue not reachable at start")
+    });
+    assert!(
+        relay.log().contains("no node of the cluster in queue.url has named the primary of shard"),
+        "{}",
+        relay.log()
+    );
+    let ready = relay.http_get("/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("queue.url"), "{ready}");
+    let (code, transcript) = send(&relay, "early@friet.pan");
+    assert_ne!(code, 0, "no queue, no 250: {transcript}");
+    assert!(transcript.contains("451 4.3.0"), "{transcript}");
+}
+
 #[test]
 fn bdat_chunks_lost_before_last_give_451_and_queue_nothing() {
     let w = World::start_with(&[("MXRELAY_QUEUE_CHUNK_SIZE", "4096")]);

@@ -110,8 +110,11 @@ pub(super) fn watch(link: Weak<Link>, seeds: ClusterSeeds, shard_slots: Vec<u16>
         loop {
             let Some(timeout) = link.upgrade().map(|l| l.config.timeout) else { return };
             let views = ask_all(&seeds, &known, &mut conns, timeout.min(ASK_LIMIT)).await;
-            for p in views.iter().flatten() {
-                known.insert(p.addr.clone());
+            if !views.is_empty() {
+                // The seeds and the primaries named now: a node removed
+                // from the cluster is no longer asked.
+                known = seeds.seeds.iter().cloned().chain(views.iter().flatten().map(|p| p.addr.clone())).collect();
+                conns.retain(|addr, _| known.contains(addr));
             }
             let found = owners(&views, &shard_slots);
             let Some(link) = link.upgrade() else { return };
