@@ -43,7 +43,7 @@ pub(super) fn slot(key: &str) -> u16 {
 
 /// One line of `CLUSTER NODES`, for a primary.
 #[derive(Debug, PartialEq)]
-struct Primary {
+struct Serving {
     addr: String,
     epoch: u64,
     slots: Vec<(u16, u16)>,
@@ -52,7 +52,7 @@ struct Primary {
 /// The primaries of a `CLUSTER NODES` answer that are not marked failed,
 /// with the slots each serves. `asked` replaces an empty address (a node
 /// that does not know its own).
-fn primaries(text: &str, asked: &str) -> Vec<Primary> {
+fn primaries(text: &str, asked: &str) -> Vec<Serving> {
     let mut out = Vec::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -75,14 +75,14 @@ fn primaries(text: &str, asked: &str) -> Vec<Primary> {
                 None => s.parse().ok().map(|n| (n, n)),
             })
             .collect();
-        out.push(Primary { addr, epoch, slots });
+        out.push(Serving { addr, epoch, slots });
     }
     out
 }
 
 /// For each slot of `wanted`, the primary serving it with the highest
 /// config epoch in any of `views`; `None` where no view names one.
-fn owners(views: &[Vec<Primary>], wanted: &[u16]) -> Vec<Option<String>> {
+fn owners(views: &[Vec<Serving>], wanted: &[u16]) -> Vec<Option<String>> {
     wanted
         .iter()
         .map(|slot| {
@@ -162,7 +162,7 @@ async fn ask_all(
     known: &BTreeSet<String>,
     conns: &mut HashMap<String, MultiplexedConnection>,
     limit: Duration,
-) -> Vec<Vec<Primary>> {
+) -> Vec<Vec<Serving>> {
     let mut asking = tokio::task::JoinSet::new();
     for addr in known {
         let addr = addr.clone();
@@ -219,7 +219,7 @@ aaaa 127.0.0.1:30009@31009,host9 master,fail - 0 0 9 connected 100
     fn cluster_nodes_gives_the_live_primaries_and_their_slots() {
         let p = primaries(NODES, "127.0.0.1:30001");
         assert_eq!(p.len(), 3, "the replica and the failed primary are left out: {p:?}");
-        assert_eq!(p[2], Primary { addr: "127.0.0.1:30001".into(), epoch: 1, slots: vec![(0, 5460)] });
+        assert_eq!(p[2], Serving { addr: "127.0.0.1:30001".into(), epoch: 1, slots: vec![(0, 5460)] });
         assert_eq!(p[0].slots, vec![(5461, 10922)]);
     }
 
