@@ -41,13 +41,13 @@ fn a_queue_on_a_redis_cluster_spreads_its_shards_over_the_primaries_and_delivers
     fleet.spawn_nodes(&[], |_| Some(url.clone()));
     wait_ready(&fleet, "every node ready on the cluster");
     let started = Instant::now();
-    finish(fleet.inject(&ALL, &[(4, 200, 1000), (2, 40, 10_000)]));
+    finish(fleet.inject(&ALL, &[(4, 600, 1000), (2, 100, 10_000)]));
     let drained = fleet.drained(&ALL, Instant::now() + DRAIN);
     let copies: Vec<Copy> = sink.messages().iter().map(Copy::from_sink).collect();
     let t = tally(&fleet.accepted(), &fleet.refused(), &copies);
     report("redis_cluster_no_fault", &t, started.elapsed(), "");
     assert!(drained.is_some(), "queue not empty {DRAIN:?} after the load");
-    assert_eq!((t.accepted, t.lost.len(), t.duplicated, t.truncated), (720, 0, 0, 0), "{t:?}");
+    assert_eq!((t.accepted, t.lost.len(), t.duplicated, t.truncated), (2100, 0, 0, 0), "{t:?}");
     // Each shard lives on the primary that serves its slot, and the shards
     // are on more than one primary.
     let mut owners = HashSet::new();

@@ -465,6 +465,7 @@ fn sentinel_failover(scenario: &'static str, paused: bool) {
     let killed = Instant::now();
     drop(pause);
     let promoted = wait_until_value("a replica promoted", OBSERVE, || sentinels.primary_port().filter(|p| *p != old));
+    sentinels.no_more_failovers();
     fleet.inspect = vec![format!("redis://127.0.0.1:{promoted}/")];
     wait_until("every node writing to the new primary", OBSERVE, || fleet.metric(&ALL, PRIMARY_CHANGES) >= 3.0);
     wait_ready(&fleet, &ALL, "200", "every node ready on the new primary");

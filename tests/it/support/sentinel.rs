@@ -34,7 +34,7 @@ impl Sentinels {
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\nlogfile sentinel-{i}.log\n\
                      sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
                      sentinel down-after-milliseconds {MASTER} 1000\n\
                      sentinel failover-timeout {MASTER} 5000\n\
@@ -78,6 +78,26 @@ impl Sentinels {
         format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
     }
 
+    /// Tells every Sentinel to take a primary for down only after a
+    /// minute without an answer: called once a test's one failover has
+    /// happened, so that the new primary, busy resyncing the other replica
+    /// on a loaded machine, is not failed over again (a second promotion,
+    /// of a replica still resyncing, loses what the first new primary had
+    /// not replicated, which is another scenario than the one measured).
+    pub fn no_more_failovers(&self) {
+        for p in &self.ports {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{p}/")).unwrap();
+            let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).expect("a Sentinel");
+            let set: redis::RedisResult<()> = redis::cmd("SENTINEL")
+                .arg("SET")
+                .arg(MASTER)
+                .arg("down-after-milliseconds")
+                .arg(60_000)
+                .query(&mut conn);
+            set.unwrap_or_else(|e| panic!("SENTINEL SET on {p}: {e}"));
+        }
+    }
+
     /// The primary's port as the first Sentinel that answers names it.
     pub fn primary_port(&self) -> Option<u16> {
         self.ports.iter().find_map(|p| {
@@ -88,10 +108,18 @@ impl Sentinels {
 }
 
 impl Drop for Sentinels {
+    /// Stops them; a failing test gets their logs (which failover each
+    /// Sentinel saw, voted for and started).
     fn drop(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for i in 0..self.children.len() {
+                let log = std::fs::read_to_string(self._dir.path().join(format!("sentinel-{i}.log")));
+                eprintln!("--- sentinel {i} log ---\n{}", log.unwrap_or_default());
+            }
         }
     }
 }
