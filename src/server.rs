@@ -273,9 +273,12 @@ pub fn file_problems(config: &Config) -> Vec<ConfigError> {
         let (text, fix) = if p.key == "queue.url" {
             (
                 format!("{:?} {}", crate::config::mask_url(&config.queue.url), p.text),
-                "use redis://[user:password@]host:port/db, rediss://… for TLS, or \
-                 redis+sentinel://[user:password@]host:port,host:port/master[/db]",
+                "use redis://[user:password@]host:port/db, rediss://… for TLS, \
+                 redis+sentinel://[user:password@]host:port,host:port/master[/db], or \
+                 redis+cluster://[user:password@]host:port,host:port",
             )
+        } else if p.key == "queue.sentinel_password_file" {
+            (p.text, "point it at a readable file holding only the Sentinels' password")
         } else {
             (p.text, "point it at a readable PEM file")
         };

@@ -87,8 +87,15 @@ impl Config {
                 "use mysql://user:password@host:port/database (cluster) or sqlite://path/mxrelay.db (single node)",
             ));
         }
-        let schemes =
-            ["redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "rediss+cluster://", "sqlite://"];
+        let schemes = [
+            "redis://",
+            "rediss://",
+            "redis+sentinel://",
+            "rediss+sentinel://",
+            "redis+cluster://",
+            "rediss+cluster://",
+            "sqlite://",
+        ];
         if !schemes.iter().any(|p| self.queue.url.starts_with(p)) {
             errors.push(ConfigError::new(
                 "queue.url",
@@ -107,11 +114,26 @@ impl Config {
             ));
         }
         let tls_files = !self.queue.tls_ca_file.is_empty() || !self.queue.tls_cert.is_empty();
-        if tls_files && !self.queue.url.starts_with("rediss://") {
+        if tls_files && !self.queue.url.starts_with("rediss") {
             errors.push(ConfigError::new(
                 "queue.tls_ca_file",
-                format!("TLS files are set but {:?} is not a rediss:// URL", mask_url(&self.queue.url)),
-                "use rediss://host:port/db for TLS, or leave queue.tls_ca_file, tls_cert and tls_key empty",
+                format!("TLS files are set but {:?} is not a rediss URL", mask_url(&self.queue.url)),
+                "use rediss://, rediss+sentinel:// or rediss+cluster:// for TLS, or leave queue.tls_ca_file, \
+                 tls_cert and tls_key empty",
+            ));
+        }
+        let sentinel_auth = !self.queue.sentinel_user.is_empty() || !self.queue.sentinel_password_file.is_empty();
+        if sentinel_auth && !self.queue.url.contains("+sentinel://") {
+            let key = if self.queue.sentinel_user.is_empty() {
+                "queue.sentinel_password_file"
+            } else {
+                "queue.sentinel_user"
+            };
+            errors.push(ConfigError::new(
+                key,
+                format!("Sentinel credentials are set but {:?} names no Sentinels", mask_url(&self.queue.url)),
+                "use redis+sentinel://host:port,host:port/master, or leave queue.sentinel_user and \
+                 sentinel_password_file empty",
             ));
         }
         if self.queue.shards == 0 || self.queue.shards > 1024 {

@@ -353,6 +353,13 @@ pub struct QueueConfig {
     /// a Redis with `tls-auth-clients yes`; both or neither.
     pub tls_cert: String,
     pub tls_key: String,
+    /// With `redis+sentinel://`: the ACL user the Sentinels themselves
+    /// know (their `user` lines); empty: the default user.
+    pub sentinel_user: String,
+    /// With `redis+sentinel://`: a file holding the Sentinels' own password
+    /// (their `requirepass`, or `sentinel_user`'s); empty: none. The data
+    /// servers' password is `queue.url`'s or `queue.password_file`'s.
+    pub sentinel_password_file: String,
     /// Key prefix; every node of one cluster must use the same.
     pub prefix: String,
     /// Queue shards (hash-tagged key groups), chosen per message at enqueue.
@@ -479,6 +486,8 @@ impl Default for QueueConfig {
             tls_ca_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            sentinel_user: String::new(),
+            sentinel_password_file: String::new(),
             prefix: "mxr".into(),
             shards: 4,
             min_replicas_ack: 0,

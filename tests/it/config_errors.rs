@@ -119,6 +119,27 @@ fn queue_urls_and_password_files_are_checked_naming_the_key() {
     );
     refused(
         &["check-config"],
+        &[
+            ("MXRELAY_QUEUE_URL", "rediss+sentinel://127.0.0.1:26379/mxq"),
+            ("MXRELAY_QUEUE_SENTINEL_PASSWORD_FILE", "/nonexistent/sentinel-password"),
+        ],
+        &[
+            "config error: queue.sentinel_password_file (MXRELAY_QUEUE_SENTINEL_PASSWORD_FILE): cannot read",
+            "(fix: point it at a readable file holding only the Sentinels' password)",
+        ],
+    );
+    refused(
+        &["check-config"],
+        &[("MXRELAY_QUEUE_URL", "redis://127.0.0.1:6379/0"), ("MXRELAY_QUEUE_SENTINEL_USER", "watcher")],
+        &["config error: queue.sentinel_user (MXRELAY_QUEUE_SENTINEL_USER)", "names no Sentinels"],
+    );
+    refused(
+        &["check-config"],
+        &[("MXRELAY_QUEUE_URL", "redis://127.0.0.1:6379/0"), ("MXRELAY_QUEUE_TLS_CA_FILE", "/etc/ssl/certs/ca.pem")],
+        &["config error: queue.tls_ca_file (MXRELAY_QUEUE_TLS_CA_FILE)", "is not a rediss URL"],
+    );
+    refused(
+        &["check-config"],
         &[("MXRELAY_DOMAINS_PASSWORD_FILE", "/nonexistent/db-password")],
         &["config error: domains.password_file (MXRELAY_DOMAINS_PASSWORD_FILE): cannot read"],
     );
@@ -146,6 +167,19 @@ fn queue_urls_and_password_files_are_checked_naming_the_key() {
     ]);
     assert!(shown.contains("redis+cluster://app:***@127.0.0.1:7000,127.0.0.1:7001"), "{shown}");
     assert!(!shown.contains("Sup3r"), "{shown}");
+    // TLS files go with every rediss form, the Sentinels' password with both Sentinel forms.
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, crate::support::pki::TestPki::localhost().cert_pem).unwrap();
+    for (url, extra) in [
+        ("rediss+cluster://127.0.0.1:7000", ("MXRELAY_QUEUE_TLS_CA_FILE", ca.to_str().unwrap())),
+        ("rediss+sentinel://127.0.0.1:26379/mxq", ("MXRELAY_QUEUE_SENTINEL_PASSWORD_FILE", secret.to_str().unwrap())),
+    ] {
+        let (code, stderr) = mxrelay(
+            &["check-config"],
+            &[("MXRELAY_QUEUE_URL", url), ("MXRELAY_QUEUE_TLS_CA_FILE", ca.to_str().unwrap()), extra],
+        );
+        assert_eq!(code, Some(0), "{url}: {stderr}");
+    }
 }
 
 /// What `check-config` prints on stdout for a valid configuration.

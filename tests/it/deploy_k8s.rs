@@ -594,21 +594,25 @@ fn tls_switch_mounts_the_certificate_and_opens_465() {
 /// A Sentinel set or a TLS Redis with its password and CA in Secrets of
 /// their own: the files the node is told about are those Secrets' keys.
 #[test]
-fn redis_password_and_ca_come_from_their_own_secrets() {
+fn redis_passwords_and_ca_come_from_their_own_secrets() {
     let objects = render(&[]);
     let relay = container(one(&objects, "Deployment", RELEASE), "mxrelay");
     let names: Vec<&str> = array_at(relay, "/env").iter().map(|e| str_at(e, "/name")).collect();
-    assert!(!names.contains(&"MXRELAY_QUEUE_PASSWORD_FILE") && !names.contains(&"MXRELAY_QUEUE_TLS_CA_FILE"));
+    for var in ["MXRELAY_QUEUE_PASSWORD_FILE", "MXRELAY_QUEUE_SENTINEL_PASSWORD_FILE", "MXRELAY_QUEUE_TLS_CA_FILE"] {
+        assert!(!names.contains(&var), "{var} without its Secret");
+    }
 
     let objects = render(&[
         "redis.passwordSecret.name=redis-auth",
         "redis.passwordSecret.key=app-password",
+        "redis.sentinelPasswordSecret.name=sentinel-auth",
         "redis.caSecret.name=redis-ca",
     ]);
     let deployment = one(&objects, "Deployment", RELEASE);
     let relay = container(deployment, "mxrelay");
     for (var, secret, key) in [
         ("MXRELAY_QUEUE_PASSWORD_FILE", "redis-auth", "app-password"),
+        ("MXRELAY_QUEUE_SENTINEL_PASSWORD_FILE", "sentinel-auth", "sentinel-password"),
         ("MXRELAY_QUEUE_TLS_CA_FILE", "redis-ca", "ca.crt"),
     ] {
         let path = str_at(env_var(relay, var), "/value");

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::support::pki::TestPki;
+use crate::support::sentinel::{Secured, Sentinels};
 use crate::support::sink::SmtpSink;
 use crate::support::*;
 
@@ -97,6 +98,83 @@ fn rediss_with_a_private_ca_and_an_acl_user_carries_the_queue_and_a_wrong_passwo
         untrusted.http_get("/readyz").starts_with("HTTP/1.1 503")
             && untrusted.log().contains("queue not reachable at start")
     });
+}
+
+/// Sentinel as operators secure it: TLS everywhere
+/// (`rediss+sentinel://`), the Sentinels' own password from
+/// `queue.sentinel_password_file`, the data server's ACL user from the
+/// URL and `queue.password_file`. A wrong Sentinel password is named at
+/// start-up and in `/readyz`, and the node answers 451.
+#[test]
+fn rediss_sentinel_with_passwords_carries_the_queue_and_a_wrong_sentinel_password_is_named() {
+    let pki = TestPki::localhost();
+    let (_redis, tls) = secured_redis(&pki);
+    let secured = Secured {
+        ca: pki.ca.clone(),
+        cert: pki.cert.clone(),
+        key: pki.key.clone(),
+        password: "s3ntinel-only".into(),
+        data_user: ("app".into(), "Sup3r-s3cret".into()),
+    };
+    let sentinels = Sentinels::start_with(tls, &[free_port()], 0, Some(secured));
+    let sink = SmtpSink::start();
+    let dns = Dns::start(&["sender.example"], &[LISTED]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+    db.add_domain(LISTED, "127.0.0.1", sink.port);
+    let secrets = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = secrets.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (data_pw, sentinel_pw, wrong) =
+        (file("data", "Sup3r-s3cret\n"), file("sentinel", "s3ntinel-only\n"), file("wrong", "guess\n"));
+    let url = sentinels.url().replacen("://", "://app@", 1);
+    assert!(url.starts_with("rediss+sentinel://app@127.0.0.1:"), "{url}");
+    let config = base_config(&db.url(), &url, &dns);
+    let ca = pki.ca.to_str().unwrap();
+    let env = |sentinel: &str| {
+        vec![
+            ("MXRELAY_DELIVERY_ENABLED", "true".to_string()),
+            ("MXRELAY_QUEUE_PASSWORD_FILE", data_pw.clone()),
+            ("MXRELAY_QUEUE_SENTINEL_PASSWORD_FILE", sentinel.to_string()),
+            ("MXRELAY_QUEUE_TLS_CA_FILE", ca.to_string()),
+        ]
+    };
+    let spawn = |env: Vec<(&str, String)>| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Relay::spawn_with_env(&config, &env)
+    };
+
+    let relay = spawn(env(&sentinel_pw));
+    wait_until("ready through the Sentinels over TLS", Duration::from_secs(20), || {
+        relay.http_get("/readyz").starts_with("HTTP/1.1 200")
+    });
+    assert!(
+        relay.log().contains(&format!("primary=127.0.0.1:{tls}")),
+        "the TLS port, as the Sentinel names it:\n{}",
+        relay.log()
+    );
+    let (code, out) = swaks(&relay.addr(), &["--from", SENDER, "--to", "t@friet.pan", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    assert_eq!(sink.wait_for(1, Duration::from_secs(20)).len(), 1);
+    let log = relay.log();
+    assert!(!log.contains("Sup3r") && !log.contains("s3ntinel-only"), "no password reaches the log:\n{log}");
+
+    let refused = spawn(env(&wrong));
+    wait_until("the refusal logged", Duration::from_secs(15), || refused.log().contains("refused the credentials"));
+    let start = refused.log();
+    assert!(start.contains("queue.sentinel_password_file"), "the key is named:\n{start}");
+    let ready = refused.http_get("/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("queue.sentinel_password_file"), "{ready}");
+    let mut c = Raw::ehlo(&refused.addr());
+    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+    assert!(c.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert_eq!(c.code_after("DATA"), 354);
+    let reply = c.cmd("Subject: x\r\n\r\nbody\r\n.");
+    assert!(reply.starts_with("451 4.3.0"), "refused Sentinels are a temporary failure: {reply}");
 }
 
 /// MySQL over TLS, verified (`ssl-mode=verify_identity`, the private CA),

@@ -11,8 +11,11 @@
 //! connection of its own ([`WaitPool`], so no other traffic of the node
 //! waits behind WAIT): the message is stored staged (not deliverable) and
 //! WAITed for, then made deliverable and WAITed for again; too few
-//! acknowledgements withdraw it, so a client told 451 never has a copy
-//! delivered. Staged messages a crash left behind are swept (`maintain`).
+//! acknowledgements withdraw it and answer 451. Only a message a node
+//! took for delivery between the two WAITs cannot be withdrawn: it gets
+//! 451 too (its only copy may be the unconfirmed one), so it may arrive
+//! twice, never not at all. Staged messages a crash left behind are
+//! swept (`maintain`).
 //!
 //! A commit carries a deadline (now + `queue.timeout`): one that reaches
 //! Redis later, held up in a partition, is refused. A commit whose reply
@@ -205,28 +208,38 @@ impl RedisBody {
         }
     }
 
-    /// Withdraws a message whose replication was not confirmed: `true` when
-    /// nothing of it is left (withdrawn, or never on this server: the
-    /// primary it went to is gone), `false` when a node already delivers
-    /// it or did.
-    async fn withdraw(&self) -> Result<bool, SpoolError> {
+    /// Withdraws a message whose replication was not confirmed.
+    async fn withdraw(&self) -> Result<Withdrawn, SpoolError> {
         let k = &self.keys;
         let mut inv = WITHDRAW.prepare_invoke();
         inv.key(k.msg(&self.id)).key(k.body(&self.id)).key(k.ready()).key(k.arrivals()).key(k.staged());
         inv.key(k.done(&self.id)).arg(self.id.as_str());
         let mut conn = self.link.conn_for(k.shard(), "withdraw")?;
-        Ok(bounded("withdraw", self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await? != 0)
+        Ok(match bounded("withdraw", self.config().timeout, inv.invoke_async::<i64>(&mut conn)).await? {
+            0 => Withdrawn::Delivering,
+            3 => Withdrawn::Completed,
+            _ => Withdrawn::Gone,
+        })
     }
 
+    /// Too few replicas confirmed the commit: 451, unless a node already
+    /// completed the message (then nothing is left to lose). A message a
+    /// node is delivering gets 451 too: if that delivery fails and the
+    /// primary dies, only the unconfirmed copy held it, so the client's
+    /// retry is what keeps it (a duplicate at worst, never a loss).
     async fn not_replicated(&mut self, got: u32) -> Result<(), SpoolError> {
         let wanted = self.config().min_replicas_ack;
         METRICS.queue_errors.with_label_values(&["wait"]).inc();
         match self.withdraw().await {
-            Ok(false) => {
-                tracing::warn!(queue_id = %self.id, got, wanted, "{}: replicas did not confirm the commit, but a node already delivers it: answering 250", self.id);
+            Ok(Withdrawn::Completed) => {
+                tracing::info!(queue_id = %self.id, got, wanted, "{}: replicas did not confirm the commit, but a node already completed it: answering 250", self.id);
                 Ok(())
             }
-            Ok(true) | Err(_) => {
+            Ok(Withdrawn::Delivering) => {
+                tracing::warn!(queue_id = %self.id, got, wanted, "{}: replicas did not confirm the commit and a node already delivers it: answering 451, so the copy may arrive twice", self.id);
+                Err(SpoolError::NotReplicated { wanted, got })
+            }
+            Ok(Withdrawn::Gone) | Err(_) => {
                 self.drop_tmp().await;
                 Err(SpoolError::NotReplicated { wanted, got })
             }
@@ -274,6 +287,16 @@ impl RedisBody {
             }
         }
     }
+}
+
+/// What withdrawing an unconfirmed commit found.
+enum Withdrawn {
+    /// Nothing of the message is left (withdrawn, or never on this server).
+    Gone,
+    /// A node is delivering it: it cannot be taken back.
+    Delivering,
+    /// A node already delivered (or bounced) it.
+    Completed,
 }
 
 /// Runs a script and WAITs for its write on one connection, in one round

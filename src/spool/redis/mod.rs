@@ -202,6 +202,8 @@ pub(super) struct Link {
     routes: std::sync::RwLock<Vec<Option<Arc<Primary>>>>,
     /// The last [`Primary::epoch`] given out.
     epochs: AtomicU64,
+    /// Why the Sentinels named no primary the last time they were asked.
+    unrouted: std::sync::Mutex<Option<String>>,
     /// On a Redis Cluster: every shard is its own slot, so no command may
     /// name two shards.
     cluster: bool,
@@ -238,6 +240,7 @@ impl Link {
         Link {
             routes: std::sync::RwLock::new(vec![None; config.shards as usize]),
             epochs: AtomicU64::new(0),
+            unrouted: std::sync::Mutex::new(None),
             cluster,
             waiters: Arc::new(body::WaitPool::new(config)),
             config: config.clone(),
@@ -251,7 +254,11 @@ impl Link {
             let why = if self.cluster {
                 format!("no node of the cluster in queue.url has named the primary of shard {shard} yet")
             } else {
-                "the Sentinels of queue.url have named no reachable primary yet".to_string()
+                let last = self.unrouted.lock().unwrap_or_else(|e| e.into_inner());
+                match last.as_deref() {
+                    Some(e) => format!("the Sentinels of queue.url have named no reachable primary yet: {e}"),
+                    None => "the Sentinels of queue.url have named no reachable primary yet".to_string(),
+                }
             };
             Failure::Answered(redis::RedisError::from((redis::ErrorKind::Io, "no Redis primary known", why)))
         })
@@ -377,14 +384,24 @@ fn watch_sentinels(link: std::sync::Weak<Link>, mut set: target::SentinelSet) {
         tracing::error!("queue: Sentinel {} cannot be watched outside the runtime", set.hosts);
         return;
     };
-    let node = set.node();
     runtime.spawn(async move {
         let mut failing = false;
         loop {
             let Some(link) = link.upgrade() else { return };
             let timeout = link.config.timeout;
-            let asked = tokio::time::timeout(timeout, set.sentinel.async_master_for(&set.master, Some(&node))).await;
-            match asked.map_err(|_| "no answer in time".to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            let asked = tokio::time::timeout(timeout, set.client.async_get_client()).await;
+            let asked = asked.map_err(|_| "no answer in time".to_string()).and_then(|r| {
+                r.map_err(|e| match refused_credentials(&e) {
+                    true => format!(
+                        "they, or the primary they name, refused the credentials ({e}); set \
+                         queue.sentinel_user and queue.sentinel_password_file for the Sentinels, queue.url or \
+                         queue.password_file for the data servers"
+                    ),
+                    false => e.to_string(),
+                })
+            });
+            *link.unrouted.lock().unwrap_or_else(|e| e.into_inner()) = asked.as_ref().err().cloned();
+            match asked {
                 Ok(client) => {
                     failing = false;
                     match link.follow(client) {

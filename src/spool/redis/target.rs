@@ -2,9 +2,11 @@
 //! `rediss://` over TLS, verified against `queue.tls_ca_file` or the
 //! system's roots, with a client certificate when one is set), or the
 //! primary a set of Sentinels names
-//! (`redis+sentinel://[user:password@]host:port,host:port,…/master[/db]`),
-//! asked again every [`SENTINEL_CHECK`] so that a node follows a failover
-//! by itself, or a Redis Cluster
+//! (`redis+sentinel://[user:password@]host:port,host:port,…/master[/db]`,
+//! or `rediss+sentinel://` with TLS to the Sentinels and the data servers
+//! alike; the Sentinels' own credentials are `queue.sentinel_user` and
+//! `queue.sentinel_password_file`), asked again every [`SENTINEL_CHECK`]
+//! so that a node follows a failover by itself, or a Redis Cluster
 //! (`redis+cluster://[user:password@]host:port,host:port,…`, or
 //! `rediss+cluster://` over TLS), whose slot map is read the same way (see
 //! [`super::cluster`]).
@@ -17,7 +19,7 @@
 use std::time::Duration;
 
 use redis::IntoConnectionInfo;
-use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 
 use crate::config::{QueueConfig, mask_url};
 
@@ -28,7 +30,7 @@ pub(super) const SENTINEL_CHECK: Duration = Duration::from_millis(500);
 const SENTINEL_PORT: u16 = 26379;
 /// Port of a cluster node given without one.
 const REDIS_PORT: u16 = 6379;
-const SENTINEL_SCHEME: &str = "redis+sentinel://";
+const SENTINEL_SCHEMES: [(&str, &str); 2] = [("redis+sentinel://", "redis"), ("rediss+sentinel://", "rediss")];
 const CLUSTER_SCHEMES: [(&str, &str); 2] = [("redis+cluster://", "redis"), ("rediss+cluster://", "rediss")];
 
 /// What `queue.url` names.
@@ -80,13 +82,16 @@ impl TlsFiles {
         Ok(Some(TlsFiles { root_cert, client }))
     }
 
-    fn client(&self, url: &str) -> Result<redis::Client, Problem> {
+    fn certificates(&self) -> redis::TlsCertificates {
         let client_tls = self
             .client
             .as_ref()
             .map(|(cert, key)| redis::ClientTlsConfig { client_cert: cert.clone(), client_key: key.clone() });
-        let certs = redis::TlsCertificates { client_tls, root_cert: self.root_cert.clone() };
-        redis::Client::build_with_tls(url, certs).map_err(|e| Problem {
+        redis::TlsCertificates { client_tls, root_cert: self.root_cert.clone() }
+    }
+
+    fn client(&self, url: &str) -> Result<redis::Client, Problem> {
+        redis::Client::build_with_tls(url, self.certificates()).map_err(|e| Problem {
             key: "queue.tls_ca_file",
             text: format!("the TLS files for {} are not usable: {e}", mask_url(url)),
         })
@@ -135,10 +140,9 @@ impl ClusterSeeds {
 }
 
 pub(super) struct SentinelSet {
-    pub(super) sentinel: Sentinel,
+    /// Asks the Sentinels, and checks with `ROLE` the primary they name.
+    pub(super) client: SentinelClient,
     pub(super) master: String,
-    /// Credentials and database for the data servers (not the Sentinels).
-    pub(super) redis: redis::RedisConnectionInfo,
     /// The Sentinels, for logs.
     pub(super) hosts: String,
 }
@@ -155,10 +159,12 @@ impl Endpoint {
     pub(super) fn open(config: &QueueConfig) -> Result<Endpoint, Problem> {
         let url = config.url.as_str();
         let problem = |key, text: String| Problem { key, text };
-        if url.starts_with(SENTINEL_SCHEME) {
-            return Endpoint::parse_sentinel(url).map_err(|e| problem("queue.url", e));
-        }
         let tls = TlsFiles::read(config)?;
+        if SENTINEL_SCHEMES.iter().any(|(prefix, _)| url.starts_with(prefix)) {
+            let auth = SentinelAuth::read(config)?;
+            let set = SentinelUrl::parse(url).and_then(|u| u.build(tls.as_ref(), auth));
+            return set.map(Endpoint::Sentinel).map_err(|e| problem("queue.url", e));
+        }
         if CLUSTER_SCHEMES.iter().any(|(prefix, _)| url.starts_with(prefix)) {
             return ClusterSeeds::parse(url, tls).map(Endpoint::Cluster).map_err(|e| problem("queue.url", e));
         }
@@ -167,10 +173,26 @@ impl Endpoint {
             _ => redis::Client::open(url).map(Endpoint::Server).map_err(|e| problem("queue.url", e.to_string())),
         }
     }
+}
 
-    /// Parses a `redis+sentinel://` URL; the error says what is wrong.
-    fn parse_sentinel(url: &str) -> Result<Endpoint, String> {
-        let rest = url.strip_prefix(SENTINEL_SCHEME).unwrap_or(url);
+/// What a `redis+sentinel://` or `rediss+sentinel://` URL names.
+struct SentinelUrl {
+    sentinels: Vec<redis::ConnectionAddr>,
+    master: String,
+    /// Credentials and database for the data servers (not the Sentinels).
+    data: redis::RedisConnectionInfo,
+    tls: bool,
+    /// The Sentinels as written, for logs.
+    hosts: String,
+}
+
+impl SentinelUrl {
+    /// Parses the URL; the error says what is wrong.
+    fn parse(url: &str) -> Result<SentinelUrl, String> {
+        let (rest, scheme) = SENTINEL_SCHEMES
+            .iter()
+            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|r| (r, *scheme)))
+            .ok_or("is not a Sentinel URL")?;
         let (userinfo, rest) = match rest.rsplit_once('@') {
             Some((u, r)) => (Some(u), r),
             None => (None, rest),
@@ -191,25 +213,79 @@ impl Endpoint {
                 return Err("names no Sentinel (host:port,host:port,…)".into());
             }
             let with_port = if has_port(host) { host.to_string() } else { format!("{host}:{SENTINEL_PORT}") };
-            let info = format!("redis://{with_port}").into_connection_info().map_err(|e| format!("{host:?}: {e}"))?;
-            sentinels.push(info);
+            let info =
+                format!("{scheme}://{with_port}").into_connection_info().map_err(|e| format!("{host:?}: {e}"))?;
+            sentinels.push(info.addr().clone());
         }
         // Decoded by the crate as for any redis:// URL (percent-escapes).
-        let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-        let redis = format!("redis://{auth}localhost/{db}")
+        let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        let data = format!("redis://{userinfo}localhost/{db}")
             .into_connection_info()
             .map_err(|e| format!("credentials: {e}"))?
             .redis_settings()
             .clone();
-        let sentinel = Sentinel::build(sentinels).map_err(|e| e.to_string())?;
-        Ok(Endpoint::Sentinel(SentinelSet { sentinel, master: master.to_string(), redis, hosts: hosts.to_string() }))
+        Ok(SentinelUrl {
+            sentinels,
+            master: master.to_string(),
+            data,
+            tls: scheme == "rediss",
+            hosts: hosts.to_string(),
+        })
+    }
+
+    /// The client that asks the Sentinels and checks the primary they name.
+    fn build(self, tls: Option<&TlsFiles>, auth: SentinelAuth) -> Result<SentinelSet, String> {
+        let data = &self.data;
+        let mut builder = SentinelClientBuilder::new(self.sentinels, &self.master, SentinelServerType::Master)
+            .map_err(|e| e.to_string())?
+            .set_client_to_redis_db(data.db());
+        if let Some(user) = data.username() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = data.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if let Some(user) = auth.user {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
+        if let Some(password) = auth.password {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+        if self.tls {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(tls) = tls {
+                builder = builder
+                    .set_client_to_redis_certificates(tls.certificates())
+                    .set_client_to_sentinel_certificates(tls.certificates());
+            }
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
+        Ok(SentinelSet { client, master: self.master, hosts: self.hosts })
     }
 }
 
-impl SentinelSet {
-    /// How to connect to the data servers the Sentinels name.
-    pub(super) fn node(&self) -> SentinelNodeConnectionInfo {
-        SentinelNodeConnectionInfo::default().set_redis_connection_info(self.redis.clone())
+/// The Sentinels' own credentials (`queue.sentinel_user`,
+/// `queue.sentinel_password_file`).
+#[derive(Default)]
+struct SentinelAuth {
+    user: Option<String>,
+    password: Option<String>,
+}
+
+impl SentinelAuth {
+    fn read(config: &QueueConfig) -> Result<SentinelAuth, Problem> {
+        let user = Some(config.sentinel_user.clone()).filter(|u| !u.is_empty());
+        let password = match config.sentinel_password_file.as_str() {
+            "" => None,
+            path => {
+                let text = std::fs::read_to_string(path).map_err(|e| Problem {
+                    key: "queue.sentinel_password_file",
+                    text: format!("cannot read {path:?}: {e}"),
+                })?;
+                Some(text.trim_end_matches(['\r', '\n']).to_string())
+            }
+        };
+        Ok(SentinelAuth { user, password })
     }
 }
 
@@ -234,23 +310,26 @@ pub fn problem(config: &QueueConfig) -> Option<Problem> {
 mod tests {
     use super::*;
 
-    fn sentinel(url: &str) -> SentinelSet {
-        match Endpoint::parse_sentinel(url) {
-            Ok(Endpoint::Sentinel(s)) => s,
-            Ok(_) => panic!("{url}: not a Sentinel set"),
-            Err(e) => panic!("{url}: {e}"),
-        }
+    fn sentinel(url: &str) -> SentinelUrl {
+        SentinelUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"))
     }
 
     #[test]
     fn a_sentinel_url_names_the_sentinels_the_master_and_the_database() {
         let s = sentinel("redis+sentinel://h1:26380,h2,[::1]:26381/mymaster/3");
-        assert_eq!((s.master.as_str(), s.redis.db()), ("mymaster", 3));
+        assert_eq!((s.master.as_str(), s.data.db()), ("mymaster", 3));
         assert_eq!(s.hosts, "h1:26380,h2,[::1]:26381");
-        assert_eq!((s.redis.username(), s.redis.password()), (None, None));
+        let addrs: Vec<String> = s.sentinels.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["h1:26380", "h2:26379", "::1:26381"]);
+        assert!(!s.tls && matches!(s.sentinels[0], redis::ConnectionAddr::Tcp(..)));
+        assert_eq!((s.data.username(), s.data.password()), (None, None));
         let s = sentinel("redis+sentinel://app:p%40ss@127.0.0.1:1/queue/");
-        assert_eq!((s.master.as_str(), s.redis.db()), ("queue", 0));
-        assert_eq!((s.redis.username(), s.redis.password()), (Some("app"), Some("p@ss")), "decoded");
+        assert_eq!((s.master.as_str(), s.data.db()), ("queue", 0));
+        assert_eq!((s.data.username(), s.data.password()), (Some("app"), Some("p@ss")), "decoded");
+        let s = sentinel("rediss+sentinel://h1,h2/m");
+        assert!(
+            s.tls && s.sentinels.iter().all(|a| matches!(a, redis::ConnectionAddr::TcpTls { insecure: false, .. }))
+        );
     }
 
     #[test]
@@ -262,13 +341,16 @@ mod tests {
             ("redis+sentinel://h1/m/x", "is not a database number"),
             ("redis+sentinel://h1/m/0/extra", "more than a master"),
         ] {
-            let e = Endpoint::parse_sentinel(url).err().unwrap_or_else(|| panic!("{url} accepted"));
+            let e = SentinelUrl::parse(url).err().unwrap_or_else(|| panic!("{url} accepted"));
             assert!(e.contains(says), "{url}: {e}");
         }
         let with = |url: &str| QueueConfig { url: url.into(), ..QueueConfig::default() };
         assert!(problem(&with("redis://127.0.0.1:6379/0")).is_none());
         assert!(problem(&with("sqlite:///tmp/x.db")).is_none());
         assert!(problem(&with("redis+sentinel://h/m")).is_none());
+        let unread = QueueConfig { sentinel_password_file: "/nonexistent/pw".into(), ..with("redis+sentinel://h/m") };
+        let p = problem(&unread).expect("an unreadable Sentinel password file");
+        assert_eq!(p.key, "queue.sentinel_password_file");
         let missing = QueueConfig { tls_ca_file: "/nonexistent/ca.pem".into(), ..with("rediss://h:6380/0") };
         let p = problem(&missing).expect("an unreadable CA file");
         assert_eq!(p.key, "queue.tls_ca_file");

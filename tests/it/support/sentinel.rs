@@ -14,6 +14,36 @@ pub struct Sentinels {
     ports: Vec<u16>,
     children: Vec<Child>,
     _dir: tempfile::TempDir,
+    secured: Option<Secured>,
+}
+
+/// Sentinels as operators secure them: TLS only (to clients, to each
+/// other and to the data servers), their own password, and the data
+/// servers' ACL user.
+pub struct Secured {
+    /// The CA, certificate and key of [`super::pki::TestPki`], PEM paths.
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// The Sentinels' `requirepass`.
+    pub password: String,
+    /// The ACL user and password the Sentinels log in to the data servers with.
+    pub data_user: (String, String),
+}
+
+impl Secured {
+    fn conf(&self, port: u16) -> String {
+        let (user, pass) = &self.data_user;
+        format!(
+            "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients optional\ntls-replication yes\nrequirepass {}\nsentinel sentinel-pass {}\n",
+            self.cert.display(),
+            self.key.display(),
+            self.ca.display(),
+            self.password,
+            self.password,
+        ) + &format!("sentinel auth-user {MASTER} {user}\nsentinel auth-pass {MASTER} {pass}\n")
+    }
 }
 
 impl Sentinels {
@@ -26,21 +56,29 @@ impl Sentinels {
 
     /// As [`Sentinels::start`], one Sentinel on each of `ports`.
     pub fn start_on(primary_port: u16, ports: &[u16], replicas: usize) -> Sentinels {
+        Self::start_with(primary_port, ports, replicas, None)
+    }
+
+    /// As [`Sentinels::start_on`], secured as `secured` says (the
+    /// primary's `primary_port` being its TLS port).
+    pub fn start_with(primary_port: u16, ports: &[u16], replicas: usize, secured: Option<Secured>) -> Sentinels {
         let count = ports.len();
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Sentinels { ports: Vec::new(), children: Vec::new(), _dir: dir };
+        let mut s = Sentinels { ports: Vec::new(), children: Vec::new(), _dir: dir, secured };
         for (i, port) in ports.iter().copied().enumerate() {
             let conf = s._dir.path().join(format!("sentinel-{i}.conf"));
+            let security = s.secured.as_ref().map(|t| t.conf(port)).unwrap_or_else(|| format!("port {port}\n"));
             std::fs::write(
                 &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\nlogfile sentinel-{i}.log\n\
+                security
+                    + &format!(
+                        "bind 127.0.0.1\ndaemonize no\ndir {}\nlogfile sentinel-{i}.log\n\
                      sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
                      sentinel down-after-milliseconds {MASTER} 1000\n\
                      sentinel failover-timeout {MASTER} 5000\n\
                      sentinel parallel-syncs {MASTER} 2\n",
-                    s._dir.path().display()
-                ),
+                        s._dir.path().display()
+                    ),
             )
             .unwrap();
             let child = Command::new("redis-sentinel")
@@ -63,8 +101,7 @@ impl Sentinels {
     }
 
     fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<redis::Value>> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
-        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).ok()?;
+        let mut conn = self.client(port).get_connection_with_timeout(Duration::from_secs(2)).ok()?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
@@ -72,10 +109,23 @@ impl Sentinels {
         cmd.query(&mut conn).ok()
     }
 
-    /// `queue.url` for the nodes.
+    /// A client of the Sentinel on `port`.
+    fn client(&self, port: u16) -> redis::Client {
+        match &self.secured {
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap(),
+            Some(t) => {
+                let root_cert = Some(std::fs::read(&t.ca).unwrap());
+                let certs = redis::TlsCertificates { client_tls: None, root_cert };
+                redis::Client::build_with_tls(format!("rediss://:{}@127.0.0.1:{port}/", t.password), certs).unwrap()
+            }
+        }
+    }
+
+    /// `queue.url` for the nodes (`rediss+sentinel://` when secured).
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
+        let scheme = if self.secured.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}+sentinel://{}/{MASTER}", hosts.join(","))
     }
 
     /// Tells every Sentinel to take a primary for down only after a
@@ -86,8 +136,7 @@ impl Sentinels {
     /// not replicated, which is another scenario than the one measured).
     pub fn no_more_failovers(&self) {
         for p in &self.ports {
-            let client = redis::Client::open(format!("redis://127.0.0.1:{p}/")).unwrap();
-            let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).expect("a Sentinel");
+            let mut conn = self.client(*p).get_connection_with_timeout(Duration::from_secs(2)).expect("a Sentinel");
             let set: redis::RedisResult<()> = redis::cmd("SENTINEL")
                 .arg("SET")
                 .arg(MASTER)

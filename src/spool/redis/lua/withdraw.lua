@@ -1,10 +1,11 @@
 -- Undoes a commit the replicas did not acknowledge: 1 when nothing of the
 -- message is left, 0 when it can no longer be withdrawn (a node is
--- delivering it, or already did: its tombstone says so), 2 when this
--- server never had it (a replica promoted before the commit reached it).
+-- delivering it), 3 when a node already completed it (its tombstone says
+-- so), 2 when this server never had it (a replica promoted before the
+-- commit reached it).
 -- KEYS: msg, body, ready, arrivals, staged, done   ARGV: id
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
+  if redis.call('EXISTS', KEYS[6]) == 1 then return 3 end
   return 2
 end
 if redis.call('HGET', KEYS[1], 'staged') == '1' then
