@@ -335,7 +335,10 @@ impl Metrics {
             ],
         );
         init(&self.delivery_recipients, &["delivered", "deferred", "bounced"]);
-        init(&self.delivery_attempts, &["sent", "deferred", "bounced", "connect_error", "session_error", "dns_error"]);
+        init(
+            &self.delivery_attempts,
+            &["sent", "deferred", "bounced", "connect_error", "session_error", "dns_error", "loop"],
+        );
         init(&self.queue_errors, &["enqueue"]);
         init(&self.queue_maintenance, &["staged_removed", "consumers_pruned", "corrupt_removed"]);
         init(&self.scan_errors, &["clamd", "rspamd"]);

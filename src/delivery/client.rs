@@ -36,6 +36,38 @@ pub struct Settings {
     pub data: Duration,
     /// Longer lines are folded when sent (0: never); see [`DotStuffer`].
     pub line_length_limit: usize,
+    /// Who this node is, to see mail that would loop back to it.
+    pub myself: Myself,
+}
+
+/// This node as a destination: its `myhostname` and SMTP listeners. A
+/// session that reaches one of them (a `relay_host` that names the node
+/// itself, or a balancer in front of it) is refused before MAIL, as
+/// Postfix's "mail for … loops back to myself".
+#[derive(Debug, Clone, Default)]
+pub struct Myself {
+    pub hostname: String,
+    pub listeners: Vec<std::net::SocketAddr>,
+}
+
+impl Myself {
+    /// `peer` (connected from `local`) is one of this node's listeners: the
+    /// same address, or the port of a wildcard listener on a loopback
+    /// address or on the address the connection came from.
+    fn is_listener(&self, peer: std::net::SocketAddr, local: std::net::SocketAddr) -> bool {
+        self.listeners.iter().any(|l| {
+            l.port() == peer.port()
+                && (l.ip() == peer.ip()
+                    || (l.ip().is_unspecified() && (peer.ip().is_loopback() || peer.ip() == local.ip())))
+        })
+    }
+
+    /// The reply names this node's own host name first (a greeting, or
+    /// the first line of an EHLO/HELO reply).
+    fn named_in(&self, reply: &RemoteReply) -> bool {
+        let first = reply.text.lines().next().unwrap_or("").split_whitespace().next().unwrap_or("");
+        !self.hostname.is_empty() && first.eq_ignore_ascii_case(&self.hostname)
+    }
 }
 
 /// A reply from the remote server, all lines joined.
@@ -71,6 +103,11 @@ impl std::fmt::Display for RemoteReply {
     }
 }
 
+/// A session that reached this node itself, in Postfix's words.
+fn loops_back(target: &Target, why: String) -> ClientError {
+    ClientError::Loop { host: target.host.clone(), why }
+}
+
 /// A failure of the session itself (not a reply): always temporary.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -86,6 +123,10 @@ pub enum ClientError {
     Refused(RemoteReply),
     #[error("queue read failed: {0}")]
     Spool(#[from] SpoolError),
+    /// The session reached this node itself: delivering would loop;
+    /// `why` says how it was seen.
+    #[error("mail for {host} loops back to myself")]
+    Loop { host: String, why: String },
     #[error("TLS is required, but was not offered by host {0}")]
     TlsNotOffered(String),
     #[error("STARTTLS refused by host {host}: {reply}")]
@@ -104,6 +145,7 @@ impl ClientError {
         match self {
             ClientError::TlsNotOffered(_) | ClientError::StartTlsRefused { .. } => "4.7.4",
             ClientError::TlsHandshake { .. } | ClientError::TlsVerify { .. } => "4.7.5",
+            ClientError::Loop { .. } => "4.4.6",
             _ => "4.4.1",
         }
     }
@@ -237,6 +279,11 @@ impl Connection {
             Err(_) => return Err(ClientError::Connect(target.addr.to_string(), "timed out".into())),
         };
         let _ = stream.set_nodelay(true);
+        if let Ok(local) = stream.local_addr()
+            && settings.myself.is_listener(target.addr, local)
+        {
+            return Err(loops_back(target, format!("{} is a listener of this node", target.addr)));
+        }
         let mut c = Connection {
             stream: BufReader::new(Stream::Clear(stream)),
             ext: Extensions::default(),
@@ -247,6 +294,9 @@ impl Connection {
         let greeting = c.reply(settings.greeting, "waiting for the greeting").await?;
         if !greeting.is_success() {
             return Err(ClientError::Refused(greeting));
+        }
+        if settings.myself.named_in(&greeting) {
+            return Err(loops_back(target, format!("it greeted me with my own hostname {}", settings.myself.hostname)));
         }
         c.hello(helo).await?;
         match tls {
@@ -262,6 +312,10 @@ impl Connection {
         self.write(format!("EHLO {helo}\r\n").as_bytes(), "sending EHLO").await?;
         let ehlo = self.reply(t, "after EHLO").await?;
         if ehlo.is_success() {
+            if self.settings.myself.named_in(&ehlo) {
+                let why = format!("it replied to EHLO with my own hostname {}", self.settings.myself.hostname);
+                return Err(loops_back(&self.target, why));
+            }
             self.ext = parse_extensions(&ehlo.text);
             return Ok(());
         }
@@ -270,6 +324,10 @@ impl Connection {
         let helo_reply = self.reply(t, "after HELO").await?;
         if !helo_reply.is_success() {
             return Err(ClientError::Refused(helo_reply));
+        }
+        if self.settings.myself.named_in(&helo_reply) {
+            let why = format!("it replied to HELO with my own hostname {}", self.settings.myself.hostname);
+            return Err(loops_back(&self.target, why));
         }
         Ok(())
     }
@@ -622,6 +680,25 @@ fn utf8_len(lead: u8) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_to_this_node_is_seen_as_a_loop() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let me =
+            Myself { hostname: "mx1.example.net".into(), listeners: vec![addr("0.0.0.0:25"), addr("10.0.0.5:465")] };
+        let from = addr("10.0.0.5:40000");
+        assert!(me.is_listener(addr("10.0.0.5:25"), from), "this host's own address");
+        assert!(me.is_listener(addr("127.0.0.3:25"), from), "any loopback address");
+        assert!(me.is_listener(addr("10.0.0.5:465"), from), "a listener's exact address");
+        assert!(!me.is_listener(addr("10.0.0.6:25"), from), "another host");
+        assert!(!me.is_listener(addr("127.0.0.1:2525"), from), "another port");
+        assert!(!me.is_listener(addr("10.0.0.7:465"), from), "the port of a listener bound to one address");
+        let reply = |text: &str| RemoteReply { code: 220, text: text.into() };
+        assert!(me.named_in(&reply("MX1.example.net ESMTP")), "host names compare without case");
+        assert!(me.named_in(&reply("mx1.example.net\nPIPELINING\nSIZE 10240000")), "the first line of EHLO's reply");
+        assert!(!me.named_in(&reply("mx2.example.net ESMTP mx1.example.net")), "only the first word counts");
+        assert!(!Myself::default().named_in(&reply("")), "no host name, no loop");
+    }
 
     #[test]
     fn dot_stuffing_and_end() {

@@ -34,7 +34,7 @@ use crate::domains::Domains;
 use crate::metrics::METRICS;
 use crate::shutdown::{Phase, Shutdown};
 use crate::spool::{BodyReader, Deliver, Entry, Envelope, Lease, QueueId, Recipient, RecipientState, SpoolError};
-use client::{BodySource, ClientError, Connection, Outcome, RemoteReply, Settings};
+use client::{BodySource, ClientError, Connection, Myself, Outcome, RemoteReply, Settings};
 use pool::{Pool, session_key};
 use route::{Route, RouteError, Target};
 use tls::{TlsClient, TlsPolicies, TlsPolicy};
@@ -293,6 +293,13 @@ impl Delivery {
             command: d.command_timeout,
             data: d.data_timeout,
             line_length_limit: d.line_length_limit,
+            myself: Myself {
+                hostname: self.config.myhostname.clone(),
+                listeners: [Some(self.config.smtp.listen), self.config.tls.implicit_listen]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            },
         }
     }
 
@@ -510,10 +517,18 @@ impl Delivery {
             match self.open(target, level).await {
                 Ok(conn) => return self.transact(conn, &key, env, (lease, guard), &rcpts).await,
                 Err(e) => {
-                    METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
-                    // One line per address, as Postfix's "connect to …" lines:
-                    // the final deferral names only the last one.
-                    tracing::info!(queue_id = %env.id, "{}: {}[{}]:{}: {e}", env.id, target.host, target.addr.ip(), target.addr.port());
+                    if let ClientError::Loop { why, .. } = &e {
+                        // A configuration error (relay_host names this node,
+                        // or a balancer in front of it): the mail waits,
+                        // deferred, until the domain's relay_host is corrected.
+                        METRICS.delivery_attempts.with_label_values(&["loop"]).inc();
+                        tracing::error!(queue_id = %env.id, destination = %destination, "{}: {}[{}]:{}: {e}: {why}; deferred: correct relay_host of its domain", env.id, target.host, target.addr.ip(), target.addr.port());
+                    } else {
+                        METRICS.delivery_attempts.with_label_values(&["connect_error"]).inc();
+                        // One line per address, as Postfix's "connect to …"
+                        // lines: the final deferral names only the last one.
+                        tracing::info!(queue_id = %env.id, "{}: {}[{}]:{}: {e}", env.id, target.host, target.addr.ip(), target.addr.port());
+                    }
                     last_error = format!("{} {e}", e.status());
                 }
             }

@@ -337,3 +337,39 @@ fn a_recipient_4xx_at_a_destination_that_is_up_waits_for_its_backoff() {
     assert!(!log.contains("releasing its deferred messages"), "{log}");
     assert_eq!(q.deferred_count(), 1);
 }
+
+/// Mail whose destination is the node itself is never relayed to it, the
+/// way Postfix refuses it ("mail for … loops back to myself"): a
+/// `relay_host` naming the node's own listener, and a peer (Postfix's
+/// smtp-sink) that greets with the node's own host name. Both are
+/// deferred with 4.4.6, logged and counted; the node takes no second copy
+/// and the peer none, so nothing ping-pongs up to `hop_count_limit`.
+#[test]
+fn mail_that_would_loop_back_to_the_node_is_deferred_not_relayed_to_itself() {
+    let echo = SmtpSink::start_with(&["-h", "relay.test"]);
+    let dns = Dns::start(&["sender.example"], &["self.example", "echo.example"]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+    db.add_domain("echo.example", "127.0.0.1", echo.port);
+    let relay =
+        Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), &[("MXRELAY_DELIVERY_ENABLED", "true")]);
+    db.add_domain("self.example", "127.0.0.1", relay.port);
+    relay.signal("HUP");
+    wait_rcpt(&relay.addr(), "probe@self.example", 250);
+    for to in ["a@self.example", "b@echo.example"] {
+        let (code, out) = swaks(&relay.addr(), &["--from", SENDER, "--to", to, "--helo", "client.example"]);
+        assert_eq!(code, 0, "{out}");
+    }
+    wait_until("both loops counted", Duration::from_secs(20), || {
+        relay.value("mxrelay_delivery_attempts_total{result=\"loop\"}") >= 2.0
+    });
+    let log = relay.log();
+    for (to, host) in [("a@self.example", "127.0.0.1"), ("b@echo.example", "127.0.0.1")] {
+        let deferred = log.lines().find(|l| l.contains(&format!("to=<{to}>")) && l.contains("status=deferred"));
+        let deferred = deferred.unwrap_or_else(|| panic!("{to} deferred:\n{log}"));
+        assert!(deferred.contains(&format!("4.4.6 mail for {host} loops back to myself")), "{deferred}");
+    }
+    assert!(log.contains("correct relay_host of its domain"), "{log}");
+    assert_eq!(relay.value("mxrelay_smtp_messages_total{result=\"accepted\"}"), 2.0, "no copy came back to the node");
+    assert!(echo.messages().is_empty(), "the peer greeting with our name got no mail");
+}
