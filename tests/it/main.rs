@@ -36,3 +36,4 @@ mod shutdown;
 mod spool;
 mod spool_faults;
 mod spool_model;
+mod topology;

@@ -175,6 +175,11 @@ pub fn report(scenario: &str, t: &Tally, drain: Duration, extra: &str) {
         t.copies,
         drain.as_secs_f64()
     );
+    report_line(&line);
+}
+
+/// Prints `line` and appends it to the file named by `RELIABILITY_REPORT`.
+pub fn report_line(line: &str) {
     eprintln!("{line}");
     if let Ok(path) = std::env::var("RELIABILITY_REPORT") {
         use std::io::Write;

@@ -8,6 +8,7 @@ pub mod destination;
 pub mod fleet;
 pub mod haproxy;
 pub mod in_process;
+pub mod netns;
 pub mod outbound;
 pub mod pki;
 pub mod postfix;
@@ -385,9 +386,15 @@ impl Dns {
     /// Ready once it answers a query; started again on another port when
     /// another test took this one between `free_port` and dnsmasq's bind.
     pub fn start_with(hosts: &[&str], mx: &[&str], extra: &[&str]) -> Dns {
+        Self::start_on(free_port, hosts, mx, extra)
+    }
+
+    /// As [`Dns::start_with`], on the port `port` gives (53 in a test's
+    /// own network namespace, for programs that read `resolv.conf`).
+    pub fn start_on(port: impl Fn() -> u16, hosts: &[&str], mx: &[&str], extra: &[&str]) -> Dns {
         for _ in 0..3 {
             let dir = tempfile::tempdir().unwrap();
-            let port = free_port();
+            let port = port();
             let mut cmd = Command::new("/usr/sbin/dnsmasq");
             cmd.args([
                 "--keep-in-foreground",
@@ -454,6 +461,8 @@ impl Drop for Dns {
 
 /// A running `mxrelay serve`, killed on drop.
 pub struct Relay {
+    /// The SMTP listener's address (127.0.0.1 but in a topology test).
+    pub ip: std::net::IpAddr,
     pub port: u16,
     pub admin_port: u16,
     pub prefix: String,
@@ -508,8 +517,15 @@ impl Relay {
 
     /// A node of the cluster whose queue prefix is `prefix`.
     pub fn spawn_in_queue(config: &str, env: &[(&str, &str)], prefix: &str) -> Relay {
+        Self::spawn_at(std::net::IpAddr::from([127, 0, 0, 1]), free_port(), config, env, prefix)
+    }
+
+    /// A node of the cluster `prefix` whose SMTP listener is `ip:port`
+    /// (port 25 on an address of a test's own network namespace, say).
+    pub fn spawn_at(ip: std::net::IpAddr, port: u16, config: &str, env: &[(&str, &str)], prefix: &str) -> Relay {
         let mut r = Relay {
-            port: free_port(),
+            ip,
+            port,
             admin_port: free_port(),
             prefix: prefix.to_string(),
             dir: tempfile::tempdir().unwrap(),
@@ -530,7 +546,7 @@ impl Relay {
             .arg("serve")
             .arg("--config")
             .arg(&path)
-            .env("MXRELAY_SMTP_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("MXRELAY_SMTP_LISTEN", std::net::SocketAddr::new(self.ip, self.port).to_string())
             .env("MXRELAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.admin_port))
             .env("MXRELAY_QUEUE_PREFIX", &self.prefix)
             .envs(self.env.iter().map(|(a, b)| (a, b)))
@@ -541,9 +557,9 @@ impl Relay {
         self.child = Some(child);
         // Ready once both listeners are bound: tests query the admin port
         // (metrics, readiness) as soon as this returns.
-        let (port, admin) = (self.port, self.admin_port);
+        let (ip, port, admin) = (self.ip, self.port, self.admin_port);
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() || TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        while TcpStream::connect((ip, port)).is_err() || TcpStream::connect(("127.0.0.1", admin)).is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 // Another test took a port between `free_port` and the bind:
                 // a race of the harness, not of the relay; pick new ones.
@@ -601,7 +617,7 @@ impl Relay {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        std::net::SocketAddr::new(self.ip, self.port).to_string()
     }
 
     pub fn http_get(&self, path: &str) -> String {

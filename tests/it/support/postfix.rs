@@ -59,6 +59,9 @@ pub struct PostfixOptions<'a> {
     pub tls: Option<&'a TestPki>,
     /// Extra `main.cf` lines, e.g. `message_size_limit = 20000`.
     pub main_cf: &'a [&'a str],
+    /// Started inside this namespace with its `resolv.conf` (a sending
+    /// Postfix that looks up MX records).
+    pub netns: Option<&'a super::netns::Netns>,
 }
 
 pub struct Postfix {
@@ -96,7 +99,11 @@ impl Postfix {
         fs::write(conf.join("master.cf"), master).map_err(|e| e.to_string())?;
         let out = fs::File::create(dir.path().join("start-fg.out")).map_err(|e| e.to_string())?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new("/usr/sbin/postfix")
+        let mut command = match options.netns {
+            Some(ns) => ns.exec("/usr/sbin/postfix"),
+            None => Command::new("/usr/sbin/postfix"),
+        };
+        let child = command
             .arg("-c")
             .arg(&conf)
             .arg("start-fg")

@@ -1,0 +1,259 @@
+//! The cluster as operators run it, end to end, in a network namespace of
+//! the test's own (see [`Netns`]): a real sending Postfix that resolves
+//! three MX records of equal preference (dnsmasq on the namespace's port
+//! 53) and picks among them as any internet MTA does; three mxrelay nodes
+//! on port 25 of 127.0.0.11, .12 and .13 sharing a private Redis and a
+//! private MariaDB; the domain's primary (`relay_host`) a Postfix
+//! smtp-sink on 127.0.0.20:25 that records every message.
+//!
+//! Each scenario prints its figures (`RELIABILITY_REPORT` collects them).
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::support::fleet::{delivered_id, queued_ids, report_line};
+use crate::support::netns::Netns;
+use crate::support::postfix::{Postfix, PostfixOptions};
+use crate::support::sink::{SinkMessage, SmtpSink};
+use crate::support::*;
+
+const DOMAIN: &str = "customer.example";
+const NODES: [[u8; 4]; 3] = [[127, 0, 0, 11], [127, 0, 0, 12], [127, 0, 0, 13]];
+const PRIMARY: [u8; 4] = [127, 0, 0, 20];
+
+/// Everything the scenarios run on. Fields drop in order: the programs
+/// first, the namespace they live in last.
+struct Topology {
+    sender: Postfix,
+    nodes: Vec<Option<Relay>>,
+    primary: Option<SmtpSink>,
+    _redis: RedisServer,
+    _db: TestDb,
+    _mariadb: MariaDb,
+    _dns: Dns,
+    _ns: Netns,
+}
+
+impl Topology {
+    /// The namespace, DNS with the three MX records, the stores, the
+    /// nodes and the sending Postfix; the primary runs unless `primary_down`.
+    fn start(primary_down: bool) -> Topology {
+        let ns = Netns::enter();
+        let mut extra = Vec::new();
+        for (i, ip) in NODES.iter().enumerate() {
+            let [a, b, c, d] = ip;
+            extra.push(format!("--mx-host={DOMAIN},mx{}.{DOMAIN},10", i + 1));
+            extra.push(format!("--host-record=mx{}.{DOMAIN},{a}.{b}.{c}.{d}", i + 1));
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let dns = Dns::start_on(|| 53, &["sender.example", "client.example", "postfix.test"], &[], &extra);
+        let mariadb = MariaDb::start();
+        let db = TestDb::create(&mariadb.server);
+        db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+        db.add_domain(DOMAIN, &IpAddr::from(PRIMARY).to_string(), 25);
+        let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+        let primary = (!primary_down).then(|| SmtpSink::start_at(PRIMARY.into(), 25, &[]));
+        let config = base_config(&db.url(), &redis.url(), &dns);
+        let prefix = unique("mxrt");
+        let nodes = (0..NODES.len()).map(|i| Some(node(i, &config, &prefix))).collect();
+        let sender = Postfix::start(&PostfixOptions {
+            netns: Some(&ns),
+            main_cf: &[
+                "smtp_address_preference = ipv4",
+                "smtp_connect_timeout = 2s",
+                // A deferred message is tried again within seconds.
+                "queue_run_delay = 1s",
+                "minimal_backoff_time = 1s",
+                "maximal_backoff_time = 2s",
+            ],
+            ..Default::default()
+        });
+        Topology { sender, nodes, primary, _redis: redis, _db: db, _mariadb: mariadb, _dns: dns, _ns: ns }
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Relay> {
+        self.nodes.iter().flatten()
+    }
+
+    /// `smtp-source` sends `messages` of 1 KiB to the sending Postfix, in
+    /// 10 sessions; returns once Postfix has taken them all.
+    fn send(&self, messages: u32) {
+        let out = std::process::Command::new("/usr/sbin/smtp-source")
+            .args(["-s", "10", "-m", &messages.to_string(), "-l", "1024", "-M", "client.example"])
+            .args(["-f", SENDER, "-t", &format!("user@{DOMAIN}")])
+            .arg(self.sender.addr())
+            .output()
+            .expect("smtp-source");
+        assert!(out.status.success(), "smtp-source into Postfix: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Messages the primary holds, by the sending Postfix's queue id (from
+    /// its `Received:` line): a duplicate has the same id twice.
+    fn primary_messages(&self) -> Vec<SinkMessage> {
+        self.primary.as_ref().map(SmtpSink::messages).unwrap_or_default()
+    }
+
+    fn at_primary(&self) -> HashMap<String, usize> {
+        let mut ids = HashMap::new();
+        for m in self.primary_messages() {
+            *ids.entry(postfix_id(&m)).or_insert(0) += 1;
+        }
+        ids
+    }
+
+    /// Waits until the primary holds `n` distinct messages; the time it took.
+    fn wait_at_primary(&self, n: usize, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        wait_until(&format!("{n} messages at the primary"), timeout, || self.at_primary().len() >= n);
+        started.elapsed()
+    }
+
+    /// `name` summed over the nodes still running, and per node.
+    fn per_node(&self, sample: &str) -> Vec<f64> {
+        self.nodes.iter().map(|n| n.as_ref().map_or(0.0, |n| n.value(sample))).collect()
+    }
+}
+
+const ACCEPTED: &str = "mxrelay_smtp_messages_total{result=\"accepted\"}";
+const DELIVERED: &str = "mxrelay_delivery_recipients_total{result=\"delivered\"}";
+
+fn node(i: usize, config: &str, prefix: &str) -> Relay {
+    let (id, host) = (format!("node-{}", i + 1), format!("mx{}.relay.test", i + 1));
+    let env = [
+        ("MXRELAY_NODE_ID", id.as_str()),
+        ("MXRELAY_MYHOSTNAME", host.as_str()),
+        ("MXRELAY_DELIVERY_ENABLED", "true"),
+        // Only the prober and the fast drain bring deferred mail back
+        // within a test: a retry waits 10 minutes.
+        ("MXRELAY_DELIVERY_RETRY_MIN", "10m"),
+        ("MXRELAY_DELIVERY_RETRY_MAX", "10m"),
+        ("MXRELAY_DELIVERY_PROBE_INTERVAL", "2s"),
+        ("MXRELAY_QUEUE_LEASE", "3s"),
+    ];
+    Relay::spawn_at(NODES[i].into(), 25, config, &env, prefix)
+}
+
+/// The sending Postfix's queue id, from the `Received:` line it added.
+fn postfix_id(m: &SinkMessage) -> String {
+    let text = String::from_utf8_lossy(&m.content);
+    let after = text.split("by postfix.test (Postfix) with ").nth(1);
+    let id = after.and_then(|r| r.split_whitespace().skip_while(|w| *w != "id").nth(1));
+    id.unwrap_or_else(|| panic!("no Received line of the sending Postfix in:\n{text}")).to_string()
+}
+
+fn split(shares: &[f64]) -> String {
+    shares.iter().map(|s| format!("{s:.0}")).collect::<Vec<_>>().join("/")
+}
+
+/// Scenario 1, then 3. Postfix sends 1,000 messages to a domain whose three
+/// MX records of equal preference name the three nodes: every one reaches
+/// the primary once, and each node took a real share (read from its own
+/// `/metrics`; Postfix's choice among the MX records does the spreading).
+/// Then the primary goes down: the nodes accept and queue; once it is
+/// back, the fast drain delivers everything within seconds, although a
+/// retry would wait 10 minutes.
+#[test]
+fn a_sending_postfix_spreads_mail_over_equal_mx_nodes_and_a_down_primary_drains_fast() {
+    let mut t = Topology::start(false);
+    let started = Instant::now();
+    t.send(1000);
+    let took = t.wait_at_primary(1000, Duration::from_secs(180));
+    let at = t.at_primary();
+    let duplicates: usize = at.values().map(|n| n - 1).sum();
+    let accepted = t.per_node(ACCEPTED);
+    let delivered = t.per_node(DELIVERED);
+    report_line(&format!(
+        "topology equal_mx: sent=1000 at_primary={} duplicates={duplicates} accepted_per_node={} delivered_per_node={} time={:.1}s (send {:.1}s)",
+        at.len(),
+        split(&accepted),
+        split(&delivered),
+        took.as_secs_f64(),
+        started.elapsed().as_secs_f64() - took.as_secs_f64(),
+    ));
+    assert_eq!(duplicates, 0, "no fault, no duplicate");
+    assert_eq!(accepted.iter().sum::<f64>(), 1000.0, "the nodes accepted each message once");
+    assert_eq!(delivered.iter().sum::<f64>(), 1000.0, "and delivered each once");
+    for (i, a) in accepted.iter().enumerate() {
+        assert!(*a >= 100.0, "node {} took a real share (at least a tenth): {}", i + 1, split(&accepted));
+    }
+
+    // Scenario 3: the primary is down.
+    let sink = t.primary.take().expect("the primary");
+    drop(sink);
+    let before = t.at_primary().len();
+    assert_eq!(before, 0, "the new primary starts empty");
+    t.send(200);
+    wait_until("200 messages queued on the nodes", Duration::from_secs(60), || {
+        t.per_node(ACCEPTED).iter().sum::<f64>() >= 1200.0
+    });
+    let deferred = t.per_node("mxrelay_delivery_recipients_total{result=\"deferred\"}").iter().sum::<f64>();
+    assert!(deferred >= 1.0, "the nodes tried the primary and deferred");
+    t.primary = Some(SmtpSink::start_at(PRIMARY.into(), 25, &[]));
+    let drained = t.wait_at_primary(200, Duration::from_secs(60));
+    let at = t.at_primary();
+    let duplicates: usize = at.values().map(|n| n - 1).sum();
+    let released = t.live().filter(|n| n.log().contains("releasing its deferred messages")).count();
+    report_line(&format!(
+        "topology fallback_mx: queued=200 deferred_attempts={deferred:.0} drained={} duplicates={duplicates} drain={:.1}s (primary back to last message) nodes_releasing={released}",
+        at.len(),
+        drained.as_secs_f64(),
+    ));
+    assert_eq!(at.len(), 200, "everything queued during the outage arrived");
+    assert_eq!(duplicates, 0);
+    assert!(released >= 1, "the fast drain, not a retry, delivered it");
+}
+
+/// Scenario 2. A node is killed with SIGKILL in the middle of a run of
+/// 1,000: the sending Postfix finds its MX record refusing and goes to the
+/// other two, and every message a node answered `250` arrives, the killed
+/// node's queued ones by lease takeover.
+#[test]
+fn a_node_killed_under_equal_mx_load_loses_nothing_the_sender_was_told_250() {
+    let mut t = Topology::start(false);
+    let sender = {
+        let addr = t.sender.addr();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("/usr/sbin/smtp-source")
+                .args(["-s", "10", "-m", "1000", "-l", "1024", "-M", "client.example"])
+                .args(["-f", SENDER, "-t", &format!("user@{DOMAIN}")])
+                .arg(addr)
+                .output()
+                .expect("smtp-source");
+            assert!(out.status.success(), "smtp-source into Postfix: {}", String::from_utf8_lossy(&out.stderr));
+        })
+    };
+    // Killed once it has taken a share, while the run goes on.
+    let victim = 1;
+    wait_until("node 2 took 100 messages", Duration::from_secs(120), || {
+        t.nodes[victim].as_ref().is_some_and(|n| n.value(ACCEPTED) >= 100.0)
+    });
+    let mut killed_node = t.nodes[victim].take().expect("running");
+    killed_node.kill();
+    // Logged after each commit, before its 250.
+    let told_250 = queued_ids(&killed_node);
+    let accepted_by_victim = told_250.len();
+    let killed = Instant::now();
+    sender.join().expect("smtp-source");
+    t.wait_at_primary(1000, Duration::from_secs(180));
+    let drain = killed.elapsed();
+    let at = t.at_primary();
+    let duplicates: usize = at.values().map(|n| n - 1).sum();
+    let accepted = t.per_node(ACCEPTED);
+    let takeovers = t.per_node("mxrelay_queue_lease_takeovers_total").iter().sum::<f64>();
+    let refused = t.sender.log().matches("Connection refused").count();
+    report_line(&format!(
+        "topology node_killed: sent=1000 at_primary={} duplicates={duplicates} accepted_by_killed={accepted_by_victim} accepted_per_node={} takeovers={takeovers:.0} sender_refused_connections={refused} drain={:.1}s (kill to last message)",
+        at.len(),
+        split(&accepted),
+        drain.as_secs_f64(),
+    ));
+    assert_eq!(at.len(), 1000, "every message Postfix sent arrived, those the killed node took included");
+    let arrived: HashSet<String> = t.primary_messages().iter().filter_map(|m| delivered_id(&m.content)).collect();
+    let missing: Vec<&String> = told_250.iter().filter(|id| !arrived.contains(*id)).collect();
+    assert!(missing.is_empty(), "accepted by the killed node and never delivered: {missing:?}");
+    assert!(
+        duplicates as f64 <= takeovers,
+        "a duplicate is a copy the killed node sent but could not record, taken over: {duplicates} > {takeovers}"
+    );
+}
