@@ -193,8 +193,10 @@ impl Node {
         Reloader { domains: self.domains.clone(), shared: self.shared.clone(), source: self.source.clone() }
     }
 
-    /// Serves until `stop` completes, then stops in order: draining (the
-    /// listeners close, `/readyz` fails, idle sessions get 421), closing
+    /// Serves until `stop` completes, then stops in order: leaving for
+    /// `smtp.drain_delay` (`/readyz` fails, all else goes on), draining (the
+    /// listeners close, sessions idle for [`crate::shutdown::DRAIN_IDLE`]
+    /// get 421), closing
     /// after [`DRAIN_GRACE`] for sessions still receiving, then once every
     /// session and delivery has ended, [`Phase::Stopped`]: the domain
     /// refresher and the admin listener end, and this returns.
@@ -223,6 +225,14 @@ impl Node {
         let plain = tokio::spawn(crate::smtp::serve(smtp, Listener::Smtp, shared));
 
         stop.await;
+        let delay = config.smtp.drain_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                "stopping: /readyz fails; accepting for smtp.drain_delay ({delay:?}) until load balancers have noticed"
+            );
+            trigger.advance(Phase::Leaving);
+            tokio::time::sleep(delay).await;
+        }
         tracing::info!("stopping: no new connections, draining open sessions");
         trigger.advance(Phase::Draining);
         let trigger = Arc::new(trigger);

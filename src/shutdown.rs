@@ -1,6 +1,9 @@
 //! One stop signal for every task of a node. SIGTERM/SIGINT move it to
-//! [`Phase::Draining`]: `/readyz` fails, listeners close, a session waiting
-//! for a command gets `421 4.3.0` at once, delivery leases nothing new.
+//! [`Phase::Leaving`]: `/readyz` fails while everything else goes on, for
+//! `smtp.drain_delay`, so that load balancers stop sending new clients.
+//! Then [`Phase::Draining`]: listeners close, a session goes on while its
+//! client keeps talking and gets `421 4.3.0` once it waits for a command
+//! for [`DRAIN_IDLE`], delivery leases nothing new.
 //! After the grace period it moves to [`Phase::Closing`]: a session still
 //! receiving a message is cut, while a commit in progress always runs to
 //! its reply (cutting it would leave the client without its 250, and its
@@ -8,11 +11,19 @@
 //! ended it moves to [`Phase::Stopped`]: the domain refresher and the admin
 //! listener (which answered `/readyz` 503 meanwhile) end last.
 
+use std::time::Duration;
+
 use tokio::sync::watch;
+
+/// While draining, how long a session may wait for its client's next
+/// command before it is told `421` and closed: a client in the middle of
+/// its work answers far sooner, an idle one (a cached connection) is let go.
+pub const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Running,
+    Leaving,
     Draining,
     Closing,
     Stopped,
@@ -50,6 +61,11 @@ impl Shutdown {
 
     pub fn is_stopping(&self) -> bool {
         self.phase() >= Phase::Draining
+    }
+
+    /// The node has been told to stop (it may still serve for a moment).
+    pub fn is_leaving(&self) -> bool {
+        self.phase() >= Phase::Leaving
     }
 
     /// Returns once the phase is `phase` or later (never, if the trigger is gone

@@ -49,7 +49,7 @@ async fn metrics(State(h): State<Health>) -> String {
 }
 
 async fn ready(State(h): State<Health>) -> (StatusCode, String) {
-    if h.shutdown.is_stopping() {
+    if h.shutdown.is_leaving() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
     let Some(snapshot) = h.domains.snapshot() else {

@@ -13,6 +13,7 @@ use super::{Config, ConfigError, TlsLevel, human, mask_url};
 /// (said in the key's doc), or where it must be longer still.
 const DURATION_FLOORS: &[(&str, Duration)] = &[
     ("smtp.greet_pause", Duration::ZERO),            // 0: greet at once
+    ("smtp.drain_delay", Duration::ZERO),            // 0: close at once
     ("delivery.stop_grace", Duration::ZERO),         // 0: hand back at once
     ("delivery.max_queue_lifetime", Duration::ZERO), // 0: try once (Postfix)
     ("smtp.rate_window", Duration::from_secs(1)),
@@ -237,12 +238,13 @@ impl Config {
     }
 
     /// Every duration key with its value.
-    pub(super) fn durations(&self) -> [(&'static str, Duration); 21] {
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 22] {
         let (s, d, q) = (&self.smtp, &self.delivery, &self.queue);
         [
             ("smtp.command_timeout", s.command_timeout),
             ("smtp.data_timeout", s.data_timeout),
             ("smtp.greet_pause", s.greet_pause),
+            ("smtp.drain_delay", s.drain_delay),
             ("smtp.rate_window", s.rate_window),
             ("smtp.stress_timeout", s.stress_timeout),
             ("tls.handshake_timeout", self.tls.handshake_timeout),
@@ -321,7 +323,7 @@ mod tests {
         }
         let config: Config = toml::Value::Table(zero).try_into().unwrap();
         let refused: Vec<String> = config.check().unwrap_err().into_iter().map(|e| e.key).collect();
-        let allowed = ["smtp.greet_pause", "delivery.stop_grace", "delivery.max_queue_lifetime"];
+        let allowed = ["smtp.greet_pause", "smtp.drain_delay", "delivery.stop_grace", "delivery.max_queue_lifetime"];
         for key in keys {
             assert_eq!(refused.iter().any(|k| k == key), !allowed.contains(&key), "{key}: {refused:?}");
         }

@@ -227,6 +227,11 @@ pub struct SmtpConfig {
     /// Slowest message content accepted, bytes per second, after the first
     /// `data_timeout` (Postfix `smtpd_min_data_rate`); 0 = off.
     pub min_data_rate: u64,
+    /// On SIGTERM, how long `/readyz` fails while the node still accepts
+    /// and serves as usual, so that a load balancer's health check takes
+    /// it out of rotation before its listener closes; 0 = close at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -462,6 +467,7 @@ impl Default for SmtpConfig {
             auth_failure_limit: 10,
             rate_window: Duration::from_secs(60),
             min_data_rate: 500,
+            drain_delay: Duration::ZERO,
         }
     }
 }

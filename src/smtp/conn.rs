@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::slots::Stress;
 use crate::proto::command::COMMAND_LINE_LIMIT;
 use crate::proto::reply::Reply;
-use crate::shutdown::{Phase, Shutdown};
+use crate::shutdown::{DRAIN_IDLE, Phase, Shutdown};
 
 const READ_CHUNK: usize = 64 * 1024;
 /// Pending replies are written out once they reach this size even if more
@@ -87,15 +87,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// may be waiting for them before it sends more. Waits at most
     /// `timeout`, or the stress timeout while the node is under stress
     /// (also when stress starts during the wait).
+    ///
+    /// Waiting for a command (`stop_at` is `Draining`) on a draining node,
+    /// the wait ends with [`ReadError::Shutdown`] after [`DRAIN_IDLE`]: a
+    /// client that keeps talking is served to the end of its work. Every
+    /// read ends at [`Phase::Closing`].
     pub(super) async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
         self.flush().await?;
         self.inbuf.reserve(READ_CHUNK);
-        let mut shutdown = self.shutdown.clone();
+        let (mut draining, mut closing) = (self.shutdown.clone(), self.shutdown.clone());
+        let quiet_on_drain = self.stop_at == Phase::Draining;
         let mut stressed = self.stress.on.clone();
         let started = Instant::now();
         let limits = self.stress.clone();
-        let deadline = |on: bool| started + limits.limit(timeout, on);
-        let expiry = tokio::time::sleep_until(deadline(*stressed.borrow_and_update()));
+        // The drain's deadline, once the node drains.
+        let mut quiet: Option<Instant> = None;
+        let deadline = |on: bool, quiet: Option<Instant>| {
+            let normal = started + limits.limit(timeout, on);
+            quiet.map_or(normal, |q| q.min(normal))
+        };
+        let expiry = tokio::time::sleep_until(deadline(*stressed.borrow_and_update(), None));
         tokio::pin!(expiry);
         let read = self.stream.read_buf(&mut self.inbuf);
         tokio::pin!(read);
@@ -106,12 +117,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Ok(0) => Err(ReadError::Eof),
                     Ok(_) => Ok(()),
                 },
-                () = &mut expiry => return Err(ReadError::Timeout),
+                () = &mut expiry => {
+                    return Err(if quiet.is_some() { ReadError::Shutdown } else { ReadError::Timeout })
+                }
                 Ok(()) = stressed.changed() => {
                     let on = *stressed.borrow_and_update();
-                    expiry.as_mut().reset(deadline(on));
+                    expiry.as_mut().reset(deadline(on, quiet));
                 }
-                () = shutdown.reached(self.stop_at) => return Err(ReadError::Shutdown),
+                () = draining.reached(self.stop_at), if quiet.is_none() => {
+                    if !quiet_on_drain {
+                        return Err(ReadError::Shutdown);
+                    }
+                    quiet = Some(Instant::now() + DRAIN_IDLE);
+                    expiry.as_mut().reset(deadline(*stressed.borrow(), quiet));
+                }
+                () = closing.reached(Phase::Closing) => return Err(ReadError::Shutdown),
             }
         }
     }

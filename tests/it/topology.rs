@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::support::fleet::{delivered_id, queued_ids, report_line};
+use crate::support::haproxy::Haproxy;
 use crate::support::netns::Netns;
 use crate::support::postfix::{Postfix, PostfixOptions};
 use crate::support::sink::{SinkMessage, SmtpSink};
@@ -38,7 +39,7 @@ struct Topology {
 impl Topology {
     /// The namespace, DNS with the three MX records, the stores, the
     /// nodes and the sending Postfix; the primary runs unless `primary_down`.
-    fn start(primary_down: bool) -> Topology {
+    fn start(primary_down: bool, env: &[(&str, &str)]) -> Topology {
         let ns = Netns::enter();
         let mut extra = Vec::new();
         for (i, ip) in NODES.iter().enumerate() {
@@ -56,7 +57,7 @@ impl Topology {
         let primary = (!primary_down).then(|| SmtpSink::start_at(PRIMARY.into(), 25, &[]));
         let config = base_config(&db.url(), &redis.url(), &dns);
         let prefix = unique("mxrt");
-        let nodes = (0..NODES.len()).map(|i| Some(node(i, &config, &prefix))).collect();
+        let nodes = (0..NODES.len()).map(|i| Some(node(i, &config, &prefix, env))).collect();
         let sender = Postfix::start(&PostfixOptions {
             netns: Some(&ns),
             main_cf: &[
@@ -88,8 +89,7 @@ impl Topology {
         assert!(out.status.success(), "smtp-source into Postfix: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// Messages the primary holds, by the sending Postfix's queue id (from
-    /// its `Received:` line): a duplicate has the same id twice.
+    /// Messages the primary holds, by `Message-Id:`.
     fn primary_messages(&self) -> Vec<SinkMessage> {
         self.primary.as_ref().map(SmtpSink::messages).unwrap_or_default()
     }
@@ -97,7 +97,7 @@ impl Topology {
     fn at_primary(&self) -> HashMap<String, usize> {
         let mut ids = HashMap::new();
         for m in self.primary_messages() {
-            *ids.entry(postfix_id(&m)).or_insert(0) += 1;
+            *ids.entry(message_id(&m)).or_insert(0) += 1;
         }
         ids
     }
@@ -118,9 +118,9 @@ impl Topology {
 const ACCEPTED: &str = "mxrelay_smtp_messages_total{result=\"accepted\"}";
 const DELIVERED: &str = "mxrelay_delivery_recipients_total{result=\"delivered\"}";
 
-fn node(i: usize, config: &str, prefix: &str) -> Relay {
+fn node(i: usize, config: &str, prefix: &str, extra: &[(&str, &str)]) -> Relay {
     let (id, host) = (format!("node-{}", i + 1), format!("mx{}.relay.test", i + 1));
-    let env = [
+    let mut env = vec![
         ("MXRELAY_NODE_ID", id.as_str()),
         ("MXRELAY_MYHOSTNAME", host.as_str()),
         ("MXRELAY_DELIVERY_ENABLED", "true"),
@@ -131,15 +131,16 @@ fn node(i: usize, config: &str, prefix: &str) -> Relay {
         ("MXRELAY_DELIVERY_PROBE_INTERVAL", "2s"),
         ("MXRELAY_QUEUE_LEASE", "3s"),
     ];
-    Relay::spawn_at(NODES[i].into(), 25, config, &env, prefix)
+    env.extend_from_slice(extra);
+    Relay::spawn_at(NODES[i].into(), (25, 9425), config, &env, prefix)
 }
 
-/// The sending Postfix's queue id, from the `Received:` line it added.
-fn postfix_id(m: &SinkMessage) -> String {
+/// A message's `Message-Id:` (smtp-source and swaks write one, and
+/// Postfix keeps it): a duplicate has the same one twice.
+fn message_id(m: &SinkMessage) -> String {
     let text = String::from_utf8_lossy(&m.content);
-    let after = text.split("by postfix.test (Postfix) with ").nth(1);
-    let id = after.and_then(|r| r.split_whitespace().skip_while(|w| *w != "id").nth(1));
-    id.unwrap_or_else(|| panic!("no Received line of the sending Postfix in:\n{text}")).to_string()
+    let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("message-id:"));
+    line.unwrap_or_else(|| panic!("no Message-Id in:\n{text}"))[11..].trim().to_string()
 }
 
 fn split(shares: &[f64]) -> String {
@@ -155,7 +156,7 @@ fn split(shares: &[f64]) -> String {
 /// retry would wait 10 minutes.
 #[test]
 fn a_sending_postfix_spreads_mail_over_equal_mx_nodes_and_a_down_primary_drains_fast() {
-    let mut t = Topology::start(false);
+    let mut t = Topology::start(false, &[]);
     let started = Instant::now();
     t.send(1000);
     let took = t.wait_at_primary(1000, Duration::from_secs(180));
@@ -210,7 +211,7 @@ fn a_sending_postfix_spreads_mail_over_equal_mx_nodes_and_a_down_primary_drains_
 /// node's queued ones by lease takeover.
 #[test]
 fn a_node_killed_under_equal_mx_load_loses_nothing_the_sender_was_told_250() {
-    let mut t = Topology::start(false);
+    let mut t = Topology::start(false, &[]);
     let sender = {
         let addr = t.sender.addr();
         std::thread::spawn(move || {
@@ -256,4 +257,87 @@ fn a_node_killed_under_equal_mx_load_loses_nothing_the_sender_was_told_250() {
         duplicates as f64 <= takeovers,
         "a duplicate is a copy the killed node sent but could not record, taken over: {duplicates} > {takeovers}"
     );
+}
+
+/// Scenario 4. HAProxy (Debian's), configured as `deploy/haproxy/haproxy.cfg`
+/// ships (the addresses made loopback ones), in front of the three nodes:
+/// PROXY v2 and a health check on each node's `/readyz`. The client's own
+/// address reaches `Received:` and the mail log. Under continuous
+/// smtp-source load through HAProxy, SIGTERM on a node takes it out of
+/// rotation before it stops accepting (`smtp.drain_delay`): smtp-source,
+/// which gives up on any refused connection or unexpected reply, sends
+/// every message.
+#[test]
+fn behind_haproxy_the_client_address_is_kept_and_a_sigterm_drain_costs_no_client_an_error() {
+    let drain = [
+        ("MXRELAY_SMTP_PROXY_PROTOCOL", "true"),
+        ("MXRELAY_SMTP_PROXY_NETWORKS", "127.0.0.1/32"),
+        ("MXRELAY_SMTP_DRAIN_DELAY", "3s"),
+    ];
+    let mut t = Topology::start(false, &drain);
+    let config = include_str!("../../deploy/haproxy/haproxy.cfg")
+        .replace("192.0.2.25:25", "127.0.0.30:25")
+        .replace("10.0.0.1", "127.0.0.1");
+    let haproxy = Haproxy::run(&config, 25, tempfile::tempdir().unwrap());
+    let front = "127.0.0.30:25";
+    wait_until("HAProxy greets for the nodes", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(front).is_ok_and(|s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).is_ok() && line.starts_with("220 ")
+        })
+    });
+
+    // The client's own address, carried by PROXY v2.
+    let (code, out) = swaks(
+        front,
+        &[
+            "--local-interface",
+            "127.0.0.77",
+            "--from",
+            SENDER,
+            "--to",
+            &format!("a@{DOMAIN}"),
+            "--helo",
+            "client.example",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    t.wait_at_primary(1, Duration::from_secs(20));
+    let first = String::from_utf8_lossy(&t.primary_messages()[0].content).to_string();
+    assert!(first.contains("from client.example (unknown [127.0.0.77])"), "Received: names the client:\n{first}");
+    assert!(t.live().any(|n| n.log().contains("connect from unknown[127.0.0.77]")), "the mail log names the client");
+
+    // Continuous load through HAProxy; SIGTERM on node 1 in the middle.
+    let load = std::thread::spawn(move || {
+        std::process::Command::new("/usr/sbin/smtp-source")
+            .args(["-s", "5", "-m", "3000", "-l", "1024", "-M", "client.example"])
+            .args(["-f", SENDER, "-t", &format!("user@{DOMAIN}")])
+            .arg(front)
+            .output()
+            .expect("smtp-source")
+    });
+    wait_until("500 messages through HAProxy", Duration::from_secs(120), || t.at_primary().len() >= 500);
+    let signalled = Instant::now();
+    let stopping = t.nodes[0].as_mut().expect("node 1");
+    stopping.signal("TERM");
+    let status = stopping.wait_exit(Duration::from_secs(60)).expect("node 1 stops");
+    let stopped = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{status}");
+    let out = load.join().expect("smtp-source");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "no client saw an error: {}\n{stderr}", out.status);
+    t.wait_at_primary(3001, Duration::from_secs(120));
+    let log = haproxy.log();
+    let down = log.lines().position(|l| l.contains("mxrelay/mx1 is DOWN"));
+    assert!(down.is_some(), "HAProxy took node 1 out of rotation:\n{log}");
+    let node1 = t.nodes[0].take().expect("node 1");
+    let node_log = node1.log();
+    assert!(node_log.contains("until load balancers have noticed"), "{node_log}");
+    report_line(&format!(
+        "topology haproxy_drain: sent=3001 at_primary={} node1_stopped_after={:.1}s (drain_delay 3s) sessions_told_421_by_node1={} client_errors=0",
+        t.at_primary().len(),
+        stopped.as_secs_f64(),
+        node_log.matches("node stopping: session closed").count(),
+    ));
 }

@@ -161,10 +161,11 @@ impl Session {
             return outcome;
         }
         loop {
-            // Between transactions, a stopping node takes no new command; a
-            // BDAT transfer may run to its LAST chunk.
+            // A draining node serves a client that keeps talking, and lets
+            // go of one that waits (see `Conn::fill`); a BDAT transfer may
+            // run to its LAST chunk.
             self.conn.stop_at = if self.in_bdat() { Phase::Closing } else { Phase::Draining };
-            if self.conn.shutdown.phase() >= self.conn.stop_at {
+            if self.conn.shutdown.phase() >= Phase::Closing {
                 return self.read_failed(ReadError::Shutdown, "command");
             }
             let timeout = self.config().smtp.command_timeout;

@@ -5,7 +5,7 @@
 //! the foreground (`-db`) from a configuration in a temporary directory;
 //! killed on drop. `scripts/test.sh` installs the Debian package.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use super::free_port;
 
@@ -29,6 +29,12 @@ impl Haproxy {
              backend relay\n  source {source}\n  \
              server node {upstream} send-proxy-v2 check check-send-proxy port {check_port} inter 300ms\n"
         );
+        Self::run(&config, port, dir)
+    }
+
+    /// Runs `config` (whose frontend listens on `port`); its log (to
+    /// stdout or stderr) goes to [`Haproxy::log`].
+    pub fn run(config: &str, port: u16, dir: tempfile::TempDir) -> Haproxy {
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).expect("write haproxy.cfg");
         let log = std::fs::File::create(dir.path().join("haproxy.log")).expect("haproxy.log");
@@ -36,7 +42,7 @@ impl Haproxy {
             .arg("-db")
             .arg("-f")
             .arg(&path)
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("haproxy.log"))
             .stderr(log)
             .spawn()
             .expect("haproxy (scripts/test.sh installs it)");

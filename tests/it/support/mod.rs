@@ -517,16 +517,23 @@ impl Relay {
 
     /// A node of the cluster whose queue prefix is `prefix`.
     pub fn spawn_in_queue(config: &str, env: &[(&str, &str)], prefix: &str) -> Relay {
-        Self::spawn_at(std::net::IpAddr::from([127, 0, 0, 1]), free_port(), config, env, prefix)
+        Self::spawn_at(std::net::IpAddr::from([127, 0, 0, 1]), (free_port(), free_port()), config, env, prefix)
     }
 
-    /// A node of the cluster `prefix` whose SMTP listener is `ip:port`
-    /// (port 25 on an address of a test's own network namespace, say).
-    pub fn spawn_at(ip: std::net::IpAddr, port: u16, config: &str, env: &[(&str, &str)], prefix: &str) -> Relay {
+    /// A node of the cluster `prefix` whose SMTP and admin listeners are
+    /// on `ip` (ports 25 and 9425 on an address of a test's own network
+    /// namespace, say).
+    pub fn spawn_at(
+        ip: std::net::IpAddr,
+        (port, admin_port): (u16, u16),
+        config: &str,
+        env: &[(&str, &str)],
+        prefix: &str,
+    ) -> Relay {
         let mut r = Relay {
             ip,
             port,
-            admin_port: free_port(),
+            admin_port,
             prefix: prefix.to_string(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
@@ -547,7 +554,7 @@ impl Relay {
             .arg("--config")
             .arg(&path)
             .env("MXRELAY_SMTP_LISTEN", std::net::SocketAddr::new(self.ip, self.port).to_string())
-            .env("MXRELAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.admin_port))
+            .env("MXRELAY_ADMIN_LISTEN", std::net::SocketAddr::new(self.ip, self.admin_port).to_string())
             .env("MXRELAY_QUEUE_PREFIX", &self.prefix)
             .envs(self.env.iter().map(|(a, b)| (a, b)))
             .stdout(Stdio::null())
@@ -559,7 +566,7 @@ impl Relay {
         // (metrics, readiness) as soon as this returns.
         let (ip, port, admin) = (self.ip, self.port, self.admin_port);
         let start = Instant::now();
-        while TcpStream::connect((ip, port)).is_err() || TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        while TcpStream::connect((ip, port)).is_err() || TcpStream::connect((ip, admin)).is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 // Another test took a port between `free_port` and the bind:
                 // a race of the harness, not of the relay; pick new ones.
@@ -621,7 +628,7 @@ impl Relay {
     }
 
     pub fn http_get(&self, path: &str) -> String {
-        http_get(self.admin_port, path)
+        http_get_at(std::net::SocketAddr::new(self.ip, self.admin_port), path)
     }
 
     /// Runs `mxrelay ARGS…` with this node's configuration file and
@@ -758,7 +765,12 @@ impl Queue {
 /// GET `path` from an admin listener on 127.0.0.1:`port`: the whole
 /// response, status line first.
 pub fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// GET `path` from the admin listener at `addr`.
+pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
