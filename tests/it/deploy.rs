@@ -46,7 +46,7 @@ fn dashboard() -> serde_json::Value {
         .unwrap()
 }
 
-fn dashboard_exprs() -> Vec<String> {
+pub(crate) fn dashboard_exprs() -> Vec<String> {
     let d = dashboard();
     let panels = d["panels"].as_array().expect("panels");
     let mut exprs = Vec::new();
@@ -58,7 +58,7 @@ fn dashboard_exprs() -> Vec<String> {
     exprs
 }
 
-fn alert_exprs() -> Vec<String> {
+pub(crate) fn alert_exprs() -> Vec<String> {
     let rules = yaml_to_json(&std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap());
     let mut exprs = Vec::new();
     for group in rules["groups"].as_array().unwrap() {
@@ -70,7 +70,7 @@ fn alert_exprs() -> Vec<String> {
 }
 
 /// Every `mxrelay_…` name in a PromQL expression.
-fn metric_names(expr: &str) -> BTreeSet<String> {
+pub(crate) fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let bytes = expr.as_bytes();
     let mut i = 0;

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::prometheus::Prometheus;
 use crate::support::sink::SmtpSink;
 use crate::support::*;
 
@@ -120,72 +121,6 @@ fn sighup_applies_live_keys_and_names_those_needing_a_restart() {
     wait_until("reload refused", Duration::from_secs(10), || relay.log().contains("config reload failed"));
     let mut c = Raw::ehlo(&relay.addr());
     assert!(c.cmd(&format!("MAIL FROM:<{SENDER}> SIZE=200000")).starts_with("250"));
-}
-
-/// A real Prometheus server scraping two nodes on loopback.
-struct Prometheus {
-    port: u16,
-    _dir: tempfile::TempDir,
-    child: std::process::Child,
-}
-
-impl Prometheus {
-    fn start(targets: &[String]) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let list = targets.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ");
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: mxrelay\n    static_configs:\n      - targets: [{list}]\n"
-        );
-        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let port = free_port();
-        let child = std::process::Command::new("/usr/bin/prometheus")
-            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("prometheus (scripts/test.sh installs it)");
-        let p = Prometheus { port, _dir: dir, child };
-        wait_until("prometheus ready", Duration::from_secs(30), || p.get("/-/ready").starts_with("HTTP/1.1 200"));
-        p
-    }
-
-    fn get(&self, path: &str) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return String::new() };
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    }
-
-    /// An instant query through the HTTP API; the `data.result` array.
-    fn query(&self, promql: &str) -> Vec<serde_json::Value> {
-        let encoded: String = promql
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"_-.".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        let reply = self.get(&format!("/api/v1/query?query={encoded}"));
-        let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
-        // Chunked or not, the JSON object is the outermost {...}.
-        let json = &body[body.find('{').unwrap_or(0)..=body.rfind('}').unwrap_or(0)];
-        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {reply}"));
-        v["data"]["result"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -16,6 +16,7 @@ use crate::support::fleet::{delivered_id, queued_ids, report_line};
 use crate::support::haproxy::Haproxy;
 use crate::support::netns::Netns;
 use crate::support::postfix::{Postfix, PostfixOptions};
+use crate::support::prometheus::Prometheus;
 use crate::support::sink::{SinkMessage, SmtpSink};
 use crate::support::*;
 
@@ -157,6 +158,11 @@ fn split(shares: &[f64]) -> String {
 #[test]
 fn a_sending_postfix_spreads_mail_over_equal_mx_nodes_and_a_down_primary_drains_fast() {
     let mut t = Topology::start(false, &[]);
+    let targets: Vec<String> = t.live().map(|n| format!("{}:{}", n.ip, n.admin_port)).collect();
+    let prometheus = Prometheus::start(&targets);
+    wait_until("Prometheus scrapes the three nodes", Duration::from_secs(30), || {
+        prometheus.by_instance("up").iter().filter(|(_, up)| *up == 1.0).count() == targets.len()
+    });
     let started = Instant::now();
     t.send(1000);
     let took = t.wait_at_primary(1000, Duration::from_secs(180));
@@ -178,6 +184,7 @@ fn a_sending_postfix_spreads_mail_over_equal_mx_nodes_and_a_down_primary_drains_
     for (i, a) in accepted.iter().enumerate() {
         assert!(*a >= 100.0, "node {} took a real share (at least a tenth): {}", i + 1, split(&accepted));
     }
+    scenario_5(&prometheus, &targets, &accepted, &delivered);
 
     // Scenario 3: the primary is down.
     let sink = t.primary.take().expect("the primary");
@@ -339,5 +346,56 @@ fn behind_haproxy_the_client_address_is_kept_and_a_sigterm_drain_costs_no_client
         t.at_primary().len(),
         stopped.as_secs_f64(),
         node_log.matches("node stopping: session closed").count(),
+    ));
+}
+
+/// Scenario 5, on the data of scenario 1: Prometheus has a per-node
+/// accepted and delivered rate for every node, and its counters agree with
+/// the nodes' own; every panel query of the Grafana dashboard returns data,
+/// and every alert rule runs and names only series Prometheus has.
+fn scenario_5(prometheus: &Prometheus, targets: &[String], accepted: &[f64], delivered: &[f64]) {
+    let counters = |metric: &str| {
+        let mut v = prometheus.by_instance(&format!("sum by (instance) ({metric})"));
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    // The counters as scraped after the run match the nodes' (one scrape a second).
+    for (metric, own) in [(ACCEPTED, accepted), (DELIVERED, delivered)] {
+        let expected: Vec<(String, f64)> = targets.iter().cloned().zip(own.iter().copied()).collect();
+        wait_until(&format!("Prometheus has scraped {metric} of every node"), Duration::from_secs(15), || {
+            counters(metric) == expected
+        });
+    }
+    for metric in [ACCEPTED, DELIVERED] {
+        let rates = prometheus.by_instance(&format!("sum by (instance) (rate({metric}[1m]))"));
+        assert_eq!(rates.len(), targets.len(), "a rate per node of {metric}: {rates:?}");
+        assert!(rates.iter().all(|(_, r)| *r > 0.0), "{metric}: {rates:?}");
+    }
+    let total = |metric: &str| {
+        prometheus.query(&format!("sum({metric})"))[0]["value"][1].as_str().unwrap().parse::<f64>().unwrap()
+    };
+    assert_eq!((total(ACCEPTED), total(DELIVERED)), (1000.0, 1000.0), "the sums are the counts");
+    let mut empty = Vec::new();
+    for expr in crate::deploy::dashboard_exprs() {
+        let expr = expr.replace("$__rate_interval", "1m");
+        match prometheus.try_query(&expr) {
+            Ok(result) if result.is_empty() => empty.push(expr),
+            Ok(_) => {}
+            Err(e) => panic!("dashboard query {expr}: {e}"),
+        }
+    }
+    assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}");
+    for expr in crate::deploy::alert_exprs() {
+        prometheus.try_query(&expr).unwrap_or_else(|e| panic!("alert rule {expr}: {e}"));
+        for metric in crate::deploy::metric_names(&expr) {
+            let series = prometheus.query(&format!("count({{__name__=~\"{metric}(_bucket)?\"}})"));
+            assert!(!series.is_empty(), "alert rule {expr}: no series {metric}");
+        }
+    }
+    report_line(&format!(
+        "topology prometheus: nodes={} dashboard_queries={} alert_rules={} all with data",
+        targets.len(),
+        crate::deploy::dashboard_exprs().len(),
+        crate::deploy::alert_exprs().len()
     ));
 }

@@ -12,6 +12,7 @@ pub mod netns;
 pub mod outbound;
 pub mod pki;
 pub mod postfix;
+pub mod prometheus;
 pub mod proxy;
 pub mod redis_cluster;
 pub mod scanners;
