@@ -211,12 +211,15 @@ impl Node {
             config.migrate_on_start,
             shutdown.clone(),
         ));
+        let cluster = crate::delivery::ClusterNames::new(&config.myhostname);
+        let names = tokio::spawn(cluster.clone().run(spool.clone(), shutdown.clone()));
         let delivery = config.delivery.enabled.then(|| {
             let d = crate::delivery::Delivery::new(
                 config.clone(),
                 spool.clone(),
                 domains.clone(),
                 shared.policy.dns.clone(),
+                cluster,
             );
             tokio::spawn(d.run(shutdown.clone()))
         });
@@ -255,6 +258,7 @@ impl Node {
             tracing::info!("stopping: delivery stopped");
         }
         trigger.advance(Phase::Stopped);
+        let _ = names.await;
         let _ = refresher.await;
         let _ = admin.await;
         tracing::info!("stopped");

@@ -40,13 +40,15 @@ pub struct Settings {
     pub myself: Myself,
 }
 
-/// This node as a destination: its `myhostname` and SMTP listeners. A
-/// session that reaches one of them (a `relay_host` that names the node
-/// itself, or a balancer in front of it) is refused before MAIL, as
-/// Postfix's "mail for … loops back to myself".
+/// This node as a destination: its SMTP listeners, and the host names of
+/// the cluster's nodes (its own `myhostname` and those the others
+/// registered in the shared queue). A session that reaches one of them (a
+/// `relay_host` that names the node itself, another node, or a balancer
+/// in front of them) is refused before MAIL, as Postfix's "mail for …
+/// loops back to myself".
 #[derive(Debug, Clone, Default)]
 pub struct Myself {
-    pub hostname: String,
+    pub hostnames: Vec<String>,
     pub listeners: Vec<std::net::SocketAddr>,
 }
 
@@ -62,11 +64,11 @@ impl Myself {
         })
     }
 
-    /// The reply names this node's own host name first (a greeting, or
-    /// the first line of an EHLO/HELO reply).
-    fn named_in(&self, reply: &RemoteReply) -> bool {
+    /// The cluster host name the reply names first (a greeting, or the
+    /// first line of an EHLO/HELO reply), if it does.
+    fn named_in(&self, reply: &RemoteReply) -> Option<&str> {
         let first = reply.text.lines().next().unwrap_or("").split_whitespace().next().unwrap_or("");
-        !self.hostname.is_empty() && first.eq_ignore_ascii_case(&self.hostname)
+        self.hostnames.iter().map(String::as_str).find(|h| !h.is_empty() && first.eq_ignore_ascii_case(h))
     }
 }
 
@@ -295,8 +297,8 @@ impl Connection {
         if !greeting.is_success() {
             return Err(ClientError::Refused(greeting));
         }
-        if settings.myself.named_in(&greeting) {
-            return Err(loops_back(target, format!("it greeted me with my own hostname {}", settings.myself.hostname)));
+        if let Some(name) = settings.myself.named_in(&greeting) {
+            return Err(loops_back(target, format!("it greeted with the name of a node of this cluster, {name}")));
         }
         c.hello(helo).await?;
         match tls {
@@ -312,8 +314,8 @@ impl Connection {
         self.write(format!("EHLO {helo}\r\n").as_bytes(), "sending EHLO").await?;
         let ehlo = self.reply(t, "after EHLO").await?;
         if ehlo.is_success() {
-            if self.settings.myself.named_in(&ehlo) {
-                let why = format!("it replied to EHLO with my own hostname {}", self.settings.myself.hostname);
+            if let Some(name) = self.settings.myself.named_in(&ehlo) {
+                let why = format!("it replied to EHLO with the name of a node of this cluster, {name}");
                 return Err(loops_back(&self.target, why));
             }
             self.ext = parse_extensions(&ehlo.text);
@@ -325,8 +327,8 @@ impl Connection {
         if !helo_reply.is_success() {
             return Err(ClientError::Refused(helo_reply));
         }
-        if self.settings.myself.named_in(&helo_reply) {
-            let why = format!("it replied to HELO with my own hostname {}", self.settings.myself.hostname);
+        if let Some(name) = self.settings.myself.named_in(&helo_reply) {
+            let why = format!("it replied to HELO with the name of a node of this cluster, {name}");
             return Err(loops_back(&self.target, why));
         }
         Ok(())
@@ -684,8 +686,10 @@ mod tests {
     #[test]
     fn a_session_to_this_node_is_seen_as_a_loop() {
         let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
-        let me =
-            Myself { hostname: "mx1.example.net".into(), listeners: vec![addr("0.0.0.0:25"), addr("10.0.0.5:465")] };
+        let me = Myself {
+            hostnames: vec!["mx1.example.net".into(), "mx2.example.net".into()],
+            listeners: vec![addr("0.0.0.0:25"), addr("10.0.0.5:465")],
+        };
         let from = addr("10.0.0.5:40000");
         assert!(me.is_listener(addr("10.0.0.5:25"), from), "this host's own address");
         assert!(me.is_listener(addr("127.0.0.3:25"), from), "any loopback address");
@@ -694,10 +698,11 @@ mod tests {
         assert!(!me.is_listener(addr("127.0.0.1:2525"), from), "another port");
         assert!(!me.is_listener(addr("10.0.0.7:465"), from), "the port of a listener bound to one address");
         let reply = |text: &str| RemoteReply { code: 220, text: text.into() };
-        assert!(me.named_in(&reply("MX1.example.net ESMTP")), "host names compare without case");
-        assert!(me.named_in(&reply("mx1.example.net\nPIPELINING\nSIZE 10240000")), "the first line of EHLO's reply");
-        assert!(!me.named_in(&reply("mx2.example.net ESMTP mx1.example.net")), "only the first word counts");
-        assert!(!Myself::default().named_in(&reply("")), "no host name, no loop");
+        assert_eq!(me.named_in(&reply("MX1.example.net ESMTP")), Some("mx1.example.net"), "without case");
+        assert!(me.named_in(&reply("mx1.example.net\nPIPELINING\nSIZE 10240000")).is_some(), "EHLO's first line");
+        assert_eq!(me.named_in(&reply("mx2.example.net ESMTP")), Some("mx2.example.net"), "another node");
+        assert!(me.named_in(&reply("mx9.example.net ESMTP mx1.example.net")).is_none(), "only the first word");
+        assert!(Myself::default().named_in(&reply("")).is_none(), "no host name, no loop");
     }
 
     #[test]

@@ -87,6 +87,53 @@ impl Fate {
     }
 }
 
+/// How often a node says its host name to the queue and reads the others'.
+const CLUSTER_HOSTNAMES_EVERY: Duration = Duration::from_secs(5);
+/// A node's host name counts as the cluster's this long after it was last
+/// said (a node gone for good drops out).
+const CLUSTER_HOSTNAMES_TTL: Duration = Duration::from_secs(600);
+
+/// The `myhostname` of every node of the cluster, this node's first: every
+/// node says its own to the queue every [`CLUSTER_HOSTNAMES_EVERY`]
+/// (delivering or not) and reads the others'.
+pub struct ClusterNames {
+    me: String,
+    names: std::sync::RwLock<Vec<String>>,
+}
+
+impl ClusterNames {
+    pub fn new(myhostname: &str) -> Arc<ClusterNames> {
+        Arc::new(ClusterNames { me: myhostname.to_string(), names: std::sync::RwLock::new(vec![myhostname.into()]) })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.names.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Says this node's name and reads the others' until the node stops.
+    pub async fn run(self: Arc<Self>, spool: Arc<dyn Deliver>, mut stop: Shutdown) {
+        loop {
+            match spool.cluster_hostnames(&self.me, CLUSTER_HOSTNAMES_TTL).await {
+                Ok(mut names) => {
+                    names.retain(|n| *n != self.me);
+                    names.sort();
+                    names.insert(0, self.me.clone());
+                    let mut known = self.names.write().unwrap_or_else(|e| e.into_inner());
+                    if *known != names {
+                        tracing::info!("cluster nodes (by myhostname): {}", names.join(", "));
+                        *known = names;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "could not say this node's host name to the queue"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(CLUSTER_HOSTNAMES_EVERY) => {}
+                () = stop.reached(Phase::Stopped) => return,
+            }
+        }
+    }
+}
+
 pub struct Delivery {
     config: Config,
     spool: Arc<dyn Deliver>,
@@ -99,10 +146,19 @@ pub struct Delivery {
     /// The TLS level per recipient domain, and the STARTTLS configurations.
     tls_policies: TlsPolicies,
     tls: TlsClient,
+    /// The `myhostname` of every node on this queue: a destination
+    /// greeting with one of them is the cluster itself.
+    cluster: Arc<ClusterNames>,
 }
 
 impl Delivery {
-    pub fn new(config: Config, spool: Arc<dyn Deliver>, domains: Arc<Domains>, dns: Dns) -> Arc<Delivery> {
+    pub fn new(
+        config: Config,
+        spool: Arc<dyn Deliver>,
+        domains: Arc<Domains>,
+        dns: Dns,
+        cluster: Arc<ClusterNames>,
+    ) -> Arc<Delivery> {
         // The start-up check has read the CA file before `serve` starts;
         // should it fail now anyway, verify against webpki-roots only.
         let tls_policies = TlsPolicies::new(&config.delivery);
@@ -120,6 +176,7 @@ impl Delivery {
             in_flight: Mutex::new(HashMap::new()),
             tls_policies,
             tls,
+            cluster,
         })
     }
 
@@ -294,7 +351,7 @@ impl Delivery {
             data: d.data_timeout,
             line_length_limit: d.line_length_limit,
             myself: Myself {
-                hostname: self.config.myhostname.clone(),
+                hostnames: self.cluster.names(),
                 listeners: [Some(self.config.smtp.listen), self.config.tls.implicit_listen]
                     .into_iter()
                     .flatten()

@@ -303,6 +303,11 @@ pub trait Deliver: Enqueue + Read {
     /// messages, consumers of nodes gone for good (never `consumer`), and
     /// unreadable messages older than `corrupt_max_age`.
     async fn maintain(&self, consumer: &str, corrupt_max_age: std::time::Duration) -> Result<Maintenance, SpoolError>;
+    /// Records that a node named `hostname` (its `myhostname`) works on this
+    /// queue now, and returns the names of every node that did within
+    /// `within`, `hostname` included: a destination that greets with one
+    /// of them is the cluster itself.
+    async fn cluster_hostnames(&self, hostname: &str, within: std::time::Duration) -> Result<Vec<String>, SpoolError>;
 }
 
 /// Operating: start-up, `/readyz` and `/metrics`, and the operator

@@ -392,6 +392,11 @@ impl Deliver for SqliteSpool {
             .map_err(|e| failed("dests", e))
     }
 
+    /// The embedded store has one node.
+    async fn cluster_hostnames(&self, hostname: &str, _within: Duration) -> Result<Vec<String>, SpoolError> {
+        Ok(vec![hostname.to_string()])
+    }
+
     async fn maintain(&self, _consumer: &str, corrupt_max_age: Duration) -> Result<Maintenance, SpoolError> {
         let cutoff = now_ms() - corrupt_max_age.as_millis() as i64;
         let mut tx = self.pool.begin().await.map_err(|e| failed("maintain", e))?;

@@ -373,3 +373,37 @@ fn mail_that_would_loop_back_to_the_node_is_deferred_not_relayed_to_itself() {
     assert_eq!(relay.value("mxrelay_smtp_messages_total{result=\"accepted\"}"), 2.0, "no copy came back to the node");
     assert!(echo.messages().is_empty(), "the peer greeting with our name got no mail");
 }
+
+/// The same across the cluster: a `relay_host` naming another node (or a
+/// balancer in front of the nodes) is seen by that node's greeting, since
+/// every node says its `myhostname` to the shared queue. The delivering
+/// node defers the mail; the other node never takes a copy.
+#[test]
+fn mail_that_would_loop_into_another_node_of_the_cluster_is_deferred() {
+    let dns = Dns::start(&["sender.example"], &["peer.example"]);
+    let db = TestDb::create(&MysqlServer::shared());
+    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
+    let config = base_config(&db.url(), SHARED_REDIS, &dns);
+    let prefix = unique("mxrq");
+    // b only receives; a delivers, to b.
+    let b = Relay::spawn_in_queue(&config, &[("MXRELAY_MYHOSTNAME", "b.relay.test")], &prefix);
+    let a = Relay::spawn_in_queue(
+        &config,
+        &[("MXRELAY_MYHOSTNAME", "a.relay.test"), ("MXRELAY_DELIVERY_ENABLED", "true")],
+        &prefix,
+    );
+    db.add_domain("peer.example", "127.0.0.1", b.port);
+    wait_until("a knows b", Duration::from_secs(20), || {
+        a.log().lines().any(|l| l.contains("cluster nodes (by myhostname): a.relay.test, b.relay.test"))
+    });
+    wait_rcpt(&a.addr(), "probe@peer.example", 250);
+    let (code, out) = swaks(&a.addr(), &["--from", SENDER, "--to", "x@peer.example", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    wait_until("the loop counted", Duration::from_secs(20), || {
+        a.value("mxrelay_delivery_attempts_total{result=\"loop\"}") >= 1.0
+    });
+    let log = a.log();
+    let line = log.lines().find(|l| l.contains("loops back to myself: ")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("it greeted with the name of a node of this cluster, b.relay.test"), "{line}");
+    assert_eq!(b.value("mxrelay_smtp_messages_total{result=\"accepted\"}"), 0.0, "b took no copy");
+}

@@ -49,7 +49,8 @@ impl Topology {
             extra.push(format!("--host-record=mx{}.{DOMAIN},{a}.{b}.{c}.{d}", i + 1));
         }
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let dns = Dns::start_on(|| 53, &["sender.example", "client.example", "postfix.test"], &[], &extra);
+        let hosts = ["sender.example", "client.example", "postfix.test"];
+        let dns = Dns::start_on(|| 53, &hosts, &["loop.example"], &extra);
         let mariadb = MariaDb::start();
         let db = TestDb::create(&mariadb.server);
         db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
@@ -340,6 +341,30 @@ fn behind_haproxy_the_client_address_is_kept_and_a_sigterm_drain_costs_no_client
     assert!(down.is_some(), "HAProxy took node 1 out of rotation:\n{log}");
     let node1 = t.nodes[0].take().expect("node 1");
     let node_log = node1.log();
+
+    // Scenario 6 through the balancer: a domain whose relay_host is
+    // HAProxy, i.e. the cluster itself. The node that takes the message
+    // reaches a node of its cluster and defers it at once: no second copy
+    // is accepted anywhere, so nothing ping-pongs up to hop_count_limit.
+    t._db.add_domain("loop.example", "127.0.0.30", 25);
+    let before: f64 = t.per_node(ACCEPTED).iter().sum();
+    // domains.refresh is 1 s; ask a few times, HAProxy picks the node.
+    for _ in 0..6 {
+        wait_rcpt(front, "probe@loop.example", 250);
+    }
+    let (code, out) = swaks(front, &["--from", SENDER, "--to", "x@loop.example", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    let loops = || t.per_node("mxrelay_delivery_attempts_total{result=\"loop\"}").iter().sum::<f64>();
+    wait_until("the loop seen", Duration::from_secs(20), || loops() >= 1.0);
+    let after: f64 = t.per_node(ACCEPTED).iter().sum();
+    assert_eq!(after - before, 1.0, "the cluster took the message once, never from itself");
+    let seen = t
+        .live()
+        .flat_map(|n| {
+            n.log().lines().filter(|l| l.contains("loops back to myself")).map(str::to_string).collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    assert!(seen.iter().any(|l| l.contains("name of a node of this cluster")), "{seen:#?}");
     assert!(node_log.contains("until load balancers have noticed"), "{node_log}");
     report_line(&format!(
         "topology haproxy_drain: sent=3001 at_primary={} node1_stopped_after={:.1}s (drain_delay 3s) sessions_told_421_by_node1={} client_errors=0",

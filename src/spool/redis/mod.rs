@@ -105,6 +105,10 @@ impl ShardKeys {
     fn corrupt(&self) -> String {
         self.key("corrupt")
     }
+    /// The nodes' host names, with when each was last seen (shard 0 only).
+    fn nodes(&self) -> String {
+        self.key("nodes")
+    }
     /// Destinations that have deferred messages in this shard.
     fn dests(&self) -> String {
         self.key("dests")
@@ -1090,6 +1094,23 @@ impl Deliver for RedisSpool {
             .map_err(|e| e.into_error("dests"))?;
         let all: std::collections::BTreeSet<String> = sets.into_iter().flat_map(|(set,)| set).collect();
         Ok(all.into_iter().collect())
+    }
+
+    async fn cluster_hostnames(&self, hostname: &str, within: Duration) -> Result<Vec<String>, SpoolError> {
+        let key = self.shard_keys(0).nodes();
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut conn = self.link.conn_for(0, "nodes")?;
+        let mut pipe = redis::pipe();
+        pipe.hset(&key, hostname, now).ignore().hgetall(&key);
+        let (seen,): (HashMap<String, i64>,) =
+            bounded("nodes", self.config().timeout, pipe.query_async(&mut conn)).await?;
+        let cutoff = now - within.as_millis() as i64;
+        let (live, gone): (Vec<_>, Vec<_>) = seen.into_iter().partition(|(_, at)| *at >= cutoff);
+        if !gone.is_empty() {
+            let gone: Vec<String> = gone.into_iter().map(|(name, _)| name).collect();
+            let _: redis::RedisResult<i64> = conn.hdel(&key, gone).await;
+        }
+        Ok(live.into_iter().map(|(name, _)| name).collect())
     }
 
     async fn maintain(&self, consumer: &str, corrupt_max_age: Duration) -> Result<Maintenance, SpoolError> {
