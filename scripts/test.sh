@@ -26,6 +26,9 @@ command -v sigtool >/dev/null || need+=(clamav)
 command -v rspamd >/dev/null || need+=(rspamd)
 # The PROXY protocol from a real load balancer (tests/it/support/haproxy.rs).
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+# The deployed topology runs in network namespaces of its own (ip netns,
+# tests/it/support/netns.rs).
+command -v ip >/dev/null || need+=(iproute2)
 # swaks --tls needs Perl's TLS modules; openssl s_client talks to STARTTLS.
 perl -MIO::Socket::SSL -MNet::SSLeay -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 command -v openssl >/dev/null || need+=(openssl)
