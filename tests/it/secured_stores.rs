@@ -43,15 +43,31 @@ fn secured_redis(pki: &TestPki) -> (RedisServer, u16) {
     (redis, tls)
 }
 
-#[test]
-fn rediss_with_a_private_ca_and_an_acl_user_carries_the_queue_and_a_wrong_password_is_named() {
-    let pki = TestPki::localhost();
-    let (_redis, tls) = secured_redis(&pki);
+/// smtp-sink as the destination of friet.pan, with DNS and the domain list.
+fn destination_dns_and_domains() -> (SmtpSink, Dns, TestDb) {
     let sink = SmtpSink::start();
     let dns = Dns::start(&["sender.example"], &[LISTED]);
     let db = TestDb::create(&MysqlServer::shared());
     db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     db.add_domain(LISTED, "127.0.0.1", sink.port);
+    (sink, dns, db)
+}
+
+/// A whole message to `relay` is answered 451 4.3.0 at the end of DATA.
+fn assert_message_gets_451(relay: &Relay, why: &str) {
+    let mut c = Raw::ehlo(&relay.addr());
+    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
+    assert!(c.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert_eq!(c.code_after("DATA"), 354);
+    let reply = c.cmd("Subject: x\r\n\r\nbody\r\n.");
+    assert!(reply.starts_with("451 4.3.0"), "{why}: {reply}");
+}
+
+#[test]
+fn rediss_with_a_private_ca_and_an_acl_user_carries_the_queue_and_a_wrong_password_is_named() {
+    let pki = TestPki::localhost();
+    let (_redis, tls) = secured_redis(&pki);
+    let (sink, dns, db) = destination_dns_and_domains();
     let secrets = tempfile::tempdir().unwrap();
     let (good, bad) = (secrets.path().join("good"), secrets.path().join("bad"));
     std::fs::write(&good, "Sup3r-s3cret\n").unwrap();
@@ -85,12 +101,7 @@ fn rediss_with_a_private_ca_and_an_acl_user_carries_the_queue_and_a_wrong_passwo
     assert!(start.contains("queue not reachable at start") && start.contains("queue.password_file"), "{start}");
     let ready = refused.http_get("/readyz");
     assert!(ready.starts_with("HTTP/1.1 503") && ready.contains(named), "{ready}");
-    let mut c = Raw::ehlo(&refused.addr());
-    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
-    assert!(c.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
-    assert_eq!(c.code_after("DATA"), 354);
-    let reply = c.cmd("Subject: x\r\n\r\nbody\r\n.");
-    assert!(reply.starts_with("451 4.3.0"), "a refused queue is a temporary failure: {reply}");
+    assert_message_gets_451(&refused, "a refused queue is a temporary failure");
 
     // Without the CA, Redis's certificate is not trusted: no queue, 503.
     let untrusted = Relay::spawn_with_env(&config, &[("MXRELAY_QUEUE_PASSWORD_FILE", good.to_str().unwrap())]);
@@ -117,11 +128,7 @@ fn rediss_sentinel_with_passwords_carries_the_queue_and_a_wrong_sentinel_passwor
         data_user: ("app".into(), "Sup3r-s3cret".into()),
     };
     let sentinels = Sentinels::start_with(tls, &[free_port()], 0, Some(secured));
-    let sink = SmtpSink::start();
-    let dns = Dns::start(&["sender.example"], &[LISTED]);
-    let db = TestDb::create(&MysqlServer::shared());
-    db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
-    db.add_domain(LISTED, "127.0.0.1", sink.port);
+    let (sink, dns, db) = destination_dns_and_domains();
     let secrets = tempfile::tempdir().unwrap();
     let file = |name: &str, text: &str| {
         let path = secrets.path().join(name);
@@ -169,12 +176,7 @@ fn rediss_sentinel_with_passwords_carries_the_queue_and_a_wrong_sentinel_passwor
     assert!(start.contains("queue.sentinel_password_file"), "the key is named:\n{start}");
     let ready = refused.http_get("/readyz");
     assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("queue.sentinel_password_file"), "{ready}");
-    let mut c = Raw::ehlo(&refused.addr());
-    c.cmd(&format!("MAIL FROM:<{SENDER}>"));
-    assert!(c.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
-    assert_eq!(c.code_after("DATA"), 354);
-    let reply = c.cmd("Subject: x\r\n\r\nbody\r\n.");
-    assert!(reply.starts_with("451 4.3.0"), "refused Sentinels are a temporary failure: {reply}");
+    assert_message_gets_451(&refused, "refused Sentinels are a temporary failure");
 }
 
 /// MySQL over TLS, verified (`ssl-mode=verify_identity`, the private CA),
