@@ -183,7 +183,9 @@ fn a_sending_postfix_spreads_mail_over_equal_mx_nodes_and_a_down_primary_drains_
     assert_eq!(accepted.iter().sum::<f64>(), 1000.0, "the nodes accepted each message once");
     assert_eq!(delivered.iter().sum::<f64>(), 1000.0, "and delivered each once");
     for (i, a) in accepted.iter().enumerate() {
-        assert!(*a >= 100.0, "node {} took a real share (at least a tenth): {}", i + 1, split(&accepted));
+        // Postfix's choice varies more than a fair die (its connection
+        // cache reuses a session to one MX): 119 to 527 of 1,000 in 33 runs.
+        assert!(*a >= 50.0, "node {} took a real share (at least 5 %): {}", i + 1, split(&accepted));
     }
     scenario_5(&prometheus, &targets, &accepted, &delivered);
 
