@@ -37,11 +37,40 @@ enum Cmd {
         #[command(subcommand)]
         command: QueueCmd,
     },
+    /// Which recipients of a listed domain are accepted (Postfix's
+    /// relay_recipient_maps; from any node).
+    Recipients {
+        #[command(subcommand)]
+        command: RecipientsCmd,
+    },
     /// Manage the SMTP AUTH users (`relay_users`; from any node).
     Users {
         #[command(subcommand)]
         command: UsersCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum RecipientsCmd {
+    /// How a domain's recipients are checked: none (every recipient, the
+    /// default) or table (only the addresses added here).
+    Check { domain: String, method: String },
+    /// Accept these addresses (user@example.org, or @example.org for all).
+    Add {
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
+    /// Stop accepting an address.
+    Remove { address: String },
+    /// The checks and addresses, of one domain or all.
+    List {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add the addresses of a CSV file (first column, one per line).
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +200,7 @@ fn main() -> ExitCode {
             run(config, |c| async move { mxrelay::server::serve(c, path).await })
         }
         Cmd::Domains { command } => run(config, |c| async move { domains(&c, command).await }),
+        Cmd::Recipients { command } => run(config, |c| async move { recipients(&c, command).await }),
         Cmd::Queue { command } => run(config, |c| async move { queue(&c, command).await }),
         Cmd::Users { command } => run(config, |c| async move { users(&c, command).await }),
         Cmd::Migrate => run(config, |c| async move {
@@ -204,14 +234,70 @@ where
     }
 }
 
+/// When the nodes see a change to the domains database.
+fn picked_up(config: &Config) -> String {
+    format!(
+        "nodes pick this up within domains.refresh ({}) or at once on SIGHUP",
+        humantime_serde::re::humantime::format_duration(config.domains.refresh)
+    )
+}
+
+async fn recipients(config: &Config, command: RecipientsCmd) -> anyhow::Result<()> {
+    use mxrelay::admin::recipients as cmd;
+    let store = mxrelay::domains::open(&config.domains.url)?;
+    let store = store.as_ref();
+    let refresh = picked_up(config);
+    let domain_name = |d: &str| {
+        mxrelay::proto::address::normalise_domain(d.trim().trim_end_matches('.'))
+            .ok_or_else(|| anyhow::anyhow!("{d:?} is not a valid domain name"))
+    };
+    match command {
+        RecipientsCmd::Check { domain, method } => {
+            let (name, method) = (domain_name(&domain)?, cmd::method(&method).map_err(anyhow::Error::msg)?);
+            store.set_recipient_check(&name, method).await?;
+            let listed = mxrelay::admin::domains::list(store).await?.iter().any(|r| r.domain == name);
+            let note = if listed { String::new() } else { format!(" ({name} is not listed yet)") };
+            println!("{name}: recipients checked by {method}{note}; {refresh}");
+        }
+        RecipientsCmd::Add { addresses } => {
+            let addresses: Vec<String> =
+                addresses.iter().map(|a| cmd::normalise(a)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
+            let added = store.add_recipients(&addresses).await?;
+            println!("added {added} address(es) ({} already there); {refresh}", addresses.len() - added);
+        }
+        RecipientsCmd::Remove { address } => {
+            let address = cmd::normalise(&address).map_err(anyhow::Error::msg)?;
+            if !store.remove_recipient(&address).await? {
+                anyhow::bail!("{address} is not in the table (see `mxrelay recipients list`)");
+            }
+            println!("removed {address}; {refresh}");
+        }
+        RecipientsCmd::List { domain, json } => {
+            let domain = domain.as_deref().map(domain_name).transpose()?;
+            let listing = cmd::list(store, domain.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", cmd::table(&listing));
+            }
+        }
+        RecipientsCmd::Import { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let addresses = cmd::parse_csv(&text)
+                .map_err(|errors| anyhow::anyhow!("{}: nothing imported\n{}", file.display(), errors.join("\n")))?;
+            let added = store.add_recipients(&addresses).await?;
+            println!("imported {added} new address(es) of {}; {refresh}", addresses.len());
+        }
+    }
+    Ok(())
+}
+
 async fn domains(config: &Config, command: DomainsCmd) -> anyhow::Result<()> {
     use mxrelay::admin::domains as cmd;
     let store = mxrelay::domains::open(&config.domains.url)?;
     let store = store.as_ref();
-    let refresh = format!(
-        "nodes pick this up within domains.refresh ({}) or at once on SIGHUP",
-        humantime_serde::re::humantime::format_duration(config.domains.refresh)
-    );
+    let refresh = picked_up(config);
     match command {
         DomainsCmd::Add { domain, relay_host, relay_port, scan: _, no_scan } => {
             let row = cmd::validate(&domain, &relay_host, &relay_port, !no_scan).map_err(anyhow::Error::msg)?;

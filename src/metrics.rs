@@ -18,6 +18,7 @@ pub struct Metrics {
     pub smtp_connections_refused: IntCounterVec,
     pub smtp_sessions: IntCounterVec,
     pub smtp_rcpt: IntCounterVec,
+    pub recipient_checks: IntCounterVec,
     pub smtp_messages: IntCounterVec,
     pub smtp_received_bytes: IntCounter,
     pub smtp_tls_handshakes: IntCounterVec,
@@ -228,6 +229,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
         smtp_sessions: counter_vec(&r, "mxrelay_smtp_sessions_total", "SMTP sessions ended, by outcome", &["outcome"]),
         smtp_rcpt: counter_vec(&r, "mxrelay_smtp_rcpt_total", "RCPT commands by result", &["result"]),
+        recipient_checks: counter_vec(
+            &r,
+            "mxrelay_recipient_checks_total",
+            "Recipients checked against a domain's recipient validation, by method and result",
+            &["method", "result"],
+        ),
         smtp_messages: counter_vec(
             &r,
             "mxrelay_smtp_messages_total",
@@ -286,12 +293,16 @@ impl Metrics {
             }
         };
         init(&self.smtp_messages, &["accepted", "too_big", "bare_newline", "too_many_hops", "queue_error"]);
+        for result in ["accepted", "rejected"] {
+            self.recipient_checks.with_label_values(&["table", result]);
+        }
         init(
             &self.smtp_rcpt,
             &[
                 "accepted",
                 "relay_denied",
                 "unknown_domain",
+                "unknown_recipient",
                 "non_fqdn",
                 "invalid_helo",
                 "tempfail",

@@ -60,7 +60,7 @@ fn display(a_label: &str) -> String {
 
 /// Every listed domain, sorted.
 pub async fn list(store: &dyn DomainStore) -> anyhow::Result<Vec<DomainRow>> {
-    let snapshot = Snapshot::build(store.load().await?);
+    let snapshot = Snapshot::build(store.load().await?, Default::default());
     let mut rows: Vec<DomainRow> = snapshot
         .routes()
         .map(|r| DomainRow {

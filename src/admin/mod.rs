@@ -5,3 +5,4 @@
 pub mod domains;
 pub mod http;
 pub mod queue;
+pub mod recipients;

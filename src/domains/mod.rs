@@ -30,6 +30,40 @@ pub struct DomainRoute {
     pub relay_port: u16,
     /// `enable_virus_spam_scan = '1'`.
     pub scan: bool,
+    /// Which recipients of the domain are accepted (`relay_recipient_checks`).
+    pub recipients: RecipientCheck,
+}
+
+/// How a domain's recipients are checked at RCPT.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RecipientCheck {
+    /// Every recipient (the seed's behaviour, and the default).
+    #[default]
+    None,
+    /// Only the addresses listed in `relay_recipients` (lower case,
+    /// `local@domain`), or all of them with `@domain` listed (Postfix
+    /// `relay_recipient_maps`).
+    Table(Arc<std::collections::HashSet<String>>),
+}
+
+impl RecipientCheck {
+    /// The method's name as `relay_recipient_checks.method` stores it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            RecipientCheck::None => "none",
+            RecipientCheck::Table(_) => "table",
+        }
+    }
+}
+
+/// The methods `relay_recipient_checks.method` may hold.
+pub const RECIPIENT_METHODS: [&str; 2] = ["none", "table"];
+
+/// The recipient tables as stored: (domain, method) rows and addresses.
+#[derive(Debug, Clone, Default)]
+pub struct RawRecipients {
+    pub checks: Vec<(String, String)>,
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +98,16 @@ pub trait DomainStore: Send + Sync {
     async fn add(&self, rows: &[RawDomain]) -> Result<(), DomainError>;
     /// Removes a domain; `false` when it was not listed.
     async fn remove(&self, domain: &str) -> Result<bool, DomainError>;
+    /// The recipient checks and valid recipients; empty when the tables
+    /// were never created (a database not migrated yet).
+    async fn load_recipients(&self) -> Result<RawRecipients, DomainError>;
+    /// Sets how `domain`'s recipients are checked (`none` removes the row).
+    async fn set_recipient_check(&self, domain: &str, method: &str) -> Result<(), DomainError>;
+    /// Adds addresses (already normalised); those present are kept.
+    /// Returns how many were new.
+    async fn add_recipients(&self, addresses: &[String]) -> Result<usize, DomainError>;
+    /// Removes an address; `false` when it was not listed.
+    async fn remove_recipient(&self, address: &str) -> Result<bool, DomainError>;
 }
 
 /// A row as the database holds it.
@@ -83,7 +127,25 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Normalises rows; rows that cannot be used are logged and left out.
-    pub fn build(rows: Vec<RawDomain>) -> Snapshot {
+    pub fn build(rows: Vec<RawDomain>, recipients: RawRecipients) -> Snapshot {
+        let mut tables: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+        for (domain, method) in &recipients.checks {
+            match (normalise_domain(domain.trim()), method.trim()) {
+                (Some(d), "table") => {
+                    tables.entry(d).or_default();
+                }
+                (Some(_), "none") => {}
+                _ => {
+                    tracing::warn!(domain = %domain, method = %method, "domains: ignoring a recipient check that is not none or table")
+                }
+            }
+        }
+        for address in recipients.addresses {
+            let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+            if let Some(set) = tables.get_mut(domain) {
+                set.insert(address);
+            }
+        }
         let mut routes = HashMap::with_capacity(rows.len());
         for row in rows {
             let Some(domain) = normalise_domain(row.domain.trim()) else {
@@ -96,7 +158,9 @@ impl Snapshot {
             };
             let relay_host = row.relay_host.trim().trim_start_matches('[').trim_end_matches(']').to_string();
             let scan = row.scan.trim() == "1";
-            routes.insert(domain.clone(), Arc::new(DomainRoute { domain, relay_host, relay_port, scan }));
+            let recipients =
+                tables.remove(&domain).map_or(RecipientCheck::None, |t| RecipientCheck::Table(Arc::new(t)));
+            routes.insert(domain.clone(), Arc::new(DomainRoute { domain, relay_host, relay_port, scan, recipients }));
         }
         Snapshot { routes, loaded_at: Instant::now() }
     }
@@ -178,7 +242,8 @@ impl Domains {
             tracing::info!("domains: database migrations applied");
         }
         let rows = self.store.load().await.inspect_err(|_| METRICS.database_errors.inc())?;
-        let snapshot = Arc::new(Snapshot::build(rows));
+        let recipients = self.store.load_recipients().await.inspect_err(|_| METRICS.database_errors.inc())?;
+        let snapshot = Arc::new(Snapshot::build(rows, recipients));
         let n = snapshot.len();
         METRICS.domains_snapshot_size.set(n as i64);
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
@@ -232,15 +297,41 @@ mod tests {
 
     #[test]
     fn snapshot_normalises_and_skips_bad_rows() {
-        let s = Snapshot::build(vec![
-            raw("Friet.PAN", 25),
-            raw("bücher.example", 2525),
-            raw("bad..name", 25),
-            raw("ok.example", 70000),
-        ]);
+        let s = Snapshot::build(
+            vec![raw("Friet.PAN", 25), raw("bücher.example", 2525), raw("bad..name", 25), raw("ok.example", 70000)],
+            RawRecipients::default(),
+        );
         assert_eq!(s.len(), 2);
         let r = &s.routes["friet.pan"];
         assert_eq!((r.relay_host.as_str(), r.relay_port, r.scan), ("192.0.2.1", 25, true));
         assert!(s.routes.contains_key("xn--bcher-kva.example"));
+        assert_eq!(r.recipients, RecipientCheck::None, "no row: every recipient, as the seed");
+    }
+
+    #[test]
+    fn a_table_domain_gets_its_own_addresses_only() {
+        let checks = vec![
+            ("friet.pan".to_string(), "table".to_string()),
+            ("Bücher.example".to_string(), "table".to_string()),
+            ("other.example".to_string(), "none".to_string()),
+            ("odd.example".to_string(), "sometimes".to_string()),
+        ];
+        let addresses = ["a@friet.pan", "@xn--bcher-kva.example", "b@other.example"].map(String::from).to_vec();
+        let s = Snapshot::build(
+            vec![raw("friet.pan", 25), raw("bücher.example", 25), raw("other.example", 25), raw("odd.example", 25)],
+            RawRecipients { checks, addresses },
+        );
+        let table = |d: &str| match &s.routes[d].recipients {
+            RecipientCheck::Table(t) => {
+                let mut v: Vec<&str> = t.iter().map(String::as_str).collect();
+                v.sort();
+                Some(v.join(","))
+            }
+            RecipientCheck::None => None,
+        };
+        assert_eq!(table("friet.pan").as_deref(), Some("a@friet.pan"));
+        assert_eq!(table("xn--bcher-kva.example").as_deref(), Some("@xn--bcher-kva.example"));
+        assert_eq!(table("other.example"), None, "none: every recipient, its addresses unused");
+        assert_eq!(table("odd.example"), None, "an unknown method is ignored (logged)");
     }
 }

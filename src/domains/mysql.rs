@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
-use super::{DomainError, DomainStore, RawDomain};
+use super::{DomainError, DomainStore, RawDomain, RawRecipients};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
@@ -93,4 +93,65 @@ impl DomainStore for MySqlDomains {
             .map_err(|e| DomainError::Unavailable(e.to_string()))?;
         Ok(done.rows_affected() > 0)
     }
+
+    async fn load_recipients(&self) -> Result<RawRecipients, DomainError> {
+        let checks = sqlx::query_as::<_, (String, String)>("SELECT domain, method FROM relay_recipient_checks")
+            .fetch_all(&self.pool)
+            .await;
+        let checks = match checks {
+            Ok(rows) => rows,
+            Err(e) if not_migrated(&e) => return Ok(RawRecipients::default()),
+            Err(e) => return Err(DomainError::Unavailable(e.to_string())),
+        };
+        if checks.is_empty() {
+            return Ok(RawRecipients::default());
+        }
+        let addresses = sqlx::query_scalar("SELECT address FROM relay_recipients")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| DomainError::Unavailable(e.to_string()))?;
+        Ok(RawRecipients { checks, addresses })
+    }
+
+    async fn set_recipient_check(&self, domain: &str, method: &str) -> Result<(), DomainError> {
+        let query = if method == "none" {
+            sqlx::query("DELETE FROM relay_recipient_checks WHERE domain = ?").bind(domain)
+        } else {
+            sqlx::query("REPLACE INTO relay_recipient_checks (domain, method) VALUES (?, ?)").bind(domain).bind(method)
+        };
+        query.execute(&self.pool).await.map_err(|e| DomainError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn add_recipients(&self, addresses: &[String]) -> Result<usize, DomainError> {
+        let unavailable = |e: sqlx::Error| DomainError::Unavailable(e.to_string());
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut added = 0;
+        for address in addresses {
+            let done = sqlx::query("INSERT IGNORE INTO relay_recipients (address) VALUES (?)")
+                .bind(address)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            added += done.rows_affected() as usize;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(added)
+    }
+
+    async fn remove_recipient(&self, address: &str) -> Result<bool, DomainError> {
+        let done = sqlx::query("DELETE FROM relay_recipients WHERE address = ?")
+            .bind(address)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| DomainError::Unavailable(e.to_string()))?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+/// The recipient tables do not exist yet: a database `mxrelay migrate` has
+/// not run on (MySQL's ER_NO_SUCH_TABLE). Every recipient is then accepted,
+/// as before the tables existed.
+fn not_migrated(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42S02"))
 }

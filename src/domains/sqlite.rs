@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{DomainError, DomainStore, RawDomain};
+use super::{DomainError, DomainStore, RawDomain, RawRecipients};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -99,6 +99,64 @@ impl DomainStore for SqliteDomains {
     async fn remove(&self, domain: &str) -> Result<bool, DomainError> {
         let done = sqlx::query("DELETE FROM domains WHERE domain = ?")
             .bind(domain)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn load_recipients(&self) -> Result<RawRecipients, DomainError> {
+        let checks = sqlx::query_as::<_, (String, String)>("SELECT domain, method FROM relay_recipient_checks")
+            .fetch_all(&self.pool)
+            .await;
+        let checks = match checks {
+            Ok(rows) => rows,
+            // Not migrated yet: every recipient, as before the tables existed.
+            Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => {
+                return Ok(RawRecipients::default());
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        if checks.is_empty() {
+            return Ok(RawRecipients::default());
+        }
+        let addresses = sqlx::query_scalar("SELECT address FROM relay_recipients")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(RawRecipients { checks, addresses })
+    }
+
+    async fn set_recipient_check(&self, domain: &str, method: &str) -> Result<(), DomainError> {
+        let query = if method == "none" {
+            sqlx::query("DELETE FROM relay_recipient_checks WHERE domain = ?").bind(domain)
+        } else {
+            sqlx::query("INSERT OR REPLACE INTO relay_recipient_checks (domain, method) VALUES (?, ?)")
+                .bind(domain)
+                .bind(method)
+        };
+        query.execute(&self.pool).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn add_recipients(&self, addresses: &[String]) -> Result<usize, DomainError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut added = 0;
+        for address in addresses {
+            let done = sqlx::query("INSERT OR IGNORE INTO relay_recipients (address) VALUES (?)")
+                .bind(address)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            added += done.rows_affected() as usize;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(added)
+    }
+
+    async fn remove_recipient(&self, address: &str) -> Result<bool, DomainError> {
+        let done = sqlx::query("DELETE FROM relay_recipients WHERE address = ?")
+            .bind(address)
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;

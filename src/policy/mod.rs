@@ -18,7 +18,8 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::dns::Dns;
-use crate::domains::{Domains, Lookup};
+use crate::domains::{Domains, Lookup, RecipientCheck};
+use crate::metrics::METRICS;
 use crate::proto::address::{self, Mailbox, Path};
 use crate::proto::reply::Reply;
 
@@ -48,6 +49,7 @@ pub enum RcptResult {
     InvalidHelo,
     NonFqdn,
     UnknownDomain,
+    UnknownRecipient,
     Tempfail,
 }
 
@@ -60,12 +62,37 @@ impl RcptResult {
             RcptResult::InvalidHelo => "invalid_helo",
             RcptResult::NonFqdn => "non_fqdn",
             RcptResult::UnknownDomain => "unknown_domain",
+            RcptResult::UnknownRecipient => "unknown_recipient",
             RcptResult::Tempfail => "tempfail",
         }
     }
 }
 
 pub type Verdict = Result<(), (Reply, RcptResult)>;
+
+/// Postfix's `relay_recipient_maps`: with a recipient table, only its
+/// addresses (or an `@domain` catch-all) are accepted, from the snapshot
+/// (no query per recipient). The local part compares without case, as in
+/// Postfix's table lookups.
+fn known_recipient(check: &RecipientCheck, rcpt: &Mailbox, domain: &str) -> Verdict {
+    let RecipientCheck::Table(table) = check else { return Ok(()) };
+    let address = format!("{}@{domain}", rcpt.local.to_lowercase());
+    let known = table.contains(&address) || table.contains(&format!("@{domain}"));
+    let result = if known { "accepted" } else { "rejected" };
+    METRICS.recipient_checks.with_label_values(&["table", result]).inc();
+    if known {
+        return Ok(());
+    }
+    tracing::info!(recipient = %rcpt.raw, "recipient not in the relay recipient table of {domain}");
+    Err((
+        Reply::new(
+            550,
+            "5.1.1",
+            format!("<{}>: Recipient address rejected: User unknown in relay recipient table", rcpt.raw),
+        ),
+        RcptResult::UnknownRecipient,
+    ))
+}
 
 pub struct Policy {
     restrictions: std::sync::RwLock<Arc<Restrictions>>,
@@ -118,9 +145,14 @@ impl Policy {
         rcpt: &Mailbox,
         sender_verdict: impl AsyncFnOnce() -> Verdict,
     ) -> Verdict {
-        // permit_mynetworks, permit_sasl_authenticated
+        // permit_mynetworks, permit_sasl_authenticated; a listed domain's
+        // recipient table applies to them too (Postfix's
+        // smtpd_reject_unlisted_recipient runs after the restrictions).
         if self.is_mynetworks(client.ip) || client.authenticated {
-            return Ok(());
+            return match rcpt.domain_name().map(|d| (d, self.domains.lookup(d))) {
+                Some((domain, Lookup::Listed(route))) => known_recipient(&route.recipients, rcpt, domain),
+                _ => Ok(()),
+            };
         }
         // defer_unauth_destination: only listed domains, no routing tricks.
         let denied =
@@ -129,13 +161,13 @@ impl Policy {
             return Err(denied());
         }
         let Some(domain) = rcpt.domain_name() else { return Err(denied()) };
-        match self.domains.lookup(domain) {
-            Lookup::Listed(_) => {}
+        let route = match self.domains.lookup(domain) {
+            Lookup::Listed(route) => route,
             Lookup::Unlisted => return Err(denied()),
             Lookup::NoSnapshot | Lookup::UnlistedStale => {
                 return Err((Reply::temp_lookup_failure(&format!("<{}>", rcpt.raw)), RcptResult::NoSnapshot));
             }
-        }
+        };
         // reject_invalid_hostname
         let helo = client.helo.as_deref().unwrap_or("");
         if !address::valid_helo(helo) {
@@ -158,7 +190,7 @@ impl Policy {
         if self.restrictions().reject_unknown_recipient_domain {
             self.domain_exists(rcpt, "Recipient", "4.1.2").await?;
         }
-        Ok(())
+        known_recipient(&route.recipients, rcpt, domain)
     }
 
     /// Postfix's `450 4.1.x Domain not found`, or `451 4.4.3` when DNS

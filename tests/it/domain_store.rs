@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::support::*;
-use mxrelay::domains::{DomainError, DomainStore, Domains, Lookup, RawDomain};
+use mxrelay::domains::{DomainError, DomainStore, Domains, Lookup, RawDomain, RecipientCheck};
 
 fn row(domain: &str, host: &str, port: u32, scan: &str) -> RawDomain {
     RawDomain { domain: domain.into(), relay_host: host.into(), relay_port: port, scan: scan.into() }
@@ -32,10 +32,43 @@ async fn behaves_like_a_domain_store(store: Arc<dyn DomainStore>) {
         other => panic!("{other:?}"),
     }
     assert_eq!(domains.lookup("other.example"), Lookup::Unlisted);
+    behaves_like_a_recipient_store(store.as_ref(), &domains).await;
     assert!(store.remove("friet.pan").await.unwrap());
     assert!(!store.remove("friet.pan").await.unwrap());
     domains.refresh(false).await.unwrap();
     assert_eq!(domains.lookup("friet.pan"), Lookup::Unlisted);
+}
+
+/// `relay_recipient_checks` and `relay_recipients`, loaded into the snapshot.
+async fn behaves_like_a_recipient_store(store: &dyn DomainStore, domains: &Domains) {
+    let table = |d: &str| match domains.lookup(d) {
+        Lookup::Listed(r) => match &r.recipients {
+            RecipientCheck::Table(t) => {
+                let mut v: Vec<String> = t.iter().cloned().collect();
+                v.sort();
+                Some(v)
+            }
+            RecipientCheck::None => None,
+        },
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(table("friet.pan"), None, "no check: every recipient");
+    let addresses = ["a@friet.pan", "b@friet.pan", "@xn--bcher-kva.example"].map(String::from);
+    assert_eq!(store.add_recipients(&addresses).await.unwrap(), 3);
+    assert_eq!(store.add_recipients(&addresses[..1]).await.unwrap(), 0, "present ones are kept");
+    store.set_recipient_check("friet.pan", "table").await.unwrap();
+    store.set_recipient_check("friet.pan", "table").await.expect("setting it again is fine");
+    domains.refresh(false).await.unwrap();
+    assert_eq!(table("friet.pan"), Some(vec!["a@friet.pan".to_string(), "b@friet.pan".to_string()]));
+    assert_eq!(table("xn--bcher-kva.example"), None, "addresses alone change nothing");
+    assert!(store.remove_recipient("b@friet.pan").await.unwrap());
+    assert!(!store.remove_recipient("b@friet.pan").await.unwrap());
+    domains.refresh(false).await.unwrap();
+    assert_eq!(table("friet.pan"), Some(vec!["a@friet.pan".to_string()]));
+    store.set_recipient_check("friet.pan", "none").await.unwrap();
+    domains.refresh(false).await.unwrap();
+    assert_eq!(table("friet.pan"), None);
+    assert_eq!(store.load_recipients().await.unwrap().checks, vec![]);
 }
 
 #[tokio::test]

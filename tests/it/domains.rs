@@ -31,6 +31,12 @@ fn the_seeds_myisam_latin1_table_works_unchanged() {
         INSERT INTO domains (domain, relay_host, relay_port) VALUES ('friet.pan', 'mail.friet.pan', 25);",
     );
     let before = db.exec("SHOW CREATE TABLE domains");
+    // Not migrated yet (no tables of ours): served from the seed's table alone.
+    let unmigrated =
+        Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), &[("MXRELAY_MIGRATE_ON_START", "false")]);
+    wait_rcpt(&unmigrated.addr(), "test@friet.pan", 250);
+    assert!(!db.exec("SHOW TABLES").contains("relay_recipients"), "nothing created without the migration");
+    drop(unmigrated);
     let relay = Relay::spawn(&base_config(&db.url(), SHARED_REDIS, &dns));
     let mut c = Raw::ehlo(&relay.addr());
     assert!(c.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));

@@ -27,6 +27,7 @@ mod protocol;
 mod queue_cluster;
 mod queue_faults;
 mod receive;
+mod recipients;
 mod reliability;
 mod routing;
 mod scan;
