@@ -198,6 +198,8 @@ pub struct Extensions {
     pub eight_bit: bool,
     pub smtputf8: bool,
     pub starttls: bool,
+    /// RFC 3030 `CHUNKING`: the content goes by BDAT, as it is.
+    pub chunking: bool,
 }
 
 /// Where the message content comes from, piece by piece.
@@ -435,7 +437,9 @@ impl Connection {
         }
     }
 
-    /// One transaction: MAIL, RCPT per recipient, DATA. Per recipient, the
+    /// One transaction: MAIL, RCPT per recipient, then the content by DATA,
+    /// or by BDAT when the server offers CHUNKING (as Postfix does since
+    /// 3.4: no dot-stuffing, the bytes as they are). Per recipient, the
     /// reply that decides its fate.
     pub async fn send(
         &mut self,
@@ -456,18 +460,21 @@ impl Connection {
         mail.push_str("\r\n");
         let rcpts: Vec<String> = recipients.iter().map(|r| format!("RCPT TO:<{r}>\r\n")).collect();
         let t = self.settings.command;
+        let bdat = self.ext.chunking;
         let (mail_reply, rcpt_replies, data_reply) = if self.ext.pipelining {
             let mut batch = mail.into_bytes();
             rcpts.iter().for_each(|r| batch.extend_from_slice(r.as_bytes()));
-            batch.extend_from_slice(b"DATA\r\n");
+            if !bdat {
+                batch.extend_from_slice(b"DATA\r\n");
+            }
             self.write(&batch, "sending MAIL/RCPT/DATA").await?;
             let mail_reply = self.reply(t, "after MAIL").await?;
             let mut rcpt_replies = Vec::with_capacity(rcpts.len());
             for _ in &rcpts {
                 rcpt_replies.push(self.reply(t, "after RCPT").await?);
             }
-            let data_reply = self.reply(t, "after DATA").await?;
-            (mail_reply, rcpt_replies, Some(data_reply))
+            let data_reply = if bdat { None } else { Some(self.reply(t, "after DATA").await?) };
+            (mail_reply, rcpt_replies, data_reply)
         } else {
             self.write(mail.as_bytes(), "sending MAIL").await?;
             let mail_reply = self.reply(t, "after MAIL").await?;
@@ -478,7 +485,7 @@ impl Connection {
                     rcpt_replies.push(self.reply(t, "after RCPT").await?);
                 }
             }
-            let data_reply = if rcpt_replies.iter().any(RemoteReply::is_success) {
+            let data_reply = if !bdat && rcpt_replies.iter().any(RemoteReply::is_success) {
                 self.write(b"DATA\r\n", "sending DATA").await?;
                 Some(self.reply(t, "after DATA").await?)
             } else {
@@ -495,6 +502,7 @@ impl Connection {
         }
         let accepted = rcpt_replies.iter().any(RemoteReply::is_success);
         let final_reply = match data_reply {
+            _ if bdat && accepted => Some(self.send_chunks(body).await?),
             Some(r) if r.code == 354 && accepted => {
                 self.stream_body(body).await?;
                 Some(self.reply(self.settings.data, "after end of data").await?)
@@ -533,11 +541,42 @@ impl Connection {
         }
         out.clear();
         stuffer.finish(&mut out);
-        if stuffer.folded > 0 {
-            crate::metrics::METRICS.delivery_lines_folded.inc_by(stuffer.folded as u64);
-            tracing::info!(peer = %self.peer(), folded = stuffer.folded, limit = self.settings.line_length_limit, "long lines folded");
-        }
+        stuffer.count_folds(&self.peer(), self.settings.line_length_limit);
         self.write(&out, "ending message content").await
+    }
+
+    /// RFC 3030: the content as BDAT chunks, one per piece from the queue
+    /// (long lines folded as with DATA, nothing else changed), the last
+    /// one `LAST`. A chunk the server refuses ends the transaction: its
+    /// reply is the answer for every recipient.
+    async fn send_chunks(&mut self, body: &mut dyn BodySource) -> Result<RemoteReply, ClientError> {
+        let mut folder = DotStuffer::without_dots(self.settings.line_length_limit);
+        let mut out = Vec::new();
+        let mut next = body.next_chunk().await?;
+        loop {
+            let piece = next.take();
+            out.clear();
+            if let Some(piece) = &piece {
+                folder.encode(piece, &mut out);
+                next = body.next_chunk().await?;
+            }
+            let last = next.is_none();
+            if last {
+                folder.finish(&mut out);
+            }
+            let header = format!("BDAT {}{}\r\n", out.len(), if last { " LAST" } else { "" });
+            self.write(header.as_bytes(), "sending BDAT").await?;
+            match tokio::time::timeout(self.settings.data, self.stream.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(ClientError::Lost("sending message content")),
+                Err(_) => return Err(ClientError::Timeout("sending message content")),
+            }
+            let reply = self.reply(self.settings.data, "after BDAT").await?;
+            if last || !reply.is_success() {
+                folder.count_folds(&self.peer(), self.settings.line_length_limit);
+                return Ok(reply);
+            }
+        }
     }
 
     /// RSET, to reuse the session for another message.
@@ -596,6 +635,7 @@ pub fn parse_extensions(text: &str) -> Extensions {
             "8BITMIME" => ext.eight_bit = true,
             "SMTPUTF8" => ext.smtputf8 = true,
             "STARTTLS" => ext.starttls = true,
+            "CHUNKING" => ext.chunking = true,
             "SIZE" => ext.size = Some(words.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(0)),
             _ => {}
         }
@@ -612,6 +652,9 @@ pub fn parse_extensions(text: &str) -> Extensions {
 /// refuses the message with "line too long".
 #[derive(Debug)]
 pub struct DotStuffer {
+    /// Dot-stuffing and the end-of-data mark (DATA); off for BDAT, which
+    /// only folds long lines.
+    dots: bool,
     line_start: bool,
     last: Option<u8>,
     /// Octets of the current line so far, CR and LF not counted.
@@ -630,7 +673,20 @@ impl Default for DotStuffer {
 impl DotStuffer {
     /// `limit`: longest line sent, CRLF not counted (0: no folding).
     pub fn new(limit: usize) -> DotStuffer {
-        DotStuffer { line_start: true, last: None, line_len: 0, limit, folded: 0 }
+        DotStuffer { dots: true, line_start: true, last: None, line_len: 0, limit, folded: 0 }
+    }
+
+    /// For BDAT: long lines folded, nothing else.
+    pub fn without_dots(limit: usize) -> DotStuffer {
+        DotStuffer { dots: false, ..DotStuffer::new(limit) }
+    }
+
+    /// Counts and logs the lines folded in one message.
+    fn count_folds(&self, peer: &str, limit: usize) {
+        if self.folded > 0 {
+            crate::metrics::METRICS.delivery_lines_folded.inc_by(self.folded as u64);
+            tracing::info!(peer = %peer, folded = self.folded, limit, "long lines folded");
+        }
     }
 
     pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
@@ -648,7 +704,7 @@ impl DotStuffer {
                     self.line_len += 1;
                 }
             }
-            if self.line_start && b == b'.' {
+            if self.dots && self.line_start && b == b'.' {
                 out.push(b'.');
             }
             out.push(b);
@@ -659,12 +715,15 @@ impl DotStuffer {
         }
     }
 
-    /// The end-of-data mark, after a CRLF if the content lacks one.
+    /// A CRLF if the content lacks one at its end, then (DATA) the
+    /// end-of-data mark.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if self.last.is_some_and(|b| b != b'\n') {
             out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(b".\r\n");
+        if self.dots {
+            out.extend_from_slice(b".\r\n");
+        }
     }
 }
 
@@ -713,6 +772,21 @@ mod tests {
         s.encode(b"\r\n.", &mut out);
         s.finish(&mut out);
         assert_eq!(out, b"..a\r\n...b\r\nc.\r\n..\r\n.\r\n");
+    }
+
+    #[test]
+    fn bdat_content_is_sent_as_it_is() {
+        let mut s = DotStuffer::without_dots(0);
+        let mut out = Vec::new();
+        s.encode(b".a\r\n.\r\nbare\rcr\r\n.", &mut out);
+        s.finish(&mut out);
+        assert_eq!(out, b".a\r\n.\r\nbare\rcr\r\n.\r\n", "no dot-stuffing, no end mark, a final CRLF");
+        let mut s = DotStuffer::without_dots(0);
+        let mut out = Vec::new();
+        s.encode(b"ends well\r\n", &mut out);
+        s.finish(&mut out);
+        assert_eq!(out, b"ends well\r\n");
+        assert!(parse_extensions("mx.example PIPELINING CHUNKING SIZE 100").chunking);
     }
 
     fn stuffed(limit: usize, pieces: &[&[u8]]) -> (Vec<u8>, usize) {

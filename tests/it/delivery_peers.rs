@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::support::destination::Destination;
 use crate::support::postfix::{Postfix, PostfixOptions};
 use crate::support::proxy::Proxy;
-use crate::support::sink::SmtpSink;
+use crate::support::sink::{SinkMessage, SmtpSink};
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -378,4 +378,50 @@ fn an_ipv6_literal_relay_host_is_delivered_to() {
     // reading that reply.
     let line = format!("to=<six@friet.pan>, relay=::1[::1]:{port}");
     wait_until("the delivery logged", WAIT, || d.relay.log().contains(&line));
+}
+
+/// Outbound CHUNKING (RFC 3030), as Postfix sends since 3.4: a peer that
+/// offers it (Postfix's smtpd) gets the content by BDAT, in several chunks
+/// (`queue.chunk_size` 4096), not dot-stuffed, and keeps it as sent; a
+/// peer without it (smtp-sink) gets DATA.
+#[test]
+fn to_a_peer_offering_chunking_the_content_goes_by_bdat_as_it_is() {
+    let postfix = Postfix::start(&PostfixOptions { domains: &[LISTED], ..Default::default() });
+    let home = SmtpSink::start();
+    let dns = Dns::start(&["sender.example"], &[LISTED, "home.example"]);
+    let d = Delivering::start(
+        &dns,
+        &[(LISTED, "127.0.0.1", postfix.port), ("home.example", "127.0.0.1", home.port)],
+        &[("MXRELAY_QUEUE_CHUNK_SIZE", "4096")],
+    );
+    let mut body = String::new();
+    for i in 0..400 {
+        let dot = if i % 7 == 0 { "." } else { "" };
+        body.push_str(&format!("{dot}line {i} {}\r\n", "y".repeat(40)));
+    }
+    let message = format!("From: bob@home.example\r\nSubject: chunked\r\n\r\n{body}");
+    for to in ["x@friet.pan", "y@home.example"] {
+        // Sent dot-stuffed by DATA into the relay; queued unstuffed.
+        let stuffed = message.replace("\r\n.", "\r\n..");
+        submit_raw(&d.relay, "MAIL FROM:<bob@home.example>", &format!("RCPT TO:<{to}>"), stuffed.as_bytes());
+    }
+    let got = postfix.wait_delivered(1, WAIT);
+    let text = String::from_utf8_lossy(&got[0]);
+    let (_, content) = text.split_once("\n\n").unwrap_or_else(|| panic!("no body in:\n{text}"));
+    assert_eq!(content, body.replace("\r\n", "\n"), "Postfix kept the content as sent (its Maildir has LF endings)");
+    // Logged when the session ends (the relay keeps it 2 s for reuse).
+    let ended =
+        |log: &str| log.lines().find(|l| l.contains("disconnect from") && l.contains("mail=1")).map(String::from);
+    let session = wait_until_value("Postfix logs the session", Duration::from_secs(20), || ended(&postfix.log()));
+    let log = postfix.log();
+    let chunks: u32 = session
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("bdat="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no BDAT in Postfix's session: {session}\n{log}"));
+    assert!(chunks >= 3, "several chunks: {session}");
+    assert!(!session.contains("data="), "no DATA: {session}");
+    let sink = home.wait_for(1, WAIT);
+    let dumped = SinkMessage::as_dumped(message.as_bytes());
+    assert!(sink[0].content.ends_with(&dumped), "smtp-sink got it by DATA, whole");
 }
