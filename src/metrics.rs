@@ -47,6 +47,7 @@ pub struct Metrics {
     pub delivery_duration_seconds: Histogram,
     pub delivery_destination_connections: IntGauge,
     pub delivery_dsn: IntCounter,
+    pub delivery_delay_warnings: IntCounter,
     pub delivery_lines_folded: IntCounter,
     pub delivery_connections_reused: IntCounter,
     pub delivery_tls: IntCounterVec,
@@ -214,6 +215,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
         smtp_stress_episodes: counter(&r, "mxrelay_smtp_stress_episodes_total", "Times the node went under stress"),
         delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
+        delivery_delay_warnings: counter(
+            &r,
+            "mxrelay_delivery_delay_warnings_total",
+            "Delay warnings (delayed DSNs) sent to senders",
+        ),
         delivery_lines_folded: counter(
             &r,
             "mxrelay_delivery_lines_folded_total",

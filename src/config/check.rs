@@ -16,6 +16,7 @@ const DURATION_FLOORS: &[(&str, Duration)] = &[
     ("smtp.drain_delay", Duration::ZERO),            // 0: close at once
     ("delivery.stop_grace", Duration::ZERO),         // 0: hand back at once
     ("delivery.max_queue_lifetime", Duration::ZERO), // 0: try once (Postfix)
+    ("delivery.delay_warning_time", Duration::ZERO), // 0: no delay warnings (Postfix)
     ("smtp.rate_window", Duration::from_secs(1)),
     ("domains.refresh", Duration::from_secs(1)),
     ("queue.lease", Duration::from_secs(1)),
@@ -238,7 +239,7 @@ impl Config {
     }
 
     /// Every duration key with its value.
-    pub(super) fn durations(&self) -> [(&'static str, Duration); 22] {
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 23] {
         let (s, d, q) = (&self.smtp, &self.delivery, &self.queue);
         [
             ("smtp.command_timeout", s.command_timeout),
@@ -257,6 +258,7 @@ impl Config {
             ("delivery.retry_min", d.retry_min),
             ("delivery.retry_max", d.retry_max),
             ("delivery.max_queue_lifetime", d.max_queue_lifetime),
+            ("delivery.delay_warning_time", d.delay_warning_time),
             ("delivery.connect_timeout", d.connect_timeout),
             ("delivery.greeting_timeout", d.greeting_timeout),
             ("delivery.command_timeout", d.command_timeout),
@@ -323,7 +325,13 @@ mod tests {
         }
         let config: Config = toml::Value::Table(zero).try_into().unwrap();
         let refused: Vec<String> = config.check().unwrap_err().into_iter().map(|e| e.key).collect();
-        let allowed = ["smtp.greet_pause", "smtp.drain_delay", "delivery.stop_grace", "delivery.max_queue_lifetime"];
+        let allowed = [
+            "smtp.greet_pause",
+            "smtp.drain_delay",
+            "delivery.stop_grace",
+            "delivery.max_queue_lifetime",
+            "delivery.delay_warning_time",
+        ];
         for key in keys {
             assert_eq!(refused.iter().any(|k| k == key), !allowed.contains(&key), "{key}: {refused:?}");
         }

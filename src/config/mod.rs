@@ -100,6 +100,11 @@ pub struct DeliveryConfig {
     /// 0 = try once: the first temporary failure bounces, as in Postfix.
     #[serde(with = "humantime_serde")]
     pub max_queue_lifetime: Duration,
+    /// Once a message has waited this long, its sender gets one "delayed"
+    /// notice for the recipients still deferred (Postfix
+    /// `delay_warning_time`); 0 = never, as Postfix's default.
+    #[serde(with = "humantime_serde")]
+    pub delay_warning_time: Duration,
     /// Postfix `smtp_connect_timeout`.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -149,6 +154,7 @@ impl Default for DeliveryConfig {
             retry_min: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
             max_queue_lifetime: Duration::from_secs(5 * 86400),
+            delay_warning_time: Duration::ZERO,
             connect_timeout: Duration::from_secs(30),
             greeting_timeout: Duration::from_secs(300),
             command_timeout: Duration::from_secs(300),

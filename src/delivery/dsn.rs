@@ -41,6 +41,10 @@ pub struct DsnInput<'a> {
     pub original_headers: &'a [u8],
     /// True when the reason is `max_queue_lifetime`.
     pub expired: bool,
+    /// A delay warning (`delivery.delay_warning_time`), not a failure: the
+    /// recipients are still being tried until this time (`Action:
+    /// delayed`, `Will-Retry-Until:`).
+    pub delayed_until: Option<DateTime<Utc>>,
     pub now: DateTime<Utc>,
 }
 
@@ -58,7 +62,11 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
     let mut out = Lines::default();
     out.line(&format!("From: Mail Delivery System <MAILER-DAEMON@{host}>"));
     out.line(&format!("To: <{}>", clean(input.original_sender)));
-    out.line("Subject: Undelivered Mail Returned to Sender");
+    out.line(if input.delayed_until.is_some() {
+        "Subject: Delayed Mail (still being retried)"
+    } else {
+        "Subject: Undelivered Mail Returned to Sender"
+    });
     out.line(&format!("Date: {}", input.now.to_rfc2822()));
     out.line(&format!("Message-ID: <{qid}.{millis}.dsn@{host}>"));
     // RFC 3834 §5: marks the message as automatic so responders stay quiet.
@@ -96,6 +104,17 @@ fn explanation(input: &DsnInput<'_>, host: &str) -> Lines {
     let mut text = Lines::default();
     text.line(&format!("This is the mail system at host {host}."));
     text.line("");
+    if let Some(until) = input.delayed_until {
+        text.line("Your message could not be delivered yet to one or more of its");
+        text.line("recipients. It is still in the queue and will be tried again");
+        text.line(&format!("until {}; you do not need to send it again.", until.to_rfc2822()));
+        text.line("The reason for each recipient follows.");
+        for rcpt in input.failed {
+            text.line("");
+            text.line(&format!("<{}>: {}", clean(rcpt.address), clean(rcpt.diagnostic)));
+        }
+        return text;
+    }
     text.line("Your message could not be delivered to one or more of its recipients.");
     if input.expired {
         text.line("It stayed in the queue for the longest time allowed without");
@@ -126,8 +145,17 @@ fn delivery_status(input: &DsnInput<'_>, host: &str) -> Lines {
     for rcpt in input.failed {
         status.line("");
         status.line(&format!("Final-Recipient: {}", final_recipient(rcpt.address)));
-        status.line("Action: failed");
-        status.line(&format!("Status: {}", status_code(rcpt.status, input.expired)));
+        match input.delayed_until {
+            Some(until) => {
+                status.line("Action: delayed");
+                status.line(&format!("Status: {}", status_code(rcpt.status, true)));
+                status.line(&format!("Will-Retry-Until: {}", until.to_rfc2822()));
+            }
+            None => {
+                status.line("Action: failed");
+                status.line(&format!("Status: {}", status_code(rcpt.status, input.expired)));
+            }
+        }
         if let Some(mta) = rcpt.remote_mta {
             status.line(&format!("Remote-MTA: dns; {}", clean(mta)));
         }
@@ -229,9 +257,33 @@ mod tests {
             failed,
             original_headers: headers,
             expired,
+            delayed_until: None,
             now: Utc.with_ymd_and_hms(2024, 5, 2, 10, 0, 0).unwrap(),
         };
         String::from_utf8(build(&input)).unwrap()
+    }
+
+    #[test]
+    fn a_delay_warning_says_delayed_and_until_when() {
+        let late = FailedRecipient { status: "4.4.1", remote_mta: None, ..rcpt("bob@example.org", "connect failed") };
+        let until = Utc.with_ymd_and_hms(2024, 5, 6, 10, 0, 0).unwrap();
+        let input = DsnInput {
+            reporting_mta: "relay.example.net",
+            queue_id: "Q1",
+            original_sender: "alice@example.com",
+            arrival_date: Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).unwrap(),
+            failed: &[late],
+            original_headers: HEADERS,
+            expired: false,
+            delayed_until: Some(until),
+            now: Utc.with_ymd_and_hms(2024, 5, 1, 14, 0, 0).unwrap(),
+        };
+        let out = String::from_utf8(build(&input)).unwrap();
+        assert!(out.contains("Subject: Delayed Mail (still being retried)\r\n"));
+        assert!(
+            out.contains("Action: delayed\r\nStatus: 4.4.1\r\nWill-Retry-Until: Mon, 6 May 2024 10:00:00 +0000\r\n")
+        );
+        assert!(out.contains("you do not need to send it again") && !out.contains("Action: failed"));
     }
 
     fn rcpt<'a>(address: &'a str, diagnostic: &'a str) -> FailedRecipient<'a> {

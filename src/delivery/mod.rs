@@ -509,7 +509,7 @@ impl Delivery {
         let bounced: Vec<(usize, Fate)> =
             fates.iter().filter(|(_, f)| matches!(f, Fate::Bounced { .. })).cloned().collect();
         let dsn_queued = bounced.is_empty()
-            || match self.bounce(lease, &env, &bounced, expired).await {
+            || match self.bounce(lease, &env, &bounced, expired, None).await {
                 Ok(()) => true,
                 Err(e) => {
                     // Kept pending: the DSN is written on the next attempt.
@@ -517,6 +517,7 @@ impl Delivery {
                     false
                 }
             };
+        self.warn_of_delay(lease, &mut env, &fates, age).await;
         // Fast drain: a destination that had deferred mail and now accepts.
         // (Before this message is deferred again, so it cannot release itself.)
         for key in &recovered {
@@ -534,6 +535,33 @@ impl Delivery {
         env.attempts = env.attempts.saturating_add(1);
         let due = chrono::Utc::now().timestamp_millis() + self.backoff(env.attempts).as_millis() as i64;
         settle(env, &fates, &keys, dsn_queued, &recovered, due)
+    }
+
+    /// Postfix's `delay_warning_time`: once a message has waited that long,
+    /// one "delayed" DSN for the recipients deferred now that were not
+    /// warned of yet (marked in the envelope, so every node warns once).
+    /// A warning the queue does not take is tried on the next attempt.
+    async fn warn_of_delay(&self, lease: &Lease, env: &mut Envelope, fates: &[(usize, Fate)], age: Duration) {
+        let d = &self.config.delivery;
+        if d.delay_warning_time.is_zero() || age < d.delay_warning_time || env.sender.is_empty() {
+            return;
+        }
+        let due: Vec<(usize, Fate)> = fates
+            .iter()
+            .filter(|(i, f)| matches!(f, Fate::Deferred { .. }) && !env.recipients[*i].delay_warned)
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let until = chrono::DateTime::from_timestamp_millis(env.received_at).unwrap_or_else(chrono::Utc::now)
+            + chrono::Duration::from_std(d.max_queue_lifetime).unwrap_or_default();
+        match self.bounce(lease, env, &due, false, Some(until)).await {
+            Ok(()) => due.iter().for_each(|(i, _)| env.recipients[*i].delay_warned = true),
+            Err(e) => {
+                tracing::warn!(queue_id = %env.id, error = %e, "{}: delay warning not queued; trying on the next attempt", env.id)
+            }
+        }
     }
 
     /// `retry_min` doubled per attempt up to `retry_max`, ±10 % jitter so a
@@ -716,28 +744,40 @@ impl Delivery {
 
     /// Queues one DSN to the sender for the bounced recipients. Never for
     /// the null sender.
+    /// Queues a DSN to the sender: a bounce for the `Bounced` fates, or,
+    /// with `delayed_until`, a delay warning for the `Deferred` ones.
     async fn bounce(
         &self,
         lease: &Lease,
         env: &Envelope,
-        bounced: &[(usize, Fate)],
+        fates: &[(usize, Fate)],
         expired: bool,
+        delayed_until: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<(), SpoolError> {
         if env.sender.is_empty() {
             tracing::info!(queue_id = %env.id, "{}: not bouncing a message from the null sender", env.id);
             return Ok(());
         }
         let headers = self.original_headers(lease, env.size).await?;
-        let failed: Vec<dsn::FailedRecipient<'_>> = bounced
+        let failed: Vec<dsn::FailedRecipient<'_>> = fates
             .iter()
-            .filter_map(|(i, f)| match f {
-                Fate::Bounced { status, reason, relay } => Some(dsn::FailedRecipient {
+            .filter_map(|(i, f)| {
+                let (status, reason, relay) = match f {
+                    Fate::Bounced { status, reason, relay } if delayed_until.is_none() => {
+                        (status.as_str(), reason, relay)
+                    }
+                    // "4.4.1 connect to … failed": the code leads the reason.
+                    Fate::Deferred { reason, relay } if delayed_until.is_some() => {
+                        (reason.split_whitespace().next().unwrap_or(""), reason, relay)
+                    }
+                    _ => return None,
+                };
+                Some(dsn::FailedRecipient {
                     address: &env.recipients[*i].address,
                     status,
                     remote_mta: relay.as_deref().map(|r| r.split('[').next().unwrap_or(r)),
                     diagnostic: reason,
-                }),
-                _ => None,
+                })
             })
             .collect();
         let arrival = chrono::DateTime::from_timestamp_millis(env.received_at).unwrap_or_else(chrono::Utc::now);
@@ -749,6 +789,7 @@ impl Delivery {
             failed: &failed,
             original_headers: &headers,
             expired,
+            delayed_until,
             now: chrono::Utc::now(),
         });
         let id = QueueId::new();
@@ -761,6 +802,7 @@ impl Delivery {
                 domain: crate::proto::address::normalise_domain(&sender_domain).unwrap_or(sender_domain),
                 state: RecipientState::Pending,
                 last_reply: None,
+                delay_warned: false,
             }],
             client_ip: String::new(),
             client_name: "localhost".into(),
@@ -779,8 +821,13 @@ impl Delivery {
         let mut body = self.spool.open_body(&id);
         body.write(&message).await?;
         body.commit(&dsn_env).await?;
-        METRICS.delivery_dsn.inc();
-        tracing::info!(queue_id = %id, "{id}: sender non-delivery notification: {} (to=<{}>, from=<>)", env.id, env.sender);
+        if delayed_until.is_some() {
+            METRICS.delivery_delay_warnings.inc();
+            tracing::info!(queue_id = %id, "{id}: sender delay notification: {} (to=<{}>, from=<>)", env.id, env.sender);
+        } else {
+            METRICS.delivery_dsn.inc();
+            tracing::info!(queue_id = %id, "{id}: sender non-delivery notification: {} (to=<{}>, from=<>)", env.id, env.sender);
+        }
         Ok(())
     }
 
@@ -961,6 +1008,7 @@ mod tests {
             domain: domain.into(),
             state: RecipientState::Pending,
             last_reply: None,
+            delay_warned: false,
         };
         let env = Envelope {
             id: QueueId::new(),

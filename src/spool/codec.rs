@@ -87,6 +87,7 @@ mod tests {
                 domain: "example.com".into(),
                 state: RecipientState::Pending,
                 last_reply: None,
+                delay_warned: false,
             }],
             client_ip: "192.0.2.1".into(),
             client_name: "client.example.net".into(),

@@ -74,6 +74,9 @@ pub struct Recipient {
     /// The last reply from the destination, for `queue show` and DSNs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reply: Option<String>,
+    /// A delay warning (`delivery.delay_warning_time`) went to the sender.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 /// Everything known about a message besides its body.

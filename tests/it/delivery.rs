@@ -407,3 +407,37 @@ fn mail_that_would_loop_into_another_node_of_the_cluster_is_deferred() {
     assert!(line.contains("it greeted with the name of a node of this cluster, b.relay.test"), "{line}");
     assert_eq!(b.value("mxrelay_smtp_messages_total{result=\"accepted\"}"), 0.0, "b took no copy");
 }
+
+/// Postfix's `delay_warning_time`: once a message has waited that long,
+/// its sender gets one "delayed" DSN (RFC 3464 `Action: delayed`, with
+/// `Will-Retry-Until:`), however many attempts follow; delivery goes on.
+#[test]
+fn a_message_still_deferred_after_delay_warning_time_gets_one_delayed_dsn() {
+    let home = Destination::start();
+    let down = DownPort::new();
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", home.port), ("named.example", "127.0.0.1", down.port)],
+        &[("MXRELAY_DELIVERY_DELAY_WARNING_TIME", "2s")],
+    );
+    let (code, out) =
+        swaks(&c.addr(), &["--from", "bob@friet.pan", "--to", "x@named.example", "--helo", "client.example"]);
+    assert_eq!(code, 0, "{out}");
+    let id = queued_id(&out).unwrap();
+    let got = home.wait_for(1, Duration::from_secs(30));
+    assert_eq!((got[0].mail_from.as_str(), got[0].rcpts.as_slice()), ("", &["bob@friet.pan".to_string()][..]));
+    let dsn = String::from_utf8_lossy(&got[0].data);
+    assert!(dsn.contains("Subject: Delayed Mail (still being retried)"), "{dsn}");
+    assert!(dsn.contains("Final-Recipient: rfc822; x@named.example\r\nAction: delayed\r\nStatus: 4.4.1"), "{dsn}");
+    assert!(dsn.contains("Will-Retry-Until: "), "{dsn}");
+    // More attempts follow (retry_min 1 s), and no second warning.
+    let mut q = c.relays[0].queue(SHARED_REDIS);
+    let attempts_now = q.envelope(&id)["attempts"].parse::<u32>().unwrap();
+    wait_until("three more attempts", Duration::from_secs(30), || {
+        q.try_envelope(&id).is_some_and(|e| e["attempts"].parse::<u32>().unwrap_or(0) >= attempts_now + 3)
+    });
+    assert_eq!(home.messages().len(), 1, "one warning per message");
+    assert_eq!(c.relays[0].value("mxrelay_delivery_delay_warnings_total"), 1.0);
+    assert_eq!(c.relays[0].value("mxrelay_delivery_dsn_total"), 0.0, "a warning is not a bounce");
+    assert!(q.envelope(&id)["recipients"].contains("\"delay_warned\":true"), "marked in the queue");
+}

@@ -394,3 +394,18 @@ fn embedded_mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
     assert!(!ok && out.contains("is not in the queue"), "{out}");
     assert!(e.relay.log().contains("message expired after"), "{}", e.relay.log());
 }
+
+#[test]
+fn embedded_a_message_still_deferred_after_delay_warning_time_gets_one_delayed_dsn() {
+    let home = Destination::start();
+    let e = Embedded::start(&[("MXRELAY_DELIVERY_DELAY_WARNING_TIME", "2s")]);
+    e.add_domain(LISTED, home.port);
+    e.add_domain("named.example", free_port());
+    let id = e.send("bob@friet.pan", "x@named.example");
+    let got = home.wait_for(1, Duration::from_secs(30));
+    let dsn = String::from_utf8_lossy(&got[0].data);
+    assert!(dsn.contains("Action: delayed") && dsn.contains("Will-Retry-Until: "), "{dsn}");
+    let now = e.attempts(&id);
+    wait_until("three more attempts", Duration::from_secs(30), || e.attempts(&id) >= now + 3);
+    assert_eq!(home.messages().len(), 1, "one warning per message, also across attempts stored in SQLite");
+}

@@ -17,6 +17,7 @@ fn envelope(id: &QueueId, rcpt: &str, size: usize) -> Envelope {
             domain: "friet.pan".into(),
             state: RecipientState::Pending,
             last_reply: None,
+            delay_warned: false,
         }],
         client_ip: "127.0.0.1".into(),
         client_name: "unknown".into(),

@@ -133,6 +133,7 @@ fn envelope(id: &QueueId) -> Envelope {
             domain: "friet.pan".into(),
             state: RecipientState::Pending,
             last_reply: None,
+            delay_warned: false,
         }],
         client_ip: "127.0.0.1".into(),
         client_name: "unknown".into(),

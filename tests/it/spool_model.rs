@@ -305,6 +305,7 @@ fn recipients() -> Vec<Recipient> {
             domain: a.split('@').nth(1).unwrap_or_default().into(),
             state: RecipientState::Pending,
             last_reply: None,
+            delay_warned: false,
         })
         .collect()
 }

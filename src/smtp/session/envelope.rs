@@ -213,6 +213,7 @@ impl Session {
                         domain,
                         state: RecipientState::Pending,
                         last_reply: None,
+                        delay_warned: false,
                     });
                 }
                 self.reply(Reply::new(250, "2.1.5", "Ok"));
