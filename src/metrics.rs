@@ -48,6 +48,7 @@ pub struct Metrics {
     pub delivery_destination_connections: IntGauge,
     pub delivery_dsn: IntCounter,
     pub delivery_delay_warnings: IntCounter,
+    pub delivery_relayed_notices: IntCounter,
     pub delivery_lines_folded: IntCounter,
     pub delivery_connections_reused: IntCounter,
     pub delivery_tls: IntCounterVec,
@@ -215,6 +216,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
         smtp_stress_episodes: counter(&r, "mxrelay_smtp_stress_episodes_total", "Times the node went under stress"),
         delivery_dsn: counter(&r, "mxrelay_delivery_dsn_total", "Delivery status notifications (bounces) queued"),
+        delivery_relayed_notices: counter(
+            &r,
+            "mxrelay_delivery_relayed_notices_total",
+            "\"Relayed\" DSNs sent for NOTIFY=SUCCESS to a next hop without DSN",
+        ),
         delivery_delay_warnings: counter(
             &r,
             "mxrelay_delivery_delay_warnings_total",

@@ -200,6 +200,8 @@ pub struct Extensions {
     pub starttls: bool,
     /// RFC 3030 `CHUNKING`: the content goes by BDAT, as it is.
     pub chunking: bool,
+    /// RFC 3461 `DSN`: RET, ENVID, NOTIFY and ORCPT are passed on.
+    pub dsn: bool,
 }
 
 /// Where the message content comes from, piece by piece.
@@ -457,8 +459,31 @@ impl Connection {
         if env.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
+        if self.ext.dsn {
+            if let Some(ret) = &env.dsn_ret {
+                mail.push_str(&format!(" RET={ret}"));
+            }
+            if let Some(envid) = &env.dsn_envid {
+                mail.push_str(&format!(" ENVID={envid}"));
+            }
+        }
         mail.push_str("\r\n");
-        let rcpts: Vec<String> = recipients.iter().map(|r| format!("RCPT TO:<{r}>\r\n")).collect();
+        let rcpts: Vec<String> = recipients
+            .iter()
+            .map(|r| {
+                let mut line = format!("RCPT TO:<{r}>");
+                let asked = env.recipients.iter().find(|x| x.address == *r);
+                if let Some(asked) = asked.filter(|_| self.ext.dsn) {
+                    if let Some(notify) = &asked.notify {
+                        line.push_str(&format!(" NOTIFY={notify}"));
+                    }
+                    if let Some(orcpt) = &asked.orcpt {
+                        line.push_str(&format!(" ORCPT={orcpt}"));
+                    }
+                }
+                line + "\r\n"
+            })
+            .collect();
         let t = self.settings.command;
         let bdat = self.ext.chunking;
         let (mail_reply, rcpt_replies, data_reply) = if self.ext.pipelining {
@@ -636,6 +661,7 @@ pub fn parse_extensions(text: &str) -> Extensions {
             "SMTPUTF8" => ext.smtputf8 = true,
             "STARTTLS" => ext.starttls = true,
             "CHUNKING" => ext.chunking = true,
+            "DSN" => ext.dsn = true,
             "SIZE" => ext.size = Some(words.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(0)),
             _ => {}
         }

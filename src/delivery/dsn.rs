@@ -27,6 +27,22 @@ pub struct FailedRecipient<'a> {
     pub remote_mta: Option<&'a str>,
     /// The remote reply text, or our own reason.
     pub diagnostic: &'a str,
+    /// RFC 3461 `ORCPT`, decoded (`rfc822;bob@example.org`).
+    pub original: Option<String>,
+}
+
+/// What a notification reports for its recipients (RFC 3464 `Action:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// A permanent failure; `expired`: the reason is `max_queue_lifetime`.
+    Failed { expired: bool },
+    /// A delay warning (`delivery.delay_warning_time`): the recipients are
+    /// still being tried until this time.
+    Delayed { until: DateTime<Utc> },
+    /// Delivered to a next hop that does not offer DSN, for a recipient
+    /// whose NOTIFY asked for SUCCESS (RFC 3461 §4.2): no further notice
+    /// will come.
+    Relayed,
 }
 
 pub struct DsnInput<'a> {
@@ -39,12 +55,10 @@ pub struct DsnInput<'a> {
     pub failed: &'a [FailedRecipient<'a>],
     /// The failed message's header section, excluding the blank line.
     pub original_headers: &'a [u8],
-    /// True when the reason is `max_queue_lifetime`.
-    pub expired: bool,
-    /// A delay warning (`delivery.delay_warning_time`), not a failure: the
-    /// recipients are still being tried until this time (`Action:
-    /// delayed`, `Will-Retry-Until:`).
-    pub delayed_until: Option<DateTime<Utc>>,
+    /// What the notification reports.
+    pub report: Report,
+    /// RFC 3461 `ENVID` of the message, decoded.
+    pub envid: Option<String>,
     pub now: DateTime<Utc>,
 }
 
@@ -62,10 +76,10 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
     let mut out = Lines::default();
     out.line(&format!("From: Mail Delivery System <MAILER-DAEMON@{host}>"));
     out.line(&format!("To: <{}>", clean(input.original_sender)));
-    out.line(if input.delayed_until.is_some() {
-        "Subject: Delayed Mail (still being retried)"
-    } else {
-        "Subject: Undelivered Mail Returned to Sender"
+    out.line(match input.report {
+        Report::Failed { .. } => "Subject: Undelivered Mail Returned to Sender",
+        Report::Delayed { .. } => "Subject: Delayed Mail (still being retried)",
+        Report::Relayed => "Subject: Successful Mail Delivery Report",
     });
     out.line(&format!("Date: {}", input.now.to_rfc2822()));
     out.line(&format!("Message-ID: <{qid}.{millis}.dsn@{host}>"));
@@ -104,7 +118,17 @@ fn explanation(input: &DsnInput<'_>, host: &str) -> Lines {
     let mut text = Lines::default();
     text.line(&format!("This is the mail system at host {host}."));
     text.line("");
-    if let Some(until) = input.delayed_until {
+    if input.report == Report::Relayed {
+        text.line("Your message was relayed to the following recipients' mail");
+        text.line("system, which does not send delivery notifications of its own:");
+        text.line("no further notice will come from there.");
+        for rcpt in input.failed {
+            text.line("");
+            text.line(&format!("<{}>: {}", clean(rcpt.address), clean(rcpt.diagnostic)));
+        }
+        return text;
+    }
+    if let Report::Delayed { until } = input.report {
         text.line("Your message could not be delivered yet to one or more of its");
         text.line("recipients. It is still in the queue and will be tried again");
         text.line(&format!("until {}; you do not need to send it again.", until.to_rfc2822()));
@@ -116,7 +140,7 @@ fn explanation(input: &DsnInput<'_>, host: &str) -> Lines {
         return text;
     }
     text.line("Your message could not be delivered to one or more of its recipients.");
-    if input.expired {
+    if input.report == (Report::Failed { expired: true }) {
         text.line("It stayed in the queue for the longest time allowed without");
         text.line("being accepted, so delivery has been given up.");
     } else {
@@ -139,21 +163,31 @@ fn explanation(input: &DsnInput<'_>, host: &str) -> Lines {
 /// The `message/delivery-status` part (RFC 3464 §2).
 fn delivery_status(input: &DsnInput<'_>, host: &str) -> Lines {
     let mut status = Lines::default();
+    if let Some(envid) = &input.envid {
+        status.line(&format!("Original-Envelope-Id: {}", clean(envid)));
+    }
     status.line(&format!("Reporting-MTA: dns; {host}"));
     status.line(&format!("X-Mxrelay-Queue-ID: {}", clean(input.queue_id)));
     status.line(&format!("Arrival-Date: {}", input.arrival_date.to_rfc2822()));
     for rcpt in input.failed {
         status.line("");
+        if let Some(original) = &rcpt.original {
+            status.line(&format!("Original-Recipient: {}", clean(original)));
+        }
         status.line(&format!("Final-Recipient: {}", final_recipient(rcpt.address)));
-        match input.delayed_until {
-            Some(until) => {
+        match input.report {
+            Report::Delayed { until } => {
                 status.line("Action: delayed");
                 status.line(&format!("Status: {}", status_code(rcpt.status, true)));
                 status.line(&format!("Will-Retry-Until: {}", until.to_rfc2822()));
             }
-            None => {
+            Report::Failed { expired } => {
                 status.line("Action: failed");
-                status.line(&format!("Status: {}", status_code(rcpt.status, input.expired)));
+                status.line(&format!("Status: {}", status_code(rcpt.status, expired)));
+            }
+            Report::Relayed => {
+                status.line("Action: relayed");
+                status.line("Status: 2.0.0");
             }
         }
         if let Some(mta) = rcpt.remote_mta {
@@ -256,8 +290,8 @@ mod tests {
             arrival_date: Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).unwrap(),
             failed,
             original_headers: headers,
-            expired,
-            delayed_until: None,
+            report: Report::Failed { expired },
+            envid: None,
             now: Utc.with_ymd_and_hms(2024, 5, 2, 10, 0, 0).unwrap(),
         };
         String::from_utf8(build(&input)).unwrap()
@@ -265,7 +299,12 @@ mod tests {
 
     #[test]
     fn a_delay_warning_says_delayed_and_until_when() {
-        let late = FailedRecipient { status: "4.4.1", remote_mta: None, ..rcpt("bob@example.org", "connect failed") };
+        let late = FailedRecipient {
+            status: "4.4.1",
+            remote_mta: None,
+            original: Some("rfc822;Bob@Example.org".into()),
+            ..rcpt("bob@example.org", "connect failed")
+        };
         let until = Utc.with_ymd_and_hms(2024, 5, 6, 10, 0, 0).unwrap();
         let input = DsnInput {
             reporting_mta: "relay.example.net",
@@ -274,8 +313,8 @@ mod tests {
             arrival_date: Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).unwrap(),
             failed: &[late],
             original_headers: HEADERS,
-            expired: false,
-            delayed_until: Some(until),
+            report: Report::Delayed { until },
+            envid: Some("QQ314159".into()),
             now: Utc.with_ymd_and_hms(2024, 5, 1, 14, 0, 0).unwrap(),
         };
         let out = String::from_utf8(build(&input)).unwrap();
@@ -284,10 +323,12 @@ mod tests {
             out.contains("Action: delayed\r\nStatus: 4.4.1\r\nWill-Retry-Until: Mon, 6 May 2024 10:00:00 +0000\r\n")
         );
         assert!(out.contains("you do not need to send it again") && !out.contains("Action: failed"));
+        assert!(out.contains("Original-Envelope-Id: QQ314159\r\nReporting-MTA: dns; relay.example.net\r\n"), "{out}");
+        assert!(out.contains("Original-Recipient: rfc822;Bob@Example.org\r\nFinal-Recipient: rfc822; bob@example.org"));
     }
 
     fn rcpt<'a>(address: &'a str, diagnostic: &'a str) -> FailedRecipient<'a> {
-        FailedRecipient { address, status: "5.1.1", remote_mta: Some("mx.example.org"), diagnostic }
+        FailedRecipient { address, status: "5.1.1", remote_mta: Some("mx.example.org"), diagnostic, original: None }
     }
 
     const HEADERS: &[u8] = b"From: alice@example.com\r\nSubject: hi\r\n";
@@ -308,7 +349,13 @@ mod tests {
 
     #[test]
     fn one_status_group_per_recipient() {
-        let own = FailedRecipient { address: "c@x.org", status: "bogus", remote_mta: None, diagnostic: "no MX" };
+        let own = FailedRecipient {
+            address: "c@x.org",
+            status: "bogus",
+            remote_mta: None,
+            diagnostic: "no MX",
+            original: None,
+        };
         let out = render(&[rcpt("b@x.org", "550 5.1.1 unknown"), own], HEADERS, false);
         assert!(out.contains(
             "\r\n\r\nFinal-Recipient: rfc822; b@x.org\r\nAction: failed\r\nStatus: 5.1.1\r\n\

@@ -57,11 +57,13 @@ const DSN_HEADER_READ: usize = 64 * 1024;
 /// What happened to one recipient in one attempt.
 #[derive(Debug, Clone)]
 enum Fate {
-    /// `tls`: the session's TLS state when it was encrypted.
+    /// `tls`: the session's TLS state when it was encrypted; `dsn`: the
+    /// next hop offered DSN, so NOTIFY went on with the message.
     Sent {
         reply: String,
         relay: String,
         tls: Option<String>,
+        dsn: bool,
     },
     Deferred {
         reason: String,
@@ -75,10 +77,10 @@ enum Fate {
 }
 
 impl Fate {
-    fn from_reply(reply: &RemoteReply, relay: &str, tls: Option<&str>) -> Fate {
+    fn from_reply(reply: &RemoteReply, relay: &str, tls: Option<&str>, dsn: bool) -> Fate {
         let relay = relay.to_string();
         if reply.is_success() {
-            Fate::Sent { reply: reply.to_string(), relay, tls: tls.map(str::to_string) }
+            Fate::Sent { reply: reply.to_string(), relay, tls: tls.map(str::to_string), dsn }
         } else if reply.is_permanent() {
             Fate::Bounced { status: reply.enhanced(), reason: reply.to_string(), relay: Some(relay) }
         } else {
@@ -509,7 +511,7 @@ impl Delivery {
         let bounced: Vec<(usize, Fate)> =
             fates.iter().filter(|(_, f)| matches!(f, Fate::Bounced { .. })).cloned().collect();
         let dsn_queued = bounced.is_empty()
-            || match self.bounce(lease, &env, &bounced, expired, None).await {
+            || match self.bounce(lease, &env, &bounced, dsn::Report::Failed { expired }).await {
                 Ok(()) => true,
                 Err(e) => {
                     // Kept pending: the DSN is written on the next attempt.
@@ -518,6 +520,7 @@ impl Delivery {
                 }
             };
         self.warn_of_delay(lease, &mut env, &fates, age).await;
+        self.report_relayed(lease, &env, &fates).await;
         // Fast drain: a destination that had deferred mail and now accepts.
         // (Before this message is deferred again, so it cannot release itself.)
         for key in &recovered {
@@ -556,11 +559,33 @@ impl Delivery {
         }
         let until = chrono::DateTime::from_timestamp_millis(env.received_at).unwrap_or_else(chrono::Utc::now)
             + chrono::Duration::from_std(d.max_queue_lifetime).unwrap_or_default();
-        match self.bounce(lease, env, &due, false, Some(until)).await {
+        match self.bounce(lease, env, &due, dsn::Report::Delayed { until }).await {
             Ok(()) => due.iter().for_each(|(i, _)| env.recipients[*i].delay_warned = true),
             Err(e) => {
                 tracing::warn!(queue_id = %env.id, error = %e, "{}: delay warning not queued; trying on the next attempt", env.id)
             }
+        }
+    }
+
+    /// RFC 3461 §4.2: a recipient whose NOTIFY asks for SUCCESS, delivered
+    /// to a next hop that does not offer DSN, gets a "relayed" notice from
+    /// us, since none will come from there. One that did offer DSN got
+    /// the NOTIFY with the message and reports itself.
+    async fn report_relayed(&self, lease: &Lease, env: &Envelope, fates: &[(usize, Fate)]) {
+        let relayed: Vec<(usize, Fate)> = fates
+            .iter()
+            .filter(|(i, f)| {
+                matches!(f, Fate::Sent { dsn: false, .. })
+                    && env.recipients[*i].notify.as_deref().is_some_and(|n| n.split(',').any(|w| w == "SUCCESS"))
+            })
+            .cloned()
+            .collect();
+        if relayed.is_empty() {
+            return;
+        }
+        // Best effort: the message itself is delivered whatever happens here.
+        if let Err(e) = self.bounce(lease, env, &relayed, dsn::Report::Relayed).await {
+            tracing::warn!(queue_id = %env.id, error = %e, "{}: relayed notice not queued", env.id);
         }
     }
 
@@ -699,10 +724,11 @@ impl Delivery {
             guard,
             id: lease.id(),
         };
+        let peer_dsn = conn.ext.dsn;
         let fates = match conn.send(env, rcpts, &mut body).await {
-            Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref())),
+            Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref(), peer_dsn)),
             Ok(Outcome::Replies(replies)) => {
-                replies.iter().map(|r| Fate::from_reply(r, &relay, tls.as_deref())).collect()
+                replies.iter().map(|r| Fate::from_reply(r, &relay, tls.as_deref(), peer_dsn)).collect()
             }
             Err(e) => {
                 METRICS.delivery_attempts.with_label_values(&["session_error"]).inc();
@@ -724,7 +750,7 @@ impl Delivery {
     fn log_fate(&self, id: &QueueId, r: &Recipient, fate: &Fate, age: Duration) {
         let delay = age.as_secs_f64();
         match fate {
-            Fate::Sent { reply, relay, tls } => {
+            Fate::Sent { reply, relay, tls, .. } => {
                 METRICS.delivery_recipients.with_label_values(&["delivered"]).inc();
                 let tls = tls.as_deref().map(|t| format!(", tls={t}")).unwrap_or_default();
                 tracing::info!(queue_id = %id, "{id}: to=<{}>, relay={relay}, delay={delay:.1}{tls}, status=sent ({reply})", r.address);
@@ -744,39 +770,56 @@ impl Delivery {
 
     /// Queues one DSN to the sender for the bounced recipients. Never for
     /// the null sender.
-    /// Queues a DSN to the sender: a bounce for the `Bounced` fates, or,
-    /// with `delayed_until`, a delay warning for the `Deferred` ones.
+    /// Queues a DSN to the sender: a bounce for the `Bounced` fates, a
+    /// delay warning for the `Deferred` ones, or a "relayed" notice for
+    /// the `Sent` ones, as `report` says.
     async fn bounce(
         &self,
         lease: &Lease,
         env: &Envelope,
         fates: &[(usize, Fate)],
-        expired: bool,
-        delayed_until: Option<chrono::DateTime<chrono::Utc>>,
+        report: dsn::Report,
     ) -> Result<(), SpoolError> {
         if env.sender.is_empty() {
             tracing::info!(queue_id = %env.id, "{}: not bouncing a message from the null sender", env.id);
+            return Ok(());
+        }
+        // RFC 3461 NOTIFY: NEVER, or a list without FAILURE (DELAY), asks
+        // for no notification of this kind.
+        let what = match report {
+            dsn::Report::Failed { .. } => "FAILURE",
+            dsn::Report::Delayed { .. } => "DELAY",
+            dsn::Report::Relayed => "SUCCESS",
+        };
+        let fates: Vec<&(usize, Fate)> = fates
+            .iter()
+            .filter(|(i, _)| crate::proto::dsn::notify_wants(env.recipients[*i].notify.as_deref(), what))
+            .collect();
+        if fates.is_empty() {
+            tracing::info!(queue_id = %env.id, "{}: no notification to the sender: NOTIFY does not ask for {what}", env.id);
             return Ok(());
         }
         let headers = self.original_headers(lease, env.size).await?;
         let failed: Vec<dsn::FailedRecipient<'_>> = fates
             .iter()
             .filter_map(|(i, f)| {
-                let (status, reason, relay) = match f {
-                    Fate::Bounced { status, reason, relay } if delayed_until.is_none() => {
-                        (status.as_str(), reason, relay)
+                let (status, reason, relay) = match (f, report) {
+                    (Fate::Bounced { status, reason, relay }, dsn::Report::Failed { .. }) => {
+                        (status.as_str(), reason, relay.as_deref())
                     }
                     // "4.4.1 connect to … failed": the code leads the reason.
-                    Fate::Deferred { reason, relay } if delayed_until.is_some() => {
-                        (reason.split_whitespace().next().unwrap_or(""), reason, relay)
+                    (Fate::Deferred { reason, relay }, dsn::Report::Delayed { .. }) => {
+                        (reason.split_whitespace().next().unwrap_or(""), reason, relay.as_deref())
                     }
+                    (Fate::Sent { reply, relay, .. }, dsn::Report::Relayed) => ("2.0.0", reply, Some(relay.as_str())),
                     _ => return None,
                 };
                 Some(dsn::FailedRecipient {
                     address: &env.recipients[*i].address,
                     status,
-                    remote_mta: relay.as_deref().map(|r| r.split('[').next().unwrap_or(r)),
+                    remote_mta: relay.map(|r| r.split('[').next().unwrap_or(r)),
                     diagnostic: reason,
+                    original: env.recipients[*i].orcpt.as_deref().map(crate::proto::dsn::decode_xtext),
                 })
             })
             .collect();
@@ -788,8 +831,8 @@ impl Delivery {
             arrival_date: arrival,
             failed: &failed,
             original_headers: &headers,
-            expired,
-            delayed_until,
+            report,
+            envid: env.dsn_envid.as_deref().map(crate::proto::dsn::decode_xtext),
             now: chrono::Utc::now(),
         });
         let id = QueueId::new();
@@ -803,6 +846,8 @@ impl Delivery {
                 state: RecipientState::Pending,
                 last_reply: None,
                 delay_warned: false,
+                notify: None,
+                orcpt: None,
             }],
             client_ip: String::new(),
             client_name: "localhost".into(),
@@ -817,17 +862,27 @@ impl Delivery {
             attempts: 0,
             held: false,
             bounce_requested: false,
+            dsn_ret: None,
+            dsn_envid: None,
         };
         let mut body = self.spool.open_body(&id);
         body.write(&message).await?;
         body.commit(&dsn_env).await?;
-        if delayed_until.is_some() {
-            METRICS.delivery_delay_warnings.inc();
-            tracing::info!(queue_id = %id, "{id}: sender delay notification: {} (to=<{}>, from=<>)", env.id, env.sender);
-        } else {
-            METRICS.delivery_dsn.inc();
-            tracing::info!(queue_id = %id, "{id}: sender non-delivery notification: {} (to=<{}>, from=<>)", env.id, env.sender);
-        }
+        let kind = match report {
+            dsn::Report::Failed { .. } => {
+                METRICS.delivery_dsn.inc();
+                "non-delivery"
+            }
+            dsn::Report::Delayed { .. } => {
+                METRICS.delivery_delay_warnings.inc();
+                "delay"
+            }
+            dsn::Report::Relayed => {
+                METRICS.delivery_relayed_notices.inc();
+                "delivery status"
+            }
+        };
+        tracing::info!(queue_id = %id, "{id}: sender {kind} notification: {} (to=<{}>, from=<>)", env.id, env.sender);
         Ok(())
     }
 
@@ -1009,6 +1064,8 @@ mod tests {
             state: RecipientState::Pending,
             last_reply: None,
             delay_warned: false,
+            notify: None,
+            orcpt: None,
         };
         let env = Envelope {
             id: QueueId::new(),
@@ -1029,12 +1086,14 @@ mod tests {
             attempts: 1,
             held: false,
             bounce_requested: false,
+            dsn_ret: None,
+            dsn_envid: None,
         };
         (env, vec![A.into(), A.into(), B.into()])
     }
 
     fn sent() -> Fate {
-        Fate::Sent { reply: "250 2.0.0 Ok".into(), relay: "a.example[127.0.0.1]:25".into(), tls: None }
+        Fate::Sent { reply: "250 2.0.0 Ok".into(), relay: "a.example[127.0.0.1]:25".into(), tls: None, dsn: false }
     }
     fn deferred() -> Fate {
         Fate::Deferred { reason: "451 4.3.0 try later".into(), relay: None }

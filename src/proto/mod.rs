@@ -8,4 +8,5 @@
 
 pub mod address;
 pub mod command;
+pub mod dsn;
 pub mod reply;

@@ -35,6 +35,8 @@ impl Envelope {
             attempts: num("attempts").map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)),
             held: get(HELD) == "1",
             bounce_requested: get(BOUNCE) == "1",
+            dsn_ret: f.get("dsn_ret").filter(|v| !v.is_empty()).cloned(),
+            dsn_envid: f.get("dsn_envid").filter(|v| !v.is_empty()).cloned(),
         })
     }
 
@@ -55,6 +57,8 @@ impl Envelope {
             ("smtputf8", u8::from(self.smtputf8).to_string()),
             ("eight_bit", u8::from(self.eight_bit).to_string()),
             ("attempts", self.attempts.to_string()),
+            ("dsn_ret", self.dsn_ret.clone().unwrap_or_default()),
+            ("dsn_envid", self.dsn_envid.clone().unwrap_or_default()),
         ])
     }
 
@@ -88,6 +92,8 @@ mod tests {
                 state: RecipientState::Pending,
                 last_reply: None,
                 delay_warned: false,
+                notify: None,
+                orcpt: None,
             }],
             client_ip: "192.0.2.1".into(),
             client_name: "client.example.net".into(),
@@ -100,6 +106,8 @@ mod tests {
             attempts: 3,
             held: false,
             bounce_requested: false,
+            dsn_ret: None,
+            dsn_envid: None,
         }
     }
 

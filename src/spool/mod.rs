@@ -77,6 +77,12 @@ pub struct Recipient {
     /// A delay warning (`delivery.delay_warning_time`) went to the sender.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delay_warned: bool,
+    /// RFC 3461 `NOTIFY` (`NEVER`, or `SUCCESS,FAILURE,DELAY` in part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+    /// RFC 3461 `ORCPT` as the client sent it (`rfc822;xtext`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
 }
 
 /// Everything known about a message besides its body.
@@ -105,6 +111,12 @@ pub struct Envelope {
     /// An operator asked to bounce what is still pending.
     #[serde(default)]
     pub bounce_requested: bool,
+    /// RFC 3461 `RET` (`FULL` or `HDRS`).
+    #[serde(default)]
+    pub dsn_ret: Option<String>,
+    /// RFC 3461 `ENVID`, xtext as the client sent it.
+    #[serde(default)]
+    pub dsn_envid: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -425,3 +425,86 @@ fn to_a_peer_offering_chunking_the_content_goes_by_bdat_as_it_is() {
     let dumped = SinkMessage::as_dumped(message.as_bytes());
     assert!(sink[0].content.ends_with(&dumped), "smtp-sink got it by DATA, whole");
 }
+
+/// The DSN extension (RFC 3461) end to end. The relay offers DSN and
+/// keeps RET, ENVID, NOTIFY and ORCPT with the message; to a peer that
+/// offers DSN (smtp-sink) it passes them on; its own bounces carry
+/// `Original-Envelope-Id` and `Original-Recipient`, and honour NOTIFY
+/// (NEVER: no bounce). Bad values are refused with 501.
+#[test]
+fn dsn_parameters_go_to_a_peer_offering_dsn_and_our_bounces_honour_them() {
+    let next = SmtpSink::start();
+    let no_dsn = SmtpSink::start_with(&["-N"]);
+    let home = SmtpSink::start();
+    let hard = Destination::start();
+    let dns = Dns::start(&["sender.example"], &[LISTED, "home.example", "hard.example", "nodsn.example"]);
+    let d = Delivering::start(
+        &dns,
+        &[
+            (LISTED, "127.0.0.1", next.port),
+            ("home.example", "127.0.0.1", home.port),
+            ("hard.example", "127.0.0.1", hard.port),
+            ("nodsn.example", "127.0.0.1", no_dsn.port),
+        ],
+        &[],
+    );
+    let mut c = Raw::ehlo(&d.relay.addr());
+    assert!(c.cmd("EHLO client.example").contains("250-DSN"), "DSN offered");
+    assert!(c.cmd("MAIL FROM:<bob@home.example> RET=SOMETIMES").starts_with("501 5.5.4"));
+    assert!(c.cmd("MAIL FROM:<bob@home.example> ENVID=a=b").starts_with("501 5.5.4"));
+    assert!(c.cmd("MAIL FROM:<bob@home.example>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<t@friet.pan> NOTIFY=NEVER,SUCCESS").starts_with("501 5.5.4"));
+    assert!(c.cmd("RCPT TO:<t@friet.pan> ORCPT=nosemicolon").starts_with("501 5.5.4"));
+    c.cmd("RSET");
+    let send = |c: &mut Raw, mail: &str, rcpt: &str| {
+        assert!(c.cmd(mail).starts_with("250"), "{mail}");
+        assert!(c.cmd(rcpt).starts_with("250"), "{rcpt}");
+        assert_eq!(c.code_after("DATA"), 354);
+        let r = c.cmd("From: bob@home.example\r\nSubject: dsn\r\n\r\nbody\r\n.");
+        assert!(r.starts_with("250"), "{r}");
+    };
+    send(
+        &mut c,
+        "MAIL FROM:<bob@home.example> RET=hdrs ENVID=QQ314159",
+        "RCPT TO:<t@friet.pan> NOTIFY=success,failure ORCPT=rfc822;t+40friet.pan",
+    );
+    let got = next.wait_for(1, WAIT);
+    assert!(got[0].mail_params.contains("RET=HDRS ENVID=QQ314159"), "MAIL: {:?}", got[0].mail_params);
+    assert_eq!(got[0].rcpt_params, vec!["NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;t+40friet.pan".to_string()]);
+
+    // A 5xx at the next hop: our bounce names what the sender gave us.
+    send(
+        &mut c,
+        "MAIL FROM:<bob@home.example> ENVID=ENV+2B1",
+        "RCPT TO:<perm1@hard.example> NOTIFY=FAILURE ORCPT=rfc822;Original+40hard.example",
+    );
+    let dsn = home.wait_for(1, WAIT);
+    let text = String::from_utf8_lossy(&dsn[0].content);
+    assert!(text.contains("Original-Envelope-Id: ENV+1\n"), "{text}");
+    assert!(
+        text.contains("Original-Recipient: rfc822;Original@hard.example\nFinal-Recipient: rfc822; perm1@hard.example"),
+        "{text}"
+    );
+    assert!(text.contains("Content-Type: text/rfc822-headers") && !text.contains("\nbody\n"), "headers only: {text}");
+
+    // NOTIFY=NEVER: bounced, and no DSN.
+    send(&mut c, "MAIL FROM:<bob@home.example>", "RCPT TO:<perm2@hard.example> NOTIFY=NEVER");
+    wait_until("the NEVER bounce decided", Duration::from_secs(20), || {
+        d.relay.log().contains("no notification to the sender: NOTIFY does not ask for FAILURE")
+    });
+    assert_eq!(home.messages().len(), 1, "no DSN for NOTIFY=NEVER, none for the success the next hop reports itself");
+    assert_eq!(d.relay.value("mxrelay_delivery_dsn_total"), 1.0);
+
+    // NOTIFY=SUCCESS to a next hop without DSN (smtp-sink -N): we say "relayed".
+    send(
+        &mut c,
+        "MAIL FROM:<bob@home.example>",
+        "RCPT TO:<s@nodsn.example> NOTIFY=SUCCESS ORCPT=rfc822;s+40nodsn.example",
+    );
+    assert_eq!(no_dsn.wait_for(1, WAIT)[0].rcpt_params, vec![String::new()], "nothing passed to a peer without DSN");
+    let notices = home.wait_for(2, WAIT);
+    let text = String::from_utf8_lossy(&notices[1].content);
+    assert!(text.contains("Subject: Successful Mail Delivery Report"), "{text}");
+    assert!(text.contains("Original-Recipient: rfc822;s@nodsn.example\nFinal-Recipient: rfc822; s@nodsn.example\nAction: relayed\nStatus: 2.0.0"), "{text}");
+    assert_eq!(d.relay.value("mxrelay_delivery_relayed_notices_total"), 1.0);
+}

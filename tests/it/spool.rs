@@ -18,6 +18,8 @@ fn envelope(id: &QueueId, rcpt: &str, size: usize) -> Envelope {
             state: RecipientState::Pending,
             last_reply: None,
             delay_warned: false,
+            notify: None,
+            orcpt: None,
         }],
         client_ip: "127.0.0.1".into(),
         client_name: "unknown".into(),
@@ -30,6 +32,8 @@ fn envelope(id: &QueueId, rcpt: &str, size: usize) -> Envelope {
         attempts: 0,
         held: false,
         bounce_requested: false,
+        dsn_ret: None,
+        dsn_envid: None,
     }
 }
 

@@ -134,6 +134,8 @@ fn envelope(id: &QueueId) -> Envelope {
             state: RecipientState::Pending,
             last_reply: None,
             delay_warned: false,
+            notify: None,
+            orcpt: None,
         }],
         client_ip: "127.0.0.1".into(),
         client_name: "unknown".into(),
@@ -147,6 +149,8 @@ fn envelope(id: &QueueId) -> Envelope {
         attempts: 0,
         held: false,
         bounce_requested: false,
+        dsn_ret: None,
+        dsn_envid: None,
     }
 }
 

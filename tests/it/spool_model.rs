@@ -243,6 +243,8 @@ impl Msg {
             attempts: self.attempts,
             held: false,
             bounce_requested: false,
+            dsn_ret: None,
+            dsn_envid: None,
         }
     }
 }
@@ -306,6 +308,8 @@ fn recipients() -> Vec<Recipient> {
             state: RecipientState::Pending,
             last_reply: None,
             delay_warned: false,
+            notify: None,
+            orcpt: None,
         })
         .collect()
 }

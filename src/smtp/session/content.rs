@@ -245,6 +245,8 @@ impl Session {
             attempts: 0,
             held: false,
             bounce_requested: false,
+            dsn_ret: tx.dsn_ret,
+            dsn_envid: tx.dsn_envid,
         };
         match body.commit(&envelope).await {
             Ok(()) => {

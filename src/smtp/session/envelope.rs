@@ -7,6 +7,7 @@ use super::Session;
 use crate::metrics::METRICS;
 use crate::policy::{Client, RcptResult, Verdict};
 use crate::proto::address::{self, AddressError, Path};
+use crate::proto::dsn;
 use crate::proto::reply::Reply;
 use crate::smtp::incoming::Incoming;
 use crate::smtp::limits::Event;
@@ -18,6 +19,9 @@ pub(super) struct Transaction {
     pub(super) smtputf8: bool,
     pub(super) eight_bit: bool,
     pub(super) recipients: Vec<Recipient>,
+    /// RFC 3461 `RET` and `ENVID`.
+    pub(super) dsn_ret: Option<String>,
+    pub(super) dsn_envid: Option<String>,
     /// RCPTs refused for the recipient limit so far.
     overshoot: usize,
     /// Sender checks run once, at the first RCPT that needs them.
@@ -31,6 +35,8 @@ pub(super) struct Transaction {
 struct MailParams {
     smtputf8: bool,
     eight_bit: bool,
+    dsn_ret: Option<String>,
+    dsn_envid: Option<String>,
 }
 
 /// Checks MAIL's parameters (RFC 1869; only after EHLO). `Err` is the
@@ -51,10 +57,36 @@ fn mail_params(params: &[(String, Option<String>)], esmtp: bool, size_limit: u64
             ("SMTPUTF8", None) if esmtp => asked.smtputf8 = true,
             // RFC 4954 §5: the original submitter; accepted, not trusted.
             ("AUTH", Some(_)) if esmtp => {}
+            ("RET", Some(v)) if esmtp => match dsn::parse_ret(v) {
+                Some(ret) => asked.dsn_ret = Some(ret.to_string()),
+                None => return Err((Reply::new(501, "5.5.4", "Bad RET parameter syntax"), false)),
+            },
+            ("ENVID", Some(v)) if esmtp => match dsn::parse_envid(v) {
+                Some(envid) => asked.dsn_envid = Some(envid),
+                None => return Err((Reply::new(501, "5.5.4", "Bad ENVID parameter syntax"), false)),
+            },
             _ => return Err((Reply::new(555, "5.5.4", format!("Unsupported option: {key}")), false)),
         }
     }
     Ok(asked)
+}
+
+/// RCPT's parameters: RFC 3461 `NOTIFY` and `ORCPT` (only after EHLO).
+fn rcpt_params(params: &[(String, Option<String>)], esmtp: bool) -> Result<(Option<String>, Option<String>), Reply> {
+    let (mut notify, mut orcpt) = (None, None);
+    for (key, value) in params {
+        match (key.as_str(), value.as_deref()) {
+            ("NOTIFY", Some(v)) if esmtp => {
+                notify =
+                    Some(dsn::parse_notify(v).ok_or_else(|| Reply::new(501, "5.5.4", "Bad NOTIFY parameter syntax"))?)
+            }
+            ("ORCPT", Some(v)) if esmtp => {
+                orcpt = Some(dsn::parse_orcpt(v).ok_or_else(|| Reply::new(501, "5.5.4", "Bad ORCPT parameter syntax"))?)
+            }
+            _ => return Err(Reply::new(555, "5.5.4", format!("Unsupported option: {key}"))),
+        }
+    }
+    Ok((notify, orcpt))
 }
 
 impl Session {
@@ -70,7 +102,7 @@ impl Session {
         if self.unauth_pipelining() {
             return;
         }
-        let MailParams { smtputf8, eight_bit } =
+        let MailParams { smtputf8, eight_bit, dsn_ret, dsn_envid } =
             match mail_params(params, self.greeting.esmtp(), self.config().message_size_limit) {
                 Ok(asked) => asked,
                 Err((reply, refusal)) => {
@@ -98,6 +130,8 @@ impl Session {
             smtputf8,
             eight_bit,
             recipients: Vec::new(),
+            dsn_ret,
+            dsn_envid,
             overshoot: 0,
             sender_verdict: None,
             bdat: None,
@@ -147,9 +181,10 @@ impl Session {
         if self.unauth_pipelining() {
             return;
         }
-        if let Some((key, _)) = params.first() {
-            return self.reply(Reply::new(555, "5.5.4", format!("Unsupported option: {key}")));
-        }
+        let (notify, orcpt) = match rcpt_params(params, self.greeting.esmtp()) {
+            Ok(p) => p,
+            Err(reply) => return self.reply(reply),
+        };
         if count >= self.config().smtpd_recipient_limit {
             return self.too_many_recipients();
         }
@@ -214,6 +249,8 @@ impl Session {
                         state: RecipientState::Pending,
                         last_reply: None,
                         delay_warned: false,
+                        notify,
+                        orcpt,
                     });
                 }
                 self.reply(Reply::new(250, "2.1.5", "Ok"));
@@ -251,7 +288,7 @@ mod tests {
     #[test]
     fn mail_parameters_need_ehlo_and_size_is_checked_against_the_limit() {
         let asked = mail_params(&params(&[("BODY", Some("8bitmime")), ("SMTPUTF8", None)]), true, 10).unwrap();
-        assert_eq!(asked, MailParams { smtputf8: true, eight_bit: true });
+        assert_eq!(asked, MailParams { smtputf8: true, eight_bit: true, ..Default::default() });
         assert_eq!(
             mail_params(&params(&[("SIZE", Some("10")), ("AUTH", Some("<>"))]), true, 10),
             Ok(MailParams::default())
@@ -263,6 +300,20 @@ mod tests {
         // After HELO, no parameter is known.
         let (reply, _) = mail_params(&params(&[("BODY", Some("8BITMIME"))]), false, 10).unwrap_err();
         assert_eq!(reply.to_string(), "555 5.5.4 Unsupported option: BODY");
-        assert_eq!(mail_params(&params(&[("RET", Some("HDRS"))]), true, 10).unwrap_err().0.code, 555);
+        let dsn = mail_params(&params(&[("RET", Some("hdrs")), ("ENVID", Some("QQ+2B1"))]), true, 10).unwrap();
+        assert_eq!((dsn.dsn_ret.as_deref(), dsn.dsn_envid.as_deref()), (Some("HDRS"), Some("QQ+2B1")));
+        assert_eq!(mail_params(&params(&[("RET", Some("SOME"))]), true, 10).unwrap_err().0.code, 501);
+        assert_eq!(mail_params(&params(&[("ENVID", Some("a=b"))]), true, 10).unwrap_err().0.code, 501);
+        assert_eq!(mail_params(&params(&[("RET", Some("HDRS"))]), false, 10).unwrap_err().0.code, 555, "after HELO");
+        assert_eq!(
+            rcpt_params(&params(&[("NOTIFY", Some("delay,failure"))]), true).unwrap().0.as_deref(),
+            Some("FAILURE,DELAY")
+        );
+        assert_eq!(rcpt_params(&params(&[("NOTIFY", Some("NEVER,DELAY"))]), true).unwrap_err().code, 501);
+        assert_eq!(
+            rcpt_params(&params(&[("ORCPT", Some("rfc822;a+40b"))]), true).unwrap().1.as_deref(),
+            Some("rfc822;a+40b")
+        );
+        assert_eq!(rcpt_params(&params(&[("XYZ", None)]), true).unwrap_err().code, 555);
     }
 }

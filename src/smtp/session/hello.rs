@@ -89,7 +89,7 @@ impl Session {
         if self.auth_offered() {
             lines.push(format!("AUTH {}", crate::smtp::auth::MECHANISMS));
         }
-        lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"].map(String::from));
+        lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"].map(String::from));
         self.reply(Reply::multi(250, "", lines));
     }
 

@@ -39,6 +39,8 @@ pub struct SinkMessage {
     /// Every RCPT TO address (smtp-sink accepts all), in order, without `<>`;
     /// smtp-sink writes non-ASCII octets of the envelope as `?`.
     pub rcpts: Vec<String>,
+    /// The ESMTP parameters after each RCPT TO path (`NOTIFY=…`), as sent.
+    pub rcpt_params: Vec<String>,
     /// Argument of the last EHLO/HELO ("" if the client sent none).
     pub helo: String,
     /// Header and body as received, dot-unstuffed, with every CR removed:
@@ -298,6 +300,7 @@ fn parse_dump(bytes: &[u8]) -> Option<SinkMessage> {
     let mut mail_params = String::new();
     let mut proto = String::new();
     let mut rcpts = Vec::new();
+    let mut rcpt_params = Vec::new();
     loop {
         let line = String::from_utf8_lossy(next_line(&mut rest)?).into_owned();
         let (name, value) = line.split_once(": ").unwrap_or((&line, ""));
@@ -309,7 +312,10 @@ fn parse_dump(bytes: &[u8]) -> Option<SinkMessage> {
                 mail_from = Some(address(value));
                 mail_params = value.split_once('>').map_or("", |(_, rest)| rest).trim().to_string();
             }
-            "X-Rcpt-Args" => rcpts.push(address(value)),
+            "X-Rcpt-Args" => {
+                rcpts.push(address(value));
+                rcpt_params.push(value.split_once('>').map_or("", |(_, rest)| rest).trim().to_string());
+            }
             "Received" => break,
             _ => return None,
         }
@@ -322,7 +328,7 @@ fn parse_dump(bytes: &[u8]) -> Option<SinkMessage> {
     }
     // The terminator's LF is the last byte; without it the file is cut short.
     let content = rest.strip_suffix(b"\n")?.to_vec();
-    Some(SinkMessage { mail_from: mail_from?, mail_params, proto, rcpts, helo, content })
+    Some(SinkMessage { mail_from: mail_from?, mail_params, proto, rcpts, rcpt_params, helo, content })
 }
 
 /// The next LF-terminated line, without its LF; `None` if there is none.
