@@ -508,3 +508,28 @@ fn dsn_parameters_go_to_a_peer_offering_dsn_and_our_bounces_honour_them() {
     assert!(text.contains("Original-Recipient: rfc822;s@nodsn.example\nFinal-Recipient: rfc822; s@nodsn.example\nAction: relayed\nStatus: 2.0.0"), "{text}");
     assert_eq!(d.relay.value("mxrelay_delivery_relayed_notices_total"), 1.0);
 }
+
+/// The DSN parameters reach a real Postfix next hop: asked for NOTIFY=SUCCESS,
+/// Postfix's own delivery agent reports the delivery to the sender itself
+/// (its log's "sender delivery status notification"), so mxrelay sends no
+/// "relayed" notice of its own.
+#[test]
+fn notify_success_reaches_a_postfix_next_hop_which_reports_the_delivery_itself() {
+    let postfix = Postfix::start(&PostfixOptions { domains: &[LISTED], ..Default::default() });
+    let dns = Dns::start(&["sender.example"], &[LISTED, "home.example"]);
+    let d = Delivering::start(
+        &dns,
+        &[(LISTED, "127.0.0.1", postfix.port), ("home.example", "127.0.0.1", free_port())],
+        &[],
+    );
+    let mut c = Raw::ehlo(&d.relay.addr());
+    assert!(c.cmd("MAIL FROM:<bob@home.example> RET=HDRS ENVID=QQ314159").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<t@friet.pan> NOTIFY=SUCCESS ORCPT=rfc822;t+40friet.pan").starts_with("250"));
+    assert_eq!(c.code_after("DATA"), 354);
+    assert!(c.cmd("Subject: dsn\r\n\r\nbody\r\n.").starts_with("250"));
+    postfix.wait_delivered(1, WAIT);
+    wait_until("Postfix reports the delivery to the sender", WAIT, || {
+        postfix.log().contains("sender delivery status notification")
+    });
+    assert_eq!(d.relay.value("mxrelay_delivery_relayed_notices_total"), 0.0, "Postfix reports it, not us");
+}
