@@ -7,6 +7,8 @@
 //! ([`Lookup::NoSnapshot`] → 451 4.3.0, never 250 and never 5xx).
 
 pub mod destination;
+#[macro_use]
+mod recipient_sql;
 pub mod mysql;
 pub mod sqlite;
 
@@ -44,16 +46,6 @@ pub enum RecipientCheck {
     /// `local@domain`), or all of them with `@domain` listed (Postfix
     /// `relay_recipient_maps`).
     Table(Arc<std::collections::HashSet<String>>),
-}
-
-impl RecipientCheck {
-    /// The method's name as `relay_recipient_checks.method` stores it.
-    pub fn method(&self) -> &'static str {
-        match self {
-            RecipientCheck::None => "none",
-            RecipientCheck::Table(_) => "table",
-        }
-    }
 }
 
 /// The methods `relay_recipient_checks.method` may hold.

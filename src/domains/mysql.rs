@@ -95,63 +95,31 @@ impl DomainStore for MySqlDomains {
     }
 
     async fn load_recipients(&self) -> Result<RawRecipients, DomainError> {
-        let checks = sqlx::query_as::<_, (String, String)>("SELECT domain, method FROM relay_recipient_checks")
-            .fetch_all(&self.pool)
-            .await;
-        let checks = match checks {
-            Ok(rows) => rows,
-            Err(e) if not_migrated(&e) => return Ok(RawRecipients::default()),
-            Err(e) => return Err(DomainError::Unavailable(e.to_string())),
-        };
-        if checks.is_empty() {
-            return Ok(RawRecipients::default());
-        }
-        let addresses = sqlx::query_scalar("SELECT address FROM relay_recipients")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| DomainError::Unavailable(e.to_string()))?;
-        Ok(RawRecipients { checks, addresses })
+        recipient_sql::load(&self.pool).await
     }
 
     async fn set_recipient_check(&self, domain: &str, method: &str) -> Result<(), DomainError> {
-        let query = if method == "none" {
-            sqlx::query("DELETE FROM relay_recipient_checks WHERE domain = ?").bind(domain)
-        } else {
-            sqlx::query("REPLACE INTO relay_recipient_checks (domain, method) VALUES (?, ?)").bind(domain).bind(method)
-        };
-        query.execute(&self.pool).await.map_err(|e| DomainError::Unavailable(e.to_string()))?;
-        Ok(())
+        recipient_sql::set_check(&self.pool, domain, method).await
     }
 
     async fn add_recipients(&self, addresses: &[String]) -> Result<usize, DomainError> {
-        let unavailable = |e: sqlx::Error| DomainError::Unavailable(e.to_string());
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let mut added = 0;
-        for address in addresses {
-            let done = sqlx::query("INSERT IGNORE INTO relay_recipients (address) VALUES (?)")
-                .bind(address)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-            added += done.rows_affected() as usize;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(added)
+        recipient_sql::add(&self.pool, addresses).await
     }
 
     async fn remove_recipient(&self, address: &str) -> Result<bool, DomainError> {
-        let done = sqlx::query("DELETE FROM relay_recipients WHERE address = ?")
-            .bind(address)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| DomainError::Unavailable(e.to_string()))?;
-        Ok(done.rows_affected() > 0)
+        recipient_sql::remove(&self.pool, address).await
     }
 }
 
+recipient_sql!(
+    sqlx::MySqlPool,
+    insert_new = "INSERT IGNORE INTO relay_recipients (address) VALUES (?)",
+    replace = "REPLACE INTO relay_recipient_checks (domain, method) VALUES (?, ?)",
+    not_migrated = super::not_migrated
+);
+
 /// The recipient tables do not exist yet: a database `mxrelay migrate` has
-/// not run on (MySQL's ER_NO_SUCH_TABLE). Every recipient is then accepted,
-/// as before the tables existed.
+/// not run on (MySQL's ER_NO_SUCH_TABLE).
 fn not_migrated(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42S02"))
 }
