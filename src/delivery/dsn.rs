@@ -17,8 +17,8 @@ const MAX_LINE: usize = 998;
 /// Most of the failed message's header section we return to the sender.
 const MAX_ORIGINAL_HEADERS: usize = 64 * 1024;
 
-/// One recipient that failed permanently (or expired).
-pub struct FailedRecipient<'a> {
+/// One recipient a notification reports on (failed, delayed or relayed).
+pub struct DsnRecipient<'a> {
     /// As the client sent it, no brackets.
     pub address: &'a str,
     /// Enhanced status code (RFC 3463), e.g. "5.1.1", or "4.4.7" for expiry.
@@ -52,7 +52,7 @@ pub struct DsnInput<'a> {
     /// Envelope sender of the failed message; never empty (see module doc).
     pub original_sender: &'a str,
     pub arrival_date: DateTime<Utc>,
-    pub failed: &'a [FailedRecipient<'a>],
+    pub failed: &'a [DsnRecipient<'a>],
     /// The failed message's header section, excluding the blank line.
     pub original_headers: &'a [u8],
     /// What the notification reports.
@@ -118,41 +118,37 @@ fn explanation(input: &DsnInput<'_>, host: &str) -> Lines {
     let mut text = Lines::default();
     text.line(&format!("This is the mail system at host {host}."));
     text.line("");
-    if input.report == Report::Relayed {
-        text.line("Your message was relayed to the following recipients' mail");
-        text.line("system, which does not send delivery notifications of its own:");
-        text.line("no further notice will come from there.");
-        for rcpt in input.failed {
-            text.line("");
-            text.line(&format!("<{}>: {}", clean(rcpt.address), clean(rcpt.diagnostic)));
+    match input.report {
+        Report::Relayed => {
+            text.line("Your message was relayed to the following recipients' mail");
+            text.line("system, which does not send delivery notifications of its own:");
+            text.line("no further notice will come from there.");
         }
-        return text;
-    }
-    if let Report::Delayed { until } = input.report {
-        text.line("Your message could not be delivered yet to one or more of its");
-        text.line("recipients. It is still in the queue and will be tried again");
-        text.line(&format!("until {}; you do not need to send it again.", until.to_rfc2822()));
-        text.line("The reason for each recipient follows.");
-        for rcpt in input.failed {
-            text.line("");
-            text.line(&format!("<{}>: {}", clean(rcpt.address), clean(rcpt.diagnostic)));
+        Report::Delayed { until } => {
+            text.line("Your message could not be delivered yet to one or more of its");
+            text.line("recipients. It is still in the queue and will be tried again");
+            text.line(&format!("until {}; you do not need to send it again.", until.to_rfc2822()));
+            text.line("The reason for each recipient follows.");
         }
-        return text;
+        Report::Failed { expired } => {
+            text.line("Your message could not be delivered to one or more of its recipients.");
+            if expired {
+                text.line("It stayed in the queue for the longest time allowed without");
+                text.line("being accepted, so delivery has been given up.");
+            } else {
+                text.line("The receiving side refused it permanently.");
+            }
+            text.line("The reason for each recipient follows; the headers of your");
+            text.line("message are attached. For help, write to the postmaster of");
+            text.line(&format!("{host} and include this report."));
+        }
     }
-    text.line("Your message could not be delivered to one or more of its recipients.");
-    if input.report == (Report::Failed { expired: true }) {
-        text.line("It stayed in the queue for the longest time allowed without");
-        text.line("being accepted, so delivery has been given up.");
-    } else {
-        text.line("The receiving side refused it permanently.");
-    }
-    text.line("The reason for each recipient follows; the headers of your");
-    text.line("message are attached. For help, write to the postmaster of");
-    text.line(&format!("{host} and include this report."));
+    // A failure names the host that refused; the other reports give the reason alone.
+    let failed = matches!(input.report, Report::Failed { .. });
     for rcpt in input.failed {
         let (address, diagnostic) = (clean(rcpt.address), clean(rcpt.diagnostic));
         text.line("");
-        match rcpt.remote_mta {
+        match rcpt.remote_mta.filter(|_| failed) {
             Some(mta) => text.line(&format!("<{address}>: host {} said: {diagnostic}", clean(mta))),
             None => text.line(&format!("<{address}>: {diagnostic}")),
         }
@@ -282,7 +278,7 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    fn render(failed: &[FailedRecipient<'_>], headers: &[u8], expired: bool) -> String {
+    fn render(failed: &[DsnRecipient<'_>], headers: &[u8], expired: bool) -> String {
         let input = DsnInput {
             reporting_mta: "relay.example.net",
             queue_id: "Q1",
@@ -299,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_delay_warning_says_delayed_and_until_when() {
-        let late = FailedRecipient {
+        let late = DsnRecipient {
             status: "4.4.1",
             remote_mta: None,
             original: Some("rfc822;Bob@Example.org".into()),
@@ -327,8 +323,8 @@ mod tests {
         assert!(out.contains("Original-Recipient: rfc822;Bob@Example.org\r\nFinal-Recipient: rfc822; bob@example.org"));
     }
 
-    fn rcpt<'a>(address: &'a str, diagnostic: &'a str) -> FailedRecipient<'a> {
-        FailedRecipient { address, status: "5.1.1", remote_mta: Some("mx.example.org"), diagnostic, original: None }
+    fn rcpt<'a>(address: &'a str, diagnostic: &'a str) -> DsnRecipient<'a> {
+        DsnRecipient { address, status: "5.1.1", remote_mta: Some("mx.example.org"), diagnostic, original: None }
     }
 
     const HEADERS: &[u8] = b"From: alice@example.com\r\nSubject: hi\r\n";
@@ -349,13 +345,8 @@ mod tests {
 
     #[test]
     fn one_status_group_per_recipient() {
-        let own = FailedRecipient {
-            address: "c@x.org",
-            status: "bogus",
-            remote_mta: None,
-            diagnostic: "no MX",
-            original: None,
-        };
+        let own =
+            DsnRecipient { address: "c@x.org", status: "bogus", remote_mta: None, diagnostic: "no MX", original: None };
         let out = render(&[rcpt("b@x.org", "550 5.1.1 unknown"), own], HEADERS, false);
         assert!(out.contains(
             "\r\n\r\nFinal-Recipient: rfc822; b@x.org\r\nAction: failed\r\nStatus: 5.1.1\r\n\
@@ -413,7 +404,7 @@ mod tests {
 
     #[test]
     fn expiry_is_explained() {
-        let expired = FailedRecipient { status: "4.4.7", remote_mta: None, ..rcpt("b@x.org", "expired") };
+        let expired = DsnRecipient { status: "4.4.7", remote_mta: None, ..rcpt("b@x.org", "expired") };
         let out = render(&[expired], HEADERS, true);
         assert!(out.contains("longest time allowed") && out.contains("Status: 4.4.7\r\n"));
         assert!(!render(&[rcpt("b@x.org", "550")], HEADERS, false).contains("longest time allowed"));

@@ -511,7 +511,7 @@ impl Delivery {
         let bounced: Vec<(usize, Fate)> =
             fates.iter().filter(|(_, f)| matches!(f, Fate::Bounced { .. })).cloned().collect();
         let dsn_queued = bounced.is_empty()
-            || match self.bounce(lease, &env, &bounced, dsn::Report::Failed { expired }).await {
+            || match self.notify_sender(lease, &env, &bounced, dsn::Report::Failed { expired }).await {
                 Ok(()) => true,
                 Err(e) => {
                     // Kept pending: the DSN is written on the next attempt.
@@ -559,7 +559,7 @@ impl Delivery {
         }
         let until = chrono::DateTime::from_timestamp_millis(env.received_at).unwrap_or_else(chrono::Utc::now)
             + chrono::Duration::from_std(d.max_queue_lifetime).unwrap_or_default();
-        match self.bounce(lease, env, &due, dsn::Report::Delayed { until }).await {
+        match self.notify_sender(lease, env, &due, dsn::Report::Delayed { until }).await {
             Ok(()) => due.iter().for_each(|(i, _)| env.recipients[*i].delay_warned = true),
             Err(e) => {
                 tracing::warn!(queue_id = %env.id, error = %e, "{}: delay warning not queued; trying on the next attempt", env.id)
@@ -576,7 +576,7 @@ impl Delivery {
             .iter()
             .filter(|(i, f)| {
                 matches!(f, Fate::Sent { dsn: false, .. })
-                    && env.recipients[*i].notify.as_deref().is_some_and(|n| n.split(',').any(|w| w == "SUCCESS"))
+                    && crate::proto::dsn::notify_wants(env.recipients[*i].notify.as_deref(), "SUCCESS")
             })
             .cloned()
             .collect();
@@ -584,7 +584,7 @@ impl Delivery {
             return;
         }
         // Best effort: the message itself is delivered whatever happens here.
-        if let Err(e) = self.bounce(lease, env, &relayed, dsn::Report::Relayed).await {
+        if let Err(e) = self.notify_sender(lease, env, &relayed, dsn::Report::Relayed).await {
             tracing::warn!(queue_id = %env.id, error = %e, "{}: relayed notice not queued", env.id);
         }
     }
@@ -768,12 +768,11 @@ impl Delivery {
         }
     }
 
-    /// Queues one DSN to the sender for the bounced recipients. Never for
-    /// the null sender.
-    /// Queues a DSN to the sender: a bounce for the `Bounced` fates, a
+    /// Queues one DSN to the sender: a bounce for the `Bounced` fates, a
     /// delay warning for the `Deferred` ones, or a "relayed" notice for
-    /// the `Sent` ones, as `report` says.
-    async fn bounce(
+    /// the `Sent` ones, as `report` says; only for the recipients whose
+    /// NOTIFY asks for it, and never for the null sender.
+    async fn notify_sender(
         &self,
         lease: &Lease,
         env: &Envelope,
@@ -800,7 +799,7 @@ impl Delivery {
             return Ok(());
         }
         let headers = self.original_headers(lease, env.size).await?;
-        let failed: Vec<dsn::FailedRecipient<'_>> = fates
+        let failed: Vec<dsn::DsnRecipient<'_>> = fates
             .iter()
             .filter_map(|(i, f)| {
                 let (status, reason, relay) = match (f, report) {
@@ -814,7 +813,7 @@ impl Delivery {
                     (Fate::Sent { reply, relay, .. }, dsn::Report::Relayed) => ("2.0.0", reply, Some(relay.as_str())),
                     _ => return None,
                 };
-                Some(dsn::FailedRecipient {
+                Some(dsn::DsnRecipient {
                     address: &env.recipients[*i].address,
                     status,
                     remote_mta: relay.map(|r| r.split('[').next().unwrap_or(r)),

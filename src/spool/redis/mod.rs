@@ -258,10 +258,10 @@ impl Link {
             let why = if self.cluster {
                 format!("no node of the cluster in queue.url has named the primary of shard {shard} yet")
             } else {
-                let last = self.unrouted.lock().unwrap_or_else(|e| e.into_inner());
-                match last.as_deref() {
-                    Some(e) => format!("the Sentinels of queue.url have named no reachable primary yet: {e}"),
-                    None => "the Sentinels of queue.url have named no reachable primary yet".to_string(),
+                let why = "the Sentinels of queue.url have named no reachable primary yet";
+                match self.unrouted.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+                    Some(e) => format!("{why}: {e}"),
+                    None => why.to_string(),
                 }
             };
             Failure::Answered(redis::RedisError::from((redis::ErrorKind::Io, "no Redis primary known", why)))
