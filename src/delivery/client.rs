@@ -468,12 +468,17 @@ impl Connection {
             }
         }
         mail.push_str("\r\n");
+        // NOTIFY and ORCPT by address, looked up once per message.
+        let asked: std::collections::HashMap<&str, &crate::spool::Recipient> = if self.ext.dsn {
+            env.recipients.iter().map(|x| (x.address.as_str(), x)).collect()
+        } else {
+            Default::default()
+        };
         let rcpts: Vec<String> = recipients
             .iter()
             .map(|r| {
                 let mut line = format!("RCPT TO:<{r}>");
-                let asked = env.recipients.iter().find(|x| x.address == *r);
-                if let Some(asked) = asked.filter(|_| self.ext.dsn) {
+                if let Some(asked) = asked.get(r.as_str()) {
                     if let Some(notify) = &asked.notify {
                         line.push_str(&format!(" NOTIFY={notify}"));
                     }
