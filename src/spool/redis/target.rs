@@ -111,10 +111,7 @@ impl ClusterSeeds {
 
     /// Parses a `redis+cluster://` or `rediss+cluster://` URL.
     fn parse(url: &str, tls: Option<TlsFiles>) -> Result<ClusterSeeds, String> {
-        let (rest, scheme) = CLUSTER_SCHEMES
-            .iter()
-            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|r| (r, *scheme)))
-            .ok_or("is not a cluster URL")?;
+        let (rest, scheme) = strip_scheme(url, &CLUSTER_SCHEMES).ok_or("is not a cluster URL")?;
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((u, r)) => (format!("{u}@"), r),
             None => (String::new(), rest),
@@ -160,12 +157,12 @@ impl Endpoint {
         let url = config.url.as_str();
         let problem = |key, text: String| Problem { key, text };
         let tls = TlsFiles::read(config)?;
-        if SENTINEL_SCHEMES.iter().any(|(prefix, _)| url.starts_with(prefix)) {
+        if strip_scheme(url, &SENTINEL_SCHEMES).is_some() {
             let auth = SentinelAuth::read(config)?;
             let set = SentinelUrl::parse(url).and_then(|u| u.build(tls.as_ref(), auth));
             return set.map(Endpoint::Sentinel).map_err(|e| problem("queue.url", e));
         }
-        if CLUSTER_SCHEMES.iter().any(|(prefix, _)| url.starts_with(prefix)) {
+        if strip_scheme(url, &CLUSTER_SCHEMES).is_some() {
             return ClusterSeeds::parse(url, tls).map(Endpoint::Cluster).map_err(|e| problem("queue.url", e));
         }
         match tls {
@@ -189,10 +186,7 @@ struct SentinelUrl {
 impl SentinelUrl {
     /// Parses the URL; the error says what is wrong.
     fn parse(url: &str) -> Result<SentinelUrl, String> {
-        let (rest, scheme) = SENTINEL_SCHEMES
-            .iter()
-            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|r| (r, *scheme)))
-            .ok_or("is not a Sentinel URL")?;
+        let (rest, scheme) = strip_scheme(url, &SENTINEL_SCHEMES).ok_or("is not a Sentinel URL")?;
         let (userinfo, rest) = match rest.rsplit_once('@') {
             Some((u, r)) => (Some(u), r),
             None => (None, rest),
@@ -287,6 +281,12 @@ impl SentinelAuth {
         };
         Ok(SentinelAuth { user, password })
     }
+}
+
+/// The rest of `url` after the first of `schemes` it starts with, and that
+/// scheme's plain form (`redis` or `rediss`).
+fn strip_scheme<'a>(url: &'a str, schemes: &[(&str, &'static str)]) -> Option<(&'a str, &'static str)> {
+    schemes.iter().find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|r| (r, *scheme)))
 }
 
 /// `host:port`, `[v6]:port`: a port is given.
