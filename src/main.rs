@@ -53,7 +53,8 @@ enum Cmd {
 #[derive(Subcommand)]
 enum RecipientsCmd {
     /// How a domain's recipients are checked: none (every recipient, the
-    /// default) or table (only the addresses added here).
+    /// default), table (only the addresses added here) or verify (what the
+    /// domain's relay_host accepts, asked at RCPT).
     Check { domain: String, method: String },
     /// Accept these addresses (user@example.org, or @example.org for all).
     Add {
@@ -71,6 +72,32 @@ enum RecipientsCmd {
     },
     /// Add the addresses of a CSV file (first column, one per line).
     Import { file: PathBuf },
+    /// The answers of `verify` domains' servers, kept for every node.
+    VerifyCache {
+        #[command(subcommand)]
+        command: VerifyCacheCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VerifyCacheCmd {
+    /// The answers kept: of one address, of one domain, or all.
+    Show {
+        address: Option<String>,
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget answers (the next RCPT asks the server again).
+    Clear {
+        address: Option<String>,
+        #[arg(long)]
+        domain: Option<String>,
+        /// Every answer, of every domain.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -281,6 +308,7 @@ async fn recipients(config: &Config, command: RecipientsCmd) -> anyhow::Result<(
                 print!("{}", cmd::table(&listing));
             }
         }
+        RecipientsCmd::VerifyCache { command } => verify_cache(config, command).await?,
         RecipientsCmd::Import { file } => {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -288,6 +316,31 @@ async fn recipients(config: &Config, command: RecipientsCmd) -> anyhow::Result<(
                 .map_err(|errors| anyhow::anyhow!("{}: nothing imported\n{}", file.display(), errors.join("\n")))?;
             let added = store.add_recipients(&addresses).await?;
             println!("imported {added} new address(es) of {}; {refresh}", addresses.len());
+        }
+    }
+    Ok(())
+}
+
+async fn verify_cache(config: &Config, command: VerifyCacheCmd) -> anyhow::Result<()> {
+    use mxrelay::admin::recipients as cmd;
+    let cache = cmd::verify_cache(config).await?;
+    match command {
+        VerifyCacheCmd::Show { address, domain, json } => {
+            let scope = cmd::verify_scope(address.as_deref(), domain.as_deref()).map_err(anyhow::Error::msg)?;
+            let answers = cache.recall(&scope).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answers)?);
+            } else {
+                print!("{}", cmd::verdicts_table(&answers));
+            }
+        }
+        VerifyCacheCmd::Clear { address, domain, all } => {
+            if all == (address.is_some() || domain.is_some()) {
+                anyhow::bail!("name an address, --domain D, or --all");
+            }
+            let scope = cmd::verify_scope(address.as_deref(), domain.as_deref()).map_err(anyhow::Error::msg)?;
+            let forgotten = cache.forget(&scope).await?;
+            println!("forgot {forgotten} answer(s); the next RCPT for them asks the server again");
         }
     }
     Ok(())

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub smtp_sessions: IntCounterVec,
     pub smtp_rcpt: IntCounterVec,
     pub recipient_checks: IntCounterVec,
+    pub recipient_verify_probes: IntCounterVec,
     pub smtp_messages: IntCounterVec,
     pub smtp_received_bytes: IntCounter,
     pub smtp_tls_handshakes: IntCounterVec,
@@ -247,6 +248,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Recipients checked against a domain's recipient validation, by method and result",
             &["method", "result"],
         ),
+        recipient_verify_probes: counter_vec(
+            &r,
+            "mxrelay_recipient_verify_probes_total",
+            "Recipient verification probes of this node to a domain's server, by result \
+             (skipped: the destination was down or every probe slot busy)",
+            &["result"],
+        ),
         smtp_messages: counter_vec(
             &r,
             "mxrelay_smtp_messages_total",
@@ -308,6 +316,10 @@ impl Metrics {
         for result in ["accepted", "rejected"] {
             self.recipient_checks.with_label_values(&["table", result]);
         }
+        for result in ["accepted", "rejected", "unverified"] {
+            self.recipient_checks.with_label_values(&["verify", result]);
+        }
+        init(&self.recipient_verify_probes, &["deliverable", "undeliverable", "no_answer", "skipped"]);
         init(
             &self.smtp_rcpt,
             &[

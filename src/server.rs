@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, ConfigError};
+use crate::delivery::ClusterNames;
+use crate::delivery::dialer::Dialer;
 use crate::dns::Dns;
 use crate::domains::Domains;
 use crate::policy::{Policy, Restrictions};
@@ -60,6 +62,10 @@ pub struct Node {
     domains: Arc<Domains>,
     spool: Arc<dyn Spool>,
     shared: Arc<Shared>,
+    /// Every node's `myhostname`, and how sessions to destinations are
+    /// opened (by deliveries and recipient verification probes).
+    cluster: Arc<ClusterNames>,
+    dialer: Arc<Dialer>,
     smtp: TcpListener,
     smtps: Option<TcpListener>,
     admin: TcpListener,
@@ -130,7 +136,11 @@ impl Node {
             tracing::error!(error = %e, "queue not reachable at start");
         }
         let dns = Dns::new(&config.dns.nameservers, config.dns.timeout)?;
-        let policy = Policy::new(restrictions(&config), domains.clone(), dns);
+        let cluster = ClusterNames::new(&config.myhostname);
+        let dialer = Arc::new(Dialer::new(&config, cluster.clone()));
+        let prober = Arc::new(crate::delivery::probe::Prober::new(dialer.clone(), dns.clone()));
+        let verifier = crate::policy::verify::Verifier::new(spool.clone(), prober, &config.verify);
+        let policy = Policy::new(restrictions(&config), domains.clone(), dns, verifier);
         // First snapshot before listening, so a healthy node never answers 451
         // for want of one; a failure is not fatal (the refresher retries).
         match domains.refresh(config.migrate_on_start).await {
@@ -158,7 +168,8 @@ impl Node {
         let scanner = crate::scan::Scanner::new(&config.scan, &config.data_dir, &config.node_id)
             .map_err(|e| anyhow::anyhow!("scan: {e}"))?;
         let shared = Arc::new(Shared::new(config.clone(), policy, spool.clone(), users, scanner, shutdown.clone()));
-        let node = Node { config, domains, spool, shared, smtp, smtps, admin, trigger, shutdown, source };
+        let node =
+            Node { config, domains, spool, shared, cluster, dialer, smtp, smtps, admin, trigger, shutdown, source };
         let addrs = node.addrs()?;
         tracing::info!(
             node = %node.config.node_id,
@@ -201,7 +212,8 @@ impl Node {
     /// session and delivery has ended, [`Phase::Stopped`]: the domain
     /// refresher and the admin listener end, and this returns.
     pub async fn run(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Node { config, domains, spool, shared, smtp, smtps, admin, trigger, shutdown, source: _ } = self;
+        let Node { config, domains, spool, shared, cluster, dialer, smtp, smtps, admin, trigger, shutdown, source: _ } =
+            self;
         let admin = tokio::spawn(crate::admin::http::serve(
             admin,
             crate::admin::http::Health { spool: spool.clone(), domains: domains.clone(), shutdown: shutdown.clone() },
@@ -211,15 +223,14 @@ impl Node {
             config.migrate_on_start,
             shutdown.clone(),
         ));
-        let cluster = crate::delivery::ClusterNames::new(&config.myhostname);
-        let names = tokio::spawn(cluster.clone().run(spool.clone(), shutdown.clone()));
+        let names = tokio::spawn(cluster.run(spool.clone(), shutdown.clone()));
         let delivery = config.delivery.enabled.then(|| {
             let d = crate::delivery::Delivery::new(
                 config.clone(),
                 spool.clone(),
                 domains.clone(),
                 shared.policy.dns.clone(),
-                cluster,
+                dialer,
             );
             tokio::spawn(d.run(shutdown.clone()))
         });

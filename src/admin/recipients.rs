@@ -5,10 +5,14 @@
 //! accepts every address of the domain. Nodes load them with the domains
 //! (`domains.refresh`, or at once on SIGHUP).
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::domains::{DomainStore, RECIPIENT_METHODS};
 use crate::proto::address::normalise_domain;
+use crate::spool::{Scope, Spool, Verification};
 
 /// `local@domain` or `@domain` as stored; the error says what to fix.
 pub fn normalise(address: &str) -> Result<String, String> {
@@ -83,6 +87,53 @@ pub fn table(listing: &Listing) -> String {
     out
 }
 
+/// The shared verification cache (`recipients verify-cache`), in the
+/// queue store, prepared (a Sentinel or cluster URL waits for its primaries).
+pub async fn verify_cache(config: &Config) -> anyhow::Result<Arc<dyn Spool>> {
+    let spool = crate::spool::open(&config.queue)?;
+    spool.prepare().await?;
+    Ok(spool)
+}
+
+/// Which cached answers a `verify-cache` command is about: one address (as
+/// it is kept: lower case), a domain's, or all.
+pub fn verify_scope(address: Option<&str>, domain: Option<&str>) -> Result<Scope, String> {
+    match (address, domain) {
+        (Some(_), Some(_)) => Err("name an address or --domain, not both".into()),
+        (Some(a), None) => {
+            let address = normalise(a)?;
+            if address.starts_with('@') {
+                return Err(format!("{a:?}: answers are kept per address; use --domain for a whole domain"));
+            }
+            Ok(Scope::Address(address))
+        }
+        (None, Some(d)) => normalise_domain(d.trim().trim_start_matches('@').trim_end_matches('.'))
+            .map(Scope::Domain)
+            .ok_or_else(|| format!("--domain: {d:?} is not a valid domain name")),
+        (None, None) => Ok(Scope::All),
+    }
+}
+
+/// A human-readable listing of cached answers.
+pub fn verdicts_table(answers: &[Verification]) -> String {
+    let at = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+    };
+    let mut out = String::new();
+    for a in answers {
+        let answer = if a.deliverable { "deliverable" } else { "undeliverable" };
+        out.push_str(&format!(
+            "{}: {answer} until {} (asked {}): {}\n",
+            a.address,
+            at(a.expires_at),
+            at(a.asked_at),
+            a.reply
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,7 +146,13 @@ mod tests {
         assert!(normalise("a@bad..name").unwrap_err().contains("not a valid domain name"));
         assert!(normalise("a b@friet.pan").unwrap_err().contains("spaces"));
         assert_eq!(method("TABLE"), Ok("table"));
-        assert!(method("verify-sometimes").unwrap_err().contains("none, table"));
+        assert_eq!(method("Verify"), Ok("verify"));
+        assert_eq!(verify_scope(Some("<Bob@Friet.PAN>"), None), Ok(Scope::Address("bob@friet.pan".into())));
+        assert_eq!(verify_scope(None, Some("@Friet.PAN.")), Ok(Scope::Domain("friet.pan".into())));
+        assert_eq!(verify_scope(None, None), Ok(Scope::All));
+        assert!(verify_scope(Some("@friet.pan"), None).unwrap_err().contains("--domain"));
+        assert!(verify_scope(Some("a@friet.pan"), Some("friet.pan")).unwrap_err().contains("not both"));
+        assert!(method("verify-sometimes").unwrap_err().contains("none, table, verify"));
     }
 
     #[test]

@@ -189,6 +189,14 @@ impl Config {
                 "set delivery.concurrency and delivery.destination_concurrency to positive numbers",
             ));
         }
+        for (key, value) in [
+            ("verify.concurrency", self.verify.concurrency),
+            ("verify.destination_concurrency", self.verify.destination_concurrency),
+        ] {
+            if value == 0 {
+                errors.push(ConfigError::new(key, "must be at least 1", "use e.g. 20 (all destinations) and 2 (one)"));
+            }
+        }
         if self.delivery.retry_min > self.delivery.retry_max {
             errors.push(ConfigError::new(
                 "delivery.retry_min",
@@ -239,8 +247,8 @@ impl Config {
     }
 
     /// Every duration key with its value.
-    pub(super) fn durations(&self) -> [(&'static str, Duration); 23] {
-        let (s, d, q) = (&self.smtp, &self.delivery, &self.queue);
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 26] {
+        let (s, d, q, v) = (&self.smtp, &self.delivery, &self.queue, &self.verify);
         [
             ("smtp.command_timeout", s.command_timeout),
             ("smtp.data_timeout", s.data_timeout),
@@ -265,6 +273,9 @@ impl Config {
             ("delivery.data_timeout", d.data_timeout),
             ("delivery.probe_interval", d.probe_interval),
             ("delivery.stop_grace", d.stop_grace),
+            ("verify.positive_expire_time", v.positive_expire_time),
+            ("verify.negative_expire_time", v.negative_expire_time),
+            ("verify.timeout", v.timeout),
         ]
     }
 
@@ -350,6 +361,23 @@ mod tests {
         found.sort();
         listed.sort();
         assert_eq!(found, listed);
+    }
+
+    #[test]
+    fn verification_limits_and_unreachable_are_checked_naming_the_key() {
+        let e = Config::load_from(
+            None,
+            &env(&[("MXRELAY_VERIFY_DESTINATION_CONCURRENCY", "0"), ("MXRELAY_VERIFY_TIMEOUT", "0s")]),
+        )
+        .unwrap_err();
+        let mut keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(keys, ["verify.destination_concurrency", "verify.timeout"], "{e:#?}");
+        let e = Config::load_from(None, &env(&[("MXRELAY_VERIFY_UNREACHABLE", "maybe")])).unwrap_err();
+        assert_eq!(e[0].key, "verify.unreachable");
+        assert!(e[0].to_string().contains("\"tempfail\" (450)"), "{}", e[0]);
+        let c = Config::load_from(None, &env(&[("MXRELAY_VERIFY_UNREACHABLE", "tempfail")])).unwrap();
+        assert_eq!(c.verify.unreachable, crate::config::VerifyUnreachable::Tempfail);
     }
 
     #[test]

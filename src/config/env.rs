@@ -31,6 +31,7 @@ const TYPED_FIXES: &[(&str, &str)] = &[
     ("dns.nameservers", "use entries like 127.0.0.1 or 127.0.0.1:5353"),
     ("tls.security_level", "use \"none\", \"may\" or \"encrypt\""),
     ("scan.on_failure", "use \"tempfail\" (451, the default) or \"accept\""),
+    ("verify.unreachable", "use \"accept\" (the default) or \"tempfail\" (450)"),
     ("log.format", "use \"text\" or \"json\""),
     ("delivery.tls_policy", "use one of \"none\", \"may\", \"encrypt\", \"verify\""),
     ("delivery.tls_policy_map", "give each domain one of \"none\", \"may\", \"encrypt\", \"verify\""),

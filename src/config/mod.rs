@@ -76,6 +76,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub scan: ScanConfig,
+    pub verify: VerifyConfig,
     pub log: LogConfig,
 }
 
@@ -402,6 +403,59 @@ pub struct DnsConfig {
     pub timeout: Duration,
 }
 
+/// Recipient verification against a domain's own server, for the
+/// domains whose recipient check is `verify` (Postfix's
+/// `reject_unverified_recipient`): at RCPT the node asks `relay_host`
+/// (`MAIL FROM:<>`, `RCPT TO:`) and keeps the answer in the shared queue
+/// store for every node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// How long an address the server accepted stays verified (Postfix
+    /// `address_verify_positive_expire_time`).
+    #[serde(with = "humantime_serde")]
+    pub positive_expire_time: Duration,
+    /// How long an address the server refused with 5xx stays refused
+    /// (Postfix `address_verify_negative_expire_time`).
+    #[serde(with = "humantime_serde")]
+    pub negative_expire_time: Duration,
+    /// What RCPT gets when the server gives no answer (down, a 4xx, a
+    /// timeout): `accept` (the backup MX's job while the primary is down)
+    /// or `tempfail` (`450 4.1.1`; Postfix
+    /// `unverified_recipient_reject_code = 450`).
+    pub unreachable: VerifyUnreachable,
+    /// Longest wait for an answer at RCPT, probe and waiting for another
+    /// node's probe included (Postfix `address_verify_poll_count` ×
+    /// `address_verify_poll_delay`); past it the answer is `unreachable`'s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Probes at once from this node, all destinations together.
+    pub concurrency: usize,
+    /// Probes at once from this node to one destination.
+    pub destination_concurrency: usize,
+}
+
+/// `verify.unreachable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyUnreachable {
+    Accept,
+    Tempfail,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            positive_expire_time: Duration::from_secs(7 * 86400),
+            negative_expire_time: Duration::from_secs(3 * 3600),
+            unreachable: VerifyUnreachable::Accept,
+            timeout: Duration::from_secs(8),
+            concurrency: 20,
+            destination_concurrency: 2,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -446,6 +500,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             scan: ScanConfig::default(),
+            verify: VerifyConfig::default(),
             log: LogConfig::default(),
         }
     }

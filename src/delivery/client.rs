@@ -396,7 +396,7 @@ impl Connection {
     }
 
     /// `host[ip]:port`, as in the mail log.
-    fn peer(&self) -> String {
+    pub fn peer(&self) -> String {
         format!("{}[{}]:{}", self.target.host, self.target.addr.ip(), self.target.addr.port())
     }
 
@@ -607,6 +607,21 @@ impl Connection {
                 return Ok(reply);
             }
         }
+    }
+
+    /// A recipient verification probe (Postfix's `verify(8)` probes):
+    /// `MAIL FROM:<>` and `RCPT TO:<address>`, no content. The RCPT reply,
+    /// or `Err` with the MAIL reply when the server refused the null sender
+    /// (which says nothing of the address). The caller ends with QUIT.
+    pub async fn probe_recipient(&mut self, address: &str) -> Result<Result<RemoteReply, RemoteReply>, ClientError> {
+        let utf8 = if !address.is_ascii() && self.ext.smtputf8 { " SMTPUTF8" } else { "" };
+        self.write(format!("MAIL FROM:<>{utf8}\r\n").as_bytes(), "sending MAIL FROM").await?;
+        let mail = self.reply(self.settings.command, "after MAIL FROM").await?;
+        if !mail.is_success() {
+            return Ok(Err(mail));
+        }
+        self.write(format!("RCPT TO:<{address}>\r\n").as_bytes(), "sending RCPT TO").await?;
+        Ok(Ok(self.reply(self.settings.command, "after RCPT TO").await?))
     }
 
     /// RSET, to reuse the session for another message.

@@ -16,8 +16,10 @@
 //! duplicate, never lose); a null-sender message is never bounced.
 
 pub mod client;
+pub mod dialer;
 pub mod dsn;
 mod pool;
+pub mod probe;
 pub mod route;
 pub mod tls;
 
@@ -34,10 +36,11 @@ use crate::domains::Domains;
 use crate::metrics::METRICS;
 use crate::shutdown::{Phase, Shutdown};
 use crate::spool::{BodyReader, Deliver, Entry, Envelope, Lease, QueueId, Recipient, RecipientState, SpoolError};
-use client::{BodySource, ClientError, Connection, Myself, Outcome, RemoteReply, Settings};
+use client::{BodySource, ClientError, Connection, Outcome, RemoteReply};
+use dialer::Dialer;
 use pool::{Pool, session_key};
-use route::{Route, RouteError, Target};
-use tls::{TlsClient, TlsPolicies, TlsPolicy};
+use route::{Route, RouteError};
+use tls::TlsPolicy;
 
 /// Most messages one flush (ETRN, `queue flush`) releases per destination.
 pub const FLUSH_LIMIT: usize = 1_000_000;
@@ -145,12 +148,8 @@ pub struct Delivery {
     pool: Pool,
     /// Leases being worked on, to hand back on stop.
     in_flight: Mutex<HashMap<Entry, Lease>>,
-    /// The TLS level per recipient domain, and the STARTTLS configurations.
-    tls_policies: TlsPolicies,
-    tls: TlsClient,
-    /// The `myhostname` of every node on this queue: a destination
-    /// greeting with one of them is the cluster itself.
-    cluster: Arc<ClusterNames>,
+    /// How sessions to destinations are opened (TLS levels, loops).
+    dialer: Arc<Dialer>,
 }
 
 impl Delivery {
@@ -159,16 +158,8 @@ impl Delivery {
         spool: Arc<dyn Deliver>,
         domains: Arc<Domains>,
         dns: Dns,
-        cluster: Arc<ClusterNames>,
+        dialer: Arc<Dialer>,
     ) -> Arc<Delivery> {
-        // The start-up check has read the CA file before `serve` starts;
-        // should it fail now anyway, verify against webpki-roots only.
-        let tls_policies = TlsPolicies::new(&config.delivery);
-        let roots = tls::trust_anchors(&config.delivery.tls_ca_file).unwrap_or_else(|e| {
-            tracing::error!("{e}; verifying against webpki-roots only");
-            tls::trust_anchors("").unwrap_or_else(|_| rustls::RootCertStore::empty())
-        });
-        let tls = TlsClient::new(roots).expect("the ring provider supports TLS 1.2 and 1.3");
         Arc::new(Delivery {
             pool: Pool::new(config.delivery.destination_concurrency),
             config,
@@ -176,9 +167,7 @@ impl Delivery {
             domains,
             dns,
             in_flight: Mutex::new(HashMap::new()),
-            tls_policies,
-            tls,
-            cluster,
+            dialer,
         })
     }
 
@@ -344,24 +333,6 @@ impl Delivery {
         }
     }
 
-    fn client_settings(&self) -> Settings {
-        let d = &self.config.delivery;
-        Settings {
-            connect: d.connect_timeout,
-            greeting: d.greeting_timeout,
-            command: d.command_timeout,
-            data: d.data_timeout,
-            line_length_limit: d.line_length_limit,
-            myself: Myself {
-                hostnames: self.cluster.names(),
-                listeners: [Some(self.config.smtp.listen), self.config.tls.implicit_listen]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
-            },
-        }
-    }
-
     /// One delivery attempt of one message, start to finish: the attempt
     /// runs while its lease is renewed, then its result is stored, retried
     /// until the queue takes it or says the lease is gone.
@@ -472,7 +443,7 @@ impl Delivery {
             if r.state == RecipientState::Pending {
                 let route = Route::for_domain(&r.domain, &self.domains);
                 keys[i] = route.key();
-                let level = self.tls_policies.for_domain(&r.domain);
+                let level = self.dialer.tls_level(&r.domain);
                 groups.entry((keys[i].clone(), level)).or_insert_with(|| (route, Vec::new())).1.push(i);
             }
         }
@@ -624,7 +595,7 @@ impl Delivery {
         };
         let mut last_error = String::from("no address to try");
         for target in &targets {
-            match self.open(target, level).await {
+            match self.dialer.open(target, level).await {
                 Ok(conn) => return self.transact(conn, &key, env, (lease, guard), &rcpts).await,
                 Err(e) => {
                     if let ClientError::Loop { why, .. } = &e {
@@ -646,49 +617,6 @@ impl Delivery {
         all(Fate::Deferred { reason: last_error, relay: None })
     }
 
-    /// A new session to `target` at TLS `level`. With `may`, a STARTTLS
-    /// that was refused or failed is followed by one more connection in
-    /// clear, as Postfix does; `encrypt` and `verify` never fall back.
-    async fn open(&self, target: &Target, level: TlsPolicy) -> Result<Connection, ClientError> {
-        let (helo, settings) = (&self.config.myhostname, self.client_settings());
-        let request = self.tls.request(level);
-        let count = |result: &str| METRICS.delivery_tls.with_label_values(&[level.as_str(), result]).inc();
-        match Connection::open(target, helo, &settings, request.as_ref()).await {
-            Ok(conn) => {
-                match &conn.tls {
-                    Some(tls) => {
-                        count("tls");
-                        tracing::info!(
-                            "TLS session established to {}[{}]:{}: {tls}",
-                            target.host,
-                            target.addr.ip(),
-                            target.addr.port()
-                        );
-                    }
-                    None => count("clear"),
-                }
-                Ok(conn)
-            }
-            Err(e) => {
-                if let Some(result) = e.tls_result() {
-                    count(result);
-                }
-                if level != TlsPolicy::May || !e.is_tls_failure() {
-                    return Err(e);
-                }
-                tracing::info!(
-                    "{e}; trying {}[{}]:{} again in clear (tls_policy may)",
-                    target.host,
-                    target.addr.ip(),
-                    target.addr.port()
-                );
-                let conn = Connection::open(target, helo, &settings, None).await?;
-                count("fallback_clear");
-                Ok(conn)
-            }
-        }
-    }
-
     /// One transaction on an open session; the session goes back to the
     /// cache when it ended cleanly.
     async fn transact(
@@ -700,7 +628,7 @@ impl Delivery {
         rcpts: &[String],
     ) -> Vec<Fate> {
         let target = conn.target.clone();
-        let relay = format!("{}[{}]:{}", target.host, target.addr.ip(), target.addr.port());
+        let relay = conn.peer();
         let tls = conn.tls.as_ref().map(|t| t.to_string());
         let all = |f: Fate| rcpts.iter().map(|_| f.clone()).collect::<Vec<_>>();
         if env.smtputf8 && !conn.ext.smtputf8 {

@@ -46,10 +46,14 @@ pub enum RecipientCheck {
     /// `local@domain`), or all of them with `@domain` listed (Postfix
     /// `relay_recipient_maps`).
     Table(Arc<std::collections::HashSet<String>>),
+    /// Whatever the domain's own server (`relay_host`) accepts, asked at
+    /// RCPT and remembered cluster-wide (Postfix
+    /// `reject_unverified_recipient`; see `policy::verify`).
+    Verify,
 }
 
 /// The methods `relay_recipient_checks.method` may hold.
-pub const RECIPIENT_METHODS: [&str; 2] = ["none", "table"];
+pub const RECIPIENT_METHODS: [&str; 3] = ["none", "table", "verify"];
 
 /// The recipient tables as stored: (domain, method) rows and addresses.
 #[derive(Debug, Clone, Default)]
@@ -121,14 +125,18 @@ impl Snapshot {
     /// Normalises rows; rows that cannot be used are logged and left out.
     pub fn build(rows: Vec<RawDomain>, recipients: RawRecipients) -> Snapshot {
         let mut tables: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+        let mut verified = std::collections::HashSet::new();
         for (domain, method) in &recipients.checks {
             match (normalise_domain(domain.trim()), method.trim()) {
                 (Some(d), "table") => {
                     tables.entry(d).or_default();
                 }
+                (Some(d), "verify") => {
+                    verified.insert(d);
+                }
                 (Some(_), "none") => {}
                 _ => {
-                    tracing::warn!(domain = %domain, method = %method, "domains: ignoring a recipient check that is not none or table")
+                    tracing::warn!(domain = %domain, method = %method, "domains: ignoring a recipient check that is not none, table or verify")
                 }
             }
         }
@@ -150,8 +158,11 @@ impl Snapshot {
             };
             let relay_host = row.relay_host.trim().trim_start_matches('[').trim_end_matches(']').to_string();
             let scan = row.scan.trim() == "1";
-            let recipients =
-                tables.remove(&domain).map_or(RecipientCheck::None, |t| RecipientCheck::Table(Arc::new(t)));
+            let recipients = match tables.remove(&domain) {
+                Some(t) => RecipientCheck::Table(Arc::new(t)),
+                None if verified.contains(&domain) => RecipientCheck::Verify,
+                None => RecipientCheck::None,
+            };
             routes.insert(domain.clone(), Arc::new(DomainRoute { domain, relay_host, relay_port, scan, recipients }));
         }
         Snapshot { routes, loaded_at: Instant::now() }
@@ -307,10 +318,17 @@ mod tests {
             ("Bücher.example".to_string(), "table".to_string()),
             ("other.example".to_string(), "none".to_string()),
             ("odd.example".to_string(), "sometimes".to_string()),
+            ("asked.example".to_string(), "verify".to_string()),
         ];
         let addresses = ["a@friet.pan", "@xn--bcher-kva.example", "b@other.example"].map(String::from).to_vec();
         let s = Snapshot::build(
-            vec![raw("friet.pan", 25), raw("bücher.example", 25), raw("other.example", 25), raw("odd.example", 25)],
+            vec![
+                raw("friet.pan", 25),
+                raw("bücher.example", 25),
+                raw("other.example", 25),
+                raw("odd.example", 25),
+                raw("asked.example", 25),
+            ],
             RawRecipients { checks, addresses },
         );
         let table = |d: &str| match &s.routes[d].recipients {
@@ -319,11 +337,13 @@ mod tests {
                 v.sort();
                 Some(v.join(","))
             }
-            RecipientCheck::None => None,
+            RecipientCheck::None | RecipientCheck::Verify => None,
         };
         assert_eq!(table("friet.pan").as_deref(), Some("a@friet.pan"));
         assert_eq!(table("xn--bcher-kva.example").as_deref(), Some("@xn--bcher-kva.example"));
         assert_eq!(table("other.example"), None, "none: every recipient, its addresses unused");
         assert_eq!(table("odd.example"), None, "an unknown method is ignored (logged)");
+        assert_eq!(s.routes["odd.example"].recipients, RecipientCheck::None);
+        assert_eq!(s.routes["asked.example"].recipients, RecipientCheck::Verify);
     }
 }

@@ -12,13 +12,16 @@
 //! and a lookup that could not be made (no domain snapshot, DNS failure)
 //! gives a 4xx, never a 5xx and never a 250.
 
+pub mod verify;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::config::VerifyUnreachable;
 use crate::dns::Dns;
-use crate::domains::{Domains, Lookup, RecipientCheck};
+use crate::domains::{DomainRoute, Domains, Lookup, RecipientCheck};
 use crate::metrics::METRICS;
 use crate::proto::address::{self, Mailbox, Path};
 use crate::proto::reply::Reply;
@@ -74,8 +77,7 @@ pub type Verdict = Result<(), (Reply, RcptResult)>;
 /// addresses (or an `@domain` catch-all) are accepted, from the snapshot
 /// (no query per recipient). The local part compares without case, as in
 /// Postfix's table lookups.
-fn known_recipient(check: &RecipientCheck, rcpt: &Mailbox, domain: &str) -> Verdict {
-    let RecipientCheck::Table(table) = check else { return Ok(()) };
+fn in_recipient_table(table: &std::collections::HashSet<String>, rcpt: &Mailbox, domain: &str) -> Verdict {
     let address = format!("{}@{domain}", rcpt.local.to_lowercase());
     let known = table.contains(&address) || table.contains(&format!("@{domain}"));
     let result = if known { "accepted" } else { "rejected" };
@@ -94,15 +96,77 @@ fn known_recipient(check: &RecipientCheck, rcpt: &Mailbox, domain: &str) -> Verd
     ))
 }
 
+/// Longest part of a domain server's reply quoted in ours.
+const QUOTED_REPLY_LIMIT: usize = 300;
+
+/// Postfix's `reject_unverified_recipient`, in its words: the domain's own
+/// server refused the address (550 5.1.1), or did not answer (as
+/// `verify.unreachable` says: accepted, or 450 4.1.1).
+fn verified(answer: verify::Answer, unreachable: VerifyUnreachable, rcpt: &Mailbox) -> Verdict {
+    let (result, verdict) = match answer {
+        verify::Answer::Deliverable { said, cached } => {
+            if cached {
+                tracing::debug!(recipient = %rcpt.raw, "recipient verified before: {said}");
+            }
+            ("accepted", Ok(()))
+        }
+        verify::Answer::Undeliverable { said, cached } => {
+            let text = format!(
+                "<{}>: Recipient address rejected: undeliverable address: {}",
+                rcpt.raw,
+                verify::printable(&said, QUOTED_REPLY_LIMIT)
+            );
+            if cached {
+                tracing::info!(recipient = %rcpt.raw, "recipient refused by its server before: {said}");
+            }
+            ("rejected", Err((Reply::new(550, "5.1.1", text), RcptResult::UnknownRecipient)))
+        }
+        verify::Answer::Unverified { why } => {
+            let why = verify::printable(&why, QUOTED_REPLY_LIMIT);
+            let verdict = match unreachable {
+                VerifyUnreachable::Accept => {
+                    tracing::info!(recipient = %rcpt.raw, "recipient accepted unverified (verify.unreachable = accept): {why}");
+                    Ok(())
+                }
+                VerifyUnreachable::Tempfail => Err((
+                    Reply::new(
+                        450,
+                        "4.1.1",
+                        format!("<{}>: Recipient address rejected: unverified address: {why}", rcpt.raw),
+                    ),
+                    RcptResult::Tempfail,
+                )),
+            };
+            ("unverified", verdict)
+        }
+    };
+    METRICS.recipient_checks.with_label_values(&["verify", result]).inc();
+    verdict
+}
+
 pub struct Policy {
     restrictions: std::sync::RwLock<Arc<Restrictions>>,
     pub domains: Arc<Domains>,
     pub dns: Dns,
+    verifier: verify::Verifier,
 }
 
 impl Policy {
-    pub fn new(restrictions: Restrictions, domains: Arc<Domains>, dns: Dns) -> Policy {
-        Policy { restrictions: std::sync::RwLock::new(Arc::new(restrictions)), domains, dns }
+    pub fn new(restrictions: Restrictions, domains: Arc<Domains>, dns: Dns, verifier: verify::Verifier) -> Policy {
+        Policy { restrictions: std::sync::RwLock::new(Arc::new(restrictions)), domains, dns, verifier }
+    }
+
+    /// A listed domain's own check of its recipients (`relay_recipient_checks`).
+    async fn known_recipient(&self, route: &DomainRoute, rcpt: &Mailbox, domain: &str) -> Verdict {
+        match &route.recipients {
+            RecipientCheck::None => Ok(()),
+            RecipientCheck::Table(table) => in_recipient_table(table, rcpt, domain),
+            RecipientCheck::Verify => {
+                let key = format!("{}@{domain}", rcpt.local.to_lowercase());
+                let answer = self.verifier.check(route, &rcpt.raw, &key).await;
+                verified(answer, self.verifier.unreachable(), rcpt)
+            }
+        }
     }
 
     fn restrictions(&self) -> Arc<Restrictions> {
@@ -150,7 +214,7 @@ impl Policy {
         // smtpd_reject_unlisted_recipient runs after the restrictions).
         if self.is_mynetworks(client.ip) || client.authenticated {
             return match rcpt.domain_name().map(|d| (d, self.domains.lookup(d))) {
-                Some((domain, Lookup::Listed(route))) => known_recipient(&route.recipients, rcpt, domain),
+                Some((domain, Lookup::Listed(route))) => self.known_recipient(&route, rcpt, domain).await,
                 _ => Ok(()),
             };
         }
@@ -190,7 +254,7 @@ impl Policy {
         if self.restrictions().reject_unknown_recipient_domain {
             self.domain_exists(rcpt, "Recipient", "4.1.2").await?;
         }
-        known_recipient(&route.recipients, rcpt, domain)
+        self.known_recipient(&route, rcpt, domain).await
     }
 
     /// Postfix's `450 4.1.x Domain not found`, or `451 4.4.3` when DNS

@@ -17,6 +17,9 @@
 mod codec;
 pub mod redis;
 pub mod sqlite;
+pub mod verdicts;
+
+pub use verdicts::{Recall, Scope, Verification, VerifyCache};
 
 use std::fmt;
 
@@ -355,11 +358,12 @@ pub trait Admin: Enqueue + Read {
     async fn audit(&self) -> Result<QueueAudit, SpoolError>;
 }
 
-/// A back end: every role. [`open`] gives one; a node hands each part
-/// only the role it needs (`Arc<dyn Spool>` coerces to each).
-pub trait Spool: Deliver + Admin {}
+/// A back end: every role, and the shared recipient verification cache.
+/// [`open`] gives one; a node hands each part only the role it needs
+/// (`Arc<dyn Spool>` coerces to each).
+pub trait Spool: Deliver + Admin + VerifyCache {}
 
-impl<T: Deliver + Admin> Spool for T {}
+impl<T: Deliver + Admin + VerifyCache> Spool for T {}
 
 /// Reads a message's body chunk by chunk, exactly `size` bytes: a store
 /// that holds fewer is an error ([`SpoolError::BodyMismatch`]), never an

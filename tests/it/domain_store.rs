@@ -48,10 +48,11 @@ async fn behaves_like_a_recipient_store(store: &dyn DomainStore, domains: &Domai
                 v.sort();
                 Some(v)
             }
-            RecipientCheck::None => None,
+            RecipientCheck::None | RecipientCheck::Verify => None,
         },
         other => panic!("{other:?}"),
     };
+    let verified = |d: &str| matches!(domains.lookup(d), Lookup::Listed(r) if r.recipients == RecipientCheck::Verify);
     assert_eq!(table("friet.pan"), None, "no check: every recipient");
     let addresses = ["a@friet.pan", "b@friet.pan", "@xn--bcher-kva.example"].map(String::from);
     assert_eq!(store.add_recipients(&addresses).await.unwrap(), 3);
@@ -65,9 +66,14 @@ async fn behaves_like_a_recipient_store(store: &dyn DomainStore, domains: &Domai
     assert!(!store.remove_recipient("b@friet.pan").await.unwrap());
     domains.refresh(false).await.unwrap();
     assert_eq!(table("friet.pan"), Some(vec!["a@friet.pan".to_string()]));
+    store.set_recipient_check("friet.pan", "verify").await.unwrap();
+    domains.refresh(false).await.unwrap();
+    assert_eq!(table("friet.pan"), None, "verify: its addresses are not used");
+    assert!(verified("friet.pan"));
     store.set_recipient_check("friet.pan", "none").await.unwrap();
     domains.refresh(false).await.unwrap();
     assert_eq!(table("friet.pan"), None);
+    assert!(!verified("friet.pan"));
     assert_eq!(store.load_recipients().await.unwrap().checks, vec![]);
 }
 

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::support::*;
 use mxrelay::config::QueueConfig;
-use mxrelay::spool::{AdminAction, Envelope, MessageState, QueueId, Recipient, RecipientState, Spool};
+use mxrelay::spool::{
+    AdminAction, Envelope, MessageState, QueueId, Recall, Recipient, RecipientState, Scope, Spool, Verification,
+};
 
 fn envelope(id: &QueueId, rcpt: &str, size: usize) -> Envelope {
     Envelope {
@@ -147,6 +149,50 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     assert_eq!(spool.stats(false).await.unwrap().messages, 1, "only the big message is left");
 }
 
+/// The shared recipient verification cache: a definite answer is kept
+/// until it expires and serves every later lookup; only one asker at a
+/// time holds the claim where the store is shared (`cluster`: Redis);
+/// operator commands see and forget answers by address and by domain.
+async fn keeps_verification_answers(spool: Arc<dyn Spool>, cluster: bool) {
+    spool.prepare().await.unwrap();
+    let hold = Duration::from_secs(5);
+    assert_eq!(spool.recall_or_claim("a@friet.pan", hold).await.unwrap(), Recall::YoursToAsk);
+    let second = spool.recall_or_claim("a@friet.pan", hold).await.unwrap();
+    assert_eq!(second, if cluster { Recall::BeingAsked } else { Recall::YoursToAsk }, "one asker at a time");
+    spool.unclaim("a@friet.pan").await.unwrap();
+    assert_eq!(spool.recall_or_claim("a@friet.pan", hold).await.unwrap(), Recall::YoursToAsk, "claim let go");
+    let now = chrono::Utc::now().timestamp_millis();
+    let answer = |address: &str, deliverable: bool, ttl_ms: i64| Verification {
+        address: address.into(),
+        deliverable,
+        reply: format!(
+            "host mx[192.0.2.1]:25 said: {} (in reply to RCPT TO command)",
+            if deliverable { 250 } else { 550 }
+        ),
+        asked_at: now,
+        expires_at: now + ttl_ms,
+    };
+    let a = answer("a@friet.pan", true, 60_000);
+    spool.remember(&a).await.unwrap();
+    assert_eq!(spool.recall_or_claim("a@friet.pan", hold).await.unwrap(), Recall::Known(a.clone()));
+    let b = answer("b@friet.pan", false, 60_000);
+    let c = answer("c@other.example", true, 60_000);
+    spool.remember(&b).await.unwrap();
+    spool.remember(&c).await.unwrap();
+    // One that expires at once is never served.
+    spool.remember(&answer("gone@friet.pan", true, 300)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(spool.recall_or_claim("gone@friet.pan", hold).await.unwrap(), Recall::YoursToAsk);
+    assert_eq!(spool.recall(&Scope::All).await.unwrap(), vec![a.clone(), b.clone(), c.clone()]);
+    assert_eq!(spool.recall(&Scope::Domain("friet.pan".into())).await.unwrap(), vec![a.clone(), b.clone()]);
+    assert_eq!(spool.recall(&Scope::Address("b@friet.pan".into())).await.unwrap(), vec![b.clone()]);
+    assert_eq!(spool.forget(&Scope::Address("b@friet.pan".into())).await.unwrap(), 1);
+    assert_eq!(spool.forget(&Scope::Domain("friet.pan".into())).await.unwrap(), 1);
+    assert_eq!(spool.recall(&Scope::All).await.unwrap(), vec![c.clone()]);
+    assert_eq!(spool.forget(&Scope::All).await.unwrap(), 1);
+    assert!(spool.recall(&Scope::All).await.unwrap().is_empty());
+}
+
 fn config(url: String, prefix: &str) -> QueueConfig {
     QueueConfig { url, prefix: prefix.into(), lease: Duration::from_secs(1), ..QueueConfig::default() }
 }
@@ -155,7 +201,8 @@ fn config(url: String, prefix: &str) -> QueueConfig {
 async fn redis_spool() {
     let prefix = unique("mxrsp");
     let spool = mxrelay::spool::open(&config(SHARED_REDIS.into(), &prefix)).unwrap();
-    behaves_like_a_spool(spool).await;
+    behaves_like_a_spool(spool.clone()).await;
+    keeps_verification_answers(spool, true).await;
     let mut conn = redis::Client::open(SHARED_REDIS).unwrap().get_connection().unwrap();
     let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap();
     assert!(!keys.iter().any(|k| k.contains(":tmp:")), "aborted chunks left: {keys:?}");
@@ -168,7 +215,9 @@ async fn redis_spool() {
 async fn sqlite_spool() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("mxrelay.db").display());
-    behaves_like_a_spool(mxrelay::spool::open(&config(url.clone(), "mxr")).unwrap()).await;
+    let spool = mxrelay::spool::open(&config(url.clone(), "mxr")).unwrap();
+    behaves_like_a_spool(spool.clone()).await;
+    keeps_verification_answers(spool, false).await;
     // Only the big message is left, so only its chunks: the aborted body's
     // are gone (as on Redis, above).
     let db = sqlx::SqlitePool::connect(&url).await.unwrap();

@@ -17,6 +17,7 @@ mod body;
 mod cluster;
 mod scripts;
 mod target;
+mod verdicts;
 
 pub use target::{Problem, problem};
 

@@ -30,3 +30,5 @@ script!(SCHEDULE, "lua/schedule.lua");
 script!(RELEASE, "lua/release.lua");
 script!(ADMIN, "lua/admin.lua");
 script!(MAINTAIN, "lua/maintain.lua");
+// Not a message step: the shared verification cache's lookup (the prelude is unused there).
+script!(RECALL_OR_CLAIM, "lua/recall_or_claim.lua");
