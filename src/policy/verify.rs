@@ -12,8 +12,10 @@
 //! Invariants: a cached answer needs no probe; one address is probed once
 //! at a time on a node (the others wait for its answer) and, where the
 //! store's claim allows, once in the cluster; probes are bounded per node
-//! and per destination; the client never waits longer than
-//! `verify.timeout`; an unanswered probe is never cached as an answer.
+//! and per destination (a probe slot is waited for half of
+//! `verify.timeout` at most, so a probe always has the other half); the
+//! client never waits longer than `verify.timeout`; an unanswered probe is
+//! never cached as an answer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -223,14 +225,19 @@ impl Verifier {
                 None => {}
             }
         }
-        let Ok(_permits) = tokio::time::timeout_at(deadline, self.permits(dest)).await else {
+        // A slot is waited for half the time at most, so that a probe
+        // always has the other half: one started with no time left would
+        // fail and mark a destination down that was only busy.
+        let Ok(_permits) = tokio::time::timeout_at(deadline - self.config.timeout / 2, self.permits(dest)).await else {
             METRICS.recipient_verify_probes.with_label_values(&["skipped"]).inc();
             tracing::warn!(
                 recipient = address,
                 destination = dest,
                 "verify: every probe slot busy until verify.timeout"
             );
-            return no_answer(format!("too many probes to {dest} at once"));
+            return no_answer(format!(
+                "no probe slot free for {dest} in time (verify.concurrency, verify.destination_concurrency)"
+            ));
         };
         let outcome = match tokio::time::timeout_at(deadline, self.probe.probe(route, address)).await {
             Ok(outcome) => outcome,
@@ -321,18 +328,22 @@ mod tests {
         }
     }
 
-    fn verifier(dir: &tempfile::TempDir, delay: Duration, config: VerifyConfig) -> (Verifier, Arc<Scripted>) {
+    /// A verifier over a migrated SQLite cache (migrating takes no part of
+    /// any test's timeout).
+    async fn verifier(dir: &tempfile::TempDir, delay: Duration, config: VerifyConfig) -> (Verifier, Arc<Scripted>) {
+        use crate::spool::Admin;
         let queue =
             QueueConfig { url: format!("sqlite://{}", dir.path().join("q.db").display()), ..Default::default() };
-        let cache: Arc<dyn VerifyCache> = Arc::new(SqliteSpool::connect(&queue).unwrap());
+        let spool = SqliteSpool::connect(&queue).unwrap();
+        spool.prepare().await.unwrap();
         let probe = Arc::new(Scripted { delay, probes: AtomicUsize::new(0) });
-        (Verifier::new(cache, probe.clone(), &config), probe)
+        (Verifier::new(Arc::new(spool), probe.clone(), &config), probe)
     }
 
     #[tokio::test]
     async fn answers_are_kept_and_concurrent_askers_share_one_probe() {
         let dir = tempfile::tempdir().unwrap();
-        let (v, probe) = verifier(&dir, Duration::from_millis(200), VerifyConfig::default());
+        let (v, probe) = verifier(&dir, Duration::from_millis(200), VerifyConfig::default()).await;
         let r = route();
         let ask = || v.check(&r, "Known@friet.pan", "known@friet.pan");
         let (a, b, c, d, e) = tokio::join!(ask(), ask(), ask(), ask(), ask());
@@ -356,7 +367,7 @@ mod tests {
     #[tokio::test]
     async fn a_destination_without_answer_is_not_asked_again_for_a_while_and_nothing_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let (v, probe) = verifier(&dir, Duration::ZERO, VerifyConfig::default());
+        let (v, probe) = verifier(&dir, Duration::ZERO, VerifyConfig::default()).await;
         let r = route();
         assert!(matches!(v.check(&r, "down@friet.pan", "down@friet.pan").await, Answer::Unverified { .. }));
         let again = v.check(&r, "other@friet.pan", "other@friet.pan").await;
@@ -368,11 +379,31 @@ mod tests {
     #[tokio::test]
     async fn a_probe_slower_than_the_timeout_leaves_the_address_unverified() {
         let dir = tempfile::tempdir().unwrap();
-        let config = VerifyConfig { timeout: Duration::from_millis(100), ..Default::default() };
-        let (v, _) = verifier(&dir, Duration::from_secs(5), config);
+        let config = VerifyConfig { timeout: Duration::from_secs(1), ..Default::default() };
+        let (v, _) = verifier(&dir, Duration::from_secs(60), config).await;
         // Waiting for the probe would have answered Deliverable.
         let a = v.check(&route(), "known@friet.pan", "known@friet.pan").await;
         assert!(matches!(&a, Answer::Unverified { why } if why.contains("within verify.timeout")), "{a:?}");
+    }
+
+    #[tokio::test]
+    async fn probes_past_the_destination_limit_wait_and_give_up_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = VerifyConfig { timeout: Duration::from_secs(2), destination_concurrency: 1, ..Default::default() };
+        let (v, probe) = verifier(&dir, Duration::from_secs(60), config).await;
+        let r = route();
+        let (a, b) = tokio::join!(v.check(&r, "a@friet.pan", "a@friet.pan"), v.check(&r, "b@friet.pan", "b@friet.pan"));
+        let mut whys: Vec<String> = [a, b]
+            .into_iter()
+            .map(|x| match x {
+                Answer::Unverified { why } => why,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        whys.sort();
+        assert!(whys[0].contains("no answer from [192.0.2.1]:25 within verify.timeout"), "{whys:?}");
+        assert!(whys[1].contains("no probe slot free for [192.0.2.1]:25 in time"), "{whys:?}");
+        assert_eq!(probe.probes.load(Ordering::SeqCst), 1, "one slot for the destination");
     }
 
     #[test]
