@@ -30,6 +30,7 @@ pub struct Metrics {
     pub scan_errors: IntCounterVec,
     pub scan_duration_seconds: prometheus::HistogramVec,
     pub queue_enqueue_seconds: Histogram,
+    pub queue_group_commit_messages: Histogram,
     pub queue_errors: IntCounterVec,
     pub database_errors: IntCounter,
     pub dns_errors: IntCounter,
@@ -83,6 +84,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("valid metric");
     r.register(Box::new(queue_enqueue_seconds.clone())).expect("unique metric");
+    let queue_group_commit_messages = Histogram::with_opts(
+        HistogramOpts::new(
+            "mxrelay_queue_group_commit_messages",
+            "Received messages stored by one transaction (one fsync) of the embedded store",
+        )
+        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(queue_group_commit_messages.clone())).expect("unique metric");
     let delivery_duration_seconds = Histogram::with_opts(
         HistogramOpts::new("mxrelay_delivery_duration_seconds", "Time for one delivery attempt of one message")
             .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
@@ -282,6 +292,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["result"],
         ),
         queue_enqueue_seconds,
+        queue_group_commit_messages,
         queue_errors: counter_vec(
             &r,
             "mxrelay_queue_errors_total",

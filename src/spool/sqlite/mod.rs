@@ -1,5 +1,12 @@
-//! The embedded queue: one SQLite database (WAL, `synchronous = FULL`, so a
-//! commit is on disk before 250), for a single node without Redis. Same
+//! The embedded queue: one SQLite database (WAL), for a single node without
+//! Redis. Received messages commit with `synchronous = FULL`, grouped
+//! (`body.rs`: one transaction and one fsync for every session waiting),
+//! so a message is on disk before 250. Delivery's bookkeeping (leases,
+//! completions, deferrals) commits with `synchronous = NORMAL`, without an
+//! fsync of its own: a power loss may undo the last of it, which delivers a
+//! message again (a duplicate, as a crash between 250 and the ack can),
+//! never loses one, and the next received commit's fsync of the WAL makes
+//! it durable too. Same
 //! semantics as the Redis back end: bodies written in chunks and counted
 //! before the commit (orphans removed at start), one row per message (so
 //! never two live entries), leases fenced by owner and generation, expiry
@@ -12,9 +19,14 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
+mod body;
+mod verdicts;
+
+use body::{GroupCommit, SqliteBody};
+
 use super::{
     Admin, AdminAction, Deliver, Enqueue, Entry, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId,
-    QueueStats, Read, Recall, Scope, SpoolBody, SpoolError, Verification, VerifyCache,
+    QueueStats, Read, SpoolBody, SpoolError,
 };
 use crate::config::QueueConfig;
 use crate::metrics::METRICS;
@@ -30,7 +42,12 @@ macro_rules! fenced_sql {
 }
 
 pub struct SqliteSpool {
+    /// `synchronous = FULL`: received messages' commits, operators' changes.
     pool: SqlitePool,
+    /// `synchronous = NORMAL`: delivery's bookkeeping and body chunks.
+    quick: SqlitePool,
+    /// The writer of received messages, started with the first body.
+    commits: std::sync::OnceLock<GroupCommit>,
     config: QueueConfig,
     /// Migrations ran (at start, or on first use if the file was not
     /// writable then).
@@ -76,9 +93,21 @@ impl SqliteSpool {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(config.timeout);
-        let pool =
-            SqlitePoolOptions::new().max_connections(8).acquire_timeout(config.timeout).connect_lazy_with(options);
-        Ok(SqliteSpool { pool, config: config.clone(), prepared: tokio::sync::OnceCell::new() })
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(config.timeout)
+            .connect_lazy_with(options.clone());
+        let quick = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(config.timeout)
+            .connect_lazy_with(options.synchronous(SqliteSynchronous::Normal));
+        Ok(SqliteSpool {
+            pool,
+            quick,
+            commits: std::sync::OnceLock::new(),
+            config: config.clone(),
+            prepared: tokio::sync::OnceCell::new(),
+        })
     }
 
     async fn ready(&self) -> Result<(), SpoolError> {
@@ -96,7 +125,7 @@ impl SqliteSpool {
             .bind(lease.id.as_str())
             .bind(&lease.owner)
             .bind(lease.generation as i64)
-            .execute(&self.pool)
+            .execute(&self.quick)
             .await
             .map_err(|e| failed(op, e))?;
         fenced(lease, done.rows_affected())
@@ -118,18 +147,12 @@ async fn unindex(tx: &mut sqlx::SqliteConnection, ids: &[String]) -> Result<(), 
 #[async_trait::async_trait]
 impl Enqueue for SqliteSpool {
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody> {
-        Box::new(SqliteBody {
-            pool: self.pool.clone(),
-            id: id.clone(),
-            buf: Vec::new(),
-            flushed: 0,
-            chunk: self.config.chunk_size,
-            finished: false,
-        })
+        let commits = self.commits.get_or_init(|| GroupCommit::start(self.pool.clone())).clone();
+        Box::new(SqliteBody::new(self.quick.clone(), commits, id.clone(), self.config.chunk_size))
     }
 
     async fn release(&self, destination: &str, limit: usize) -> Result<usize, SpoolError> {
-        let mut tx = self.pool.begin().await.map_err(|e| failed("release", e))?;
+        let mut tx = self.quick.begin().await.map_err(|e| failed("release", e))?;
         let ids: Vec<String> = sqlx::query_scalar(
             "UPDATE queue_messages SET state = 'ready' WHERE state = 'deferred' AND id IN \
              (SELECT id FROM queue_destinations WHERE destination = ? LIMIT ?) RETURNING id",
@@ -150,7 +173,7 @@ impl Read for SqliteSpool {
     async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
         let row = sqlx::query("SELECT envelope, generation FROM queue_messages WHERE id = ?")
             .bind(lease.id.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.quick)
             .await
             .map_err(|e| failed("load", e))?;
         let Some(row) = row else { return Ok(None) };
@@ -168,7 +191,7 @@ impl Read for SqliteSpool {
         .bind(lease.id.as_str())
         .bind(end as i64)
         .bind(offset as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.quick)
         .await
         .map_err(|e| failed("body", e))?;
         let mut out = Vec::with_capacity(len);
@@ -199,7 +222,7 @@ impl Deliver for SqliteSpool {
             let waiting: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM queue_messages WHERE state = 'ready' AND lease_owner IS NULL)",
             )
-            .fetch_one(&self.pool)
+            .fetch_one(&self.quick)
             .await
             .map_err(|e| failed("lease", e))?;
             if waiting && count > 0 {
@@ -211,7 +234,7 @@ impl Deliver for SqliteSpool {
                 .bind(consumer)
                 .bind(self.lease_until())
                 .bind(count as i64)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.quick)
                 .await
                 .map_err(|e| failed("lease", e))?;
                 if !rows.is_empty() {
@@ -238,7 +261,7 @@ impl Deliver for SqliteSpool {
         .bind(self.lease_until())
         .bind(cutoff)
         .bind(count as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.quick)
         .await
         .map_err(|e| failed("takeover", e))?;
         Ok(rows.into_iter().map(|r| lease_of(r.get(0), consumer, r.get(1))).collect())
@@ -256,7 +279,7 @@ impl Deliver for SqliteSpool {
             sqlx::query("SELECT id, generation FROM queue_messages WHERE state = 'ready' AND lease_owner = ? LIMIT ?")
                 .bind(consumer)
                 .bind((count + held.len()) as i64)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.quick)
                 .await
                 .map_err(|e| failed("reclaim", e))?;
         let mut taken = Vec::new();
@@ -273,7 +296,7 @@ impl Deliver for SqliteSpool {
             .bind(&id)
             .bind(consumer)
             .bind(generation)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.quick)
             .await
             .map_err(|e| failed("reclaim", e))?;
             if let Some(row) = bumped {
@@ -289,14 +312,14 @@ impl Deliver for SqliteSpool {
             .bind(lease.id.as_str())
             .bind(&lease.owner)
             .bind(lease.generation as i64)
-            .execute(&self.pool)
+            .execute(&self.quick)
             .await
             .map_err(|e| failed("renew", e))?;
         fenced(lease, done.rows_affected())
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let mut tx = self.pool.begin().await.map_err(|e| failed("complete", e))?;
+        let mut tx = self.quick.begin().await.map_err(|e| failed("complete", e))?;
         let done = sqlx::query(fenced_sql!("DELETE FROM queue_messages"))
             .bind(lease.id.as_str())
             .bind(&lease.owner)
@@ -313,7 +336,7 @@ impl Deliver for SqliteSpool {
 
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
         let json = env.to_json().map_err(|e| failed("defer", e))?;
-        let mut tx = self.pool.begin().await.map_err(|e| failed("defer", e))?;
+        let mut tx = self.quick.begin().await.map_err(|e| failed("defer", e))?;
         // A message held (or bounced) meanwhile keeps that flag.
         let done = sqlx::query(concat!(
             "UPDATE queue_messages SET envelope = json_set(?, \
@@ -370,7 +393,7 @@ impl Deliver for SqliteSpool {
     }
 
     async fn schedule_due(&self, now: i64, batch: usize) -> Result<usize, SpoolError> {
-        let mut tx = self.pool.begin().await.map_err(|e| failed("schedule", e))?;
+        let mut tx = self.quick.begin().await.map_err(|e| failed("schedule", e))?;
         let ids: Vec<String> = sqlx::query_scalar(
             "UPDATE queue_messages SET state = 'ready' WHERE id IN \
              (SELECT id FROM queue_messages WHERE state = 'deferred' AND due <= ? LIMIT ?) RETURNING id",
@@ -387,7 +410,7 @@ impl Deliver for SqliteSpool {
 
     async fn deferred_destinations(&self) -> Result<Vec<String>, SpoolError> {
         sqlx::query_scalar("SELECT DISTINCT destination FROM queue_destinations ORDER BY 1")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.quick)
             .await
             .map_err(|e| failed("dests", e))
     }
@@ -399,7 +422,7 @@ impl Deliver for SqliteSpool {
 
     async fn maintain(&self, _consumer: &str, corrupt_max_age: Duration) -> Result<Maintenance, SpoolError> {
         let cutoff = now_ms() - corrupt_max_age.as_millis() as i64;
-        let mut tx = self.pool.begin().await.map_err(|e| failed("maintain", e))?;
+        let mut tx = self.quick.begin().await.map_err(|e| failed("maintain", e))?;
         let ids: Vec<String> =
             sqlx::query_scalar("DELETE FROM queue_messages WHERE state = 'corrupt' AND received_at < ? RETURNING id")
                 .bind(cutoff)
@@ -578,193 +601,5 @@ impl Admin for SqliteSpool {
             }
         }
         Ok(audit)
-    }
-}
-
-/// One node: its own single flight is the only claim needed, so
-/// `recall_or_claim` never answers `BeingAsked`.
-#[async_trait::async_trait]
-impl VerifyCache for SqliteSpool {
-    async fn recall_or_claim(&self, address: &str, _hold: Duration) -> Result<Recall, SpoolError> {
-        self.ready().await?;
-        Ok(self.recall(&Scope::Address(address.to_string())).await?.pop().map_or(Recall::YoursToAsk, Recall::Known))
-    }
-
-    async fn remember(&self, answer: &Verification) -> Result<(), SpoolError> {
-        self.ready().await?;
-        let mut tx = self.pool.begin().await.map_err(|e| failed("verify_remember", e))?;
-        sqlx::query("DELETE FROM recipient_verifications WHERE expires_at <= ?")
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| failed("verify_remember", e))?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO recipient_verifications (address, deliverable, reply, asked_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&answer.address)
-        .bind(answer.deliverable)
-        .bind(&answer.reply)
-        .bind(answer.asked_at)
-        .bind(answer.expires_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| failed("verify_remember", e))?;
-        tx.commit().await.map_err(|e| failed("verify_remember", e))
-    }
-
-    async fn unclaim(&self, _address: &str) -> Result<(), SpoolError> {
-        Ok(())
-    }
-
-    async fn recall(&self, scope: &Scope) -> Result<Vec<Verification>, SpoolError> {
-        self.ready().await?;
-        // Every unexpired answer but for one address: one node's, and only
-        // for the operator commands.
-        let query = match scope {
-            Scope::Address(address) => sqlx::query_as(
-                "SELECT address, deliverable, reply, asked_at, expires_at FROM recipient_verifications \
-                 WHERE expires_at > ? AND address = ?",
-            )
-            .bind(now_ms())
-            .bind(address.as_str()),
-            _ => sqlx::query_as(
-                "SELECT address, deliverable, reply, asked_at, expires_at FROM recipient_verifications \
-                 WHERE expires_at > ? ORDER BY address",
-            )
-            .bind(now_ms()),
-        };
-        let rows: Vec<(String, bool, String, i64, i64)> =
-            query.fetch_all(&self.pool).await.map_err(|e| failed("verify_recall", e))?;
-        Ok(rows
-            .into_iter()
-            .filter(|row| scope.covers(&row.0))
-            .map(|(address, deliverable, reply, asked_at, expires_at)| Verification {
-                address,
-                deliverable,
-                reply,
-                asked_at,
-                expires_at,
-            })
-            .collect())
-    }
-
-    async fn forget(&self, scope: &Scope) -> Result<usize, SpoolError> {
-        let kept = self.recall(scope).await?;
-        let mut tx = self.pool.begin().await.map_err(|e| failed("verify_forget", e))?;
-        for answer in &kept {
-            sqlx::query("DELETE FROM recipient_verifications WHERE address = ?")
-                .bind(&answer.address)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| failed("verify_forget", e))?;
-        }
-        tx.commit().await.map_err(|e| failed("verify_forget", e))?;
-        Ok(kept.len())
-    }
-}
-
-struct SqliteBody {
-    pool: SqlitePool,
-    id: QueueId,
-    buf: Vec<u8>,
-    /// Bytes already written as chunks.
-    flushed: u64,
-    chunk: usize,
-    finished: bool,
-}
-
-impl SqliteBody {
-    async fn flush_chunk(&mut self, exec: impl sqlx::SqliteExecutor<'_>) -> Result<(), SpoolError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        sqlx::query("INSERT INTO queue_bodies (id, offset, data) VALUES (?, ?, ?)")
-            .bind(self.id.as_str())
-            .bind(self.flushed as i64)
-            .bind(self.buf.as_slice())
-            .execute(exec)
-            .await
-            .map_err(|e| failed("append", e))?;
-        self.flushed += self.buf.len() as u64;
-        self.buf.clear();
-        Ok(())
-    }
-
-    async fn insert(&mut self, env: &Envelope) -> Result<(), SpoolError> {
-        let mut env = env.clone();
-        env.size = self.written();
-        let json = env.to_json().map_err(|e| failed("enqueue", e))?;
-        let mut tx = self.pool.begin().await.map_err(|e| failed("enqueue", e))?;
-        self.flush_chunk(&mut *tx).await?;
-        let stored: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(length(data)), 0) FROM queue_bodies WHERE id = ?")
-            .bind(self.id.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| failed("enqueue", e))?;
-        if stored as u64 != env.size {
-            METRICS.queue_errors.with_label_values(&["short_body"]).inc();
-            return Err(SpoolError::BodyMismatch { id: self.id.clone(), expected: env.size, found: stored as u64 });
-        }
-        sqlx::query("INSERT INTO queue_messages (id, envelope, received_at, state) VALUES (?, ?, ?, 'ready')")
-            .bind(self.id.as_str())
-            .bind(json)
-            .bind(env.received_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| failed("enqueue", e))?;
-        tx.commit().await.map_err(|e| failed("enqueue", e))
-    }
-
-    async fn remove_chunks(&self) {
-        let _ = sqlx::query("DELETE FROM queue_bodies WHERE id = ?").bind(self.id.as_str()).execute(&self.pool).await;
-    }
-}
-
-#[async_trait::async_trait]
-impl SpoolBody for SqliteBody {
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
-        self.buf.extend_from_slice(bytes);
-        if self.buf.len() >= self.chunk {
-            let pool = self.pool.clone();
-            self.flush_chunk(&pool).await?;
-        }
-        Ok(())
-    }
-
-    fn written(&self) -> u64 {
-        self.flushed + self.buf.len() as u64
-    }
-
-    async fn commit(mut self: Box<Self>, env: &Envelope) -> Result<(), SpoolError> {
-        let started = std::time::Instant::now();
-        let result = self.insert(env).await;
-        self.finished = true;
-        match &result {
-            Ok(()) => METRICS.queue_enqueue_seconds.observe(started.elapsed().as_secs_f64()),
-            Err(_) => self.remove_chunks().await,
-        }
-        result
-    }
-
-    async fn abort(mut self: Box<Self>) {
-        self.finished = true;
-        self.remove_chunks().await;
-    }
-}
-
-impl Drop for SqliteBody {
-    /// A session cut mid-transfer: its chunks are removed (best effort;
-    /// the start-up sweep is the fallback).
-    fn drop(&mut self) {
-        if self.finished || self.flushed == 0 {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (pool, id) = (self.pool.clone(), self.id.to_string());
-            runtime.spawn(async move {
-                let _ = sqlx::query("DELETE FROM queue_bodies WHERE id = ?").bind(id).execute(&pool).await;
-            });
-        }
     }
 }
