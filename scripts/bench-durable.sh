@@ -101,30 +101,39 @@ fi
 for t in redis aof sqlite; do has_target "$t" && start_mxrelay "$t"; done
 
 # ---- one run ----------------------------------------------------------------------------
-ticks() { # CPU ticks of PIDs and their descendants
-  cat /proc/[0-9]*/stat 2>/dev/null | awk -v roots="$*" '
+ticks() { # CPU ticks of PIDs and their descendants (0 for none)
+  [ $# -gt 0 ] || { echo 0; return; }
+  # A process may end between the glob and its read: cat then fails.
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v roots="$*" '
     { pid=$1; rest=$0; sub(/^.*\) /, "", rest); split(rest, f, " "); pp[pid]=f[2]; t[pid]=f[12]+f[13]+f[14]+f[15] }
     END { n=split(roots, r, " "); for (k=1; k<=n; k++) sel[r[k]]=1
           do { ch=0; for (p in pp) if (!(p in sel) && (pp[p] in sel)) { sel[p]=1; ch=1 } } while (ch)
           s=0; for (p in sel) if (p in t) s+=t[p]; print s+0 }'
 }
-sink_count() { tail -c 80 "$work/sink.log" 2>/dev/null | tr '\r' '\n' | grep -oE 'mesg=[0-9]+' | tail -1 | cut -d= -f2; }
+sink_count() { { tail -c 80 "$work/sink.log" 2>/dev/null | tr '\r' '\n' | grep -oE 'mesg=[0-9]+' | tail -1 | cut -d= -f2; } || true; }
 # fsync and fdatasync calls machine-wide (Postfix's come from short-lived
 # children; during a run the relay under test is what writes durably).
-fsync_watch() { # sets $perf_pid $perf_out
+fsync_watch() { # sets $perf_pid $perf_out; counts until fsync_count
   perf_out=$work/perf.$RANDOM
-  perf stat -a -x, -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -o "$perf_out" &
+  # A command to count over (a background job ignores SIGINT, so perf
+  # could not be stopped that way): it ends when the stop file appears.
+  perf stat -a -x, -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -o "$perf_out" -- \
+    bash -c "while [ ! -e $perf_out.stop ]; do sleep 0.02; done" &
   perf_pid=$!
 }
-fsync_count() { kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true
-  awk -F, '/syscalls:sys_enter_f/ {s += $1} END {print s+0}' "$perf_out"; }
+fsync_stop() { touch "$perf_out.stop"; wait "$perf_pid" 2>/dev/null || true; } # in this shell, not $(…)
+fsync_count() { awk -F, '/syscalls:sys_enter_f/ {s += $1} END {print s+0}' "$perf_out"; }
 
 run_one() { # TARGET SIZE SESSIONS COUNT
   local target=$1 size=$2 sess=$3 n=$4 dest dump watched node0 redis0 t0 t1 t2 got rc=0
   dump=/dev/shm/mxr-bench-sink-$$
   rm -rf "$dump"; mkdir -p "$dump"; chown nobody "$dump"
+  if (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null; then
+    echo "127.0.0.1:$SINK_PORT is in use: stop whatever listens there"; exit 1
+  fi
   smtp-sink -u nobody -c -d "$dump/%H%M/" "127.0.0.1:$SINK_PORT" 1000 > "$work/sink.log" 2>&1 &
   local sinkpid=$!
+  bench_on_exit "kill $sinkpid 2>/dev/null; rm -rf $dump"
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null && break; sleep 0.05; done
   local base; base=$(sink_count); base=${base:-0}
   case $target in
@@ -133,7 +142,8 @@ run_one() { # TARGET SIZE SESSIONS COUNT
     *) dest=${relay_addr[$target]}; watched=${node_pid_of[$target]} ;;
   esac
   local rpid=${redis_pid_of[$target]:-}
-  node0=$( [ -n "$watched" ] && ticks $watched || echo 0 ); redis0=$( [ -n "$rpid" ] && ticks "$rpid" || echo 0 )
+  # shellcheck disable=SC2086 # the watched PIDs are words
+  node0=$(ticks $watched); redis0=$(ticks $rpid)
   fsync_watch
   t0=${EPOCHREALTIME/,/.}
   smtp-source -s "$sess" -m "$n" -l "$size" -M client.src.example -f sender@src.example \
@@ -148,7 +158,9 @@ run_one() { # TARGET SIZE SESSIONS COUNT
   done
   t2=${EPOCHREALTIME/,/.}
   local node1 redis1 fsyncs=0
-  node1=$( [ -n "$watched" ] && ticks $watched || echo 0 ); redis1=$( [ -n "$rpid" ] && ticks "$rpid" || echo 0 )
+  # shellcheck disable=SC2086
+  node1=$(ticks $watched); redis1=$(ticks $rpid)
+  fsync_stop
   fsyncs=$(fsync_count)
   # Exactly once: a late duplicate would still be on its way, so wait for
   # the relay's queue to settle a moment before counting the files.

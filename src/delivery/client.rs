@@ -265,6 +265,10 @@ pub struct Connection {
     pub target: Target,
     /// `Some` once STARTTLS succeeded.
     pub tls: Option<TlsSession>,
+    /// No transaction is open: the last one ended with the server's
+    /// answer to its content, or never began (MAIL refused), so the next
+    /// MAIL needs no RSET first.
+    pub clean: bool,
     settings: Settings,
 }
 
@@ -295,6 +299,7 @@ impl Connection {
             ext: Extensions::default(),
             target: target.clone(),
             tls: None,
+            clean: true,
             settings: settings.clone(),
         };
         let greeting = c.reply(settings.greeting, "waiting for the greeting").await?;
@@ -523,7 +528,9 @@ impl Connection {
             };
             (mail_reply, rcpt_replies, data_reply)
         };
+        self.clean = false;
         if !mail_reply.is_success() {
+            self.clean = true;
             if data_reply.as_ref().is_some_and(|r| r.code == 354) {
                 self.write(b".\r\n", "ending empty DATA").await?;
                 self.reply(self.settings.data, "after end of data").await?;
@@ -546,6 +553,8 @@ impl Connection {
             Some(r) if accepted => Some(r),
             _ => None,
         };
+        // A refused content (or none sent) may leave the transaction open.
+        self.clean = final_reply.as_ref().is_some_and(RemoteReply::is_success);
         let replies = rcpt_replies
             .into_iter()
             .map(|r| match (&final_reply, r.is_success()) {
@@ -556,23 +565,32 @@ impl Connection {
         Ok(Outcome::Replies(replies))
     }
 
-    /// Copies the body with dot-stuffing, then `CRLF.CRLF`.
+    /// Copies the body with dot-stuffing, then `CRLF.CRLF`, in the same
+    /// write as the last piece.
     async fn stream_body(&mut self, body: &mut dyn BodySource) -> Result<(), ClientError> {
         let mut stuffer = DotStuffer::new(self.settings.line_length_limit);
         let mut out = Vec::new();
-        while let Some(chunk) = body.next_chunk().await? {
+        let mut next = body.next_chunk().await?;
+        loop {
             out.clear();
-            stuffer.encode(&chunk, &mut out);
+            if let Some(piece) = next.take() {
+                stuffer.encode(&piece, &mut out);
+                next = body.next_chunk().await?;
+            }
+            let last = next.is_none();
+            if last {
+                stuffer.finish(&mut out);
+            }
             match tokio::time::timeout(self.settings.data, self.stream.write_all(&out)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(ClientError::Lost("sending message content")),
                 Err(_) => return Err(ClientError::Timeout("sending message content")),
             }
+            if last {
+                stuffer.count_folds(&self.peer(), self.settings.line_length_limit);
+                return Ok(());
+            }
         }
-        out.clear();
-        stuffer.finish(&mut out);
-        stuffer.count_folds(&self.peer(), self.settings.line_length_limit);
-        self.write(&out, "ending message content").await
     }
 
     /// RFC 3030: the content as BDAT chunks, one per piece from the queue
@@ -628,6 +646,7 @@ impl Connection {
     pub async fn reset(&mut self) -> Result<(), ClientError> {
         self.write(b"RSET\r\n", "sending RSET").await?;
         let r = self.reply(self.settings.command, "after RSET").await?;
+        self.clean = r.is_success();
         if r.is_success() { Ok(()) } else { Err(ClientError::Protocol(format!("RSET refused: {r}"))) }
     }
 
@@ -736,29 +755,57 @@ impl DotStuffer {
     }
 
     pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        for &b in input {
-            match b {
-                b'\n' => self.line_len = 0,
-                b'\r' => {}
-                _ => {
-                    if self.limit > 0 && self.line_len + utf8_len(b) > self.limit && self.line_len > 0 {
-                        out.extend_from_slice(b"\r\n ");
-                        self.line_len = 1;
-                        self.line_start = false;
-                        self.folded += 1;
-                    }
-                    self.line_len += 1;
+        out.reserve(input.len() + input.len() / 64);
+        let mut rest = input;
+        while !rest.is_empty() {
+            // Line by line: a line that cannot need folding (even counting
+            // its CRs and a UTF-8 lead byte's whole character) is copied
+            // at once, with its stuffing dot; any other goes byte by byte.
+            let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |p| p + 1);
+            let (line, next) = rest.split_at(end);
+            if self.limit == 0 || self.line_len + line.len() + 3 <= self.limit {
+                if self.dots && self.line_start && line[0] == b'.' {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(line);
+                if line.last() == Some(&b'\n') {
+                    self.line_len = 0;
+                    self.line_start = true;
+                } else {
+                    self.line_len += line.len() - memchr::memchr_iter(b'\r', line).count();
+                    self.line_start = false;
+                }
+            } else {
+                for &b in line {
+                    self.byte(b, out);
                 }
             }
-            if self.dots && self.line_start && b == b'.' {
-                out.push(b'.');
-            }
-            out.push(b);
-            self.line_start = b == b'\n';
+            rest = next;
         }
         if let Some(&b) = input.last() {
             self.last = Some(b);
         }
+    }
+
+    fn byte(&mut self, b: u8, out: &mut Vec<u8>) {
+        match b {
+            b'\n' => self.line_len = 0,
+            b'\r' => {}
+            _ => {
+                if self.limit > 0 && self.line_len + utf8_len(b) > self.limit && self.line_len > 0 {
+                    out.extend_from_slice(b"\r\n ");
+                    self.line_len = 1;
+                    self.line_start = false;
+                    self.folded += 1;
+                }
+                self.line_len += 1;
+            }
+        }
+        if self.dots && self.line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        self.line_start = b == b'\n';
     }
 
     /// A CRLF if the content lacks one at its end, then (DATA) the
@@ -843,6 +890,36 @@ mod tests {
         }
         s.finish(&mut out);
         (out, s.folded)
+    }
+
+    proptest::proptest! {
+        /// The line-at-once copy changes nothing: the same bytes and folds
+        /// as byte by byte, for any split, limit, dots or not.
+        #[test]
+        fn whole_lines_are_encoded_as_byte_by_byte(
+            body in proptest::collection::vec(proptest::prop_oneof![
+                proptest::strategy::Just(b'.'), proptest::strategy::Just(b'\r'), proptest::strategy::Just(b'\n'),
+                proptest::strategy::Just(b'a'), proptest::strategy::Just(0xC3u8), proptest::strategy::Just(0xF0u8),
+                proptest::arbitrary::any::<u8>()], 0..300),
+            cut in 0usize..300,
+            limit in proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..20, proptest::strategy::Just(998usize)],
+            dots: bool,
+        ) {
+            let cut = cut.min(body.len());
+            let fresh = || if dots { DotStuffer::new(limit) } else { DotStuffer::without_dots(limit) };
+            let (mut fast, mut slow) = (fresh(), fresh());
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            fast.encode(&body[..cut], &mut a);
+            fast.encode(&body[cut..], &mut a);
+            fast.finish(&mut a);
+            for &x in &body {
+                slow.byte(x, &mut b);
+            }
+            slow.last = body.last().copied();
+            slow.finish(&mut b);
+            proptest::prop_assert_eq!(a, b);
+            proptest::prop_assert_eq!(fast.folded, slow.folded);
+        }
     }
 
     #[test]

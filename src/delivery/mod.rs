@@ -412,8 +412,9 @@ impl Delivery {
     }
 
     async fn attempt(self: &Arc<Self>, lease: &Lease, guard: &LeaseGuard) -> Settlement {
-        let mut env = match self.spool.envelope(lease).await {
-            Ok(Some(env)) => env,
+        // The envelope and the body's first piece in one round trip.
+        let (mut env, start) = match self.spool.envelope_and_start(lease, self.config.queue.chunk_size).await {
+            Ok(Some(read)) => read,
             Ok(None) => {
                 tracing::info!(queue_id = %lease.id(), "{}: removed from the queue", lease.id());
                 return Settlement::Skip;
@@ -466,7 +467,7 @@ impl Delivery {
             let slots = self.pool.slots(key);
             let Ok(_slot) = slots.acquire_owned().await else { continue };
             METRICS.delivery_destination_connections.inc();
-            let group_fates = self.attempt_route(route, key, *level, &env, (lease, guard), idxs).await;
+            let group_fates = self.attempt_route(route, key, *level, &env, (lease, guard, &start), idxs).await;
             METRICS.delivery_destination_connections.dec();
             if group_fates.iter().any(|f| matches!(f, Fate::Sent { .. })) {
                 recovered.push(key.clone());
@@ -573,14 +574,21 @@ impl Delivery {
         destination: &str,
         level: TlsPolicy,
         env: &Envelope,
-        (lease, guard): (&Lease, &LeaseGuard),
+        (lease, guard, start): (&Lease, &LeaseGuard, &[u8]),
         idxs: &[usize],
     ) -> Vec<Fate> {
         let all = |f: Fate| idxs.iter().map(|_| f.clone()).collect::<Vec<_>>();
         let rcpts: Vec<String> = idxs.iter().map(|i| env.recipients[*i].address.clone()).collect();
         let key = session_key(destination, level);
         if let Some(conn) = self.pool.checkout(&key).await {
-            return self.transact(conn, &key, env, (lease, guard), &rcpts).await;
+            match self.transact(conn, &key, env, (lease, guard, start), &rcpts, true).await {
+                Some(fates) => return fates,
+                // The cached session was gone (the server closed it, or
+                // said 421): nothing was accepted, so a new one tries.
+                None => {
+                    tracing::debug!(queue_id = %env.id, destination = %destination, "cached session gone; opening a new one")
+                }
+            }
         }
         let targets = match route.resolve(&self.dns).await {
             Ok(t) => t,
@@ -596,7 +604,10 @@ impl Delivery {
         let mut last_error = String::from("no address to try");
         for target in &targets {
             match self.dialer.open(target, level).await {
-                Ok(conn) => return self.transact(conn, &key, env, (lease, guard), &rcpts).await,
+                Ok(conn) => {
+                    let fates = self.transact(conn, &key, env, (lease, guard, start), &rcpts, false).await;
+                    return fates.expect("a new session's transaction always has fates");
+                }
                 Err(e) => {
                     if let ClientError::Loop { why, .. } = &e {
                         // A configuration error (relay_host names this node,
@@ -618,49 +629,55 @@ impl Delivery {
     }
 
     /// One transaction on an open session; the session goes back to the
-    /// cache when it ended cleanly.
+    /// cache when it ended cleanly. On a `reused` session from the cache,
+    /// `None` when it turned out to be gone before anything was accepted
+    /// (lost, or 421 to MAIL): the caller opens a new one.
     async fn transact(
         &self,
         mut conn: Connection,
         key: &str,
         env: &Envelope,
-        (lease, guard): (&Lease, &LeaseGuard),
+        (lease, guard, start): (&Lease, &LeaseGuard, &[u8]),
         rcpts: &[String],
-    ) -> Vec<Fate> {
+        reused: bool,
+    ) -> Option<Vec<Fate>> {
         let target = conn.target.clone();
         let relay = conn.peer();
         let tls = conn.tls.as_ref().map(|t| t.to_string());
         let all = |f: Fate| rcpts.iter().map(|_| f.clone()).collect::<Vec<_>>();
         if env.smtputf8 && !conn.ext.smtputf8 {
             self.pool.park(key, conn).await;
-            return all(Fate::Bounced {
+            return Some(all(Fate::Bounced {
                 status: "5.6.7".into(),
                 reason: format!("{} does not support SMTPUTF8", target.host),
                 relay: Some(relay),
-            });
+            }));
         }
         if let Some(limit) = conn.ext.size.filter(|l| *l > 0 && env.size > *l) {
             self.pool.park(key, conn).await;
-            return all(Fate::Bounced {
+            return Some(all(Fate::Bounced {
                 status: "5.3.4".into(),
                 reason: format!("message size {} exceeds the limit {limit} of {}", env.size, target.host),
                 relay: Some(relay),
-            });
+            }));
         }
         let mut body = LeasedBody {
-            reader: BodyReader::new(self.spool.clone(), lease.clone(), env.size, self.config.queue.chunk_size),
+            reader: BodyReader::new(self.spool.clone(), lease.clone(), env.size, self.config.queue.chunk_size)
+                .starting_with(start.to_vec()),
             guard,
             id: lease.id(),
         };
         let peer_dsn = conn.ext.dsn;
         let fates = match conn.send(env, rcpts, &mut body).await {
+            Ok(Outcome::MailRefused(reply)) if reused && reply.code == 421 => return None,
+            Err(ClientError::Lost(_)) if reused => return None,
             Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref(), peer_dsn)),
             Ok(Outcome::Replies(replies)) => {
                 replies.iter().map(|r| Fate::from_reply(r, &relay, tls.as_deref(), peer_dsn)).collect()
             }
             Err(e) => {
                 METRICS.delivery_attempts.with_label_values(&["session_error"]).inc();
-                return all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) });
+                return Some(all(Fate::Deferred { reason: format!("4.4.2 {e}"), relay: Some(relay) }));
             }
         };
         self.pool.park(key, conn).await;
@@ -672,7 +689,7 @@ impl Delivery {
             };
             METRICS.delivery_attempts.with_label_values(&[label]).inc();
         }
-        fates
+        Some(fates)
     }
 
     fn log_fate(&self, id: &QueueId, r: &Recipient, fate: &Fate, age: Duration) {

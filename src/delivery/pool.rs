@@ -60,8 +60,10 @@ impl Pool {
         locked(&self.slots).entry(key.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.concurrency))).clone()
     }
 
-    /// A cached session for `key` ([`session_key`]) that still answers
-    /// RSET, if any.
+    /// A cached session for `key` ([`session_key`]), if any: as it is
+    /// when its last transaction ended cleanly (no round trip; a session
+    /// the server closed meanwhile is found out by the next transaction,
+    /// which then takes a new one), else once it answers RSET.
     pub(super) async fn checkout(&self, key: &str) -> Option<Connection> {
         loop {
             let (mut conn, parked) = locked(&self.idle).get_mut(key)?.pop()?;
@@ -69,7 +71,7 @@ impl Pool {
                 tokio::spawn(conn.quit());
                 continue;
             }
-            if conn.reset().await.is_ok() {
+            if conn.clean || conn.reset().await.is_ok() {
                 METRICS.delivery_connections_reused.inc();
                 return Some(conn);
             }

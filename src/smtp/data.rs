@@ -53,29 +53,56 @@ impl DataDecoder {
     /// the end-of-data mark ends at `input[n - 1]` (bytes after it are the
     /// next commands), `None` when all of `input` was content.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-        for (i, &b) in input.iter().enumerate() {
-            match (self.state, b) {
-                (State::LineStart, b'.') if self.framing == Framing::Dot => self.state = State::Dot,
-                (State::LineStart | State::Text, _) => self.text(b, out),
-                (State::Dot, b'\r') => self.state = State::DotCr,
-                // The leading dot of any other line is stuffing: drop it.
-                (State::Dot, _) => self.text(b, out),
-                (State::DotCr, b'\n') => {
-                    self.state = State::LineStart;
-                    return Some(i + 1);
+        let mut i = 0;
+        while i < input.len() {
+            // Inside a line (or at the start of one that is not a dot),
+            // everything up to the next CR or LF is content as it came:
+            // copied at once rather than byte by byte.
+            let plain = match self.state {
+                State::Text => true,
+                State::LineStart => self.framing == Framing::Chunked || input[i] != b'.',
+                _ => false,
+            };
+            if plain {
+                let span = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+                if span > 0 {
+                    out.extend_from_slice(&input[i..i + span]);
+                    self.state = State::Text;
+                    i += span;
+                    continue;
                 }
-                (State::Cr, b'\n') => {
-                    out.extend_from_slice(b"\r\n");
-                    self.state = State::LineStart;
-                }
-                // The CR before `b` was not followed by LF: a bare CR.
-                (State::DotCr | State::Cr, _) => {
-                    self.bare(b'\r', out);
-                    self.text(b, out);
-                }
+            }
+            i += 1;
+            if self.step(input[i - 1], out) {
+                return Some(i);
             }
         }
         None
+    }
+
+    /// One byte through the state machine; `true` when it ends the data.
+    fn step(&mut self, b: u8, out: &mut Vec<u8>) -> bool {
+        match (self.state, b) {
+            (State::LineStart, b'.') if self.framing == Framing::Dot => self.state = State::Dot,
+            (State::LineStart | State::Text, _) => self.text(b, out),
+            (State::Dot, b'\r') => self.state = State::DotCr,
+            // The leading dot of any other line is stuffing: drop it.
+            (State::Dot, _) => self.text(b, out),
+            (State::DotCr, b'\n') => {
+                self.state = State::LineStart;
+                return true;
+            }
+            (State::Cr, b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                self.state = State::LineStart;
+            }
+            // The CR before `b` was not followed by LF: a bare CR.
+            (State::DotCr | State::Cr, _) => {
+                self.bare(b'\r', out);
+                self.text(b, out);
+            }
+        }
+        false
     }
 
     fn text(&mut self, b: u8, out: &mut Vec<u8>) {
@@ -229,7 +256,30 @@ mod tests {
         assert_eq!(h.received, 2);
     }
 
+    /// The decoder one byte at a time, without the bulk copy of plain text.
+    fn bytewise(framing: Framing, normalise: bool, input: &[u8]) -> (Vec<u8>, Option<usize>, bool) {
+        let mut d = DataDecoder::new(framing, normalise);
+        let mut out = Vec::new();
+        let end = input.iter().position(|&b| d.step(b, &mut out)).map(|p| p + 1);
+        (out, end, d.bare_newline)
+    }
+
     proptest! {
+        /// The bulk copy of plain text changes nothing: the same content,
+        /// end and bare-newline verdict as byte by byte, in both framings.
+        #[test]
+        fn bulk_copy_is_bytewise(
+            body in proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a'), any::<u8>()], 0..200),
+            chunked: bool,
+            normalise: bool,
+        ) {
+            let framing = if chunked { Framing::Chunked } else { Framing::Dot };
+            let mut d = DataDecoder::new(framing, normalise);
+            let mut out = Vec::new();
+            let end = d.feed(&body, &mut out);
+            prop_assert_eq!((out, end, d.bare_newline), bytewise(framing, normalise, &body));
+        }
+
         /// Split anywhere, the decoder gives the same answer as in one piece.
         #[test]
         fn split_invariant(body in proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..64), cut in 0usize..64) {

@@ -36,9 +36,12 @@ impl From<String> for QueueId {
 }
 
 impl QueueId {
-    /// Time-ordered (UUIDv7), so ids sort by arrival.
+    /// Time-ordered (UUIDv7, to the millisecond), so ids sort by arrival.
+    /// The random part comes from the thread's generator, not a system
+    /// call per id.
     pub fn new() -> QueueId {
-        QueueId(uuid::Uuid::now_v7().to_string())
+        let millis = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        QueueId(uuid::Builder::from_unix_timestamp_millis(millis, &rand::random()).into_uuid().to_string())
     }
 
     pub fn as_str(&self) -> &str {
@@ -262,6 +265,14 @@ pub trait Read: Send + Sync {
     /// Up to `len` bytes of the body from `offset` (fewer at its end). Use
     /// [`BodyReader`], which checks the length against the envelope.
     async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError>;
+    /// [`Read::envelope`] and the body's first `len` bytes together, in
+    /// one round trip where the store can (a delivery's first read); give
+    /// the piece to [`BodyReader::starting_with`].
+    async fn envelope_and_start(&self, lease: &Lease, len: usize) -> Result<Option<(Envelope, Vec<u8>)>, SpoolError> {
+        let Some(env) = self.envelope(lease).await? else { return Ok(None) };
+        let start = self.read_body(lease, 0, len.min(env.size as usize)).await?;
+        Ok(Some((env, start)))
+    }
 }
 
 /// Delivering: what the delivery workers of a node do with the queue
@@ -374,11 +385,20 @@ pub struct BodyReader {
     offset: u64,
     size: u64,
     chunk: usize,
+    /// The first piece, read already ([`Read::envelope_and_start`]).
+    start: Option<Vec<u8>>,
 }
 
 impl BodyReader {
     pub fn new(spool: std::sync::Arc<dyn Read>, lease: Lease, size: u64, chunk: usize) -> BodyReader {
-        BodyReader { spool, lease, offset: 0, size, chunk: chunk.max(1) }
+        BodyReader { spool, lease, offset: 0, size, chunk: chunk.max(1), start: None }
+    }
+
+    /// A reader whose first piece (`chunk` bytes or the whole body) was
+    /// read with the envelope; it is checked like any other.
+    pub fn starting_with(mut self, start: Vec<u8>) -> BodyReader {
+        self.start = Some(start);
+        self
     }
 
     /// The next piece, or `None` once all `size` bytes were read.
@@ -387,7 +407,10 @@ impl BodyReader {
             return Ok(None);
         }
         let want = (self.size - self.offset).min(self.chunk as u64) as usize;
-        let piece = self.spool.read_body(&self.lease, self.offset, want).await?;
+        let piece = match self.start.take() {
+            Some(start) if self.offset == 0 => start,
+            _ => self.spool.read_body(&self.lease, self.offset, want).await?,
+        };
         if piece.len() != want {
             return Err(SpoolError::BodyMismatch {
                 id: self.lease.id.clone(),
@@ -480,4 +503,20 @@ pub trait SpoolBody: Send + Sync {
     async fn commit(self: Box<Self>, envelope: &Envelope) -> Result<(), SpoolError>;
     /// Drops what was written so far.
     async fn abort(self: Box<Self>);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_ids_are_uuid_v7_and_sort_by_arrival() {
+        let first = QueueId::new();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let second = QueueId::new();
+        let parsed = uuid::Uuid::parse_str(first.as_str()).unwrap();
+        assert_eq!(parsed.get_version_num(), 7);
+        assert!(first.as_str() < second.as_str(), "{first} {second}");
+        assert_ne!(QueueId::new(), QueueId::new());
+    }
 }

@@ -85,6 +85,14 @@ async fn behaves_like_a_spool(spool: Arc<dyn Spool>) {
     let env = spool.envelope(&l1).await.unwrap().unwrap();
     assert_eq!(env.recipients[0].address, "t@friet.pan");
     assert_eq!(spool.stats(false).await.unwrap().leased, 2);
+    // A delivery's first read: the envelope and the body's start together,
+    // no more than the body holds.
+    let (env_again, start) = spool.envelope_and_start(&l1, 1 << 20).await.unwrap().unwrap();
+    assert_eq!((env_again, start), (env.clone(), small.clone()));
+    let (env2, start) = spool.envelope_and_start(&l2, 100_000).await.unwrap().unwrap();
+    assert_eq!((env2.size, start.as_slice()), (big.len() as u64, &big[..100_000]));
+    let reader = mxrelay::spool::BodyReader::new(spool.clone(), l2.clone(), env2.size, 100_000);
+    assert_eq!(reader.starting_with(start).read_all().await.unwrap(), big, "the rest read after the start");
 
     // Deferred, with its destination indexed; due later.
     let mut env1 = env.clone();

@@ -916,19 +916,40 @@ impl Enqueue for RedisSpool {
     }
 }
 
+/// The envelope a message hash holds, when it is the live one for `lease`:
+/// `None` for a message gone, staged (not committed), or whose live entry
+/// is another.
+fn live_envelope(lease: &Lease, fields: &HashMap<String, String>) -> Result<Option<Envelope>, SpoolError> {
+    if fields.is_empty() || fields.get("staged").is_some_and(|s| s == "1") {
+        return Ok(None);
+    }
+    if !lease.entry.id.is_empty() && fields.get("entry").is_some_and(|live| *live != lease.entry.id) {
+        return Ok(None);
+    }
+    Envelope::from_fields(fields).map(Some).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))
+}
+
 #[async_trait::async_trait]
 impl Read for RedisSpool {
     async fn envelope(&self, lease: &Lease) -> Result<Option<Envelope>, SpoolError> {
         let key = self.shard_keys(lease.entry.shard).msg(&lease.id);
         let fields: std::collections::HashMap<String, String> =
             bounded("load", self.config().timeout, self.conn_for(lease.entry.shard, "load")?.hgetall(key)).await?;
-        if fields.is_empty() || fields.get("staged").is_some_and(|s| s == "1") {
-            return Ok(None);
-        }
-        if !lease.entry.id.is_empty() && fields.get("entry").is_some_and(|live| *live != lease.entry.id) {
-            return Ok(None);
-        }
-        Envelope::from_fields(&fields).map(Some).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))
+        live_envelope(lease, &fields)
+    }
+
+    async fn envelope_and_start(&self, lease: &Lease, len: usize) -> Result<Option<(Envelope, Vec<u8>)>, SpoolError> {
+        let k = self.shard_keys(lease.entry.shard);
+        let mut pipe = redis::pipe();
+        pipe.hgetall(k.msg(&lease.id)).getrange(k.body(&lease.id), 0, len.max(1) as isize - 1);
+        let mut conn = self.conn_for(lease.entry.shard, "load")?;
+        let (fields, start): (std::collections::HashMap<String, String>, Vec<u8>) =
+            bounded("load", self.config().timeout, pipe.query_async(&mut conn)).await?;
+        // Read before the size was known: only as much as the body has.
+        Ok(live_envelope(lease, &fields)?.map(|env| {
+            let start = if (start.len() as u64) > env.size { start[..env.size as usize].to_vec() } else { start };
+            (env, start)
+        }))
     }
 
     async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
