@@ -351,8 +351,10 @@ fn mail_that_would_loop_back_to_the_node_is_deferred_not_relayed_to_itself() {
     let db = TestDb::create(&MysqlServer::shared());
     db.exec(include_str!("../../migrations/mysql/0001_domains.sql"));
     db.add_domain("echo.example", "127.0.0.1", echo.port);
-    let relay =
-        Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), &[("MXRELAY_DELIVERY_ENABLED", "true")]);
+    let relay = Relay::spawn_with_env(
+        &base_config(&db.url(), SHARED_REDIS, &dns),
+        &[("MXRELAY_DELIVERY_ENABLED", "true"), RELOAD_ON_SIGHUP_ONLY],
+    );
     db.add_domain("self.example", "127.0.0.1", relay.port);
     relay.signal("HUP");
     wait_rcpt(&relay.addr(), "probe@self.example", 250);

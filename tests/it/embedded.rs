@@ -16,12 +16,13 @@ struct Embedded {
 }
 
 impl Embedded {
-    fn start(env: &[(&str, &str)]) -> Embedded {
+    fn start(env_overrides: &[(&str, &str)]) -> Embedded {
         let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/mxrelay.db", dir.path().display());
-        let mut env = env.to_vec();
-        env.push(("MXRELAY_DELIVERY_ENABLED", "true"));
+        // Only the SIGHUP of `add_domain` loads a new domain.
+        let mut env = vec![("MXRELAY_DELIVERY_ENABLED", "true"), RELOAD_ON_SIGHUP_ONLY];
+        env.extend_from_slice(env_overrides);
         let relay = Relay::spawn_with_env(&base_config(&url, &url, &dns), &env);
         Embedded { _dns: dns, dir, relay }
     }

@@ -243,7 +243,7 @@ fn every_metric_the_readme_lists_is_exported_with_its_label_values() {
 /// the test; the domain is checked to be still refused right before it.
 #[test]
 fn sighup_reloads_the_domain_snapshot_at_once() {
-    let w = World::start_with(&[("MXRELAY_DOMAINS_REFRESH", "1h")]);
+    let w = World::start_with(&[RELOAD_ON_SIGHUP_ONLY]);
     let addr = w.relay.addr();
     assert_eq!(w.relay.value("mxrelay_domains_snapshot_size"), 1.0);
     w.db.add_domain("other.example", "127.0.0.1", 2526);

@@ -450,6 +450,12 @@ pub struct Relay {
     port_retries: u32,
 }
 
+/// The override for nodes of tests that change a domain or a recipient and
+/// send SIGHUP: the periodic refresh (`domains.refresh`, 1 s in
+/// [`base_config`]) an hour away, so only the signal can load the change
+/// within the test, and a reload that does not happen fails it.
+pub const RELOAD_ON_SIGHUP_ONLY: (&str, &str) = ("MXRELAY_DOMAINS_REFRESH", "1h");
+
 /// Test defaults: 127.0.0.1 is NOT in mynetworks (so the relay rules apply
 /// to test clients); 127.0.0.9 is. Delivery is off (receive tests inspect
 /// the queue); delivery tests switch it on with `MXRELAY_DELIVERY_ENABLED`.
