@@ -20,7 +20,7 @@ pub mod scanners;
 pub mod sentinel;
 pub mod sink;
 
-pub use ports::{DownPort, KillOnDrop, free_port, start_on_free_port, wait_listening};
+pub use ports::{DownPort, KillOnDrop, free_port, listening_addrs, start_on_free_port, wait_listening};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
