@@ -226,21 +226,21 @@ impl Embedded {
 #[test]
 fn embedded_queue_commands_stats_list_show_hold_flush_bounce_delete_release() {
     let home = Destination::start();
-    let down = free_port();
+    let down = DownPort::new();
     let e = Embedded::start(&[
         ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
         ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
         ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
     ]);
     e.add_domain(LISTED, home.port);
-    e.add_domain("named.example", down);
+    e.add_domain("named.example", down.port);
     let ids: Vec<String> =
         ["a", "b", "c"].iter().map(|l| e.send("bob@friet.pan", &format!("{l}@named.example"))).collect();
     wait_until("3 deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 3);
 
     let s = e.queue_stats();
     assert!(s["messages"] == 3 && s["held"] == 0, "{s}");
-    let dest_key = format!("[127.0.0.1]:{down}");
+    let dest_key = format!("[127.0.0.1]:{}", down.port);
     assert_eq!(s["deferred_by_destination"][0], serde_json::json!([dest_key, 3]), "{s}");
     let (ok, out) = e.cli(&["queue", "stats"]);
     assert!(ok && out.contains("deferred 3") && out.contains(&dest_key), "{out}");
@@ -284,7 +284,7 @@ fn embedded_queue_commands_stats_list_show_hold_flush_bounce_delete_release() {
     assert!(!ok && out.contains("not found"), "{out}");
 
     // release: delivered once the destination is up.
-    let up = Destination::start_on(down);
+    let up = Destination::start_on(down.release());
     let (ok, out) = e.cli(&["queue", "release", &ids[0]]);
     assert!(ok, "{out}");
     let got = up.wait_for(1, Duration::from_secs(20));
@@ -298,14 +298,14 @@ fn embedded_queue_commands_stats_list_show_hold_flush_bounce_delete_release() {
 /// test, only the destination coming back can release its deferred mail.
 #[test]
 fn embedded_a_down_primary_is_drained_fast_once_it_is_back() {
-    let port = free_port();
+    let down = DownPort::new();
     let e = Embedded::start(&[("MXRELAY_DELIVERY_RETRY_MIN", "120s"), ("MXRELAY_DELIVERY_RETRY_MAX", "1h")]);
-    e.add_domain(LISTED, port);
+    e.add_domain(LISTED, down.port);
     for i in 0..20 {
         e.send(SENDER, &format!("m{i}@friet.pan"));
     }
     wait_until("all deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 20);
-    let dest = Destination::start_on(port);
+    let dest = Destination::start_on(down.release());
     let got = dest.wait_for(20, Duration::from_secs(20));
     let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
     rcpts.sort();
@@ -320,19 +320,19 @@ fn embedded_a_down_primary_is_drained_fast_once_it_is_back() {
 /// named domain's deferred mail is released; `queue flush` the rest.
 #[test]
 fn embedded_etrn_and_queue_flush_release_deferred_mail() {
-    let (port_a, port_b) = (free_port(), free_port());
+    let (down_a, down_b) = (DownPort::new(), DownPort::new());
     let e = Embedded::start(&[
         ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
         ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
         ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
     ]);
-    e.add_domain(LISTED, port_a);
-    e.add_domain("named.example", port_b);
+    e.add_domain(LISTED, down_a.port);
+    e.add_domain("named.example", down_b.port);
     e.send(SENDER, "a@friet.pan");
     e.send(SENDER, "b@named.example");
     wait_until("both deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 2);
-    let a = Destination::start_on(port_a);
-    let b = Destination::start_on(port_b);
+    let a = Destination::start_on(down_a.release());
+    let b = Destination::start_on(down_b.release());
 
     let mut untrusted = Raw::ehlo(&e.relay.addr());
     assert!(untrusted.cmd("ETRN friet.pan").starts_with("459 4.7.1"));
@@ -388,8 +388,9 @@ fn embedded_partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
 fn embedded_mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
     let home = Destination::start();
     let e = Embedded::start(&[("MXRELAY_DELIVERY_MAX_QUEUE_LIFETIME", "2s")]);
+    let down = DownPort::new();
     e.add_domain(LISTED, home.port);
-    e.add_domain("named.example", free_port());
+    e.add_domain("named.example", down.port);
     let id = e.send("bob@friet.pan", "x@named.example");
     let got = home.wait_for(1, Duration::from_secs(30));
     assert_eq!((got[0].mail_from.as_str(), got[0].rcpts.clone()), ("", vec!["bob@friet.pan".to_string()]));
@@ -405,8 +406,9 @@ fn embedded_mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
 fn embedded_a_message_still_deferred_after_delay_warning_time_gets_one_delayed_dsn() {
     let home = Destination::start();
     let e = Embedded::start(&[("MXRELAY_DELIVERY_DELAY_WARNING_TIME", "2s")]);
+    let down = DownPort::new();
     e.add_domain(LISTED, home.port);
-    e.add_domain("named.example", free_port());
+    e.add_domain("named.example", down.port);
     let id = e.send("bob@friet.pan", "x@named.example");
     let got = home.wait_for(1, Duration::from_secs(30));
     let dsn = String::from_utf8_lossy(&got[0].data);
