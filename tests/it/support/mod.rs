@@ -903,6 +903,19 @@ impl Raw {
         self.reply()
     }
 
+    /// One message in this session: MAIL, RCPT and DATA, each answered as
+    /// it must be; the reply to the final dot. `content` ends in CRLF and
+    /// has no line starting with a dot.
+    pub fn message(&mut self, from: &str, to: &str, content: &str) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        let r = self.cmd(&format!("RCPT TO:<{to}>"));
+        assert!(r.starts_with("250"), "RCPT: {r}");
+        assert_eq!(self.code_after("DATA"), 354);
+        self.send(&format!("{content}.\r\n"));
+        self.reply()
+    }
+
     /// The socket, for a TLS handshake after `220 Ready to start TLS`
     /// (nothing is buffered then: the server waits for the ClientHello).
     pub fn into_tcp(self) -> TcpStream {
