@@ -59,9 +59,10 @@
 //!   once. A few small patterns are hashed with the instance's paths, so
 //!   the cache grows by some 0.2 MB a start: past 512 MiB it is emptied.
 //!
-//! Warm, rspamd answers `/ping` about 0.5 s after it is spawned; a clean
-//! short message is scanned in about a millisecond (the first scan of a
-//! worker takes 30 to 80 ms). GTUBE gives action `reject` (symbol GTUBE);
+//! Warm, rspamd answers `/ping` about a second after it is spawned; a clean
+//! short message is scanned in about a millisecond, the first scan of a
+//! worker in some 100 ms (`scripts/bench-scan.sh` measures both:
+//! docs/BENCHMARKS.md). GTUBE gives action `reject` (symbol GTUBE);
 //! a short clean message with Date, Message-ID, From, To and Subject gives
 //! `no action`. `stop` kills the whole process group (SIGKILL: an outage,
 //! the port then refuses at once); `resume` starts it again on the same port.
