@@ -10,6 +10,9 @@
 # For each: the node's CPU time per message and peak RSS (VmHWM; a fresh
 # node per case), the scanners' CPU, and the node's mxrelay_scan_total and
 # mxrelay_scan_errors_total from /metrics (errors should be 0).
+# Before the cases, rspamd's own latency (no node involved): the first scan
+# of its fresh worker and SCANS more of a short clean message, one at a
+# time, as tests/it/scanners_harness.rs sends them (RSPAMD_SCANS, default 20).
 #
 # The scanners are private, on ephemeral loopback ports, set up as the test
 # harness does (tests/it/support/scanners.rs): clamd with a signature database
@@ -184,6 +187,25 @@ ready rspamd "$rpid" "$rport" 180 "$r/rspamd.stderr" "$r/rspamd.log"
 t2=$(date +%s.%N)
 if [ -n "$coldlock" ]; then touch "$hs/warm"; exec {coldlock}>&-; fi
 awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN{printf "scanners ready: clamd %.1fs, rspamd %.1fs\n", b-a, c-a}'
+
+# --- rspamd scan latency -------------------------------------------------------
+# A short clean message with the envelope a node sends, POSTed to /checkv2
+# (a new connection each, as the node's scans): curl's time_total, which has
+# no process start in it. The first is the worker's first scan ever.
+printf 'From: sender@sender.example\r\nTo: rcpt@friet.pan\r\nSubject: clean\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\nMessage-ID: <clean.1@sender.example>\r\n\r\nHello,\r\n\r\nthe meeting is at ten tomorrow, in the small room.\r\n\r\nSee you there.\r\n' > "$work/clean.eml"
+scan_once() { # prints "HTTP-status seconds"
+  curl -s -o /dev/null -w '%{http_code} %{time_total}\n' --data-binary @"$work/clean.eml" \
+    -H 'IP: 127.0.0.1' -H 'Helo: client.example' -H 'From: sender@sender.example' -H 'Rcpt: rcpt@friet.pan' \
+    "http://127.0.0.1:$rport/checkv2"
+}
+first=$(scan_once)
+for _ in $(seq 1 "${RSPAMD_SCANS:-20}"); do scan_once; done | sort -k2 -n | awk -v first="$first" '
+  BEGIN { split(first, f, " "); if (f[1] != 200) bad++ }
+  { if ($1 != 200) bad++; t[NR] = $2 }
+  END {
+    printf "rspamd scan latency (short clean message): first %.1f ms; then over %d: min %.1f ms, median %.1f ms, max %.1f ms", f[2] * 1000, NR, t[1] * 1000, t[int((NR + 1) / 2)] * 1000, t[NR] * 1000
+    if (bad) printf " (%d answers not 200)", bad
+    printf "\n" }'
 
 echo "machine: $(nproc) cores, $(uname -r); $(clamd --version | cut -d/ -f1); $(rspamd --version | head -1 | sed 's/ daemon version//')"
 echo "rspamd normal workers: $workers; clamd with the default MaxThreads (10); scan.concurrency default (16)"

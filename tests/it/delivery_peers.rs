@@ -517,11 +517,9 @@ fn dsn_parameters_go_to_a_peer_offering_dsn_and_our_bounces_honour_them() {
 fn notify_success_reaches_a_postfix_next_hop_which_reports_the_delivery_itself() {
     let postfix = Postfix::start(&PostfixOptions { domains: &[LISTED], ..Default::default() });
     let dns = Dns::start(&["sender.example"], &[LISTED, "home.example"]);
-    let d = Delivering::start(
-        &dns,
-        &[(LISTED, "127.0.0.1", postfix.port), ("home.example", "127.0.0.1", free_port())],
-        &[],
-    );
+    let home = DownPort::new();
+    let d =
+        Delivering::start(&dns, &[(LISTED, "127.0.0.1", postfix.port), ("home.example", "127.0.0.1", home.port)], &[]);
     let mut c = Raw::ehlo(&d.relay.addr());
     assert!(c.cmd("MAIL FROM:<bob@home.example> RET=HDRS ENVID=QQ314159").starts_with("250"));
     assert!(c.cmd("RCPT TO:<t@friet.pan> NOTIFY=SUCCESS ORCPT=rfc822;t+40friet.pan").starts_with("250"));

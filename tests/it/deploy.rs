@@ -245,21 +245,30 @@ fn the_compose_ha_profile_adds_a_replica_and_three_sentinels_the_nodes_can_use()
         assert!(script.contains("sentinel monitor mxrelay redis 6379 2"), "{script}");
         let conf = tempfile::tempdir().unwrap();
         let path = conf.path().join("sentinel.conf");
-        let port = free_port();
-        let local = script
-            .replace("/tmp/sentinel.conf", path.to_str().unwrap())
-            .replace("exec redis-sentinel", "true")
-            .replace("port 26379", &format!("port {port}"))
-            .replace("redis 6379", &format!("127.0.0.1 {}", primary.port));
-        assert!(Command::new("sh").args(["-c", &local]).status().unwrap().success());
-        let mut sentinel = Command::new("redis-sentinel").arg(&path).spawn().expect("redis-sentinel");
-        wait_port(port, std::time::Duration::from_secs(10));
+        let log = conf.path().join("sentinel.log");
+        let (port, sentinel) = start_on_free_port("redis-sentinel", |port| {
+            let local = script
+                .replace("/tmp/sentinel.conf", path.to_str().unwrap())
+                .replace("exec redis-sentinel", "true")
+                .replace("port 26379", &format!("port {port}"))
+                .replace("redis 6379", &format!("127.0.0.1 {}", primary.port));
+            assert!(Command::new("sh").args(["-c", &local]).status().unwrap().success());
+            let mut sentinel = KillOnDrop(
+                Command::new("redis-sentinel")
+                    .arg(&path)
+                    .stdout(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .expect("redis-sentinel"),
+            );
+            let log = || std::fs::read_to_string(&log).unwrap_or_default();
+            wait_listening("redis-sentinel", &mut sentinel, port, std::time::Duration::from_secs(10), log)?;
+            Ok((port, sentinel))
+        });
         let named = Command::new("redis-cli")
             .args(["-p", &port.to_string(), "SENTINEL", "get-master-addr-by-name", "mxrelay"])
             .output()
             .unwrap();
-        let _ = sentinel.kill();
-        let _ = sentinel.wait();
+        drop(sentinel);
         let named = String::from_utf8_lossy(&named.stdout).to_string();
         assert!(named.contains(&primary.port.to_string()), "{s} does not watch the primary: {named}");
     }

@@ -17,7 +17,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::pki::TestPki;
@@ -687,15 +687,6 @@ fn rendered_config_and_env_pass_mxrelay_check_config() {
 }
 
 /// A child process killed when the test ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -708,7 +699,8 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
 /// The rendered containers run: the Job's `migrate` creates the tables, the
 /// relay pod (MXRELAY_MIGRATE_ON_START=false) becomes ready on its readiness
 /// probe, stays live on its liveness probe, answers an idle session 421 on
-/// SIGTERM, and exits well within the grace period. Listen addresses are moved to free loopback ports; the test
+/// SIGTERM, and exits well within the grace period. The listeners move to
+/// loopback ports the system picks (port 0, read back from the log); the test
 /// above checked that the rendered ones match the probes and ports.
 #[test]
 fn rendered_containers_migrate_then_serve_and_drain() {
@@ -738,15 +730,15 @@ fn rendered_containers_migrate_then_serve_and_drain() {
         .map(|a| a.as_str().unwrap())
         .map(|a| if a == "/etc/mxrelay/mxrelay.toml" { file.to_string_lossy().into_owned() } else { a.to_string() })
         .collect();
-    let (smtp_port, admin_port) = (free_port(), free_port());
     let log = std::fs::File::create(dir.path().join("mxrelay.log")).unwrap();
-    let mut child = Running(
+    // Port 0: the ports the system picks, read back from the log.
+    let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_mxrelay"))
             .env_clear()
             .args(&args)
             .envs(resolve_env(relay, &secret))
-            .env("MXRELAY_SMTP_LISTEN", format!("127.0.0.1:{smtp_port}"))
-            .env("MXRELAY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("MXRELAY_SMTP_LISTEN", "127.0.0.1:0")
+            .env("MXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
             .env("MXRELAY_QUEUE_PREFIX", unique("mxrk8s"))
             .env("MXRELAY_SMTP_PEERNAME_LOOKUP", "false")
             .stdout(Stdio::null())
@@ -757,11 +749,18 @@ fn rendered_containers_migrate_then_serve_and_drain() {
     let log = || std::fs::read_to_string(dir.path().join("mxrelay.log")).unwrap_or_default();
     let readiness = str_at(relay, "/readinessProbe/httpGet/path");
     let liveness = str_at(relay, "/livenessProbe/httpGet/path");
-    let start = Instant::now();
-    while http_status(admin_port, readiness) != Some(200) {
-        if let Ok(Some(status)) = child.0.try_wait() {
+    let exited = |child: &mut KillOnDrop| {
+        if let Ok(Some(status)) = child.try_wait() {
             panic!("the relay pod's command exited with {status}:\n{}", log());
         }
+    };
+    let (smtp_port, admin_port) = wait_until_value("the relay pod's listeners", Duration::from_secs(30), || {
+        exited(&mut child);
+        listening_addrs(&log()).map(|(smtp, admin)| (smtp.port(), admin.port()))
+    });
+    let start = Instant::now();
+    while http_status(admin_port, readiness) != Some(200) {
+        exited(&mut child);
         assert!(start.elapsed() < Duration::from_secs(30), "never ready on {readiness}:\n{}", log());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -776,7 +775,7 @@ fn rendered_containers_migrate_then_serve_and_drain() {
     let n = session.read(&mut greeting).unwrap();
     assert!(greeting[..n].starts_with(b"220 mx.example.org"), "{}", String::from_utf8_lossy(&greeting[..n]));
     let stopping = Instant::now();
-    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let mut told = [0u8; 512];
     let n = session.read(&mut told).unwrap();
     assert!(
@@ -787,7 +786,7 @@ fn rendered_containers_migrate_then_serve_and_drain() {
     let budget = Duration::from_secs(
         (int_at(pod, "/terminationGracePeriodSeconds") - int_at(relay, "/lifecycle/preStop/sleep/seconds")) as u64,
     );
-    let status = wait_until_value("the relay to exit after SIGTERM", budget, || child.0.try_wait().ok().flatten());
+    let status = wait_until_value("the relay to exit after SIGTERM", budget, || child.try_wait().ok().flatten());
     assert!(status.success(), "exit {status}:\n{}", log());
     assert!(stopping.elapsed() < budget);
 }

@@ -16,12 +16,13 @@ struct Embedded {
 }
 
 impl Embedded {
-    fn start(env: &[(&str, &str)]) -> Embedded {
+    fn start(env_overrides: &[(&str, &str)]) -> Embedded {
         let dns = Dns::start(&["sender.example"], &[LISTED, "named.example"]);
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/mxrelay.db", dir.path().display());
-        let mut env = env.to_vec();
-        env.push(("MXRELAY_DELIVERY_ENABLED", "true"));
+        // Only the SIGHUP of `add_domain` loads a new domain.
+        let mut env = vec![("MXRELAY_DELIVERY_ENABLED", "true"), RELOAD_ON_SIGHUP_ONLY];
+        env.extend_from_slice(env_overrides);
         let relay = Relay::spawn_with_env(&base_config(&url, &url, &dns), &env);
         Embedded { _dns: dns, dir, relay }
     }
@@ -142,28 +143,36 @@ fn embedded_kill_9_with_mail_queued_loses_nothing() {
     eprintln!("embedded kill -9: {} accepted, all delivered after restart ({} deliveries)", ids.len(), got.len());
 }
 
-/// As the README's quickstart: no configuration at all (only the ports
-/// moved off the defaults so tests can run side by side), a domain added
-/// with `mxrelay domains add` in the same directory, swaks to it, and the
-/// mail reaches smtp-sink.
+/// As the README's quickstart: no configuration at all, a domain added
+/// with `mxrelay domains add` in the same directory, SIGHUP, swaks to it,
+/// and the mail reaches smtp-sink. Only moved off the defaults: the
+/// listeners, to ports the system picks (tests run side by side), and the
+/// periodic domain refresh, an hour away so that only the SIGHUP can load
+/// the domain in time.
 #[test]
 fn readme_quickstart_with_no_configuration() {
     let sink = SmtpSink::start();
     let cwd = tempfile::tempdir().unwrap();
-    let (smtp, admin) = (free_port(), free_port());
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
-        .arg("serve")
-        .current_dir(cwd.path())
-        .env("MXRELAY_SMTP_LISTEN", format!("127.0.0.1:{smtp}"))
-        .env("MXRELAY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .stderr(std::fs::File::create(cwd.path().join("log")).unwrap())
-        .spawn()
-        .unwrap();
-    wait_until("listening", Duration::from_secs(20), || {
-        [smtp, admin].iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+    let log = cwd.path().join("log");
+    let mut serve = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+            .arg("serve")
+            .current_dir(cwd.path())
+            .env("MXRELAY_SMTP_LISTEN", "127.0.0.1:0")
+            .env("MXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
+            .env(RELOAD_ON_SIGHUP_ONLY.0, RELOAD_ON_SIGHUP_ONLY.1)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let (smtp, admin) = wait_until_value("listening", Duration::from_secs(20), || {
+        assert!(serve.try_wait().unwrap().is_none(), "mxrelay serve exited:\n{}", log());
+        listening_addrs(&log())
     });
-    let log = std::fs::read_to_string(cwd.path().join("log")).unwrap();
-    assert!(log.contains("data in ./mxrelay-data") && log.contains("mxrelay domains add"), "{log}");
+    wait_until("the note on the embedded store", Duration::from_secs(10), || {
+        log().contains("data in ./mxrelay-data") && log().contains("mxrelay domains add")
+    });
     let out = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
         .args(["domains", "add", "example.org", "--relay-host", "127.0.0.1", "--relay-port", &sink.port.to_string()])
         .current_dir(cwd.path())
@@ -172,15 +181,12 @@ fn readme_quickstart_with_no_configuration() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = Command::new("kill").args(["-HUP", &serve.id().to_string()]).status();
     wait_until("the domain loaded", Duration::from_secs(10), || {
-        http_get(admin, "/metrics").lines().any(|l| l == "mxrelay_domains_snapshot_size 1")
+        http_get(admin.port(), "/metrics").lines().any(|l| l == "mxrelay_domains_snapshot_size 1")
     });
-    let (code, out) =
-        swaks(&format!("127.0.0.1:{smtp}"), &["--from", "you@example.net", "--to", "someone@example.org"]);
+    let (code, out) = swaks(&smtp.to_string(), &["--from", "you@example.net", "--to", "someone@example.org"]);
     assert_eq!(code, 0, "{out}");
     let got = sink.wait_for(1, Duration::from_secs(20));
     assert_eq!(got[0].rcpts, vec!["someone@example.org"]);
-    let _ = serve.kill();
-    let _ = serve.wait();
 }
 
 impl Embedded {
@@ -220,21 +226,21 @@ impl Embedded {
 #[test]
 fn embedded_queue_commands_stats_list_show_hold_flush_bounce_delete_release() {
     let home = Destination::start();
-    let down = free_port();
+    let down = DownPort::new();
     let e = Embedded::start(&[
         ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
         ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
         ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
     ]);
     e.add_domain(LISTED, home.port);
-    e.add_domain("named.example", down);
+    e.add_domain("named.example", down.port);
     let ids: Vec<String> =
         ["a", "b", "c"].iter().map(|l| e.send("bob@friet.pan", &format!("{l}@named.example"))).collect();
     wait_until("3 deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 3);
 
     let s = e.queue_stats();
     assert!(s["messages"] == 3 && s["held"] == 0, "{s}");
-    let dest_key = format!("[127.0.0.1]:{down}");
+    let dest_key = format!("[127.0.0.1]:{}", down.port);
     assert_eq!(s["deferred_by_destination"][0], serde_json::json!([dest_key, 3]), "{s}");
     let (ok, out) = e.cli(&["queue", "stats"]);
     assert!(ok && out.contains("deferred 3") && out.contains(&dest_key), "{out}");
@@ -278,7 +284,7 @@ fn embedded_queue_commands_stats_list_show_hold_flush_bounce_delete_release() {
     assert!(!ok && out.contains("not found"), "{out}");
 
     // release: delivered once the destination is up.
-    let up = Destination::start_on(down);
+    let up = Destination::start_on(down.release());
     let (ok, out) = e.cli(&["queue", "release", &ids[0]]);
     assert!(ok, "{out}");
     let got = up.wait_for(1, Duration::from_secs(20));
@@ -292,14 +298,14 @@ fn embedded_queue_commands_stats_list_show_hold_flush_bounce_delete_release() {
 /// test, only the destination coming back can release its deferred mail.
 #[test]
 fn embedded_a_down_primary_is_drained_fast_once_it_is_back() {
-    let port = free_port();
+    let down = DownPort::new();
     let e = Embedded::start(&[("MXRELAY_DELIVERY_RETRY_MIN", "120s"), ("MXRELAY_DELIVERY_RETRY_MAX", "1h")]);
-    e.add_domain(LISTED, port);
+    e.add_domain(LISTED, down.port);
     for i in 0..20 {
         e.send(SENDER, &format!("m{i}@friet.pan"));
     }
     wait_until("all deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 20);
-    let dest = Destination::start_on(port);
+    let dest = Destination::start_on(down.release());
     let got = dest.wait_for(20, Duration::from_secs(20));
     let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
     rcpts.sort();
@@ -314,19 +320,19 @@ fn embedded_a_down_primary_is_drained_fast_once_it_is_back() {
 /// named domain's deferred mail is released; `queue flush` the rest.
 #[test]
 fn embedded_etrn_and_queue_flush_release_deferred_mail() {
-    let (port_a, port_b) = (free_port(), free_port());
+    let (down_a, down_b) = (DownPort::new(), DownPort::new());
     let e = Embedded::start(&[
         ("MXRELAY_DELIVERY_RETRY_MIN", "120s"),
         ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
         ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
     ]);
-    e.add_domain(LISTED, port_a);
-    e.add_domain("named.example", port_b);
+    e.add_domain(LISTED, down_a.port);
+    e.add_domain("named.example", down_b.port);
     e.send(SENDER, "a@friet.pan");
     e.send(SENDER, "b@named.example");
     wait_until("both deferred", Duration::from_secs(20), || e.queue_stats()["deferred"] == 2);
-    let a = Destination::start_on(port_a);
-    let b = Destination::start_on(port_b);
+    let a = Destination::start_on(down_a.release());
+    let b = Destination::start_on(down_b.release());
 
     let mut untrusted = Raw::ehlo(&e.relay.addr());
     assert!(untrusted.cmd("ETRN friet.pan").starts_with("459 4.7.1"));
@@ -382,8 +388,9 @@ fn embedded_partial_delivery_retries_only_pending_and_bounces_the_5xx_ones() {
 fn embedded_mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
     let home = Destination::start();
     let e = Embedded::start(&[("MXRELAY_DELIVERY_MAX_QUEUE_LIFETIME", "2s")]);
+    let down = DownPort::new();
     e.add_domain(LISTED, home.port);
-    e.add_domain("named.example", free_port());
+    e.add_domain("named.example", down.port);
     let id = e.send("bob@friet.pan", "x@named.example");
     let got = home.wait_for(1, Duration::from_secs(30));
     assert_eq!((got[0].mail_from.as_str(), got[0].rcpts.clone()), ("", vec!["bob@friet.pan".to_string()]));
@@ -399,8 +406,9 @@ fn embedded_mail_still_undeliverable_after_max_queue_lifetime_is_bounced() {
 fn embedded_a_message_still_deferred_after_delay_warning_time_gets_one_delayed_dsn() {
     let home = Destination::start();
     let e = Embedded::start(&[("MXRELAY_DELIVERY_DELAY_WARNING_TIME", "2s")]);
+    let down = DownPort::new();
     e.add_domain(LISTED, home.port);
-    e.add_domain("named.example", free_port());
+    e.add_domain("named.example", down.port);
     let id = e.send("bob@friet.pan", "x@named.example");
     let got = home.wait_for(1, Duration::from_secs(30));
     let dsn = String::from_utf8_lossy(&got[0].data);

@@ -336,7 +336,8 @@ fn auth_with_the_user_database_down_is_454_and_works_again_when_it_is_back() {
     let db = TestDb::create(&maria.server);
     let dns = Dns::start(&["sender.example", "client.example"], &[LISTED]);
     let env = tls_env(&pki);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(RELOAD_ON_SIGHUP_ONLY);
     let relay = Relay::spawn_with_env(&base_config(&db.url(), SHARED_REDIS, &dns), &env);
     db.add_domain(LISTED, "127.0.0.1", 2526);
     relay.signal("HUP");

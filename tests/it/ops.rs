@@ -243,7 +243,7 @@ fn every_metric_the_readme_lists_is_exported_with_its_label_values() {
 /// the test; the domain is checked to be still refused right before it.
 #[test]
 fn sighup_reloads_the_domain_snapshot_at_once() {
-    let w = World::start_with(&[("MXRELAY_DOMAINS_REFRESH", "1h")]);
+    let w = World::start_with(&[RELOAD_ON_SIGHUP_ONLY]);
     let addr = w.relay.addr();
     assert_eq!(w.relay.value("mxrelay_domains_snapshot_size"), 1.0);
     w.db.add_domain("other.example", "127.0.0.1", 2526);
@@ -316,15 +316,17 @@ fn sighup_right_after_start_reloads_and_never_kills_the_node() {
     for attempt in 0..40 {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let mut serve = Command::new(env!("CARGO_BIN_EXE_mxrelay"))
-            .arg("serve")
-            .env("MXRELAY_SMTP_LISTEN", "127.0.0.1:0")
-            .env("MXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
-            .env("MXRELAY_DATA_DIR", dir.path())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let mut serve = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_mxrelay"))
+                .arg("serve")
+                .env("MXRELAY_SMTP_LISTEN", "127.0.0.1:0")
+                .env("MXRELAY_ADMIN_LISTEN", "127.0.0.1:0")
+                .env("MXRELAY_DATA_DIR", dir.path())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
         let started = std::time::Instant::now();
         while !std::fs::read_to_string(&log).unwrap_or_default().contains("mxrelay listening") {
             let exited = serve.try_wait().unwrap();
@@ -339,8 +341,7 @@ fn sighup_right_after_start_reloads_and_never_kills_the_node() {
             }
             serve.try_wait().unwrap().map(Err)
         });
-        let _ = serve.kill();
-        let _ = serve.wait();
+        drop(serve);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(outcome.is_ok(), "start {attempt}: SIGHUP killed the node ({outcome:?}):\n{text}");
     }

@@ -51,8 +51,13 @@ fn may_delivers_over_tls_and_reuses_the_encrypted_session() {
     // The default level is may; the certificate's CA is not trusted and
     // does not need to be.
     let s = Outbound::start(&[(LISTED, "127.0.0.1", dest.port)], "");
+    // One client session, each message sent once the previous one arrived:
+    // the next delivery comes well inside the 2 s a session is kept, with
+    // no process start (swaks) in between.
+    let mut client = Raw::ehlo(&s.relay.addr());
     for i in 0..4 {
-        s.send(&format!("m{i}@{LISTED}"));
+        let r = client.message("bob@friet.pan", &format!("m{i}@{LISTED}"), "Subject: reuse\r\n\r\nbody\r\n");
+        assert!(r.starts_with("250 2.0.0"), "{r}");
         dest.wait_for(i + 1, WAIT);
     }
     let got = dest.messages();

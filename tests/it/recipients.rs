@@ -24,7 +24,7 @@ fn a_recipient_table_takes_its_addresses_and_refuses_the_rest_at_rcpt_without_ba
     db.add_domain("other.example", "127.0.0.1", sink.port);
     let relay = Relay::spawn_with_env(
         &base_config(&db.url(), SHARED_REDIS, &dns),
-        &[("MXRELAY_DELIVERY_ENABLED", "true"), ("MXRELAY_MYNETWORKS", "127.0.0.9/32")],
+        &[("MXRELAY_DELIVERY_ENABLED", "true"), ("MXRELAY_MYNETWORKS", "127.0.0.9/32"), RELOAD_ON_SIGHUP_ONLY],
     );
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("recipients.csv");
@@ -112,7 +112,7 @@ fn rcpt_via_swaks(relay: &Relay, from: &str, to: &str) -> String {
 }
 
 /// RCPT of `address` at each node until each has checked one recipient
-/// by `verify` (a SIGHUP reloads the check; until then RCPT takes anyone).
+/// by `verify` (until a reload loads the check, RCPT takes anyone).
 fn wait_verifying(relays: &[&Relay], address: &str) {
     wait_until("the nodes verify recipients", Duration::from_secs(15), || {
         relays.iter().all(|r| {
@@ -133,8 +133,8 @@ fn verify_asks_the_primary_postfix_and_every_node_shares_its_answers() {
     db.add_domain(LISTED, "127.0.0.1", primary.port);
     let config = base_config(&db.url(), SHARED_REDIS, &dns);
     let prefix = unique("mxrv");
-    let a = Relay::spawn_in_queue(&config, &[("MXRELAY_DELIVERY_ENABLED", "true")], &prefix);
-    let b = Relay::spawn_in_queue(&config, &[("MXRELAY_NODE_ID", "node-b")], &prefix);
+    let a = Relay::spawn_in_queue(&config, &[("MXRELAY_DELIVERY_ENABLED", "true"), RELOAD_ON_SIGHUP_ONLY], &prefix);
+    let b = Relay::spawn_in_queue(&config, &[("MXRELAY_NODE_ID", "node-b"), RELOAD_ON_SIGHUP_ONLY], &prefix);
     let (ok, out) = a.cli(&["recipients", "check", LISTED, "verify"]);
     assert!(ok, "{out}");
     a.signal("HUP");

@@ -4,7 +4,7 @@
 //! Raw protocols only: clamd's INSTREAM over TCP, rspamd's HTTP /checkv2.
 
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::support::scanners::*;
 
@@ -128,31 +128,18 @@ fn rspamd_rejects_gtube_and_passes_clean_mail() {
         ("Rcpt", "rcpt@friet.pan"),
     ];
 
+    // How long a scan takes is measured by scripts/bench-scan.sh
+    // (docs/BENCHMARKS.md), not asserted here.
     let clean = mail("clean", CLEAN_BODY);
-    let t = Instant::now();
     let reply = rspamd.checkv2(&clean, &envelope);
-    let first = t.elapsed();
     assert_eq!(action(&reply), "no action", "clean mail: {reply}");
-    let mut times = Vec::new();
+    eprintln!("clean mail: score {}", reply["score"]);
     for headers in [&envelope[..], &[], &[("IP", "192.0.2.10"), ("From", "sender@sender.example")]] {
         for _ in 0..3 {
-            let t = Instant::now();
             let reply = rspamd.checkv2(&clean, headers);
-            times.push(t.elapsed());
             assert_eq!(action(&reply), "no action", "clean mail with {headers:?}: {reply}");
         }
     }
-    times.sort();
-    eprintln!(
-        "clean mail: score {}, first scan {first:?}, then {:?} to {:?}",
-        reply["score"],
-        times[0],
-        times[times.len() - 1]
-    );
-    // The first scan of a worker initialises it (some 50 ms here); the
-    // others take about a millisecond.
-    assert!(first < Duration::from_secs(5), "slow first scan: {first:?}");
-    assert!(times[times.len() - 1] < Duration::from_secs(1), "slow scans: {times:?}");
 
     let spam =
         mail("gtube", &format!("This is the GTUBE, the generic test for unsolicited bulk e-mail:\r\n{GTUBE}\r\n"));

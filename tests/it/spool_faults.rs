@@ -479,7 +479,10 @@ async fn a_commit_whose_reply_was_lost_is_found_queued_once() {
     let mut body = spool.open_body(&id);
     body.write(b"Subject: late\r\n\r\nbody\r\n").await.unwrap();
     // The commit runs, its reply does not come within queue.timeout (1 s):
-    // the node must find out that it landed rather than answer 451.
+    // the node must find out that it landed rather than answer 451, and
+    // count it for the operator.
+    let recovered = || mxrelay::metrics::METRICS.queue_commits_recovered.get();
+    let before = recovered();
     proxy.hold_replies();
     let healer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -487,6 +490,7 @@ async fn a_commit_whose_reply_was_lost_is_found_queued_once() {
         proxy
     });
     body.commit(&envelope(&id)).await.expect("landed, so 250");
+    assert_eq!(recovered(), before + 1, "mxrelay_queue_commits_recovered_total");
     let _proxy = healer.await.unwrap();
     let s = spool.stats(false).await.unwrap();
     assert_eq!((s.messages, s.ready), (2, 2), "queued once");

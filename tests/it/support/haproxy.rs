@@ -6,8 +6,9 @@
 //! killed on drop. `scripts/test.sh` installs the Debian package.
 
 use std::process::{Child, Command};
+use std::time::Duration;
 
-use super::free_port;
+use super::{start_on_free_port, wait_listening};
 
 pub struct Haproxy {
     /// The frontend clients connect to (127.0.0.1).
@@ -20,16 +21,22 @@ impl Haproxy {
     /// Forwards 127.0.0.1:`port` to `upstream` (ip:port), connecting from
     /// `source`; health checks go to `check_port` on the upstream's address.
     pub fn start(upstream: &str, source: &str, check_port: u16) -> Haproxy {
-        let dir = tempfile::tempdir().expect("temporary directory for haproxy");
-        let port = free_port();
-        let config = format!(
-            "global\n  log stderr format raw local0 info\n\
-             defaults\n  mode tcp\n  log global\n  option tcplog\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend front\n  bind 127.0.0.1:{port}\n  default_backend relay\n\
-             backend relay\n  source {source}\n  \
-             server node {upstream} send-proxy-v2 check check-send-proxy port {check_port} inter 300ms\n"
-        );
-        Self::run(&config, port, dir)
+        start_on_free_port("haproxy", |port| {
+            // noreuseport: without it HAProxy shares a port another process
+            // (another test's HAProxy) listens on, and each gets some clients.
+            let config = format!(
+                "global\n  noreuseport\n  log stderr format raw local0 info\n\
+                 defaults\n  mode tcp\n  log global\n  option tcplog\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                 frontend front\n  bind 127.0.0.1:{port}\n  default_backend relay\n\
+                 backend relay\n  source {source}\n  \
+                 server node {upstream} send-proxy-v2 check check-send-proxy port {check_port} inter 300ms\n"
+            );
+            let mut haproxy = Self::run(&config, port, tempfile::tempdir().expect("temporary directory for haproxy"));
+            let log = haproxy.dir.path().join("haproxy.log");
+            let log = || std::fs::read_to_string(&log).unwrap_or_default();
+            wait_listening("haproxy", &mut haproxy.child, port, Duration::from_secs(10), log)?;
+            Ok(haproxy)
+        })
     }
 
     /// Runs `config` (whose frontend listens on `port`); its log (to

@@ -11,6 +11,7 @@ pub mod in_process;
 pub mod netns;
 pub mod outbound;
 pub mod pki;
+pub mod ports;
 pub mod postfix;
 pub mod prometheus;
 pub mod proxy;
@@ -18,6 +19,8 @@ pub mod redis_cluster;
 pub mod scanners;
 pub mod sentinel;
 pub mod sink;
+
+pub use ports::{DownPort, KillOnDrop, free_port, listening_addrs, start_on_free_port, wait_listening};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -35,41 +38,6 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{prefix}_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A loopback port that stays down: bound (without SO_REUSEADDR) but not
-/// listening, so a connection to it is refused, as by a destination that
-/// is down, and no other test can bind it meanwhile, as one could a port
-/// from [`free_port`] left unbound for seconds.
-pub struct DownPort {
-    socket: socket2::Socket,
-    pub port: u16,
-}
-
-impl DownPort {
-    pub fn new() -> DownPort {
-        use socket2::{Domain, Socket, Type};
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind 127.0.0.1:0");
-        let port = socket.local_addr().unwrap().as_socket().expect("an inet address").port();
-        DownPort { socket, port }
-    }
-
-    /// Frees the port for the test's own listener, to be bound at once.
-    pub fn release(self) -> u16 {
-        drop(self.socket);
-        self.port
-    }
-}
-
-impl Default for DownPort {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -220,15 +188,27 @@ impl MariaDb {
             .expect("mariadb-install-db (scripts/test.sh installs it)");
         assert!(status.success(), "mariadb-install-db failed");
         let args = args.iter().map(|a| a.to_string()).collect();
-        let mut db = MariaDb { server: MysqlServer { port: free_port() }, dir, child: None, args };
-        db.resume();
+        let mut db = MariaDb { server: MysqlServer { port: 0 }, dir, child: None, args };
+        start_on_free_port("mariadbd", |port| {
+            db.server.port = port;
+            db.try_resume()
+        });
         db
     }
 
     /// Starts the server again on the same port and data.
     pub fn resume(&mut self) {
+        if let Err(log) = self.try_resume() {
+            panic!("mariadbd did not start again on port {}:\n{log}", self.server.port);
+        }
+    }
+
+    /// Starts it and waits until it listens itself (a port that answers
+    /// could be another server's) and answers; its log if it exits first.
+    fn try_resume(&mut self) -> Result<(), String> {
         let d = self.dir.path();
-        let log = std::fs::File::create(d.join("mariadb.log")).unwrap();
+        let log_path = d.join("mariadb.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new("/usr/sbin/mariadbd")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
@@ -241,8 +221,12 @@ impl MariaDb {
             .stderr(log)
             .spawn()
             .expect("mariadbd");
-        self.child = Some(child);
+        // Held by `self` at once: a timeout below panics, and the drop kills it.
+        let child = self.child.insert(child);
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        wait_listening("mariadbd", child, self.server.port, Duration::from_secs(60), log)?;
         wait_until("private mariadb", Duration::from_secs(60), || self.server.try_exec("", "SELECT 1").is_ok());
+        Ok(())
     }
 
     /// Kills the server (SIGKILL): an outage, not a shutdown.
@@ -279,23 +263,15 @@ impl RedisServer {
     }
 
     pub fn start_with(args: &[&str]) -> RedisServer {
-        let mut r = RedisServer {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-            args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        for _ in 0..3 {
-            match r.try_resume() {
-                Ok(()) => return r,
-                // Another test took the port between `free_port` and the
-                // bind: a race of the harness; pick another.
-                Err(log) if log.contains("Address already in use") => r.port = free_port(),
-                Err(log) => panic!("redis-server did not start:\n{log}"),
-            }
-        }
-        r.resume();
-        r
+        start_on_free_port("redis-server", |port| {
+            let mut r = RedisServer {
+                port,
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+                args: args.iter().map(|a| a.to_string()).collect(),
+            };
+            r.try_resume().map(|()| r)
+        })
     }
 
     /// Starts the server again on the same port and data.
@@ -473,6 +449,12 @@ pub struct Relay {
     env: Vec<(String, String)>,
     port_retries: u32,
 }
+
+/// The override for nodes of tests that change a domain or a recipient and
+/// send SIGHUP: the periodic refresh (`domains.refresh`, 1 s in
+/// [`base_config`]) an hour away, so only the signal can load the change
+/// within the test, and a reload that does not happen fails it.
+pub const RELOAD_ON_SIGHUP_ONLY: (&str, &str) = ("MXRELAY_DOMAINS_REFRESH", "1h");
 
 /// Test defaults: 127.0.0.1 is NOT in mynetworks (so the relay rules apply
 /// to test clients); 127.0.0.9 is. Delivery is off (receive tests inspect
@@ -918,6 +900,19 @@ impl Raw {
     /// Sends a command and returns the whole reply.
     pub fn cmd(&mut self, line: &str) -> String {
         self.send(&format!("{line}\r\n"));
+        self.reply()
+    }
+
+    /// One message in this session: MAIL, RCPT and DATA, each answered as
+    /// it must be; the reply to the final dot. `content` ends in CRLF and
+    /// has no line starting with a dot.
+    pub fn message(&mut self, from: &str, to: &str, content: &str) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        let r = self.cmd(&format!("RCPT TO:<{to}>"));
+        assert!(r.starts_with("250"), "RCPT: {r}");
+        assert_eq!(self.code_after("DATA"), 354);
+        self.send(&format!("{content}.\r\n"));
         self.reply()
     }
 

@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use super::{free_port, wait_until};
+use super::{KillOnDrop, start_on_free_port, wait_listening, wait_until};
 
 pub struct Prometheus {
     port: u16,
+    /// Dropped (killed) before its directory goes.
+    _child: KillOnDrop,
     _dir: tempfile::TempDir,
-    child: std::process::Child,
 }
 
 impl Prometheus {
@@ -20,16 +21,23 @@ impl Prometheus {
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: mxrelay\n    static_configs:\n      - targets: [{list}]\n"
         );
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let port = free_port();
-        let child = std::process::Command::new("/usr/bin/prometheus")
-            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("prometheus (scripts/test.sh installs it)");
-        let p = Prometheus { port, _dir: dir, child };
+        let log = dir.path().join("prometheus.log");
+        let (port, child) = start_on_free_port("prometheus", |port| {
+            let mut child = KillOnDrop(
+                std::process::Command::new("/usr/bin/prometheus")
+                    .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+                    .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+                    .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .expect("prometheus (scripts/test.sh installs it)"),
+            );
+            let log = || std::fs::read_to_string(&log).unwrap_or_default();
+            wait_listening("prometheus", &mut child, port, Duration::from_secs(30), log)?;
+            Ok((port, child))
+        });
+        let p = Prometheus { port, _child: child, _dir: dir };
         wait_until("prometheus ready", Duration::from_secs(30), || p.get("/-/ready").starts_with("HTTP/1.1 200"));
         p
     }
@@ -80,12 +88,5 @@ impl Prometheus {
                 Some((r["metric"]["instance"].as_str()?.to_string(), r["value"][1].as_str()?.parse().ok()?))
             })
             .collect()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -59,9 +59,10 @@
 //!   once. A few small patterns are hashed with the instance's paths, so
 //!   the cache grows by some 0.2 MB a start: past 512 MiB it is emptied.
 //!
-//! Warm, rspamd answers `/ping` about 0.5 s after it is spawned; a clean
-//! short message is scanned in about a millisecond (the first scan of a
-//! worker takes 30 to 80 ms). GTUBE gives action `reject` (symbol GTUBE);
+//! Warm, rspamd answers `/ping` about a second after it is spawned; a clean
+//! short message is scanned in about a millisecond, the first scan of a
+//! worker in some 100 ms (`scripts/bench-scan.sh` measures both:
+//! docs/BENCHMARKS.md). GTUBE gives action `reject` (symbol GTUBE);
 //! a short clean message with Date, Message-ID, From, To and Subject gives
 //! `no action`. `stop` kills the whole process group (SIGKILL: an outage,
 //! the port then refuses at once); `resume` starts it again on the same port.
@@ -74,7 +75,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Dns, free_port, wait_until};
+use super::{Dns, start_on_free_port, wait_listening, wait_until};
 
 /// The standard 68-byte EICAR anti-virus test string.
 pub const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
@@ -205,28 +206,35 @@ impl ClamdServer {
         );
         std::fs::write(db.join("mxrelay.hdb"), format!("{}:{}:{TEST_FILE_SIGNATURE}\n", fields[0], fields[1])).unwrap();
 
-        let port = free_port();
-        let mut conf = format!(
-            "TCPSocket {port}\nTCPAddr 127.0.0.1\nForeground yes\nDatabaseDirectory {}\nLogFile {}\nLogTime yes\n\
-             PidFile {}\nTemporaryDirectory {}\nSelfCheck 0\nBytecode no\n",
-            db.display(),
-            d.join("clamd.log").display(),
-            d.join("clamd.pid").display(),
-            d.join("tmp").display(),
-        );
-        for line in extra {
-            conf.push_str(line);
-            conf.push('\n');
-        }
-        std::fs::write(d.join("clamd.conf"), conf).unwrap();
-
-        let mut server = ClamdServer { port, dir, child: None };
-        server.resume();
+        let extra: String = extra.iter().map(|line| format!("{line}\n")).collect();
+        let mut server = ClamdServer { port: 0, dir, child: None };
+        start_on_free_port("clamd", |port| {
+            server.port = port;
+            let d = server.dir.path();
+            let conf = format!(
+                "TCPSocket {port}\nTCPAddr 127.0.0.1\nForeground yes\nDatabaseDirectory {}\nLogFile {}\nLogTime yes\n\
+                 PidFile {}\nTemporaryDirectory {}\nSelfCheck 0\nBytecode no\n{extra}",
+                db.display(),
+                d.join("clamd.log").display(),
+                d.join("clamd.pid").display(),
+                d.join("tmp").display(),
+            );
+            std::fs::write(d.join("clamd.conf"), conf).unwrap();
+            server.try_resume()
+        });
         server
     }
 
-    /// Starts clamd (again) on the same port with the same database.
+    /// Starts clamd again on the same port with the same database.
     pub fn resume(&mut self) {
+        if let Err(log) = self.try_resume() {
+            panic!("clamd did not start again on port {}:\n{log}", self.port);
+        }
+    }
+
+    /// Starts clamd and waits until it listens itself and answers `PING`;
+    /// its log if it exits before it listens.
+    fn try_resume(&mut self) -> Result<(), String> {
         let d = self.dir.path();
         let stderr = File::create(d.join("clamd.stderr")).unwrap();
         let child = Command::new("clamd")
@@ -237,16 +245,13 @@ impl ClamdServer {
             .stderr(stderr)
             .spawn()
             .expect("clamd (scripts/test.sh installs clamav-daemon)");
-        self.child = Some(child);
-        let addr = self.addr();
         let dir = d.to_path_buf();
-        wait_ready(
-            "clamd",
-            &mut self.child,
-            Duration::from_secs(60),
-            || clamd_command(&addr, "PING").is_ok_and(|r| r == "PONG"),
-            || format!("{}\n{}", tail(&dir.join("clamd.stderr"), 20), tail(&dir.join("clamd.log"), 40)),
-        );
+        let log = || format!("{}\n{}", tail(&dir.join("clamd.stderr"), 20), tail(&dir.join("clamd.log"), 40));
+        let timeout = Duration::from_secs(60);
+        wait_listening("clamd", self.child.insert(child), self.port, timeout, log)?;
+        let addr = self.addr();
+        wait_ready("clamd", &mut self.child, timeout, || clamd_command(&addr, "PING").is_ok_and(|r| r == "PONG"), log);
+        Ok(())
     }
 
     /// Kills clamd (SIGKILL): the port then refuses connections.
@@ -353,9 +358,7 @@ impl RspamdServer {
         for sub in ["local.d", "override.d", "db", "run"] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
-        let port = free_port();
-        std::fs::write(
-            d.join("rspamd.conf"),
+        let conf = |port: u16| {
             format!(
                 r#"# /etc/rspamd/common.conf without statistic.conf (Bayes needs Redis)
 lua = "$RULESDIR/rspamd.lua";
@@ -385,9 +388,8 @@ worker "normal" {{
   mime = true;
 }}
 "#
-            ),
-        )
-        .unwrap();
+            )
+        };
         let local_d = d.join("local.d");
         std::fs::write(
             local_d.join("options.inc"),
@@ -417,13 +419,25 @@ worker "normal" {{
             std::fs::write(local_d.join(name), content).unwrap();
         }
 
-        let mut server = RspamdServer { port, dns, dir, child: None };
-        server.resume();
+        let mut server = RspamdServer { port: 0, dns, dir, child: None };
+        start_on_free_port("rspamd", |port| {
+            server.port = port;
+            std::fs::write(server.dir.path().join("rspamd.conf"), conf(port)).unwrap();
+            server.try_resume()
+        });
         server
     }
 
-    /// Starts rspamd (again) on the same port with the same configuration.
+    /// Starts rspamd again on the same port with the same configuration.
     pub fn resume(&mut self) {
+        if let Err(log) = self.try_resume() {
+            panic!("rspamd did not start again on port {}:\n{log}", self.port);
+        }
+    }
+
+    /// Starts rspamd and waits until its main process listens and it
+    /// answers `/ping`; its log if it exits before it listens.
+    fn try_resume(&mut self) -> Result<(), String> {
         let cache = rspamd_hs_cache();
         let warm = cache.join("warm");
         let lock = || {
@@ -461,20 +475,22 @@ worker "normal" {{
             .stderr(stderr)
             .spawn()
             .expect("rspamd (scripts/test.sh installs it)");
-        self.child = Some(child);
         let timeout = Duration::from_secs(if lock.is_some() { 180 } else { 120 });
         let port = self.port;
         let dir = d.to_path_buf();
+        let log = || format!("{}\n{}", tail(&dir.join("rspamd.stderr"), 20), tail(&dir.join("rspamd.log"), 40));
+        wait_listening("rspamd", self.child.insert(child), port, timeout, log)?;
         wait_ready(
             "rspamd",
             &mut self.child,
             timeout,
             || http(port, "GET", "/ping", &[], b"").is_ok_and(|(status, body)| status == 200 && body.trim() == "pong"),
-            || format!("{}\n{}", tail(&dir.join("rspamd.stderr"), 20), tail(&dir.join("rspamd.log"), 40)),
+            log,
         );
         if lock.is_some() {
             File::create(&warm).unwrap();
         }
+        Ok(())
     }
 
     /// Kills rspamd and its workers (SIGKILL to the process group): the
