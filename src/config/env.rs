@@ -18,7 +18,8 @@ type EnvKeys = BTreeMap<String, String>;
 const MAX_TYPE_ERRORS: usize = 50;
 
 /// Integer keys counted in bytes, so their fix says so.
-const BYTE_KEYS: &[&str] = &["message_size_limit", "queue.chunk_size", "scan.max_size", "smtp.min_data_rate"];
+const BYTE_KEYS: &[&str] =
+    &["message_size_limit", "queue.chunk_size", "scan.max_size", "scan.memory_limit", "smtp.min_data_rate"];
 
 /// How to write the keys whose values are more than a string, a number or
 /// a flag (addresses, networks, levels).

@@ -301,6 +301,10 @@ pub struct ScanConfig {
     /// Messages larger than this (bytes) are not scanned and get a header
     /// saying so (keep it under clamd's StreamMaxLength).
     pub max_size: u64,
+    /// Bytes of messages waiting for a verdict held in memory on this node,
+    /// all together; a message over 1 MiB, or one that would pass this, is
+    /// held in a file under `data_dir/scan` instead. 0: always a file.
+    pub memory_limit: u64,
     /// Prepended to the Subject when rspamd says `rewrite subject` without
     /// giving the new subject itself.
     pub spam_subject_tag: String,
@@ -315,6 +319,7 @@ impl Default for ScanConfig {
             concurrency: 16,
             on_failure: ScanFailure::Tempfail,
             max_size: 20 * 1024 * 1024,
+            memory_limit: 64 * 1024 * 1024,
             spam_subject_tag: "***SPAM*** ".into(),
         }
     }

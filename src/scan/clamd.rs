@@ -2,11 +2,9 @@
 //! a 4-byte big-endian length and the data, then a zero length), on TCP
 //! (`host:port`) or a unix socket (`unix:/path`).
 
-use std::path::Path;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::ScanError;
+use super::{Content, ScanError};
 
 /// INSTREAM chunk size (clamd's StreamMaxLength caps the whole stream).
 const CHUNK: usize = 64 * 1024;
@@ -21,42 +19,61 @@ pub enum ClamdVerdict {
     Virus(String),
 }
 
-/// Streams the file at `path` to clamd at `address`.
-pub async fn scan(address: &str, path: &Path) -> Result<ClamdVerdict, ScanError> {
+/// Streams the message to clamd at `address`.
+pub async fn scan(address: &str, content: &Content) -> Result<ClamdVerdict, ScanError> {
     if let Some(socket) = address.strip_prefix("unix:") {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
             .map_err(|e| ScanError::Unreachable(format!("clamd at {address}: {e}")))?;
-        instream(stream, path).await
+        instream(stream, content).await
     } else {
         let stream = tokio::net::TcpStream::connect(address)
             .await
             .map_err(|e| ScanError::Unreachable(format!("clamd at {address}: {e}")))?;
-        instream(stream, path).await
+        instream(stream, content).await
     }
 }
 
-async fn instream<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, path: &Path) -> Result<ClamdVerdict, ScanError> {
+async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    content: &Content,
+) -> Result<ClamdVerdict, ScanError> {
     let io = |e: std::io::Error| ScanError::Protocol(format!("clamd: {e}"));
-    let mut file = tokio::fs::File::open(path).await.map_err(|e| ScanError::Local(e.to_string()))?;
     stream.write_all(b"zINSTREAM\0").await.map_err(io)?;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = file.read(&mut buf).await.map_err(|e| ScanError::Local(e.to_string()))?;
-        if n == 0 {
-            break;
+    match content {
+        Content::Memory(bytes) => {
+            for piece in bytes.chunks(CHUNK) {
+                send_piece(&mut stream, piece).await?;
+            }
         }
-        stream.write_all(&(n as u32).to_be_bytes()).await.map_err(io)?;
-        if let Err(e) = stream.write_all(&buf[..n]).await {
-            // clamd closes early when the stream is over its StreamMaxLength;
-            // its reply says so.
-            let reply = read_reply(&mut stream).await.unwrap_or_default();
-            return Err(ScanError::Protocol(format!("clamd: {e} {reply}")));
+        Content::File(path) => {
+            let mut file = tokio::fs::File::open(path).await.map_err(|e| ScanError::Local(e.to_string()))?;
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = file.read(&mut buf).await.map_err(|e| ScanError::Local(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                send_piece(&mut stream, &buf[..n]).await?;
+            }
         }
     }
     stream.write_all(&0u32.to_be_bytes()).await.map_err(io)?;
     let reply = read_reply(&mut stream).await.map_err(io)?;
     parse_reply(&reply)
+}
+
+/// One INSTREAM chunk: its length, then the bytes.
+async fn send_piece<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, piece: &[u8]) -> Result<(), ScanError> {
+    let io = |e: std::io::Error| ScanError::Protocol(format!("clamd: {e}"));
+    stream.write_all(&(piece.len() as u32).to_be_bytes()).await.map_err(io)?;
+    if let Err(e) = stream.write_all(piece).await {
+        // clamd closes early when the stream is over its StreamMaxLength;
+        // its reply says so.
+        let reply = read_reply(stream).await.unwrap_or_default();
+        return Err(ScanError::Protocol(format!("clamd: {e} {reply}")));
+    }
+    Ok(())
 }
 
 async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<String> {

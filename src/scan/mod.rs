@@ -4,8 +4,10 @@
 //! per-node concurrency limit.
 //!
 //! Invariants: the spool only ever stores what was accepted (a message to
-//! be scanned is held in a file in `data_dir/scan` until the verdict, then
-//! copied into the spool with the scan headers); a scanner that is down,
+//! be scanned is held until the verdict, then copied into the spool with
+//! the scan headers); a message waiting is held in memory when it is small
+//! and the node's `scan.memory_limit` allows, else in a file in
+//! `data_dir/scan` (bounded memory either way); a scanner that is down,
 //! slow or answers garbage never causes a 5xx: it is `451 4.7.1` under
 //! `scan.on_failure = "tempfail"`, or acceptance with a header saying the
 //! message was not scanned under `"accept"`. The verdict applies to the
@@ -16,7 +18,10 @@ pub mod rspamd;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use bytes::Bytes;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -59,6 +64,11 @@ pub enum Verdict {
     Refuse(Reply, &'static str),
 }
 
+/// A message larger than this waits for its verdict in a file.
+const MEMORY_MESSAGE_MAX: u64 = 1024 * 1024;
+/// How much of a spilled file is read at a time.
+const FILE_PIECE: usize = 64 * 1024;
+
 /// The configured scanners of a node.
 pub struct Scanner {
     config: ScanConfig,
@@ -66,6 +76,8 @@ pub struct Scanner {
     permits: Arc<tokio::sync::Semaphore>,
     http: reqwest::Client,
     dir: PathBuf,
+    /// Bytes of waiting messages held in memory now (`scan.memory_limit`).
+    in_memory: Arc<AtomicU64>,
 }
 
 impl Scanner {
@@ -82,6 +94,7 @@ impl Scanner {
             config: config.clone(),
             node: node.to_string(),
             dir,
+            in_memory: Arc::new(AtomicU64::new(0)),
         })))
     }
 
@@ -89,29 +102,38 @@ impl Scanner {
         self.config.max_size
     }
 
-    /// A fresh file to hold one message until its verdict.
+    /// An empty buffer to hold one message until its verdict: in memory
+    /// until it grows past [`MEMORY_MESSAGE_MAX`] or the node's
+    /// `scan.memory_limit`, then in a file.
     pub async fn buffer(&self, queue_id: &str) -> Result<ScanBuffer, ScanError> {
-        let path = self.dir.join(format!("{queue_id}.eml"));
-        let file = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| ScanError::Local(format!("cannot create {}: {e}", path.display())))?;
-        Ok(ScanBuffer { file: Some(file), path, len: 0 })
+        Ok(ScanBuffer {
+            held: Held::Writing(Vec::new()),
+            path: self.dir.join(format!("{queue_id}.eml")),
+            len: 0,
+            budget: self.in_memory.clone(),
+            limit: self.config.memory_limit,
+            reserved: 0,
+        })
     }
 
     /// Scans the finished buffer with every configured scanner.
     pub async fn scan(&self, buffer: &mut ScanBuffer, env: &Envelope<'_>) -> Verdict {
-        if let Err(e) = buffer.finish().await {
-            return self.failed(vec![("local", e)]);
-        }
+        let content = match buffer.finish().await {
+            Ok(content) => content,
+            Err(e) => return self.failed(vec![("local", e)]),
+        };
         // Waiting for a permit counts against the same timeout.
         let deadline = self.config.timeout;
         let Ok(Ok(_permit)) = tokio::time::timeout(deadline, self.permits.clone().acquire_owned()).await else {
             return self.failed(vec![("local", ScanError::Timeout("no free scanner slot".into()))]);
         };
-        let path = buffer.path.clone();
-        let clamd = timed("clamd", &self.config.clamd, deadline, clamd::scan(&self.config.clamd, &path));
-        let spam =
-            timed("rspamd", &self.config.rspamd, deadline, rspamd::scan(&self.http, &self.config.rspamd, &path, env));
+        let clamd = timed("clamd", &self.config.clamd, deadline, clamd::scan(&self.config.clamd, &content));
+        let spam = timed(
+            "rspamd",
+            &self.config.rspamd,
+            deadline,
+            rspamd::scan(&self.http, &self.config.rspamd, &content, env),
+        );
         let (virus, spam) = tokio::join!(clamd, spam);
         let verdict = decide(virus, spam, &self.config, &self.node);
         tracing::info!(queue_id = env.queue_id, "{}: scan: {}", env.queue_id, describe(&verdict));
@@ -245,27 +267,97 @@ fn decide_failure(errors: &[(&'static str, ScanError)], config: &ScanConfig, nod
     }
 }
 
-/// One message on its way to a verdict: a file under `data_dir/scan`,
-/// removed when dropped.
+/// A finished message, as the scanners read it.
+#[derive(Debug, Clone)]
+pub enum Content {
+    Memory(Bytes),
+    File(PathBuf),
+}
+
+/// Where a waiting message is.
+enum Held {
+    /// In memory, still being received.
+    Writing(Vec<u8>),
+    /// In memory, finished.
+    Memory(Bytes),
+    /// In a file under `data_dir/scan` (open while being received).
+    File(Option<tokio::fs::File>),
+}
+
+/// One message on its way to a verdict, in memory or in a file (see
+/// [`Scanner::buffer`]); the memory it counted against the node's budget
+/// is given back, and the file removed, when it is dropped.
 pub struct ScanBuffer {
-    file: Option<tokio::fs::File>,
-    pub path: PathBuf,
+    held: Held,
+    path: PathBuf,
     pub len: u64,
+    budget: Arc<AtomicU64>,
+    limit: u64,
+    /// Bytes of `budget` this buffer holds.
+    reserved: u64,
 }
 
 impl ScanBuffer {
     pub async fn write(&mut self, data: &[u8]) -> Result<(), ScanError> {
-        let file = self.file.as_mut().ok_or_else(|| ScanError::Local("buffer already finished".into()))?;
+        let len = self.len + data.len() as u64;
+        if matches!(self.held, Held::Writing(_)) {
+            if len <= MEMORY_MESSAGE_MAX && self.reserve(data.len() as u64) {
+                if let Held::Writing(memory) = &mut self.held {
+                    memory.extend_from_slice(data);
+                }
+                self.len = len;
+                return Ok(());
+            }
+            self.spill().await?;
+        }
+        let Held::File(Some(file)) = &mut self.held else {
+            return Err(ScanError::Local("buffer already finished".into()));
+        };
         file.write_all(data).await.map_err(|e| ScanError::Local(e.to_string()))?;
-        self.len += data.len() as u64;
+        self.len = len;
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<(), ScanError> {
-        if let Some(mut file) = self.file.take() {
-            file.flush().await.map_err(|e| ScanError::Local(e.to_string()))?;
+    /// Counts `n` more bytes against the node's budget, if it has room.
+    fn reserve(&mut self, n: u64) -> bool {
+        let taken = self
+            .budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| (used + n <= self.limit).then_some(used + n));
+        if taken.is_ok() {
+            self.reserved += n;
         }
+        taken.is_ok()
+    }
+
+    /// Moves what is held in memory into a new file, for the rest to follow.
+    async fn spill(&mut self) -> Result<(), ScanError> {
+        let Held::Writing(memory) = std::mem::replace(&mut self.held, Held::File(None)) else { return Ok(()) };
+        let mut file = tokio::fs::File::create(&self.path)
+            .await
+            .map_err(|e| ScanError::Local(format!("cannot create {}: {e}", self.path.display())))?;
+        file.write_all(&memory).await.map_err(|e| ScanError::Local(e.to_string()))?;
+        self.budget.fetch_sub(self.reserved, Ordering::AcqRel);
+        self.reserved = 0;
+        self.held = Held::File(Some(file));
         Ok(())
+    }
+
+    /// Ends the writing; the content for the scanners.
+    async fn finish(&mut self) -> Result<Content, ScanError> {
+        match &mut self.held {
+            Held::Writing(memory) => {
+                let content = Bytes::from(std::mem::take(memory));
+                self.held = Held::Memory(content.clone());
+                Ok(Content::Memory(content))
+            }
+            Held::Memory(content) => Ok(Content::Memory(content.clone())),
+            Held::File(file) => {
+                if let Some(mut file) = file.take() {
+                    file.flush().await.map_err(|e| ScanError::Local(e.to_string()))?;
+                }
+                Ok(Content::File(self.path.clone()))
+            }
+        }
     }
 
     /// Opens the spool body of `id` and copies the message into it after
@@ -294,21 +386,27 @@ impl ScanBuffer {
         subject: Option<&str>,
         body: &mut dyn SpoolBody,
     ) -> Result<(), SpoolError> {
-        self.finish().await.map_err(|e| SpoolError::Unavailable(e.to_string()))?;
-        let shown = self.path.display().to_string();
-        let local = |e: std::io::Error| SpoolError::Unavailable(format!("scan buffer {shown}: {e}"));
+        let content = self.finish().await.map_err(|e| SpoolError::Unavailable(e.to_string()))?;
         body.write(headers.as_bytes()).await?;
-        let mut file = tokio::fs::File::open(&self.path).await.map_err(local)?;
-        let mut buf = vec![0u8; 64 * 1024];
         let mut rewrite = subject.map(|s| SubjectRewrite::new(s.to_string()));
-        loop {
-            let n = file.read(&mut buf).await.map_err(local)?;
-            if n == 0 {
-                break;
-            }
-            match rewrite.as_mut() {
-                Some(r) if !r.done => body.write(&r.feed(&buf[..n])).await?,
-                _ => body.write(&buf[..n]).await?,
+        let mut copy = async |piece: &[u8]| match rewrite.as_mut() {
+            Some(r) if !r.done => body.write(&r.feed(piece)).await,
+            _ => body.write(piece).await,
+        };
+        match content {
+            Content::Memory(bytes) => copy(&bytes).await?,
+            Content::File(path) => {
+                let shown = path.display().to_string();
+                let local = |e: std::io::Error| SpoolError::Unavailable(format!("scan buffer {shown}: {e}"));
+                let mut file = tokio::fs::File::open(&path).await.map_err(local)?;
+                let mut buf = vec![0u8; FILE_PIECE];
+                loop {
+                    let n = file.read(&mut buf).await.map_err(local)?;
+                    if n == 0 {
+                        break;
+                    }
+                    copy(&buf[..n]).await?;
+                }
             }
         }
         if let Some(r) = rewrite.as_mut() {
@@ -321,7 +419,10 @@ impl ScanBuffer {
 
 impl Drop for ScanBuffer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.budget.fetch_sub(self.reserved, Ordering::AcqRel);
+        if matches!(self.held, Held::File(_)) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -449,6 +550,37 @@ mod tests {
             _ => crate::config::ScanFailure::Tempfail,
         };
         ScanConfig { on_failure, ..ScanConfig::default() }
+    }
+
+    /// Small messages wait in memory within the node's budget; a big one,
+    /// or one the budget has no room for, goes to a file; the memory comes
+    /// back and the file goes when the buffer is dropped.
+    #[tokio::test]
+    async fn small_messages_wait_in_memory_within_the_budget_and_others_in_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ScanConfig { clamd: "127.0.0.1:1".into(), memory_limit: 300_000, ..config("tempfail") };
+        let scanner = Scanner::new(&config, dir.path().to_str().unwrap(), "n").unwrap().unwrap();
+        let file = |id: &str| dir.path().join("scan").join(format!("{id}.eml"));
+        let mut small = scanner.buffer("small").await.unwrap();
+        small.write(&[b'a'; 200_000]).await.unwrap();
+        assert!(matches!(small.finish().await.unwrap(), Content::Memory(b) if b.len() == 200_000));
+        assert!(!file("small").exists(), "no file for a small message");
+        // The budget has 100,000 bytes left: the next one spills on the way.
+        let mut other = scanner.buffer("other").await.unwrap();
+        other.write(&[b'b'; 60_000]).await.unwrap();
+        other.write(&[b'c'; 60_000]).await.unwrap();
+        assert!(matches!(other.finish().await.unwrap(), Content::File(_)));
+        assert_eq!(std::fs::read(file("other")).unwrap().len(), 120_000, "what was in memory went first");
+        assert_eq!(scanner.in_memory.load(Ordering::Acquire), 200_000, "the spilled part was given back");
+        drop((small, other));
+        assert_eq!(scanner.in_memory.load(Ordering::Acquire), 0);
+        assert!(!file("other").exists());
+        // Over 1 MiB: a file, whatever the budget.
+        let config = ScanConfig { memory_limit: 64 << 20, ..config };
+        let scanner = Scanner::new(&config, dir.path().to_str().unwrap(), "n").unwrap().unwrap();
+        let mut big = scanner.buffer("big").await.unwrap();
+        big.write(&vec![b'd'; (MEMORY_MESSAGE_MAX + 1) as usize]).await.unwrap();
+        assert!(matches!(big.finish().await.unwrap(), Content::File(_)));
     }
 
     fn spam(action: &str, score: f64) -> Option<Result<rspamd::RspamdReply, ScanError>> {

@@ -1,12 +1,11 @@
 //! rspamd's HTTP API: `POST /checkv2` with the message as the body and the
 //! envelope in headers; the JSON answer carries the action and the score.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Envelope, ScanError};
+use super::{Content, Envelope, ScanError};
 
 /// The part of rspamd's answer we use.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -31,14 +30,19 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, ScanError> {
         .map_err(|e| ScanError::Local(format!("rspamd client: {e}")))
 }
 
-/// Posts the file at `path` to rspamd at `url` (`http://host:port`).
+/// Posts the message to rspamd at `url` (`http://host:port`).
 pub async fn scan(
     client: &reqwest::Client,
     url: &str,
-    path: &Path,
+    content: &Content,
     env: &Envelope<'_>,
 ) -> Result<RspamdReply, ScanError> {
-    let file = tokio::fs::File::open(path).await.map_err(|e| ScanError::Local(e.to_string()))?;
+    let body = match content {
+        Content::Memory(bytes) => reqwest::Body::from(bytes.clone()),
+        Content::File(path) => {
+            reqwest::Body::from(tokio::fs::File::open(path).await.map_err(|e| ScanError::Local(e.to_string()))?)
+        }
+    };
     let mut request = client
         .post(format!("{}/checkv2", url.trim_end_matches('/')))
         .header("IP", env.client_ip)
@@ -55,7 +59,7 @@ pub async fn scan(
     for rcpt in env.recipients {
         request = request.header("Rcpt", rcpt.as_str());
     }
-    let response = request.body(file).send().await.map_err(|e| {
+    let response = request.body(body).send().await.map_err(|e| {
         if e.is_timeout() {
             ScanError::Timeout(format!("rspamd at {url}"))
         } else if e.is_connect() {

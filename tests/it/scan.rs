@@ -226,7 +226,11 @@ fn clamd_over_a_unix_socket() {
     let socket = sockets.path().join("clamd.sock");
     let clamd = ClamdServer::start_with(&[&format!("LocalSocket {}", socket.display())]);
     wait_until("clamd's unix socket", Duration::from_secs(10), || socket.exists());
-    let s = Setup::start(&[("MXRELAY_SCAN_CLAMD", format!("unix:{}", socket.display()))]);
+    // memory_limit 0: the message waits in a file, read from there for clamd.
+    let s = Setup::start(&[
+        ("MXRELAY_SCAN_CLAMD", format!("unix:{}", socket.display())),
+        ("MXRELAY_SCAN_MEMORY_LIMIT", "0".into()),
+    ]);
     let (status, out) = s.send(&[&format!("u@{SCANNED}")], &format!("{EICAR}\n"));
     assert_ne!(status, 0);
     assert!(out.contains(&format!("virus found: {EICAR_FOUND}")), "{out}");
@@ -325,7 +329,8 @@ fn rspamd_add_header_marks_the_delivered_message() {
         "actions.conf",
         "reject = 50; add_header = -100; greylist = null; rewrite_subject = null;",
     )]);
-    let s = Setup::start(&[("MXRELAY_SCAN_RSPAMD", rspamd.url())]);
+    // memory_limit 0: rspamd is sent the file, which then goes to the queue.
+    let s = Setup::start(&[("MXRELAY_SCAN_RSPAMD", rspamd.url()), ("MXRELAY_SCAN_MEMORY_LIMIT", "0".into())]);
     let (status, out) = swaks(
         &s.relay.addr(),
         &[
