@@ -3,10 +3,11 @@
 //!
 //! Group commit: one writer task per store takes every commit that is
 //! waiting when it is free, and stores them all in one transaction, so one
-//! fsync (WAL, `synchronous = FULL`) answers many sessions. Each message is
-//! checked and inserted under a savepoint of its own: one that fails (a
-//! short body) is undone alone and answered with its error. A session gets
-//! `Ok` only after the transaction holding its message is on disk.
+//! fsync (WAL, `synchronous = FULL`) answers many sessions: the chunks
+//! written earlier are checked first (a message missing some fails alone,
+//! with nothing of it written), then every last piece and every message
+//! row go in with one INSERT each. A session gets `Ok` only after the
+//! transaction holding its message is on disk.
 //!
 //! Chunks are written without waiting for an fsync (the `quick` pool,
 //! `synchronous = NORMAL`): they mean nothing until their message commits,
@@ -83,18 +84,14 @@ async fn store_group(pool: &SqlitePool, group: &[Pending]) -> Vec<Result<(), Spo
     };
     let mut results = Vec::with_capacity(group.len());
     for pending in group {
-        if let Err(e) = sqlx::query("SAVEPOINT message").execute(&mut *tx).await {
-            return all_failed(&e);
-        }
-        let stored = insert(&mut tx, pending).await;
-        let end: &[&'static str] =
-            if stored.is_ok() { &["RELEASE message"] } else { &["ROLLBACK TO message", "RELEASE message"] };
-        for sql in end {
-            if let Err(e) = sqlx::query(*sql).execute(&mut *tx).await {
-                return all_failed(&e);
-            }
-        }
-        results.push(stored);
+        results.push(match pending.offset {
+            0 => Ok(()),
+            _ => earlier_chunks(&mut tx, pending).await,
+        });
+    }
+    let good: Vec<&Pending> = group.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(p, _)| p).collect();
+    if let Err(e) = insert(&mut tx, &good).await {
+        return all_failed(&e);
     }
     match tx.commit().await {
         Ok(()) => results,
@@ -102,28 +99,43 @@ async fn store_group(pool: &SqlitePool, group: &[Pending]) -> Vec<Result<(), Spo
     }
 }
 
-/// The last chunk, the check that the store holds every byte written, and
-/// the message's one row.
-async fn insert(tx: &mut sqlx::SqliteConnection, p: &Pending) -> Result<(), SpoolError> {
-    if !p.tail.is_empty() {
-        write_chunk(&mut *tx, &p.id, p.offset, &p.tail).await?;
-    }
+/// The chunks written before the commit hold exactly the bytes before the
+/// last piece: the store never holds less than was written.
+async fn earlier_chunks(tx: &mut sqlx::SqliteConnection, p: &Pending) -> Result<(), SpoolError> {
     let stored: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(length(data)), 0) FROM queue_bodies WHERE id = ?")
         .bind(p.id.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| failed("enqueue", e))?;
-    if stored as u64 != p.size {
+    if stored as u64 != p.offset {
         METRICS.queue_errors.with_label_values(&["short_body"]).inc();
-        return Err(SpoolError::BodyMismatch { id: p.id.clone(), expected: p.size, found: stored as u64 });
+        let found = stored as u64 + p.tail.len() as u64;
+        return Err(SpoolError::BodyMismatch { id: p.id.clone(), expected: p.size, found });
     }
-    sqlx::query("INSERT INTO queue_messages (id, envelope, received_at, state) VALUES (?, ?, ?, 'ready')")
-        .bind(p.id.as_str())
-        .bind(&p.envelope)
-        .bind(p.received_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| failed("enqueue", e))?;
+    Ok(())
+}
+
+/// Every last piece, then every message row, one INSERT each.
+async fn insert(tx: &mut sqlx::SqliteConnection, group: &[&Pending]) -> Result<(), sqlx::Error> {
+    let tails: Vec<&&Pending> = group.iter().filter(|p| !p.tail.is_empty()).collect();
+    if !tails.is_empty() {
+        sqlx::QueryBuilder::new("INSERT INTO queue_bodies (id, offset, data) ")
+            .push_values(tails, |mut row, p| {
+                row.push_bind(p.id.as_str()).push_bind(p.offset as i64).push_bind(p.tail.as_slice());
+            })
+            .build()
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !group.is_empty() {
+        sqlx::QueryBuilder::new("INSERT INTO queue_messages (id, envelope, received_at, state) ")
+            .push_values(group, |mut row, p| {
+                row.push_bind(p.id.as_str()).push_bind(p.envelope.as_str()).push_bind(p.received_at).push_bind("ready");
+            })
+            .build()
+            .execute(&mut *tx)
+            .await?;
+    }
     Ok(())
 }
 

@@ -183,6 +183,34 @@ impl Read for SqliteSpool {
         Envelope::from_json(row.get::<&str, _>(0)).map(Some).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))
     }
 
+    async fn envelope_and_start(&self, lease: &Lease, len: usize) -> Result<Option<(Envelope, Vec<u8>)>, SpoolError> {
+        // One statement: the envelope and the body's first chunk row.
+        let row = sqlx::query(
+            "SELECT m.envelope, m.generation, b.data FROM queue_messages m \
+             LEFT JOIN queue_bodies b ON b.id = m.id AND b.offset = 0 WHERE m.id = ?",
+        )
+        .bind(lease.id.as_str())
+        .fetch_optional(&self.quick)
+        .await
+        .map_err(|e| failed("load", e))?;
+        let Some(row) = row else { return Ok(None) };
+        if !lease.entry.id.is_empty() && row.get::<i64, _>(1) != lease.generation as i64 {
+            return Ok(None);
+        }
+        let env = Envelope::from_json(row.get::<&str, _>(0)).ok_or_else(|| SpoolError::Corrupt(lease.id.clone()))?;
+        let want = len.min(env.size as usize);
+        let first: Option<Vec<u8>> = row.get(2);
+        let start = match first {
+            Some(mut data) if data.len() >= want => {
+                data.truncate(want);
+                data
+            }
+            // The first chunk holds less than asked (or is gone): read on.
+            _ => self.read_body(lease, 0, want).await?,
+        };
+        Ok(Some((env, start)))
+    }
+
     async fn read_body(&self, lease: &Lease, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
         let end = offset + len as u64;
         let rows = sqlx::query(
@@ -319,19 +347,8 @@ impl Deliver for SqliteSpool {
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let mut tx = self.quick.begin().await.map_err(|e| failed("complete", e))?;
-        let done = sqlx::query(fenced_sql!("DELETE FROM queue_messages"))
-            .bind(lease.id.as_str())
-            .bind(&lease.owner)
-            .bind(lease.generation as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| failed("complete", e))?;
-        fenced(lease, done.rows_affected())?;
-        for sql in ["DELETE FROM queue_bodies WHERE id = ?", "DELETE FROM queue_destinations WHERE id = ?"] {
-            sqlx::query(sql).bind(lease.id.as_str()).execute(&mut *tx).await.map_err(|e| failed("complete", e))?;
-        }
-        tx.commit().await.map_err(|e| failed("complete", e))
+        // Its chunks and index rows go with it (trigger queue_messages_gone).
+        self.fenced_update("complete", fenced_sql!("DELETE FROM queue_messages"), lease).await
     }
 
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
