@@ -3,8 +3,6 @@
 //! listener, the check that an untrusted client sent no header),
 //! EHLO/HELO, STARTTLS (RFC 3207) and ETRN (RFC 1985).
 
-use std::time::Duration;
-
 use tokio::io::AsyncReadExt;
 
 use super::{Flow, Greeting, Outcome, Session};
@@ -59,10 +57,13 @@ impl Session {
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
-        // Timeout polls the read once before the zero-length timer fires;
-        // what arrived stays in the buffer (to recognise a PROXY header).
+        // The read polled once, without waiting: what arrived stays in the
+        // buffer (to recognise a PROXY header). Not a zero timeout, which
+        // waits for the timer wheel's next tick (about 1 ms per connection).
         self.conn.inbuf.reserve(64);
-        matches!(tokio::time::timeout(Duration::ZERO, self.conn.stream.read_buf(&mut self.conn.inbuf)).await, Ok(Ok(n)) if n > 0)
+        let mut read = std::pin::pin!(self.conn.stream.read_buf(&mut self.conn.inbuf));
+        let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+        matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0)
     }
 
     fn greet(&mut self) {
