@@ -20,13 +20,16 @@
 #
 # Usage: scripts/bench-durable.sh
 # Environment: CELLS="size:sessions:messages …" (default below), REPS=3,
-#   TARGETS="ceiling redis aof sqlite postfix", MXRELAY_BIN (else a release build).
+#   TARGETS="ceiling redis aof sqlite postfix", MXRELAY_BIN (else a release build),
+#   BASELINE_BIN: another mxrelay binary (an earlier commit's) run beside it
+#   as redis-before, aof-before, sqlite-before, for a before/after in one run.
 set -euo pipefail
 # shellcheck source=bench-lib.sh source-path=SCRIPTDIR
 . "$(dirname "$0")/bench-lib.sh"
 CELLS=${CELLS:-"1024:1:3000 1024:20:20000 102400:20:5000"}
 REPS=${REPS:-3}
 TARGETS=${TARGETS:-"ceiling redis aof sqlite postfix"}
+BASELINE_BIN=${BASELINE_BIN:+$(realpath "$BASELINE_BIN")}
 SHARED_BENCH=${SHARED_BENCH:-../shared/bench}
 SINK_PORT=2526
 HZ=$(getconf CLK_TCK)
@@ -55,11 +58,11 @@ mysql -h 127.0.0.1 -u root "$db" -e "CREATE TABLE IF NOT EXISTS domains (domain 
   relay_host varchar(255), relay_port int, enable_virus_spam_scan char(1) DEFAULT '0')"
 mysql -h 127.0.0.1 -u root "$db" -e "REPLACE INTO domains VALUES ('dest.example','127.0.0.1',$SINK_PORT,'0')"
 
-start_mxrelay() { # NAME: a delivering node on the store NAME names
-  local name=$1 p a
+start_mxrelay() { # NAME [BINARY]: a delivering node on the store NAME names (its prefix)
+  local name=$1 p a node_bin=${2:-$bin}
   p=$(free_port); a=$(free_port)
   bench_embedded=0
-  case $name in
+  case ${name%-before} in
     redis) start_redis redis --appendonly no; bench_queue_url="redis://127.0.0.1:$redis_port/" ;;
     aof) start_redis aof --appendonly yes --appendfsync always; bench_queue_url="redis://127.0.0.1:$redis_port/" ;;
     sqlite) bench_embedded=1; redis_pid="" ;;
@@ -68,9 +71,9 @@ start_mxrelay() { # NAME: a delivering node on the store NAME names
     echo 'message_size_limit = 524288000'
     echo 'smtp.max_connections_per_ip = 500'
   } > "$work/$name.toml"
-  start_node "$work/$name.toml" "$p" "$a"
-  if [ "$name" = sqlite ]; then
-    "$bin" domains add dest.example --relay-host 127.0.0.1 --relay-port "$SINK_PORT" --no-scan \
+  bin=$node_bin start_node "$work/$name.toml" "$p" "$a"
+  if [ "${name%-before}" = sqlite ]; then
+    "$node_bin" domains add dest.example --relay-host 127.0.0.1 --relay-port "$SINK_PORT" --no-scan \
       --config "$work/$name.toml" >/dev/null
   fi
   kill -HUP "$node_pid"
@@ -98,7 +101,14 @@ if has_target postfix; then
     TARGETS=${TARGETS/postfix/}
   fi
 fi
-for t in redis aof sqlite; do has_target "$t" && start_mxrelay "$t"; done
+for t in redis aof sqlite; do
+  has_target "$t" || continue
+  start_mxrelay "$t"
+  if [ -n "$BASELINE_BIN" ]; then
+    start_mxrelay "$t-before" "$BASELINE_BIN"
+    TARGETS="${TARGETS/$t/$t $t-before}"
+  fi
+done
 
 # ---- one run ----------------------------------------------------------------------------
 ticks() { # CPU ticks of PIDs and their descendants (0 for none)

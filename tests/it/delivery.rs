@@ -237,6 +237,32 @@ fn sessions_are_reused_for_the_next_message_to_the_same_destination() {
 }
 
 #[test]
+fn a_cached_session_the_server_closed_is_replaced_without_deferring() {
+    // The destination hangs up after each message: every cached session
+    // the node takes for the next one is found dead at MAIL.
+    let dest = Destination::start();
+    dest.set_close_after_message(true);
+    let c = Cluster::start(1, &[(LISTED, "127.0.0.1", dest.port)], &[]);
+    let mut client = Raw::ehlo(&c.addr());
+    for i in 0..5 {
+        let r = client.message(SENDER, &format!("c{i}@friet.pan"), "Subject: closed\r\n\r\nbody\r\n");
+        assert!(r.starts_with("250 2.0.0"), "{r}");
+        dest.wait_for(i + 1, Duration::from_secs(20));
+    }
+    let relay = &c.relays[0];
+    wait_until("the fifth delivery logged", Duration::from_secs(10), || relay.log().contains("to=<c4@friet.pan>"));
+    assert!(
+        relay.value("mxrelay_delivery_connections_reused_total") >= 1.0,
+        "a closed session was taken from the cache"
+    );
+    assert!(!relay.log().contains("status=deferred"), "nothing deferred:\n{}", relay.log());
+    let mut rcpts: Vec<String> = dest.messages().iter().flat_map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, (0..5).map(|i| format!("c{i}@friet.pan")).collect::<Vec<_>>(), "each once");
+    assert_eq!(dest.connections(), 5, "a new session for each message");
+}
+
+#[test]
 fn etrn_and_queue_flush_release_deferred_mail() {
     let (down_a, down_b) = (DownPort::new(), DownPort::new());
     let c = Cluster::start(

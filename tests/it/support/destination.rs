@@ -87,6 +87,9 @@ struct Shared {
     /// Longest line accepted in DATA, CRLF not counted (0: any), as a
     /// strict server checks RFC 5321 §4.5.3.1.6.
     line_limit: AtomicUsize,
+    /// Hang up after each message's final reply, without QUIT (a server
+    /// that closed an idle session the client still has cached).
+    close_after_message: AtomicBool,
     stopping: AtomicBool,
     /// Open sessions, so `stop` can cut them.
     sessions: Mutex<HashMap<u64, TcpStream>>,
@@ -148,6 +151,7 @@ impl Destination {
             fail_all_temp: AtomicBool::new(false),
             final_reply_delay: AtomicU64::new(0),
             line_limit: AtomicUsize::new(0),
+            close_after_message: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
@@ -182,6 +186,12 @@ impl Destination {
     /// not counted) is refused `500 5.5.0 Line too long` and not recorded.
     pub fn set_line_limit(&self, limit: usize) {
         self.shared.line_limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// From now on, the session ends right after each message's final
+    /// reply (the client learns it when it next writes).
+    pub fn set_close_after_message(&self, on: bool) {
+        self.shared.close_after_message.store(on, Ordering::SeqCst);
     }
 
     /// Every message received so far, in the order their DATA ended.
@@ -566,6 +576,9 @@ impl<'a> Session<'a> {
                 lock(&self.shared.received).push(message);
                 std::thread::sleep(Duration::from_millis(self.shared.final_reply_delay.load(Ordering::SeqCst)));
                 self.reply("250 2.0.0 Ok: queued");
+                if self.shared.close_after_message.load(Ordering::SeqCst) {
+                    return Ok(Next::Quit);
+                }
             }
             Command::Rset => {
                 self.reset();
