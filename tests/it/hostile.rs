@@ -1,20 +1,30 @@
 //! Hostile clients, each attack with a bounded count: an AUTH flood from
-//! many addresses (peak RSS within the verifier memory: the real binary, a
-//! process of its own to measure), and on an in-process node, bare-CR
-//! smuggling through to the destination, 1,500 pipelined recipients, an
+//! many addresses (peak RSS within the verifier memory, and the attempts
+//! past the verifiers' queue answered 454: the real binary, a process of
+//! its own to measure), and on an in-process node, bare-CR smuggling
+//! through to the destination, 1,500 pipelined recipients, an
 //! idle-connection flood (a trusted client still served, stress mode
 //! cutting the idle ones), and a 64 KB line folded for a strict destination.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use mxrelay::users::verifier::{QUEUE, THREADS};
+
 use crate::support::destination::Destination;
 use crate::support::in_process::InProcessWorld;
 use crate::support::*;
 
 /// Argon2's default memory cost (19 MiB) times the verifier threads.
-const VERIFIER_MEMORY_KB: u64 = 4 * 19 * 1024;
-/// What else an AUTH flood of 100 sessions may add: their buffers, the
+const VERIFIER_MEMORY_KB: u64 = THREADS as u64 * 19 * 1024;
+/// Sessions of the AUTH flood, each with one attempt in flight: three
+/// times what the verifiers take in at once (THREADS running, QUEUE
+/// waiting), so that with every first attempt sent together the queue
+/// overflows unless the node verifies two thirds of them (34 rounds of
+/// Argon2 on its 4 threads) before it has read the rest of the lines
+/// already waiting in its sockets.
+const FLOOD_SESSIONS: usize = 3 * (THREADS + QUEUE);
+/// What else the AUTH flood may add: the sessions' buffers, the
 /// allocator's slack, the debug build.
 const MARGIN_KB: u64 = 48 * 1024;
 
@@ -26,10 +36,11 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
-fn users_add(w: &World, user: &str, password: &str) {
+/// `mxrelay users add` against the domain database at `url`.
+fn users_add(url: &str, user: &str, password: &str) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mxrelay"))
         .args(["users", "add", user])
-        .env("MXRELAY_DOMAINS_URL", w.db.url())
+        .env("MXRELAY_DOMAINS_URL", url)
         .env("MXRELAY_QUEUE_URL", SHARED_REDIS)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -48,32 +59,38 @@ fn an_auth_flood_from_many_addresses_stays_within_the_verifier_memory() {
         ("MXRELAY_AUTH_TLS_ONLY", "false"),
         ("MXRELAY_SMTP_AUTH_FAILURE_LIMIT", "1000"),
     ]);
-    users_add(&w, "bob", "right");
+    users_add(&w.db.url(), "bob", "right");
     let pid = w.relay.pid();
     // One verification first, so that idle includes the code paths.
     let mut c = Raw::ehlo(&w.relay.addr());
     assert!(c.cmd("AUTH PLAIN AGJvYgB3cm9uZw==").starts_with("535"));
     let idle = status_kb(pid, "VmRSS:");
-    // 100 sessions from 50 addresses, each with 3 wrong AUTH PLAIN at once.
+    // FLOOD_SESSIONS sessions from half as many addresses, all greeted
+    // first; then each sends 3 wrong AUTH PLAIN at once, all sessions
+    // together, and only then are the replies read.
     let addr = w.relay.addr();
-    let sessions: Vec<_> = (0..100)
+    let mut sessions: Vec<Raw> = (0..FLOOD_SESSIONS)
         .map(|i| {
-            let addr = addr.clone();
-            std::thread::spawn(move || {
-                let mut c = Raw::connect_from(&format!("127.0.1.{}", 10 + i % 50), &addr);
-                assert_eq!(c.code(), 220);
-                c.send("EHLO flood.example\r\n");
-                assert_eq!(c.code(), 250);
-                c.send("AUTH PLAIN AGJvYgB3cm9uZw==\r\nAUTH PLAIN AGJvYgB3cm9uZw==\r\nAUTH PLAIN AGJvYgB3cm9uZw==\r\n");
-                (0..3).map(|_| c.code()).collect::<Vec<u16>>()
-            })
+            let mut c = Raw::connect_from(&format!("127.0.1.{}", 10 + i % (FLOOD_SESSIONS / 2)), &addr);
+            assert_eq!(c.code(), 220);
+            c.send("EHLO flood.example\r\n");
+            assert_eq!(c.code(), 250);
+            c
         })
         .collect();
-    let codes: Vec<u16> = sessions.into_iter().flat_map(|s| s.join().unwrap()).collect();
-    assert!(codes.iter().all(|c| *c == 535 || *c == 454), "{codes:?}");
-    let busy = codes.iter().filter(|c| **c == 454).count();
+    for c in &mut sessions {
+        c.send("AUTH PLAIN AGJvYgB3cm9uZw==\r\nAUTH PLAIN AGJvYgB3cm9uZw==\r\nAUTH PLAIN AGJvYgB3cm9uZw==\r\n");
+    }
+    let replies: Vec<String> =
+        sessions.iter_mut().flat_map(|c| (0..3).map(|_| c.reply()).collect::<Vec<_>>()).collect();
+    let failed = "535 5.7.8 Error: authentication failed\r\n";
+    let refused = "454 4.7.0 Temporary authentication failure\r\n";
+    let unexpected: Vec<&String> = replies.iter().filter(|r| *r != failed && *r != refused).collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    let busy = replies.iter().filter(|r| *r == refused).count();
+    assert!(busy >= 1, "no attempt of {} answered 454 4.7.0: the verifiers' queue never overflowed", replies.len());
     let peak = status_kb(pid, "VmHWM:");
-    eprintln!("auth flood: idle {idle} kB, peak {peak} kB, 454 for {busy} of 300 attempts");
+    eprintln!("auth flood: idle {idle} kB, peak {peak} kB, 454 for {busy} of {} attempts", replies.len());
     assert!(
         peak <= idle + VERIFIER_MEMORY_KB + MARGIN_KB,
         "peak RSS {peak} kB, idle {idle} kB: more than the verifiers' {VERIFIER_MEMORY_KB} kB + {MARGIN_KB} kB"
