@@ -1,10 +1,13 @@
 //! Hostile clients, each attack with a bounded count: an AUTH flood from
 //! many addresses (peak RSS within the verifier memory, and the attempts
 //! past the verifiers' queue answered 454: the real binary, a process of
-//! its own to measure), and on an in-process node, bare-CR smuggling
-//! through to the destination, 1,500 pipelined recipients, an
-//! idle-connection flood (a trusted client still served, stress mode
-//! cutting the idle ones), and a 64 KB line folded for a strict destination.
+//! its own to measure), a connection flood on the binary where a client
+//! from elsewhere that authenticates (inside TLS) still relays from a
+//! reserved slot and one that does not is closed at MAIL; and on an
+//! in-process node, bare-CR smuggling through to the destination, 1,500
+//! pipelined recipients, an idle-connection flood (a trusted client still
+//! served while stress mode is on; stress mode cutting the idle ones), and
+//! a 64 KB line folded for a strict destination.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -13,6 +16,7 @@ use mxrelay::users::verifier::{QUEUE, THREADS};
 
 use crate::support::destination::Destination;
 use crate::support::in_process::InProcessWorld;
+use crate::support::pki::{TestPki, TlsClient};
 use crate::support::*;
 
 /// Argon2's default memory cost (19 MiB) times the verifier threads.
@@ -138,14 +142,27 @@ fn idle_sessions(addr: &str, n: usize) -> Vec<Raw> {
 }
 
 #[test]
-fn a_connection_flood_leaves_trusted_clients_a_reserved_slot() {
+fn a_connection_flood_puts_the_node_under_stress_and_leaves_trusted_clients_a_reserved_slot() {
+    // Stress from 80 busy slots of 100; its timeout (60 s) far longer than
+    // the test, so no idle session is cut and frees a general slot here
+    // (stress_mode_cuts_idle_sessions_and_ends_when_they_are_gone cuts them).
     let w = InProcessWorld::start_with(&[
         ("MXRELAY_SMTP_MAX_CONNECTIONS", "100"),
         ("MXRELAY_SMTP_RESERVED_CONNECTIONS_PERCENT", "5"),
-        ("MXRELAY_SMTP_STRESS_THRESHOLD_PERCENT", "0"),
+        ("MXRELAY_SMTP_STRESS_THRESHOLD_PERCENT", "80"),
+        ("MXRELAY_SMTP_COMMAND_TIMEOUT", "300s"),
+        ("MXRELAY_SMTP_STRESS_TIMEOUT", "60s"),
     ]);
     let addr = w.relay.addr();
+    wait_until("the start's probe sessions closed", Duration::from_secs(10), || {
+        w.relay.value("mxrelay_smtp_connections_active") == 0.0
+    });
     let _idle = idle_sessions(&addr, 95);
+    // Stress started with the 80th slot, before that session's greeting.
+    assert_eq!(w.relay.value("mxrelay_smtp_stress"), 1.0);
+    assert_eq!(w.relay.value("mxrelay_smtp_stress_episodes_total"), 1.0);
+    let log = w.relay.log();
+    assert!(log.contains("stress mode on: command and data timeouts shortened"), "{log}");
     // The general slots are full: an untrusted client is refused at once.
     let mut c = Raw::connect_from("127.0.3.1", &addr);
     let r = c.reply();
@@ -157,9 +174,92 @@ fn a_connection_flood_leaves_trusted_clients_a_reserved_slot() {
     assert!(t.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
     assert!(t.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
     assert_eq!(t.code_after("DATA"), 354);
-    assert!(t.cmd("Subject: reserved\r\n\r\nhi\r\n.").starts_with("250 2.0.0 Ok: queued as"));
+    let r = t.cmd("Subject: reserved\r\n\r\nhi\r\n.");
+    assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
+    assert_eq!(w.queue().recipients(&queued_id(&r).unwrap()), vec!["t@friet.pan"]);
     assert_eq!(w.relay.value("mxrelay_smtp_reserved_slots_total{client=\"mynetworks\"}"), 1.0);
     assert!(w.relay.value("mxrelay_smtp_connections_refused_total{reason=\"node_limit\"}") >= 1.0);
+    // Served under stress all along: stress never ended.
+    assert_eq!(w.relay.value("mxrelay_smtp_stress"), 1.0);
+    assert_eq!(w.relay.value("mxrelay_smtp_stress_episodes_total"), 1.0);
+}
+
+/// With AUTH on, clients from elsewhere may take half of the reserve on
+/// probation (README: `smtp.reserved_connections_percent`): one that
+/// authenticates, inside TLS as `auth.tls_only` wants, relays; one that
+/// sends MAIL without AUTH, even inside TLS, gets `421 4.7.0` and is
+/// closed; a third finds the probation half taken and is refused at once,
+/// while a client in mynetworks still gets the other half.
+#[test]
+fn under_a_connection_flood_a_client_that_authenticates_relays_from_a_reserved_slot() {
+    let pki = TestPki::localhost();
+    let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
+    // 40 slots, 4 of them reserved (2 on probation at most); no stress.
+    let w = World::start_with(&[
+        ("MXRELAY_TLS_CERT", &cert),
+        ("MXRELAY_TLS_KEY", &key),
+        ("MXRELAY_AUTH_ENABLED", "true"),
+        ("MXRELAY_SMTP_MAX_CONNECTIONS", "40"),
+        ("MXRELAY_SMTP_RESERVED_CONNECTIONS_PERCENT", "10"),
+        ("MXRELAY_SMTP_STRESS_THRESHOLD_PERCENT", "0"),
+    ]);
+    users_add(&w.db.url(), "alice@sender.example", "correct horse");
+    let addr = w.relay.addr();
+    wait_until("the start's probe sessions closed", Duration::from_secs(10), || {
+        w.relay.value("mxrelay_smtp_connections_active") == 0.0
+    });
+    let _idle = idle_sessions(&addr, 36);
+    let greeted = |from: &str| {
+        let mut c = Raw::connect_from(from, &addr);
+        let r = c.reply();
+        assert!(r.starts_with("220"), "{from}: {r}");
+        c
+    };
+    let (a, b) = (greeted("127.0.3.1"), greeted("127.0.3.2"));
+    let mut c = Raw::connect_from("127.0.3.3", &addr);
+    let r = c.reply();
+    assert!(r.starts_with("421 4.7.0"), "a third client on probation: {r}");
+    let mut t = greeted("127.0.0.9");
+    assert_eq!(w.relay.value("mxrelay_smtp_reserved_slots_total{client=\"probation\"}"), 2.0);
+    assert_eq!(w.relay.value("mxrelay_smtp_reserved_slots_total{client=\"mynetworks\"}"), 1.0);
+
+    let in_tls = |mut c: Raw| {
+        assert!(!c.cmd("EHLO client.example").contains("AUTH"), "AUTH offered in clear");
+        assert!(c.cmd("STARTTLS").starts_with("220"));
+        let mut t = TlsClient::handshake(c.into_tcp(), &pki, "localhost").expect("handshake");
+        assert!(t.cmd("EHLO client.example").contains("250-AUTH PLAIN LOGIN"));
+        t
+    };
+    // Authenticated inside TLS: relays to a domain that is not listed.
+    let mut a = in_tls(a);
+    use base64::Engine;
+    let plain = base64::engine::general_purpose::STANDARD.encode("\0alice@sender.example\0correct horse");
+    let r = a.cmd(&format!("AUTH PLAIN {plain}"));
+    assert!(r.starts_with("235 2.7.0"), "{r}");
+    assert!(a.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
+    let r = a.cmd("RCPT TO:<someone@other.example>");
+    assert!(r.starts_with("250 2.1.5"), "{r}");
+    assert!(a.cmd("DATA").starts_with("354"));
+    let r = a.cmd("Subject: probation\r\n\r\nhi\r\n.");
+    assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
+    let id = queued_id(&r).unwrap();
+    assert_eq!(w.queue().recipients(&id), vec!["someone@other.example"]);
+    let body = String::from_utf8(w.queue().body(&id)).unwrap();
+    assert!(body.contains("with ESMTPSA id"), "{body}");
+
+    // MAIL without AUTH in a probation slot, TLS or not: 421, closed.
+    let mut b = in_tls(b);
+    let r = b.cmd(&format!("MAIL FROM:<{SENDER}>"));
+    assert_eq!(r, "421 4.7.0 relay.test Error: too many connections; authenticate first or try later\r\n");
+    assert_eq!(b.reply(), "", "the connection was left open");
+    assert!(w.relay.log().contains("MAIL without AUTH in a reserved slot: closed"));
+
+    // The client in mynetworks needs no AUTH.
+    assert!(t.cmd("EHLO trusted.example").starts_with("250"));
+    assert!(t.cmd(&format!("MAIL FROM:<{SENDER}>")).starts_with("250"));
+    assert!(t.cmd("RCPT TO:<t@friet.pan>").starts_with("250"));
+    assert_eq!(t.code_after("DATA"), 354);
+    assert!(t.cmd("Subject: trusted\r\n\r\nhi\r\n.").starts_with("250 2.0.0 Ok: queued as"));
 }
 
 #[test]
