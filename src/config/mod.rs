@@ -56,7 +56,7 @@ pub struct Config {
     /// Postfix `strict_rfc821_envelopes`: addresses need angle brackets.
     pub strict_rfc821_envelopes: bool,
     /// Postfix `smtpd_forbid_bare_newline`: `true` refuses a message with a
-    /// bare LF (554 5.6.0); `false` normalises it to CRLF.
+    /// bare LF or a bare CR (554 5.6.0); `false` normalises either to CRLF.
     pub smtpd_forbid_bare_newline: bool,
     /// Postfix `reject_unknown_sender_domain` (450 4.1.8).
     pub reject_unknown_sender_domain: bool,

@@ -31,19 +31,27 @@ pub fn valid_xtext(s: &str) -> bool {
     true
 }
 
-/// The text an xtext stands for; octets that are not printable ASCII
-/// become `?` (it goes into a header field of our own DSNs).
+/// The text an xtext stands for, for a header field of our own DSNs: an
+/// octet (`+XX`) or a character that is not printable ASCII becomes `?`.
+/// Any text is read so, a stored value that is not xtext too: nothing but
+/// printable ASCII ever reaches the header.
 pub fn decode_xtext(s: &str) -> String {
+    let printable = |b: u8| if (32..=126).contains(&b) { b as char } else { '?' };
+    let hex = |b: &u8| (*b as char).to_digit(16);
+    let bytes = s.as_bytes();
     let mut out = String::with_capacity(s.len());
     let mut chars = s.char_indices();
     while let Some((i, c)) = chars.next() {
-        let hex = (c == '+').then(|| s.get(i + 1..i + 3)).flatten();
-        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+        let octet = match (c, bytes.get(i + 1).and_then(hex), bytes.get(i + 2).and_then(hex)) {
+            ('+', Some(high), Some(low)) => Some((high << 4 | low) as u8),
+            _ => None,
+        };
+        match octet {
             Some(b) => {
-                out.push(if (32..=126).contains(&b) { b as char } else { '?' });
-                chars.nth(1);
+                out.push(printable(b));
+                chars.nth(1); // the two hex digits, ASCII
             }
-            None => out.push(c),
+            None => out.push(if c.is_ascii() { printable(c as u8) } else { '?' }),
         }
     }
     out
@@ -103,6 +111,18 @@ mod tests {
         assert!(!valid_xtext("é"));
         assert_eq!(decode_xtext("bob+2Bmail+40example.org"), "bob+mail@example.org");
         assert_eq!(decode_xtext("a+0Ab"), "a?b", "control octets never reach a header");
+    }
+
+    #[test]
+    fn any_text_decodes_to_printable_ascii() {
+        // Found by fuzz/fuzz_targets/esmtp_params.rs: a value that is not
+        // xtext (a stored one) kept its control characters, and `+` then a
+        // sign and a digit read as an octet (`u8::from_str_radix("+4")`).
+        assert_eq!(decode_xtext("a\x01b"), "a?b");
+        assert_eq!(decode_xtext("id\r\nBcc: x"), "id??Bcc: x");
+        assert_eq!(decode_xtext("é+C3+A9"), "???");
+        assert_eq!(decode_xtext("++41"), "+A");
+        assert_eq!(decode_xtext("+-1+4"), "+-1+4");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The SMTP vocabulary, below every other module: replies ([`reply`]),
-//! the command grammar ([`command`]) and envelope addresses ([`address`]).
+//! the command grammar ([`command`]), envelope addresses ([`address`]) and
+//! the MAIL/RCPT parameters ([`params`], the DSN ones in [`dsn`]).
 //! Pure functions over bytes and strings, unit- and property-tested; the
 //! session, policy, scanning and delivery all speak in these terms.
 //!
@@ -9,4 +10,5 @@
 pub mod address;
 pub mod command;
 pub mod dsn;
+pub mod params;
 pub mod reply;

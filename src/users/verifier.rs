@@ -8,11 +8,14 @@
 //! Invariants: at most [`THREADS`] verifications run at once, at most
 //! [`QUEUE`] wait (more are refused at once, never queued without bound),
 //! and Argon2 memory is at most [`THREADS`] buffers, each dropped after
-//! [`IDLE_RELEASE`] without work.
+//! [`IDLE_RELEASE`] without work. The verifiers wait for work all at once
+//! (a condition variable), so after a burst every buffer goes at that
+//! time, not one verifier's after another's.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use tokio::sync::oneshot;
@@ -33,17 +36,27 @@ struct Job {
     done: oneshot::Sender<bool>,
 }
 
-static JOBS: LazyLock<SyncSender<Job>> = LazyLock::new(|| {
-    let (tx, rx) = sync_channel(QUEUE);
-    let rx = Arc::new(Mutex::new(rx));
+/// The attempts waiting for a verifier, at most [`QUEUE`].
+#[derive(Default)]
+struct Waiting {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    /// Verifier threads that started.
+    workers: AtomicUsize,
+}
+
+static WAITING: LazyLock<Arc<Waiting>> = LazyLock::new(|| {
+    let waiting = Arc::new(Waiting::default());
     for i in 0..THREADS {
-        let rx = rx.clone();
-        let spawned = std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || work(&rx));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a password verifier thread");
+        let w = waiting.clone();
+        match std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || work(&w)) {
+            Ok(_) => {
+                waiting.workers.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start a password verifier thread"),
         }
     }
-    tx
+    waiting
 });
 
 /// Whether `password` matches the PHC string `hash` (false for a hash
@@ -54,30 +67,49 @@ pub async fn verify(password: Vec<u8>, hash: String) -> Result<bool, UserError> 
 
 /// Queues one verification, or refuses it at once when the queue is full.
 fn submit(password: Vec<u8>, hash: String) -> Result<oneshot::Receiver<bool>, UserError> {
-    let (done, answer) = oneshot::channel();
-    match JOBS.try_send(Job { password, hash, done }) {
-        Ok(()) => Ok(answer),
-        Err(TrySendError::Full(_)) => {
-            METRICS.smtp_auth_verifier_busy.inc();
-            Err(UserError::Busy)
-        }
-        Err(TrySendError::Disconnected(_)) => Err(UserError::Unavailable("no password verifier".into())),
+    let waiting = &*WAITING;
+    if waiting.workers.load(Ordering::Relaxed) == 0 {
+        return Err(UserError::Unavailable("no password verifier".into()));
     }
+    let (done, answer) = oneshot::channel();
+    let mut jobs = waiting.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+    if jobs.len() >= QUEUE {
+        METRICS.smtp_auth_verifier_busy.inc();
+        return Err(UserError::Busy);
+    }
+    jobs.push_back(Job { password, hash, done });
+    drop(jobs);
+    waiting.ready.notify_one();
+    Ok(answer)
 }
 
-fn work(jobs: &Mutex<Receiver<Job>>) {
+fn work(waiting: &Waiting) {
     let mut blocks: Vec<Block> = Vec::new();
     loop {
-        // One thread waits on the queue at a time; the others on the lock.
-        let next = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv_timeout(IDLE_RELEASE);
-        match next {
-            Ok(job) => {
+        match next(waiting, IDLE_RELEASE) {
+            Some(job) => {
                 let matches = check(&mut blocks, &job.password, &job.hash);
                 let _ = job.done.send(matches);
             }
-            Err(RecvTimeoutError::Timeout) => blocks = Vec::new(),
-            Err(RecvTimeoutError::Disconnected) => return,
+            None => blocks = Vec::new(),
         }
+    }
+}
+
+/// The next waiting attempt, or `None` after `idle` without one. The lock
+/// is let go while waiting, so each verifier's idle time is its own.
+fn next(waiting: &Waiting, idle: Duration) -> Option<Job> {
+    let deadline = Instant::now() + idle;
+    let mut jobs = waiting.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        if let Some(job) = jobs.pop_front() {
+            return Some(job);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        jobs = waiting.ready.wait_timeout(jobs, left).unwrap_or_else(PoisonError::into_inner).0;
     }
 }
 
@@ -119,6 +151,36 @@ mod tests {
         assert!(!check(&mut blocks, b"s3cret", "not a hash"));
         assert!(!check(&mut blocks, b"s3cret", "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ"));
         assert_eq!(blocks.len(), size, "the buffer is reused, not grown");
+    }
+
+    #[test]
+    fn idle_verifiers_all_stop_waiting_after_their_idle_time() {
+        // Waiting in turn on a shared receiver, the 4th verifier gave up
+        // its buffer only after 4 idle times (40 s), and the AUTH-flood
+        // test saw RSS stay up that long.
+        let waiting = Arc::new(Waiting::default());
+        let idle = Duration::from_secs(1);
+        let started = Instant::now();
+        let waits: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let w = waiting.clone();
+                std::thread::spawn(move || next(&w, idle).is_none())
+            })
+            .collect();
+        assert!(waits.into_iter().all(|t| t.join().unwrap()), "nothing was queued");
+        let took = started.elapsed();
+        assert!(took >= idle && took < idle * 3, "{THREADS} idle verifiers took {took:?}, not about {idle:?}");
+    }
+
+    #[test]
+    fn a_queued_attempt_wakes_a_waiting_verifier() {
+        let waiting = Arc::new(Waiting::default());
+        let w = waiting.clone();
+        let verifier = std::thread::spawn(move || next(&w, Duration::from_secs(60)).map(|job| job.password));
+        let (done, _answer) = oneshot::channel();
+        waiting.jobs.lock().unwrap().push_back(Job { password: b"pw".to_vec(), hash: String::new(), done });
+        waiting.ready.notify_one();
+        assert_eq!(verifier.join().unwrap(), Some(b"pw".to_vec()));
     }
 
     #[tokio::test]

@@ -1,13 +1,14 @@
-//! The envelope: MAIL (with its RFC 1869 parameters) and RCPT, where
-//! `policy` decides, the per-client message and recipient rates, and the
-//! recipient limit. The transaction built here also carries the body of a
-//! BDAT transfer in progress, so content can only follow MAIL.
+//! The envelope: MAIL (its RFC 1869 parameters checked by
+//! [`crate::proto::params`]) and RCPT, where `policy` decides, the
+//! per-client message and recipient rates, and the recipient limit. The
+//! transaction built here also carries the body of a BDAT transfer in
+//! progress, so content can only follow MAIL.
 
 use super::Session;
 use crate::metrics::METRICS;
 use crate::policy::{Client, RcptResult, Verdict};
 use crate::proto::address::{self, AddressError, Path};
-use crate::proto::dsn;
+use crate::proto::params::{self, MailParams, RcptParams};
 use crate::proto::reply::Reply;
 use crate::smtp::incoming::Incoming;
 use crate::smtp::limits::Event;
@@ -30,65 +31,6 @@ pub(super) struct Transaction {
     pub(super) bdat: Option<Incoming>,
 }
 
-/// What the MAIL parameters ask for.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct MailParams {
-    smtputf8: bool,
-    eight_bit: bool,
-    dsn_ret: Option<String>,
-    dsn_envid: Option<String>,
-}
-
-/// Checks MAIL's parameters (RFC 1869; only after EHLO). `Err` is the
-/// reply, and whether it is a policy refusal to log as `NOQUEUE`.
-fn mail_params(params: &[(String, Option<String>)], esmtp: bool, size_limit: u64) -> Result<MailParams, (Reply, bool)> {
-    let mut asked = MailParams::default();
-    for (key, value) in params {
-        match (key.as_str(), value.as_deref()) {
-            ("SIZE", Some(v)) if esmtp => match v.parse::<u64>() {
-                Ok(n) if n > size_limit => {
-                    return Err((Reply::new(552, "5.3.4", "Message size exceeds fixed limit"), true));
-                }
-                Ok(_) => {}
-                Err(_) => return Err((Reply::new(501, "5.5.4", "Bad message size syntax"), false)),
-            },
-            ("BODY", Some(v)) if esmtp && v.eq_ignore_ascii_case("8BITMIME") => asked.eight_bit = true,
-            ("BODY", Some(v)) if esmtp && v.eq_ignore_ascii_case("7BIT") => {}
-            ("SMTPUTF8", None) if esmtp => asked.smtputf8 = true,
-            // RFC 4954 §5: the original submitter; accepted, not trusted.
-            ("AUTH", Some(_)) if esmtp => {}
-            ("RET", Some(v)) if esmtp => match dsn::parse_ret(v) {
-                Some(ret) => asked.dsn_ret = Some(ret.to_string()),
-                None => return Err((Reply::new(501, "5.5.4", "Bad RET parameter syntax"), false)),
-            },
-            ("ENVID", Some(v)) if esmtp => match dsn::parse_envid(v) {
-                Some(envid) => asked.dsn_envid = Some(envid),
-                None => return Err((Reply::new(501, "5.5.4", "Bad ENVID parameter syntax"), false)),
-            },
-            _ => return Err((Reply::new(555, "5.5.4", format!("Unsupported option: {key}")), false)),
-        }
-    }
-    Ok(asked)
-}
-
-/// RCPT's parameters: RFC 3461 `NOTIFY` and `ORCPT` (only after EHLO).
-fn rcpt_params(params: &[(String, Option<String>)], esmtp: bool) -> Result<(Option<String>, Option<String>), Reply> {
-    let (mut notify, mut orcpt) = (None, None);
-    for (key, value) in params {
-        match (key.as_str(), value.as_deref()) {
-            ("NOTIFY", Some(v)) if esmtp => {
-                notify =
-                    Some(dsn::parse_notify(v).ok_or_else(|| Reply::new(501, "5.5.4", "Bad NOTIFY parameter syntax"))?)
-            }
-            ("ORCPT", Some(v)) if esmtp => {
-                orcpt = Some(dsn::parse_orcpt(v).ok_or_else(|| Reply::new(501, "5.5.4", "Bad ORCPT parameter syntax"))?)
-            }
-            _ => return Err(Reply::new(555, "5.5.4", format!("Unsupported option: {key}"))),
-        }
-    }
-    Ok((notify, orcpt))
-}
-
 impl Session {
     pub(super) async fn mail(&mut self, path: &str, params: &[(String, Option<String>)]) {
         if self.greeting.name().is_none() && self.config().smtpd_helo_required {
@@ -103,7 +45,7 @@ impl Session {
             return;
         }
         let MailParams { smtputf8, eight_bit, dsn_ret, dsn_envid } =
-            match mail_params(params, self.greeting.esmtp(), self.config().message_size_limit) {
+            match params::mail_params(params, self.greeting.esmtp(), self.config().message_size_limit) {
                 Ok(asked) => asked,
                 Err((reply, refusal)) => {
                     if refusal {
@@ -181,7 +123,7 @@ impl Session {
         if self.unauth_pipelining() {
             return;
         }
-        let (notify, orcpt) = match rcpt_params(params, self.greeting.esmtp()) {
+        let RcptParams { notify, orcpt } = match params::rcpt_params(params, self.greeting.esmtp()) {
             Ok(p) => p,
             Err(reply) => return self.reply(reply),
         };
@@ -274,46 +216,5 @@ fn address_reply(e: AddressError, path: &str, enhanced: &'static str, role: &str
         AddressError::Brackets | AddressError::Syntax => {
             Reply::new(501, enhanced, format!("Bad {role} address syntax"))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(list: &[(&str, Option<&str>)]) -> Vec<(String, Option<String>)> {
-        list.iter().map(|(k, v)| (k.to_string(), v.map(String::from))).collect()
-    }
-
-    #[test]
-    fn mail_parameters_need_ehlo_and_size_is_checked_against_the_limit() {
-        let asked = mail_params(&params(&[("BODY", Some("8bitmime")), ("SMTPUTF8", None)]), true, 10).unwrap();
-        assert_eq!(asked, MailParams { smtputf8: true, eight_bit: true, ..Default::default() });
-        assert_eq!(
-            mail_params(&params(&[("SIZE", Some("10")), ("AUTH", Some("<>"))]), true, 10),
-            Ok(MailParams::default())
-        );
-        let (reply, refusal) = mail_params(&params(&[("SIZE", Some("11"))]), true, 10).unwrap_err();
-        assert_eq!((reply.code, reply.enhanced, refusal), (552, "5.3.4", true));
-        let (reply, refusal) = mail_params(&params(&[("SIZE", Some("x"))]), true, 10).unwrap_err();
-        assert_eq!((reply.code, refusal), (501, false));
-        // After HELO, no parameter is known.
-        let (reply, _) = mail_params(&params(&[("BODY", Some("8BITMIME"))]), false, 10).unwrap_err();
-        assert_eq!(reply.to_string(), "555 5.5.4 Unsupported option: BODY");
-        let dsn = mail_params(&params(&[("RET", Some("hdrs")), ("ENVID", Some("QQ+2B1"))]), true, 10).unwrap();
-        assert_eq!((dsn.dsn_ret.as_deref(), dsn.dsn_envid.as_deref()), (Some("HDRS"), Some("QQ+2B1")));
-        assert_eq!(mail_params(&params(&[("RET", Some("SOME"))]), true, 10).unwrap_err().0.code, 501);
-        assert_eq!(mail_params(&params(&[("ENVID", Some("a=b"))]), true, 10).unwrap_err().0.code, 501);
-        assert_eq!(mail_params(&params(&[("RET", Some("HDRS"))]), false, 10).unwrap_err().0.code, 555, "after HELO");
-        assert_eq!(
-            rcpt_params(&params(&[("NOTIFY", Some("delay,failure"))]), true).unwrap().0.as_deref(),
-            Some("FAILURE,DELAY")
-        );
-        assert_eq!(rcpt_params(&params(&[("NOTIFY", Some("NEVER,DELAY"))]), true).unwrap_err().code, 501);
-        assert_eq!(
-            rcpt_params(&params(&[("ORCPT", Some("rfc822;a+40b"))]), true).unwrap().1.as_deref(),
-            Some("rfc822;a+40b")
-        );
-        assert_eq!(rcpt_params(&params(&[("XYZ", None)]), true).unwrap_err().code, 555);
     }
 }
