@@ -6,16 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mxrelay::config::Config;
 
-/// mimalloc rather than glibc's malloc: measured in docs/BENCHMARKS.md
-/// (allocation was about 12 % of the node's CPU), and it returns freed
-/// memory to the system.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `mi_option_purge_delay` in mimalloc.h's `mi_option_t` (the Rust
-/// bindings name no constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
 #[derive(Parser)]
 #[command(name = "mxrelay", version, about = "A clustered, closed SMTP relay")]
 struct Cli {
@@ -204,12 +194,6 @@ enum QueueCmd {
 }
 
 fn main() -> ExitCode {
-    // Freed pages go back to the system at once rather than after a second
-    // of quiet: mimalloc purges only when a thread allocates again, and the
-    // Argon2 verifier threads (19 MiB each) go quiet after an AUTH burst.
-    // SAFETY: sets one of mimalloc's documented options before any thread
-    // is started; no pointer is involved.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     let cli = Cli::parse();
     // Serving (and checking for it) also needs the files the configuration names.
     let loaded = match cli.command {
