@@ -178,10 +178,16 @@ fn redis_restarted_empty_new_mail_flows() {
         &[("MXRELAY_DELIVERY_DESTINATION_CONCURRENCY", "50"), ("MXRELAY_DELIVERY_CONCURRENCY", "100")],
         |_| None,
     );
+    // Frozen while the mail comes in: however the injection's speed
+    // compares with delivery's, the queue is full at the wipe.
+    sink.freeze();
     finish(fleet.inject(&ALL, &[(4, 250, 1000), (2, 50, 10_000)]));
-    wait_until("mail queued and in delivery", OBSERVE, || {
+    wait_until("mail queued and leased", OBSERVE, || {
         fleet.pending(None).is_some_and(|p| p.len() >= 10) && fleet.queued().is_some_and(|n| n >= 100)
     });
+    sink.thaw();
+    // Wiped while bodies are on the wire (each transaction held 1 s).
+    wait_until("transfers in progress at the destination", OBSERVE, || sink.in_progress() >= 10);
     let pause = fleet.pause();
     let in_flight = fleet.pending(None).expect("redis");
     let queued_at_wipe = fleet.queued().expect("redis");

@@ -231,6 +231,29 @@ impl SmtpSink {
         }
     }
 
+    /// Freezes smtp-sink (SIGSTOP): connections wait in its listen queue
+    /// unanswered, so mail stays queued however fast the relay delivers,
+    /// until [`SmtpSink::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen smtp-sink go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("smtp-sink running");
+        let status = Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill {signal} smtp-sink");
+    }
+
+    /// Transactions in progress now: begun with MAIL, not yet ended.
+    pub fn in_progress(&self) -> usize {
+        self.open_dump_files().len()
+    }
+
     /// smtp-sink's own output (fatal errors such as a busy port).
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("smtp-sink.log")).unwrap_or_default()
