@@ -14,20 +14,14 @@
 //! and that commit's fsync of the WAL makes them durable too.
 
 use sqlx::sqlite::SqlitePool;
-use tokio::sync::{mpsc, oneshot};
 
 use super::failed;
+use super::group::Group;
 use crate::metrics::METRICS;
 use crate::spool::{Envelope, QueueId, SpoolBody, SpoolError};
 
-/// Most commits stored by one transaction.
-const GROUP_MAX: usize = 256;
-/// Commits that may wait for the writer before a session waits to hand
-/// its own over.
-const WAITING_MAX: usize = 1024;
-
 /// One message's commit, handed to the writer.
-struct Pending {
+pub(super) struct Pending {
     id: QueueId,
     envelope: String,
     received_at: i64,
@@ -37,41 +31,18 @@ struct Pending {
     offset: u64,
 }
 
-/// Where the writer answers a commit.
-type Answer = oneshot::Sender<Result<(), SpoolError>>;
+/// The handle sessions commit through.
+pub(super) type GroupCommit = Group<Pending>;
 
-/// The handle sessions commit through; the writer task ends when every
-/// handle is gone.
-#[derive(Clone)]
-pub(super) struct GroupCommit {
-    sender: mpsc::Sender<(Pending, Answer)>,
-}
-
-impl GroupCommit {
-    /// Starts the writer on `pool` (the store's durable one).
-    pub(super) fn start(pool: SqlitePool) -> GroupCommit {
-        let (sender, receiver) = mpsc::channel(WAITING_MAX);
-        tokio::spawn(write_groups(pool, receiver));
-        GroupCommit { sender }
-    }
-
-    async fn commit(&self, pending: Pending) -> Result<(), SpoolError> {
-        let (answer, result) = oneshot::channel();
-        self.sender.send((pending, answer)).await.map_err(|_| failed("enqueue", "the writer stopped"))?;
-        result.await.map_err(|_| failed("enqueue", "the writer stopped"))?
-    }
-}
-
-async fn write_groups(pool: SqlitePool, mut receiver: mpsc::Receiver<(Pending, Answer)>) {
-    let mut waiting = Vec::with_capacity(GROUP_MAX);
-    while receiver.recv_many(&mut waiting, GROUP_MAX).await > 0 {
-        let (group, answers): (Vec<Pending>, Vec<Answer>) = waiting.drain(..).unzip();
-        let results = store_group(&pool, &group).await;
-        METRICS.queue_group_commit_messages.observe(group.len() as f64);
-        for (answer, result) in answers.into_iter().zip(results) {
-            let _ = answer.send(result);
+/// Starts the writer of received messages on `pool` (the store's durable one).
+pub(super) fn start_commits(pool: SqlitePool) -> GroupCommit {
+    Group::start("enqueue", move |group: Vec<Pending>| {
+        let pool = pool.clone();
+        async move {
+            METRICS.queue_group_commit_messages.observe(group.len() as f64);
+            store_group(&pool, &group).await
         }
-    }
+    })
 }
 
 /// One transaction for `group`: a result per message, `Ok` only once the
@@ -205,7 +176,7 @@ impl SpoolBody for SqliteBody {
             tail: std::mem::take(&mut self.buf),
             offset: self.flushed,
         };
-        let result = self.commits.commit(pending).await;
+        let result = self.commits.submit(pending).await;
         self.finished = true;
         match &result {
             Ok(()) => METRICS.queue_enqueue_seconds.observe(started.elapsed().as_secs_f64()),
@@ -312,5 +283,64 @@ mod tests {
         assert_eq!(spool.stats(false).await.unwrap().messages, 39);
         let groups = METRICS.queue_group_commit_messages.get_sample_count() - groups_before;
         assert_eq!(groups, 1, "every commit waiting at once went into one transaction");
+    }
+
+    /// Completions waiting at once go into one DELETE, fenced lease by
+    /// lease: in the same group as the current holder, a stale holder of
+    /// the same message is refused, and each completed message's chunks go
+    /// with it.
+    #[tokio::test]
+    async fn grouped_completions_are_fenced_lease_by_lease() {
+        use crate::spool::Deliver;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let spool = std::sync::Arc::new(
+            SqliteSpool::connect(&QueueConfig { url, chunk_size: 1024, ..Default::default() }).unwrap(),
+        );
+        spool.prepare().await.unwrap();
+        // Stored directly, not committed: the commit test counts every
+        // group commit of this process.
+        for _ in 0..30 {
+            let id = QueueId::new();
+            let mut tx = spool.pool.begin().await.unwrap();
+            for (offset, data) in [(0i64, [b'x'; 2048].as_slice()), (2048, [b'y'; 952].as_slice())] {
+                write_chunk(&mut *tx, &id, offset as u64, data).await.unwrap();
+            }
+            insert(
+                &mut tx,
+                &[&Pending {
+                    id: id.clone(),
+                    envelope: envelope(&id).to_json().unwrap(),
+                    received_at: 0,
+                    size: 3000,
+                    tail: Vec::new(),
+                    offset: 3000,
+                }],
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+        let stale = spool.lease("node", 30, std::time::Duration::ZERO).await.unwrap();
+        assert_eq!(stale.len(), 30);
+        // The same node takes its own entries over: new generations.
+        let current = spool.take_over("node", std::time::Duration::ZERO, 30).await.unwrap();
+        assert_eq!(current.len(), 30);
+        let mut completions = tokio::task::JoinSet::new();
+        for (i, lease) in stale.iter().take(10).chain(&current).cloned().enumerate() {
+            let spool = spool.clone();
+            completions.spawn(async move { (i, spool.complete(&lease).await) });
+        }
+        let mut results = completions.join_all().await;
+        results.sort_by_key(|(i, _)| *i);
+        for (i, result) in results {
+            match (i < 10, result) {
+                (true, Err(SpoolError::LeaseLost(_))) | (false, Ok(())) => {}
+                (stale, other) => panic!("completion {i} (stale: {stale}): {other:?}"),
+            }
+        }
+        assert_eq!(spool.stats(false).await.unwrap().messages, 0);
+        let chunks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue_bodies").fetch_one(&spool.pool).await.unwrap();
+        assert_eq!(chunks, 0, "the chunks went with their messages");
     }
 }

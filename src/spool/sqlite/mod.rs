@@ -3,15 +3,16 @@
 //! (`body.rs`: one transaction and one fsync for every session waiting),
 //! so a message is on disk before 250. Delivery's bookkeeping (leases,
 //! completions, deferrals) commits with `synchronous = NORMAL`, without an
-//! fsync of its own: a power loss may undo the last of it, which delivers a
-//! message again (a duplicate, as a crash between 250 and the ack can),
-//! never loses one, and the next received commit's fsync of the WAL makes
-//! it durable too. Same
-//! semantics as the Redis back end: bodies written in chunks and counted
-//! before the commit (orphans removed at start), one row per message (so
-//! never two live entries), leases fenced by owner and generation, expiry
-//! and takeover, deferred with due times, a per-destination index kept to
-//! deferred messages, hold/release/bounce/delete, quarantine.
+//! fsync of its own, and the completions waiting at one moment go in one
+//! DELETE (`group.rs`). A power loss may undo the last of that bookkeeping,
+//! which delivers a message again (a duplicate, as a crash between 250 and
+//! the ack can), never loses one, and the next received commit's fsync of
+//! the WAL makes it durable too. Same semantics as the Redis back end:
+//! bodies written in chunks and counted before the commit (orphans removed
+//! at start), one row per message (so never two live entries), leases
+//! fenced by owner and generation, expiry and takeover, deferred with due
+//! times, a per-destination index kept to deferred messages,
+//! hold/release/bounce/delete, quarantine.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -20,9 +21,11 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 mod body;
+mod group;
 mod verdicts;
 
 use body::{GroupCommit, SqliteBody};
+use group::Group;
 
 use super::{
     Admin, AdminAction, Deliver, Enqueue, Entry, Envelope, Lease, Maintenance, MessageState, QueueAudit, QueueId,
@@ -48,6 +51,9 @@ pub struct SqliteSpool {
     quick: SqlitePool,
     /// The writer of received messages, started with the first body.
     commits: std::sync::OnceLock<GroupCommit>,
+    /// Delivery's completions, grouped into one DELETE, started with the
+    /// first.
+    completions: std::sync::OnceLock<Group<Lease>>,
     config: QueueConfig,
     /// Migrations ran (at start, or on first use if the file was not
     /// writable then).
@@ -105,6 +111,7 @@ impl SqliteSpool {
             pool,
             quick,
             commits: std::sync::OnceLock::new(),
+            completions: std::sync::OnceLock::new(),
             config: config.clone(),
             prepared: tokio::sync::OnceCell::new(),
         })
@@ -136,6 +143,38 @@ impl SqliteSpool {
     }
 }
 
+/// Completes every lease of `leases` that is still current, in one DELETE
+/// (fenced row by row: id, owner and generation must all match); the
+/// others lost theirs. Each message's chunks and index rows go with it
+/// (trigger `queue_messages_gone`).
+async fn complete_group(quick: &SqlitePool, leases: &[Lease]) -> Vec<Result<(), SpoolError>> {
+    let mut query = sqlx::QueryBuilder::new("DELETE FROM queue_messages WHERE rowid IN (SELECT m.rowid FROM (");
+    query.push_values(leases, |mut row, lease| {
+        row.push_bind(lease.id.as_str()).push_bind(lease.owner.as_str()).push_bind(lease.generation as i64);
+    });
+    // A join, so that each row is found by its id's index (a row-value IN
+    // would scan the table).
+    query.push(
+        ") AS v JOIN queue_messages m ON m.id = v.column1 AND m.lease_owner = v.column2 \
+         AND m.generation = v.column3) RETURNING id, lease_owner, generation",
+    );
+    match query.build_query_as::<(String, String, i64)>().fetch_all(quick).await {
+        Ok(gone) => {
+            // By the whole lease: a stale holder of the same message in
+            // the same group is answered LeaseLost.
+            let gone: std::collections::HashSet<(String, String, i64)> = gone.into_iter().collect();
+            leases
+                .iter()
+                .map(|l| {
+                    let key = (l.id.to_string(), l.owner.clone(), l.generation as i64);
+                    fenced(l, u64::from(gone.contains(&key)))
+                })
+                .collect()
+        }
+        Err(e) => leases.iter().map(|_| Err(failed("complete", &e))).collect(),
+    }
+}
+
 /// Removes the destination index rows of `ids` (they left the deferred state).
 async fn unindex(tx: &mut sqlx::SqliteConnection, ids: &[String]) -> Result<(), sqlx::Error> {
     for id in ids {
@@ -147,7 +186,7 @@ async fn unindex(tx: &mut sqlx::SqliteConnection, ids: &[String]) -> Result<(), 
 #[async_trait::async_trait]
 impl Enqueue for SqliteSpool {
     fn open_body(&self, id: &QueueId) -> Box<dyn SpoolBody> {
-        let commits = self.commits.get_or_init(|| GroupCommit::start(self.pool.clone())).clone();
+        let commits = self.commits.get_or_init(|| body::start_commits(self.pool.clone())).clone();
         Box::new(SqliteBody::new(self.quick.clone(), commits, id.clone(), self.config.chunk_size))
     }
 
@@ -347,8 +386,15 @@ impl Deliver for SqliteSpool {
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
-        // Its chunks and index rows go with it (trigger queue_messages_gone).
-        self.fenced_update("complete", fenced_sql!("DELETE FROM queue_messages"), lease).await
+        let quick = &self.quick;
+        let completions = self.completions.get_or_init(|| {
+            let quick = quick.clone();
+            Group::start("complete", move |leases: Vec<Lease>| {
+                let quick = quick.clone();
+                async move { complete_group(&quick, &leases).await }
+            })
+        });
+        completions.submit(lease.clone()).await
     }
 
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
