@@ -185,7 +185,17 @@ run_one() { # TARGET SIZE SESSIONS COUNT
     ids=$(wc -l < "$work/ids"); unique=$(sort -u "$work/ids" | wc -l)
   fi
   if [ "$rc" = 0 ] && [ "$files" = "$n" ] && [ "$ids" = "$n" ] && [ "$unique" = "$n" ]; then check=ok
-  else check="FAILED(source_rc=$rc,files=$files,ids=$ids,unique=$unique)"; fi
+  else
+    check="FAILED(source_rc=$rc,files=$files,ids=$ids,unique=$unique)"
+    # Kept for the post-mortem: the node's log, and the sink's files of
+    # every queue id that came more than once.
+    local kept; kept=$(mktemp -d /tmp/mxr-bench-failed.XXXXXX)
+    [ -f "$work/$target.log" ] && cp "$work/$target.log" "$kept/"
+    sort "$work/ids" | uniq -d | while read -r _ id; do
+      grep -rlF " id $id" "$dump" | xargs -r cp -t "$kept/" || true
+    done
+    check="$check kept=$kept"
+  fi
   rm -rf "$dump"
   awk -v t="$target" -v s="$size" -v c="$sess" -v n="$n" -v a="$t0" -v b="$t1" -v e="$t2" -v hz="$HZ" \
       -v nd=$((node1 - node0)) -v rd=$((redis1 - redis0)) -v f="$fsyncs" -v ck="$check" 'BEGIN{

@@ -9,7 +9,8 @@
 #   free_port           prints a free TCP port on 127.0.0.1;
 #   release_binary      sets $bin: $MXRELAY_BIN, else `cargo build --release`
 #                       (honours CARGO_TARGET_DIR); MXRELAY_BIN is not passed on;
-#   node_config_base    prints the TOML keys every bench node shares;
+#   node_config_base    prints the TOML keys every bench node shares (log
+#                       level $BENCH_LOG_LEVEL, default warn);
 #   start_node CONFIG PORT...   starts a node, waits for its ports;
 #   stop_node           stops the node started last;
 #   add_domain DOMAIN HOST PORT SCAN   adds or replaces the domain, then SIGHUP;
@@ -90,7 +91,7 @@ data_dir = "$data"
 mynetworks = ["127.0.0.255/32"]
 reject_unknown_sender_domain = false
 reject_unknown_recipient_domain = false
-log.level = "warn"
+log.level = "${BENCH_LOG_LEVEL:-warn}"
 smtp.listen = "127.0.0.1:$2"
 smtp.peername_lookup = false
 admin.listen = "127.0.0.1:$3"
