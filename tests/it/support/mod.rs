@@ -179,14 +179,23 @@ impl MariaDb {
     pub fn start_with(args: &[&str]) -> MariaDb {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let status = Command::new("mariadb-install-db")
+        // A temporary directory of its own: bootstraps running at once in
+        // the shared /tmp remove each other's temporary tables (1 in 8
+        // failed so, "Unknown table 'mysql.tmp_user_nopasswd,…'").
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let out = Command::new("mariadb-install-db")
             .args(["--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"])
             .arg(format!("--datadir={}", data.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .output()
             .expect("mariadb-install-db (scripts/test.sh installs it)");
-        assert!(status.success(), "mariadb-install-db failed");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let args = args.iter().map(|a| a.to_string()).collect();
         let mut db = MariaDb { server: MysqlServer { port: 0 }, dir, child: None, args };
         start_on_free_port("mariadbd", |port| {
@@ -214,6 +223,7 @@ impl MariaDb {
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", d.join("sock").display()))
             .arg(format!("--pid-file={}", d.join("pid").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--port={}", self.server.port))
             .args(["--bind-address=127.0.0.1", "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=16M"])
             .args(&self.args)
