@@ -269,6 +269,10 @@ pub struct Connection {
     /// answer to its content, or never began (MAIL refused), so the next
     /// MAIL needs no RSET first.
     pub clean: bool,
+    /// The current transaction's content began to go out: from then on
+    /// the server may have the message, however the session ends (a
+    /// lost reply after the end of data means it may get it twice).
+    pub content_started: bool,
     settings: Settings,
 }
 
@@ -300,6 +304,7 @@ impl Connection {
             target: target.clone(),
             tls: None,
             clean: true,
+            content_started: false,
             settings: settings.clone(),
         };
         let greeting = c.reply(settings.greeting, "waiting for the greeting").await?;
@@ -454,6 +459,7 @@ impl Connection {
         recipients: &[String],
         body: &mut dyn BodySource,
     ) -> Result<Outcome, ClientError> {
+        self.content_started = false;
         let mut mail = format!("MAIL FROM:<{}>", env.sender);
         if self.ext.size.is_some() {
             mail.push_str(&format!(" SIZE={}", env.size));
@@ -568,6 +574,7 @@ impl Connection {
     /// Copies the body with dot-stuffing, then `CRLF.CRLF`, in the same
     /// write as the last piece.
     async fn stream_body(&mut self, body: &mut dyn BodySource) -> Result<(), ClientError> {
+        self.content_started = true;
         let mut stuffer = DotStuffer::new(self.settings.line_length_limit);
         let mut out = Vec::new();
         let mut next = body.next_chunk().await?;
@@ -598,6 +605,7 @@ impl Connection {
     /// one `LAST`. A chunk the server refuses ends the transaction: its
     /// reply is the answer for every recipient.
     async fn send_chunks(&mut self, body: &mut dyn BodySource) -> Result<RemoteReply, ClientError> {
+        self.content_started = true;
         let mut folder = DotStuffer::without_dots(self.settings.line_length_limit);
         let mut out = Vec::new();
         let mut next = body.next_chunk().await?;

@@ -630,8 +630,12 @@ impl Delivery {
 
     /// One transaction on an open session; the session goes back to the
     /// cache when it ended cleanly. On a `reused` session from the cache,
-    /// `None` when it turned out to be gone before anything was accepted
-    /// (lost, or 421 to MAIL): the caller opens a new one.
+    /// `None` when it turned out to be gone before any content went out
+    /// (lost, or 421 to MAIL), so the server cannot have the message: the
+    /// caller opens a new one. Lost once the content began, the attempt
+    /// is deferred as on a new session: the server may have the message,
+    /// and sending it again at once would make a duplicate of every
+    /// such loss (Postfix: "message may be sent more than once").
     async fn transact(
         &self,
         mut conn: Connection,
@@ -670,7 +674,7 @@ impl Delivery {
         let peer_dsn = conn.ext.dsn;
         let fates = match conn.send(env, rcpts, &mut body).await {
             Ok(Outcome::MailRefused(reply)) if reused && reply.code == 421 => return None,
-            Err(ClientError::Lost(_)) if reused => return None,
+            Err(ClientError::Lost(_)) if reused && !conn.content_started => return None,
             Ok(Outcome::MailRefused(reply)) => all(Fate::from_reply(&reply, &relay, tls.as_deref(), peer_dsn)),
             Ok(Outcome::Replies(replies)) => {
                 replies.iter().map(|r| Fate::from_reply(r, &relay, tls.as_deref(), peer_dsn)).collect()

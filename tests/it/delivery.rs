@@ -263,6 +263,42 @@ fn a_cached_session_the_server_closed_is_replaced_without_deferring() {
 }
 
 #[test]
+fn a_reused_session_lost_after_the_content_is_deferred_not_sent_again_at_once() {
+    // The destination records the second message of each session, then
+    // hangs up without its final reply: it has the message, the node
+    // cannot know. Only a session lost before the content may be replaced
+    // at once; this one is deferred, as Postfix does ("may be sent more
+    // than once"), and no second copy comes now.
+    let dest = Destination::start();
+    dest.set_hang_up_at_message(2);
+    let c = Cluster::start(
+        1,
+        &[(LISTED, "127.0.0.1", dest.port)],
+        &[
+            ("MXRELAY_DELIVERY_RETRY_MIN", "1h"),
+            ("MXRELAY_DELIVERY_RETRY_MAX", "1h"),
+            ("MXRELAY_DELIVERY_PROBE_INTERVAL", "1h"),
+        ],
+    );
+    let relay = &c.relays[0];
+    let mut client = Raw::ehlo(&c.addr());
+    for (i, to) in ["h0@friet.pan", "h1@friet.pan"].iter().enumerate() {
+        let r = client.message(SENDER, to, "Subject: hang up\r\n\r\nbody\r\n");
+        assert!(r.starts_with("250 2.0.0"), "{r}");
+        dest.wait_for(i + 1, Duration::from_secs(20));
+    }
+    wait_until("the second message deferred", Duration::from_secs(20), || {
+        relay.log().contains("to=<h1@friet.pan>") && relay.log().contains("status=deferred")
+    });
+    assert!(relay.value("mxrelay_delivery_connections_reused_total") >= 1.0, "the second went on the cached session");
+    let log = relay.log();
+    assert!(log.contains("lost connection after end of data"), "{log}");
+    let rcpts: Vec<String> = dest.messages().iter().flat_map(|m| m.rcpts.clone()).collect();
+    assert_eq!(rcpts, ["h0@friet.pan", "h1@friet.pan"], "one copy each, none sent again at once");
+    assert_eq!(dest.connections(), 1);
+}
+
+#[test]
 fn etrn_and_queue_flush_release_deferred_mail() {
     let (down_a, down_b) = (DownPort::new(), DownPort::new());
     let c = Cluster::start(

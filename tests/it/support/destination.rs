@@ -90,6 +90,9 @@ struct Shared {
     /// Hang up after each message's final reply, without QUIT (a server
     /// that closed an idle session the client still has cached).
     close_after_message: AtomicBool,
+    /// The message of each session, counted from 1, that is recorded and
+    /// then answered by hanging up, with no final reply (0: none).
+    hang_up_at_message: AtomicUsize,
     stopping: AtomicBool,
     /// Open sessions, so `stop` can cut them.
     sessions: Mutex<HashMap<u64, TcpStream>>,
@@ -152,6 +155,7 @@ impl Destination {
             final_reply_delay: AtomicU64::new(0),
             line_limit: AtomicUsize::new(0),
             close_after_message: AtomicBool::new(false),
+            hang_up_at_message: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
@@ -192,6 +196,13 @@ impl Destination {
     /// reply (the client learns it when it next writes).
     pub fn set_close_after_message(&self, on: bool) {
         self.shared.close_after_message.store(on, Ordering::SeqCst);
+    }
+
+    /// From now on, the `n`th message of each session is recorded and then
+    /// answered by hanging up, without its final reply: the client cannot
+    /// tell whether it was taken (0: never).
+    pub fn set_hang_up_at_message(&self, n: usize) {
+        self.shared.hang_up_at_message.store(n, Ordering::SeqCst);
     }
 
     /// Every message received so far, in the order their DATA ended.
@@ -421,6 +432,8 @@ struct Session<'a> {
     mail_params: String,
     rcpts: Vec<String>,
     tls: bool,
+    /// Messages recorded in this session.
+    messages: usize,
     /// Replies not yet written: pipelined replies go out together.
     out: Vec<u8>,
 }
@@ -434,6 +447,7 @@ impl<'a> Session<'a> {
             mail_params: String::new(),
             rcpts: Vec::new(),
             tls: false,
+            messages: 0,
             out: Vec::new(),
         }
     }
@@ -574,6 +588,10 @@ impl<'a> Session<'a> {
                     tls: self.tls,
                 };
                 lock(&self.shared.received).push(message);
+                self.messages += 1;
+                if self.messages == self.shared.hang_up_at_message.load(Ordering::SeqCst) {
+                    return Ok(Next::Quit);
+                }
                 std::thread::sleep(Duration::from_millis(self.shared.final_reply_delay.load(Ordering::SeqCst)));
                 self.reply("250 2.0.0 Ok: queued");
                 if self.shared.close_after_message.load(Ordering::SeqCst) {
