@@ -215,6 +215,48 @@ async fn only_the_current_holder_changes_a_message() {
     .await;
 }
 
+/// Completions sent at once (on the embedded store, grouped into one
+/// DELETE) are each fenced by their own lease: a stale holder next to the
+/// current one of the same message is refused, every current one
+/// completes once.
+#[tokio::test]
+async fn completions_sent_together_are_fenced_each_by_its_own_lease() {
+    both(async |store| {
+        let spool = store.open(2).await;
+        for _ in 0..30 {
+            enqueue(&spool, 3000).await;
+        }
+        let mut stale = Vec::new();
+        while stale.len() < 30 {
+            let got = spool.lease("n1", 30 - stale.len(), Duration::from_secs(1)).await.unwrap();
+            assert!(!got.is_empty(), "{} of 30 leased", stale.len());
+            stale.extend(got);
+        }
+        let current = spool.take_over("n2", Duration::ZERO, 30).await.unwrap();
+        assert_eq!(current.len(), 30);
+        let mut completions = tokio::task::JoinSet::new();
+        for (i, lease) in stale.iter().take(10).chain(&current).chain(stale.iter().skip(20)).cloned().enumerate() {
+            let spool = spool.clone();
+            completions.spawn(async move { (i, spool.complete(&lease).await) });
+        }
+        let mut results = completions.join_all().await;
+        results.sort_by_key(|(i, _)| *i);
+        for (i, result) in results {
+            let is_stale = !(10..40).contains(&i);
+            match (is_stale, result) {
+                (true, Err(SpoolError::LeaseLost(_))) | (false, Ok(())) => {}
+                (is_stale, other) => panic!("completion {i} (stale: {is_stale}): {other:?}"),
+            }
+        }
+        assert_eq!(spool.stats(false).await.unwrap().messages, 0);
+        for lease in &current {
+            assert!(lost(spool.complete(lease).await), "completed exactly once");
+        }
+        assert_clean(&spool).await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn leases_a_node_does_not_hold_are_reclaimed_at_once_with_a_new_token() {
     both(async |store| {

@@ -243,16 +243,23 @@ mod tests {
         }
     }
 
-    /// Sessions committing at once share one transaction, and one message
-    /// whose chunks went missing fails alone.
-    #[tokio::test]
-    async fn waiting_commits_share_one_transaction_and_a_short_body_fails_alone() {
+    /// A new store in a temporary directory (gone with the `TempDir`), in
+    /// chunks of 1 KiB.
+    async fn temp_spool() -> (tempfile::TempDir, std::sync::Arc<SqliteSpool>) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("q.db").display());
         let spool = std::sync::Arc::new(
             SqliteSpool::connect(&QueueConfig { url, chunk_size: 1024, ..Default::default() }).unwrap(),
         );
         spool.prepare().await.unwrap();
+        (dir, spool)
+    }
+
+    /// Sessions committing at once share one transaction, and one message
+    /// whose chunks went missing fails alone.
+    #[tokio::test]
+    async fn waiting_commits_share_one_transaction_and_a_short_body_fails_alone() {
+        let (_dir, spool) = temp_spool().await;
         let mut bodies = Vec::new();
         for i in 0..40 {
             let id = QueueId::new();
@@ -292,12 +299,7 @@ mod tests {
     #[tokio::test]
     async fn grouped_completions_are_fenced_lease_by_lease() {
         use crate::spool::Deliver;
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("q.db").display());
-        let spool = std::sync::Arc::new(
-            SqliteSpool::connect(&QueueConfig { url, chunk_size: 1024, ..Default::default() }).unwrap(),
-        );
-        spool.prepare().await.unwrap();
+        let (_dir, spool) = temp_spool().await;
         // Stored directly, not committed: the commit test counts every
         // group commit of this process.
         for _ in 0..30 {

@@ -13,7 +13,7 @@ use super::failed;
 use crate::spool::SpoolError;
 
 /// Most items handled by one group.
-pub(super) const GROUP_MAX: usize = 256;
+const GROUP_MAX: usize = 256;
 /// Items that may wait for the writer before a submitter waits to hand
 /// its own over.
 const WAITING_MAX: usize = 1024;
