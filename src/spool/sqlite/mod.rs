@@ -143,6 +143,14 @@ impl SqliteSpool {
     }
 }
 
+/// Starts the writer of delivery's completions on `quick`.
+fn start_completions(quick: SqlitePool) -> Group<Lease> {
+    Group::start("complete", move |leases: Vec<Lease>| {
+        let quick = quick.clone();
+        async move { complete_group(&quick, &leases).await }
+    })
+}
+
 /// Completes every lease of `leases` that is still current, in one DELETE
 /// (fenced row by row: id, owner and generation must all match); the
 /// others lost theirs. Each message's chunks and index rows go with it
@@ -386,15 +394,7 @@ impl Deliver for SqliteSpool {
     }
 
     async fn complete(&self, lease: &Lease) -> Result<(), SpoolError> {
-        let quick = &self.quick;
-        let completions = self.completions.get_or_init(|| {
-            let quick = quick.clone();
-            Group::start("complete", move |leases: Vec<Lease>| {
-                let quick = quick.clone();
-                async move { complete_group(&quick, &leases).await }
-            })
-        });
-        completions.submit(lease.clone()).await
+        self.completions.get_or_init(|| start_completions(self.quick.clone())).submit(lease.clone()).await
     }
 
     async fn defer(&self, lease: &Lease, env: &Envelope, due: i64, destinations: &[String]) -> Result<(), SpoolError> {
