@@ -247,8 +247,10 @@ fn each_address_of_a_relay_host_is_tried_in_turn() {
     let got = sink.wait_for(1, WAIT);
     assert_eq!(got[0].rcpts, ["x@friet.pan"]);
 
-    let log = d.relay.log();
+    // The sink has the message before the relay logs the peer's 250.
     let sent = format!("to=<x@friet.pan>, relay={host}[{up}]:{port}");
+    wait_until("the delivery logged", WAIT, || d.relay.log().contains(&sent));
+    let log = d.relay.log();
     let sent_at = log.find(&sent).unwrap_or_else(|| panic!("no {sent:?} in\n{log}"));
     // AAAA before A (the resolver's order): ::1 is always tried first; the
     // two A records come in the order dnsmasq rotates them to.
