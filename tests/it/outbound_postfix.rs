@@ -42,8 +42,10 @@ fn encrypt_delivers_over_starttls_to_postfix() {
     assert!(received.contains("by postfix.test (Postfix) with ESMTPS"), "{received}");
     assert!(received.contains("(using TLSv1.3 with cipher"), "{received}");
     assert!(postfix.log().contains("TLS connection established from"), "{}", postfix.log());
-    let log = s.relay.log();
-    let sent = log.lines().find(|l| l.contains("to=<t@friet.pan>")).unwrap_or_else(|| panic!("{log}"));
+    // Postfix may deliver before the relay logs Postfix's 250.
+    let sent = wait_until_value("the relay's delivery line", WAIT, || {
+        s.relay.log().lines().find(|l| l.contains("to=<t@friet.pan>")).map(str::to_string)
+    });
     assert!(
         // Postfix's reply to BDAT LAST counts the bytes: "Ok: 449 bytes queued as".
         sent.contains("tls=TLSv1.3:")
@@ -80,8 +82,10 @@ fn verify_delivers_to_postfix_whose_certificate_chains_to_tls_ca_file_and_matche
     let got = postfix.wait_delivered(1, WAIT);
     let received = postfix_received(&got[0]);
     assert!(received.contains("with ESMTPS") && received.contains("(using TLSv1.3 with cipher"), "{received}");
-    let log = s.relay.log();
-    let sent = log.lines().find(|l| l.contains("to=<v@friet.pan>")).unwrap_or_else(|| panic!("{log}"));
+    // Postfix may deliver before the relay logs Postfix's 250.
+    let sent = wait_until_value("the relay's delivery line", WAIT, || {
+        s.relay.log().lines().find(|l| l.contains("to=<v@friet.pan>")).map(str::to_string)
+    });
     assert!(sent.contains(&format!("relay=dest.test[127.0.0.1]:{}", postfix.port)), "{sent}");
     assert!(sent.contains(":verified, status=sent (250 2.0.0 Ok: ") && sent.contains(" queued as "), "{sent}");
     assert_eq!(s.tls_count("verify", "tls"), 1.0);
