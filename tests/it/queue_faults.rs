@@ -4,7 +4,8 @@
 //! restart, a body that lost its first chunks is refused, a message the
 //! replicas did not confirm is never delivered, a delivery never sends a
 //! short body, a node never holds more leases than it works on, the prober
-//! scans no keyspace, and a DSN to a UTF-8 sender says SMTPUTF8.
+//! scans no keyspace, a DSN to a UTF-8 sender says SMTPUTF8, and the
+//! housekeeping of what crashes and bad data leave behind is counted.
 
 use std::time::{Duration, Instant};
 
@@ -356,4 +357,105 @@ fn a_result_the_queue_could_not_store_is_stored_once_redis_is_back() {
     assert!(relay.value("mxrelay_queue_bookkeeping_retries_total") >= 1.0);
     assert!(relay.log().contains("delivery result stored after retrying"), "{}", relay.log());
     assert_eq!(dest.messages().len(), 1, "delivered once");
+}
+
+/// What an earlier run, a crash and bad data leave in the queue, as a
+/// node finds it: entries still leased to its own name (reclaimed at once,
+/// not after the lease), a message whose envelope cannot be read (put on
+/// hold, then removed after `delivery.max_queue_lifetime`), a replicated
+/// commit that never finished, and the consumer of a node gone for good.
+/// Each is counted in its metric and logged.
+#[test]
+fn leftovers_of_crashes_and_unreadable_mail_are_cleaned_up_and_counted() {
+    let sink = SmtpSink::start();
+    let (dns, db) = dns_and_db();
+    db.add_domain(LISTED, "127.0.0.1", sink.port);
+    let config = base_config(&db.url(), SHARED_REDIS, &dns);
+    let prefix = unique("mxrq");
+    let receiver = Relay::spawn_in_queue(&config, &[], &prefix);
+    let good = wait_until_value("listed", Duration::from_secs(15), || queued_id(&send(&receiver, "good@friet.pan").1));
+    let bad = queued_id(&send(&receiver, "bad@friet.pan").1).expect("queued");
+    let mut q = receiver.queue(SHARED_REDIS);
+    let keys = |q: &mut Queue, pattern: &str| -> Vec<String> {
+        redis::cmd("KEYS").arg(format!("{prefix}:{pattern}")).query(q.redis()).unwrap()
+    };
+    let bad_msg = keys(&mut q, &format!("*:msg:{bad}")).pop().unwrap();
+    let _: () = redis::cmd("HSET").arg(&bad_msg).arg("recipients").arg("{not json").query(q.redis()).unwrap();
+    // Both entries leased to this node's name by a run that died.
+    let mut streams = keys(&mut q, "*:ready");
+    streams.sort();
+    for stream in &streams {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("delivery")
+            .arg("test-node")
+            .arg("COUNT")
+            .arg(10)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query(q.redis())
+            .unwrap();
+    }
+    assert_eq!(q.leased(), 2);
+    // A replicated commit staged two minutes ago and never published, and
+    // the consumer of a node that is gone.
+    let base = streams[0].strip_suffix("ready").unwrap().to_string();
+    let staged_id = "01900000-0000-7000-8000-000000000001";
+    let _: () =
+        redis::cmd("HSET").arg(format!("{base}msg:{staged_id}")).arg("staged").arg("1").query(q.redis()).unwrap();
+    let _: () = redis::cmd("SET").arg(format!("{base}body:{staged_id}")).arg("x").query(q.redis()).unwrap();
+    let two_minutes_ago = chrono::Utc::now().timestamp_millis() - 120_000;
+    let _: () =
+        redis::cmd("ZADD").arg(format!("{base}staged")).arg(two_minutes_ago).arg(staged_id).query(q.redis()).unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&streams[0])
+        .arg("delivery")
+        .arg("gone-node")
+        .query(q.redis())
+        .unwrap();
+    let gone_since = Instant::now();
+
+    // queue.lease 1 s: a consumer idle for ten leases is gone. The
+    // quarantined message is kept for an hour (the housekeeping at start
+    // may run after the quarantine), then for no time at the restart.
+    let env = [("MXRELAY_DELIVERY_ENABLED", "true"), ("MXRELAY_QUEUE_LEASE", "1s")];
+    let lifetime = |t: &str| format!("{config}max_queue_lifetime = \"{t}\"\n"); // in [delivery], the last table
+    let mut deliverer = Relay::spawn_in_queue(&lifetime("1h"), &env, &prefix);
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got[0].rcpts, ["good@friet.pan"]);
+    wait_until("the unreadable message quarantined, the staged one removed", Duration::from_secs(10), || {
+        deliverer.metric("mxrelay_queue_quarantined_total") == Some(1.0)
+            && deliverer.metric("mxrelay_queue_maintenance_total{action=\"staged_removed\"}") == Some(1.0)
+    });
+    assert_eq!(deliverer.value("mxrelay_queue_leases_reclaimed_total"), 2.0);
+    assert_eq!(deliverer.value("mxrelay_queue_lease_takeovers_total"), 0.0, "reclaimed, not taken over");
+    let log = deliverer.log();
+    for id in [&good, &bad] {
+        assert!(log.contains(&format!("{id}: leased to test-node but not held")), "{id} reclaimed:\n{log}");
+    }
+    assert!(log.contains(&format!("{bad}: envelope unreadable; put on hold")), "{log}");
+    assert!(log.contains("queue housekeeping: staged removed"), "{log}");
+    assert!(q.try_envelope(staged_id).is_none(), "the staged message is gone");
+    assert_eq!(q.envelope(&bad).get("corrupt").map(String::as_str), Some("1"), "kept on hold until its lifetime");
+    assert_eq!(q.leased(), 0);
+
+    // Housekeeping at the next start: the quarantined message is past its
+    // lifetime (now 0 s), the gone node's consumer idle for over ten leases.
+    let ghost_idle = Duration::from_secs(10) - gone_since.elapsed().min(Duration::from_secs(10));
+    std::thread::sleep(ghost_idle + Duration::from_millis(500)); // the idle time is the input
+    deliverer.kill();
+    deliverer.rewrite_config(&lifetime("0s"));
+    deliverer.start();
+    wait_until("the quarantined message removed", Duration::from_secs(10), || q.try_envelope(&bad).is_none());
+    wait_until("both housekeeping counts", Duration::from_secs(10), || {
+        deliverer.metric("mxrelay_queue_maintenance_total{action=\"corrupt_removed\"}") == Some(1.0)
+            && deliverer.metric("mxrelay_queue_maintenance_total{action=\"consumers_pruned\"}") == Some(1.0)
+    });
+    let log = deliverer.log();
+    assert!(log.contains("queue housekeeping: corrupt removed"), "{log}");
+    assert!(log.contains("queue housekeeping: consumers pruned"), "{log}");
+    assert_eq!(sink.messages().len(), 1, "only the readable message was delivered");
+    assert_eq!(q.message_count(), 0);
 }

@@ -749,6 +749,11 @@ impl Queue {
             .sum()
     }
 
+    /// The connection itself, for a test that stages a fault by hand.
+    pub fn redis(&mut self) -> &mut redis::Connection {
+        &mut self.conn
+    }
+
     pub fn stray_keys(&mut self) -> Vec<String> {
         let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.prefix)).query(&mut self.conn).unwrap();
         keys.into_iter().filter(|k| k.contains(":tmp:")).collect()
