@@ -14,31 +14,38 @@ use crate::support::*;
 /// start check) and knows one ACL user, `app`, with password `pw`; the
 /// default user is off.
 fn secured_redis(pki: &TestPki) -> (RedisServer, u16) {
-    let tls = free_port();
-    let (tls_port, cert, key, ca) = (tls.to_string(), pki.cert.display(), pki.key.display(), pki.ca.display());
+    let (cert, key, ca) = (pki.cert.display(), pki.key.display(), pki.ca.display());
     let (cert, key, ca) = (cert.to_string(), key.to_string(), ca.to_string());
-    let redis = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        "optional",
-        "--user",
-        "app",
-        "on",
-        ">Sup3r-s3cret",
-        "~*",
-        "&*",
-        "+@all",
-        "--user",
-        "default",
-        "off",
-    ]);
+    // The TLS port is picked again with the plain one when either was taken.
+    let redis = RedisServer::start_with_each(|| {
+        let tls = free_port().to_string();
+        [
+            "--tls-port",
+            &tls,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "optional",
+            "--user",
+            "app",
+            "on",
+            ">Sup3r-s3cret",
+            "~*",
+            "&*",
+            "+@all",
+            "--user",
+            "default",
+            "off",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    });
+    let tls: u16 = redis.arg("--tls-port").unwrap().parse().unwrap();
     wait_port(tls, Duration::from_secs(10));
     (redis, tls)
 }
@@ -127,7 +134,7 @@ fn rediss_sentinel_with_passwords_carries_the_queue_and_a_wrong_sentinel_passwor
         password: "s3ntinel-only".into(),
         data_user: ("app".into(), "Sup3r-s3cret".into()),
     };
-    let sentinels = Sentinels::start_with(tls, &[free_port()], 0, Some(secured));
+    let sentinels = Sentinels::start_with(tls, &[None], 0, Some(secured));
     let (sink, dns, db) = destination_dns_and_domains();
     let secrets = tempfile::tempdir().unwrap();
     let file = |name: &str, text: &str| {

@@ -273,15 +273,24 @@ impl RedisServer {
     }
 
     pub fn start_with(args: &[&str]) -> RedisServer {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::start_with_each(|| args.clone())
+    }
+
+    /// As [`RedisServer::start_with`], with the arguments made anew for
+    /// each port tried: a second port of its own in them (TLS, cluster bus)
+    /// is picked again, with the first, when either was taken.
+    pub fn start_with_each(args: impl Fn() -> Vec<String>) -> RedisServer {
         start_on_free_port("redis-server", |port| {
-            let mut r = RedisServer {
-                port,
-                dir: tempfile::tempdir().unwrap(),
-                child: None,
-                args: args.iter().map(|a| a.to_string()).collect(),
-            };
+            let mut r = RedisServer { port, dir: tempfile::tempdir().unwrap(), child: None, args: args() };
             r.try_resume().map(|()| r)
         })
+    }
+
+    /// The value it was started with after `flag` (`--tls-port`, say).
+    pub fn arg(&self, flag: &str) -> Option<&str> {
+        let at = self.args.iter().position(|a| a == flag)?;
+        self.args.get(at + 1).map(String::as_str)
     }
 
     /// Starts the server again on the same port and data.

@@ -20,19 +20,14 @@ impl RedisCluster {
         let total = primaries * (1 + replicas);
         let nodes: Vec<RedisServer> = (0..total)
             .map(|_| {
-                let bus = free_port().to_string();
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--cluster-port",
-                    &bus,
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
+                // The bus port is picked again with the client port when
+                // another test took either.
+                RedisServer::start_with_each(|| {
+                    let bus = free_port().to_string();
+                    let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-port", &bus];
+                    let aof = ["--appendonly", "yes", "--appendfsync", "always"];
+                    args.iter().chain(&aof).map(|a| a.to_string()).collect()
+                })
             })
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();

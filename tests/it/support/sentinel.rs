@@ -51,44 +51,33 @@ impl Sentinels {
     /// once each knows the primary's `replicas` replicas and the other
     /// Sentinels (what a failover needs).
     pub fn start(primary_port: u16, count: usize, replicas: usize) -> Sentinels {
-        Self::start_on(primary_port, &(0..count).map(|_| free_port()).collect::<Vec<_>>(), replicas)
+        Self::start_with(primary_port, &vec![None; count], replicas, None)
     }
 
     /// As [`Sentinels::start`], one Sentinel on each of `ports`.
     pub fn start_on(primary_port: u16, ports: &[u16], replicas: usize) -> Sentinels {
-        Self::start_with(primary_port, ports, replicas, None)
+        Self::start_with(primary_port, &ports.iter().copied().map(Some).collect::<Vec<_>>(), replicas, None)
     }
 
     /// As [`Sentinels::start_on`], secured as `secured` says (the
-    /// primary's `primary_port` being its TLS port).
-    pub fn start_with(primary_port: u16, ports: &[u16], replicas: usize, secured: Option<Secured>) -> Sentinels {
+    /// primary's `primary_port` being its TLS port); a `None` port is a
+    /// free one, picked again when another test takes it first.
+    pub fn start_with(
+        primary_port: u16,
+        ports: &[Option<u16>],
+        replicas: usize,
+        secured: Option<Secured>,
+    ) -> Sentinels {
         let count = ports.len();
         let dir = tempfile::tempdir().unwrap();
         let mut s = Sentinels { ports: Vec::new(), children: Vec::new(), _dir: dir, secured };
         for (i, port) in ports.iter().copied().enumerate() {
-            let conf = s._dir.path().join(format!("sentinel-{i}.conf"));
-            let security = s.secured.as_ref().map(|t| t.conf(port)).unwrap_or_else(|| format!("port {port}\n"));
-            std::fs::write(
-                &conf,
-                security
-                    + &format!(
-                        "bind 127.0.0.1\ndaemonize no\ndir {}\nlogfile sentinel-{i}.log\n\
-                     sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
-                     sentinel down-after-milliseconds {MASTER} 1000\n\
-                     sentinel failover-timeout {MASTER} 5000\n\
-                     sentinel parallel-syncs {MASTER} 2\n",
-                        s._dir.path().display()
-                    ),
-            )
-            .unwrap();
-            let child = Command::new("redis-sentinel")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-sentinel (scripts/test.sh installs it)");
+            let spawn = |port: u16| s.spawn(i, port, primary_port).map(|child| (child, port));
+            let (child, port) = match port {
+                Some(port) => spawn(port).unwrap_or_else(|log| panic!("redis-sentinel did not start:\n{log}")),
+                None => start_on_free_port("redis-sentinel", spawn),
+            };
             s.children.push(child);
-            wait_port(port, Duration::from_secs(10));
             s.ports.push(port);
         }
         wait_until("every Sentinel knows the replicas and the other Sentinels", Duration::from_secs(30), || {
@@ -98,6 +87,42 @@ impl Sentinels {
             })
         });
         s
+    }
+
+    /// Sentinel `i` on `port`, once it listens there itself; its log when
+    /// it exits first (the port taken, say).
+    fn spawn(&self, i: usize, port: u16, primary_port: u16) -> Result<Child, String> {
+        let conf = self._dir.path().join(format!("sentinel-{i}.conf"));
+        let log = self._dir.path().join(format!("sentinel-{i}.log"));
+        let _ = std::fs::remove_file(&log);
+        let security = self.secured.as_ref().map(|t| t.conf(port)).unwrap_or_else(|| format!("port {port}\n"));
+        std::fs::write(
+            &conf,
+            security
+                + &format!(
+                    "bind 127.0.0.1\ndaemonize no\ndir {}\nlogfile sentinel-{i}.log\n\
+                     sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER} 1000\n\
+                     sentinel failover-timeout {MASTER} 5000\n\
+                     sentinel parallel-syncs {MASTER} 2\n",
+                    self._dir.path().display()
+                ),
+        )
+        .unwrap();
+        let mut child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-sentinel (scripts/test.sh installs it)");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        match wait_listening("redis-sentinel", &mut child, port, Duration::from_secs(10), read_log) {
+            Ok(()) => Ok(child),
+            Err(e) => {
+                let _ = child.wait();
+                Err(e)
+            }
+        }
     }
 
     fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<redis::Value>> {
