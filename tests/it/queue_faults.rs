@@ -425,21 +425,23 @@ fn leftovers_of_crashes_and_unreadable_mail_are_cleaned_up_and_counted() {
     let mut deliverer = Relay::spawn_in_queue(&lifetime("1h"), &env, &prefix);
     let got = sink.wait_for(1, Duration::from_secs(20));
     assert_eq!(got[0].rcpts, ["good@friet.pan"]);
-    wait_until("the unreadable message quarantined, the staged one removed", Duration::from_secs(10), || {
-        deliverer.metric("mxrelay_queue_quarantined_total") == Some(1.0)
-            && deliverer.metric("mxrelay_queue_maintenance_total{action=\"staged_removed\"}") == Some(1.0)
+    // Each count goes up before its log line; the quarantine's and the
+    // completion's scripts run after theirs, and retire the leases.
+    let quarantined = format!("{bad}: envelope unreadable; put on hold");
+    wait_until("the quarantine and the housekeeping logged, both leases settled", Duration::from_secs(10), || {
+        let log = deliverer.log();
+        log.contains(&quarantined) && log.contains("queue housekeeping: staged removed") && q.leased() == 0
     });
+    assert_eq!(deliverer.value("mxrelay_queue_quarantined_total"), 1.0);
+    assert_eq!(deliverer.value("mxrelay_queue_maintenance_total{action=\"staged_removed\"}"), 1.0);
     assert_eq!(deliverer.value("mxrelay_queue_leases_reclaimed_total"), 2.0);
     assert_eq!(deliverer.value("mxrelay_queue_lease_takeovers_total"), 0.0, "reclaimed, not taken over");
     let log = deliverer.log();
     for id in [&good, &bad] {
         assert!(log.contains(&format!("{id}: leased to test-node but not held")), "{id} reclaimed:\n{log}");
     }
-    assert!(log.contains(&format!("{bad}: envelope unreadable; put on hold")), "{log}");
-    assert!(log.contains("queue housekeeping: staged removed"), "{log}");
     assert!(q.try_envelope(staged_id).is_none(), "the staged message is gone");
     assert_eq!(q.envelope(&bad).get("corrupt").map(String::as_str), Some("1"), "kept on hold until its lifetime");
-    assert_eq!(q.leased(), 0);
 
     // Housekeeping at the next start: the quarantined message is past its
     // lifetime (now 0 s), the gone node's consumer idle for over ten leases.
@@ -448,14 +450,13 @@ fn leftovers_of_crashes_and_unreadable_mail_are_cleaned_up_and_counted() {
     deliverer.kill();
     deliverer.rewrite_config(&lifetime("0s"));
     deliverer.start();
-    wait_until("the quarantined message removed", Duration::from_secs(10), || q.try_envelope(&bad).is_none());
-    wait_until("both housekeeping counts", Duration::from_secs(10), || {
-        deliverer.metric("mxrelay_queue_maintenance_total{action=\"corrupt_removed\"}") == Some(1.0)
-            && deliverer.metric("mxrelay_queue_maintenance_total{action=\"consumers_pruned\"}") == Some(1.0)
+    wait_until("both housekeeping lines", Duration::from_secs(10), || {
+        let log = deliverer.log();
+        log.contains("queue housekeeping: corrupt removed") && log.contains("queue housekeeping: consumers pruned")
     });
-    let log = deliverer.log();
-    assert!(log.contains("queue housekeeping: corrupt removed"), "{log}");
-    assert!(log.contains("queue housekeeping: consumers pruned"), "{log}");
+    assert_eq!(deliverer.value("mxrelay_queue_maintenance_total{action=\"corrupt_removed\"}"), 1.0);
+    assert_eq!(deliverer.value("mxrelay_queue_maintenance_total{action=\"consumers_pruned\"}"), 1.0);
+    assert!(q.try_envelope(&bad).is_none(), "the quarantined message is gone");
     assert_eq!(sink.messages().len(), 1, "only the readable message was delivered");
     assert_eq!(q.message_count(), 0);
 }
