@@ -376,13 +376,10 @@ fn leftovers_of_crashes_and_unreadable_mail_are_cleaned_up_and_counted() {
     let good = wait_until_value("listed", Duration::from_secs(15), || queued_id(&send(&receiver, "good@friet.pan").1));
     let bad = queued_id(&send(&receiver, "bad@friet.pan").1).expect("queued");
     let mut q = receiver.queue(SHARED_REDIS);
-    let keys = |q: &mut Queue, pattern: &str| -> Vec<String> {
-        redis::cmd("KEYS").arg(format!("{prefix}:{pattern}")).query(q.redis()).unwrap()
-    };
-    let bad_msg = keys(&mut q, &format!("*:msg:{bad}")).pop().unwrap();
+    let bad_msg = q.key_of("msg", &bad);
     let _: () = redis::cmd("HSET").arg(&bad_msg).arg("recipients").arg("{not json").query(q.redis()).unwrap();
     // Both entries leased to this node's name by a run that died.
-    let mut streams = keys(&mut q, "*:ready");
+    let mut streams: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*:ready")).query(q.redis()).unwrap();
     streams.sort();
     for stream in &streams {
         let _: redis::Value = redis::cmd("XREADGROUP")

@@ -701,7 +701,8 @@ impl Queue {
         ids
     }
 
-    fn key_of(&mut self, kind: &str, id: &str) -> String {
+    /// The one key of `kind` (`msg`, `body`) of message `id`, in whichever shard holds it.
+    pub fn key_of(&mut self, kind: &str, id: &str) -> String {
         let keys: Vec<String> =
             redis::cmd("KEYS").arg(format!("{}:*:{kind}:{id}", self.prefix)).query(&mut self.conn).unwrap();
         assert_eq!(keys.len(), 1, "{kind} of {id}: {keys:?}");
